@@ -1,0 +1,77 @@
+"""Options shared by several commands, error reporting, and table output."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cpl_masks.data import FieldNames
+from cpl_masks.errors import CplError
+from cpl_masks.models import DEFAULT_MODEL
+
+stdout = Console()
+stderr = Console(stderr=True)
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+ModelOption = Annotated[
+    str, typer.Option("--model", "-m", help="Hub id, local folder, .gguf file, or the built-in 'smollm2-135m-instruct'.")
+]
+DtypeOption = Annotated[str, typer.Option(help="Weights dtype: float32 or bfloat16.")]
+DeviceOption = Annotated[str, typer.Option(help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")]
+ThreadsOption = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")]
+ScoringOption = Annotated[str, typer.Option(help="letter (chat models, the paper's), loglik or loglik-norm (base models).")]
+BatchSizeOption = Annotated[int, typer.Option(help="Questions per forward pass.")]
+SplitOption = Annotated[str | None, typer.Option(help="Dataset split, for dataset folders and hub datasets.")]
+QuestionFieldOption = Annotated[str, typer.Option(help="Field holding the question (or the full prompt).")]
+ChoicesFieldOption = Annotated[str, typer.Option(help="Field holding the list of choices.")]
+AnswerFieldOption = Annotated[str, typer.Option(help="Field holding the answer: a letter or a 0-based index.")]
+OverwriteOption = Annotated[bool, typer.Option(help="Write into a non-empty output folder.")]
+DEFAULT_MODEL_REF = DEFAULT_MODEL
+
+
+def fields(question: str, choices: str, answer: str) -> FieldNames:
+    """Field-name options as the data module's :class:`FieldNames`."""
+    return FieldNames(question=question, choices=choices, answer=answer)
+
+
+def reports_errors(command: Command) -> Command:
+    """Print a :class:`CplError` (or a missing file) as one line on stderr and exit with status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except CplError as error:
+            fail(str(error))
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as error:
+            fail(f"{error.filename}: {error.strerror}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def fail(message: str) -> None:
+    """Stop the command with a one-line error."""
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(CplError.exit_code)
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print a small rich table on stdout."""
+    table = Table(title=title, title_justify="left")
+    for index, column in enumerate(columns):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*(format_cell(cell) for cell in row))
+    stdout.print(table)
+
+
+def format_cell(value: Any) -> str:
+    """Numbers for humans: shares as percentages are the caller's job, floats get 4 significant digits."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

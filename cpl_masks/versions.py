@@ -1,0 +1,18 @@
+"""Versions of the packages that shape results, stamped into every artifact."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+_PACKAGES = ("cpl-masks", "torch", "transformers", "safetensors", "huggingface-hub", "datasets")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed version of each package that can change a result (``"missing"`` if absent)."""
+    found = {}
+    for name in _PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "missing"
+    return found
