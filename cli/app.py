@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import typer
-
-from cpl_masks.cli import split
+from cpl_masks.cli import hub, masks, split
+from cpl_masks.cli import registry as registry_commands
+from cpl_masks.cli import train as train_commands
 
 app = typer.Typer(
     name="cpl-masks",
@@ -21,6 +22,16 @@ def root() -> None:
 
 
 app.command()(split.split)
+app.command()(masks.profile)
+app.command()(masks.inspect)
+app.command()(masks.diff)
+app.command("combine")(masks.combine_command)
+app.command()(masks.threshold)
+app.add_typer(registry_commands.app, name="registry")
+app.command()(hub.push)
+app.command()(hub.pull)
+app.command()(train_commands.train)
+app.command()(train_commands.compare)
 
 
 def main() -> None:

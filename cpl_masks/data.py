@@ -29,6 +29,7 @@ from cpl_masks.files import write_jsonl
 LETTERS = string.ascii_uppercase
 MIN_CHOICES, MAX_CHOICES = 2, len(LETTERS)
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+BUILTIN_DEMO = "builtin:demo"  # the generated demo set (cpl_masks.demo_data)
 _OPTION_LINE = re.compile(r"^\s*([A-Z])\s*[:.)]\s+(.*\S)\s*$")
 
 
@@ -94,7 +95,7 @@ def load_questions(
     fields: FieldNames = FieldNames(),
     limit: int | None = None,
 ) -> list[Question]:
-    """Load and validate a question set from a file, a saved dataset folder or a hub dataset.
+    """Load and validate a question set from a file, a saved dataset folder, a hub dataset or ``builtin:demo``.
 
     Raises:
         CplError: naming the source and row, for any unreadable or invalid input.
@@ -110,6 +111,10 @@ def load_questions(
 
 
 def _read_rows(source: str | os.PathLike, split: str | None) -> tuple[list[dict], str]:
+    if str(source) == BUILTIN_DEMO:
+        from cpl_masks.demo_data import demo_questions
+
+        return [question.to_record() for question in demo_questions()], BUILTIN_DEMO
     path = Path(source)
     if path.is_file():
         return _read_file(path), str(path)
@@ -152,6 +157,8 @@ def _check_text(path: Path, suffix: str) -> None:
         if suffix == ".json":
             _check_json_document(path)
         return
+    if not any(raw.strip() for raw in raw_lines):
+        raise CplError(f"{path}: no questions (the file has only blank lines)")
     for number, raw in enumerate(raw_lines, start=1):
         if not raw.strip():
             continue

@@ -114,15 +114,18 @@ class LetterScorer(Scorer):
 
     @functools.cached_property
     def letter_ids(self) -> list[int]:
-        """Token id of each choice letter as the first token of the answer."""
-        prefix = "" if self.chat else " "
-        ids = []
-        for letter in LETTERS:
-            tokens = self._encode(prefix + letter)
-            if len(tokens) != 1:
-                raise CplError(f"scoring letter: the tokenizer splits {prefix + letter!r} into {len(tokens)} tokens")
-            ids.append(tokens[0])
-        return ids
+        """Token id of each choice letter as the first token of the answer.
+
+        Chat prompts end with the assistant header, so the answer is ``"A"``; plain prompts end with
+        ``"Answer:"``, so it is ``" A"``. The other spelling is the fallback where a tokenizer splits
+        the preferred one.
+        """
+        prefixes = ("", " ") if self.chat else (" ", "")
+        for prefix in prefixes:
+            ids = [self._encode(prefix + letter) for letter in LETTERS]
+            if all(len(tokens) == 1 for tokens in ids):
+                return [tokens[0] for tokens in ids]
+        raise CplError("--scoring letter: the tokenizer has no single token for each letter A-Z; use loglik")
 
     def _last_logits(self, model: Any, questions: Sequence[Question]) -> torch.Tensor:
         batch = pad_left([self._prompt_ids(q) for q in questions], self.tokenizer.pad_token_id, model.device)
@@ -135,6 +138,7 @@ class LetterScorer(Scorer):
         logits = self._last_logits(model, questions)  # (B, V)
         return F.cross_entropy(logits, self._targets(questions, logits.device), reduction="none")
 
+    @torch.no_grad()
     def predict(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self._last_logits(model, questions)  # (B, V)
         width = max(len(q.choices) for q in questions)
@@ -186,6 +190,7 @@ class LoglikScorer(Scorer):
         total, counts = self._token_nll(model, [self._row_ids(q, q.answer) for q in questions])
         return total / counts
 
+    @torch.no_grad()
     def predict(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self._row_ids(q, c) for q in questions for c in range(len(q.choices))]
         total, counts = self._token_nll(model, rows)

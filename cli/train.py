@@ -1,0 +1,154 @@
+"""``cpl-masks train`` (fine-tune with a mask, the dynamic rule or plainly) and ``cpl-masks compare``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from cpl_masks.cli.common import (
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    OverwriteOption,
+    ThreadsOption,
+    fail,
+    print_table,
+    reports_errors,
+    stdout,
+)
+
+from cpl_masks.evaluate import (
+    COMPARE_COLUMNS,
+    METRIC_COLUMNS,
+    comparison_rows,
+    draw_comparison,
+    metrics_table_rows,
+)
+from cpl_masks.models import DEFAULT_MODEL
+from cpl_masks.train import TrainConfig
+from cpl_masks.training_run import RunRequest, read_run, resume_run, start_run
+
+
+def _print_epoch(rows: list[dict[str, Any]]) -> None:
+    print_table(f"epoch {rows[-1]['epoch']}", METRIC_COLUMNS, metrics_table_rows(rows[-1:]))
+
+
+@reports_errors
+def train(
+    data: Annotated[
+        str | None, typer.Option("--data", "-d", help="Injection set I (inject.jsonl): facts to learn.")
+    ] = None,
+    mastered: Annotated[
+        str | None, typer.Option(help="Mastered set M (mastered.jsonl): what must not be forgotten.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder for the run.")] = None,
+    mask: Annotated[
+        str | None, typer.Option(help="Freeze mask: file, id, name@vN or name (static CPL).")
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="dynamic (the paper's per-step rule) or full (plain fine-tuning).")
+    ] = None,
+    heldout: Annotated[
+        str | None, typer.Option(help="Held-out mastered set, to measure forgetting on unseen questions.")
+    ] = None,
+    model: ModelOption = DEFAULT_MODEL,
+    epochs: Annotated[int, typer.Option(help="Passes over the injection set.")] = 3,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
+    optimizer: Annotated[str, typer.Option(help="sgd (the paper's), momentum or adamw.")] = "sgd",
+    batch_size: Annotated[int, typer.Option(help="Questions per training step (the paper uses 1).")] = 1,
+    eval_batch_size: Annotated[
+        int, typer.Option(help="Questions per forward pass when evaluating and computing g_M.")
+    ] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the example order.")] = 0,
+    weight_decay: Annotated[
+        float, typer.Option(help="Weight decay (never applied to frozen entries).")
+    ] = 0.0,
+    momentum: Annotated[float, typer.Option(help="Momentum of --optimizer momentum.")] = 0.9,
+    refresh_every: Annotated[
+        int | None, typer.Option(help="Dynamic mode: also recompute g_M every K steps.")
+    ] = None,
+    scoring: Annotated[
+        str | None,
+        typer.Option(help="letter, loglik or loglik-norm (default: the mask's, else split.json's)."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Train with a scoring other than the mask's.")] = False,
+    task: Annotated[
+        str | None, typer.Option(help="Task name recorded with the run (default: the --data file's stem).")
+    ] = None,
+    allow_other_weights: Annotated[
+        bool, typer.Option(help="Use a mask profiled on other weights of the same architecture.")
+    ] = False,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the stopped run in this folder (its saved options apply).")
+    ] = None,
+    dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Fine-tune on the injection set, evaluating learned and forgotten questions after every epoch.
+
+    Example: cpl-masks train --mask runs/mask.safetensors --data runs/split/inject.jsonl
+    --mastered runs/split/mastered.jsonl --heldout runs/split/mastered_heldout.jsonl
+    --epochs 3 --lr 1e-4 --out runs/cpl
+    """
+    if resume is not None:
+        run = resume_run(resume, on_epoch=_print_epoch)
+    else:
+        missing = [
+            option
+            for option, value in (("--data", data), ("--mastered", mastered), ("--out", out))
+            if value is None
+        ]
+        if missing:
+            fail(f"{', '.join(missing)} required (or --resume DIR to continue a run)")
+        config = TrainConfig(
+            epochs=epochs,
+            lr=lr,
+            optimizer=optimizer,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            seed=seed,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            refresh_every=refresh_every,
+        )
+        request = RunRequest(
+            inject=str(data),
+            mastered=str(mastered),
+            heldout=heldout,
+            out=str(out),
+            model=model,
+            mask=mask,
+            mode=mode,
+            scoring=scoring,
+            force=force,
+            task=task,
+            allow_other_weights=allow_other_weights,
+            dtype=dtype,
+            device=device,
+            threads=threads,
+            config=config,
+        )
+        run = start_run(request, overwrite=overwrite, on_epoch=_print_epoch)
+    print_table(f"{run['mode']} training: all epochs", METRIC_COLUMNS, metrics_table_rows(run["metrics"]))
+    stdout.print(f"model: {run['model_dir']}\nrun: {Path(run['out_dir']) / 'run.json'}", highlight=False)
+
+
+@reports_errors
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Finished run folders (each with run.json).")],
+    plot: Annotated[
+        Path | None, typer.Option(help="Also draw learned vs forgotten per run to this PNG.")
+    ] = None,
+) -> None:
+    """Compare finished runs: learned, forgotten, held-out forgotten, time and peak memory.
+
+    Example: cpl-masks compare runs/cpl runs/full --plot runs/compare.png
+    """
+    payloads = {str(folder): read_run(folder) for folder in runs}
+    print_table("runs compared", COMPARE_COLUMNS, comparison_rows(payloads))
+    if plot is not None:
+        draw_comparison(payloads, plot)
+        stdout.print(f"plot: {plot}", highlight=False)

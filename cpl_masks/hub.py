@@ -1,0 +1,289 @@
+"""Sharing masks on the Hugging Face Hub: push a registered mask with a model card, pull one back.
+
+Both go through ``huggingface_hub`` and honour ``HF_TOKEN`` and ``HF_ENDPOINT`` (read at call
+time, so a changed environment takes effect without re-importing). Hub failures become one-line
+:class:`CplError` messages, and a pull registers the mask only after its content id checks out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cpl_masks.errors import CplError
+from cpl_masks.masks import Mask
+from cpl_masks.models import DEFAULT_MODEL
+from cpl_masks.registry import Transfer, add_transfer, register_mask, resolve_mask_path
+
+MASK_FILENAME = "mask.safetensors"
+PROVENANCE_FILENAME = "provenance.json"
+FIGURE_FILENAME = "per_layer.png"
+TAGS = ["cpl-masks", "freeze-mask", "collaborative-parameter-learning", "knowledge-injection"]
+_HUB_MODELS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class PushResult:
+    """Where a push landed."""
+
+    ref: str  # the mask's registry name@vN
+    repo_id: str
+    revision: str
+    commit_sha: str
+    url: str
+
+
+@dataclass
+class PullResult:
+    """What a pull registered."""
+
+    ref: str  # registry name@vN
+    mask_id: str
+    repo_id: str
+    commit_sha: str
+    path: Path  # the file in the Hub cache
+
+
+def push(ref: str, repo_id: str, *, private: bool = False, revision: str | None = None) -> PushResult:
+    """Upload a mask, its model card and its provenance to ``repo_id`` (created if needed).
+
+    A mask file that is not registered yet is registered first, so the push is on record.
+    """
+    check_repo_id(repo_id)
+    path = resolve_mask_path(ref)
+    mask = Mask.load(path, scores=False)
+    name = register_mask(path, source="combined" if mask.metadata.get("parents") else "profiled")
+    api = hub_api(require_token=True)
+    from huggingface_hub import CommitOperationAdd
+
+    files = {
+        MASK_FILENAME: path,
+        "README.md": model_card(mask, name, repo_id).encode(),
+        PROVENANCE_FILENAME: json.dumps(provenance(mask, name), indent=2, sort_keys=True).encode(),
+        FIGURE_FILENAME: per_layer_figure(mask),
+    }
+    operations = [CommitOperationAdd(path_in_repo=key, path_or_fileobj=value) for key, value in files.items()]
+    with hub_errors("push", repo_id):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision not in (None, "main"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.create_commit(
+            repo_id, operations=operations, commit_message=f"Upload cpl-masks mask {name}", revision=revision
+        )
+    landed = revision or "main"
+    add_transfer(mask.id, Transfer("push", repo_id, landed, commit.oid, commit.commit_url))
+    return PushResult(
+        ref=name, repo_id=repo_id, revision=landed, commit_sha=commit.oid, url=commit.commit_url
+    )
+
+
+def pull(target: str, *, task: str | None = None) -> PullResult:
+    """Download ``OWNER/NAME[@REVISION]`` into the Hub cache, verify its content id, and register it."""
+    repo_id, _, revision = target.partition("@")
+    check_repo_id(repo_id)
+    api = hub_api(require_token=False)
+    with hub_errors("pull", target):
+        info = api.model_info(repo_id, revision=revision or None)
+        files = {sibling.rfilename for sibling in info.siblings or []}
+        if MASK_FILENAME not in files:
+            raise CplError(f"pull {target}: the repo has no {MASK_FILENAME} (not a cpl-masks mask repo)")
+        path = Path(download(api, repo_id, MASK_FILENAME, info.sha))
+        claimed = None
+        if PROVENANCE_FILENAME in files:
+            claimed = json.loads(Path(download(api, repo_id, PROVENANCE_FILENAME, info.sha)).read_text()).get(
+                "id"
+            )
+    mask = Mask.load(path, scores=False)  # raises when the bits do not give the id in the header
+    if claimed is not None and claimed != mask.id:
+        raise CplError(
+            f"pull {target}: {MASK_FILENAME} has id {mask.id[:12]}"
+            f" but {PROVENANCE_FILENAME} says {claimed[:12]}"
+        )
+    transfer = Transfer("pull", repo_id, revision or "main", info.sha, f"{api.endpoint}/{repo_id}")
+    name = register_mask(
+        path, task=task, source="pulled", repo_id=repo_id, revision=info.sha, transfer=transfer
+    )
+    return PullResult(ref=name, mask_id=mask.id, repo_id=repo_id, commit_sha=info.sha, path=path)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Accept ``OWNER/NAME`` only."""
+    if not _REPO_ID.match(repo_id):
+        raise CplError(f"repo id {repo_id!r}: expected OWNER/NAME (letters, digits, '-', '_', '.')")
+
+
+def hub_api(*, require_token: bool) -> Any:
+    """An ``HfApi`` on ``$HF_ENDPOINT`` with ``$HF_TOKEN`` (or the saved login); a push needs a token."""
+    from huggingface_hub import HfApi, get_token
+
+    token = os.environ.get("HF_TOKEN") or get_token()
+    if require_token and not token:
+        raise CplError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login` (a push needs write access)"
+        )
+    return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token or None)
+
+
+def download(api: Any, repo_id: str, filename: str, commit: str) -> str:
+    """One file of a repo at a fixed commit, through the Hub cache (``$HF_HUB_CACHE`` when set)."""
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(
+        repo_id,
+        filename,
+        revision=commit,
+        endpoint=api.endpoint,
+        token=api.token,
+        cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+    )
+
+
+@contextlib.contextmanager
+def hub_errors(action: str, target: str) -> Iterator[None]:
+    """Turn ``huggingface_hub`` and network failures into one-line errors naming the repo."""
+    import httpx2
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{action} {target}"
+    try:
+        yield
+    except RevisionNotFoundError as error:
+        raise CplError(f"{where}: no such revision on the Hub") from error
+    except RepositoryNotFoundError as error:
+        raise CplError(f"{where}: repository not found (or private and your token cannot read it)") from error
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status == 401:
+            raise CplError(f"{where}: the Hub rejected your token (401); check HF_TOKEN") from error
+        if status == 403:
+            raise CplError(f"{where}: your token may not write to this repository (403)") from error
+        raise CplError(f"{where}: the Hub answered {status} ({str(error).splitlines()[0][:160]})") from error
+    except (httpx2.TransportError, LocalEntryNotFoundError, ConnectionError) as error:
+        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        raise CplError(f"{where}: cannot reach the Hub at {endpoint} ({type(error).__name__})") from error
+
+
+def provenance(mask: Mask, name: str) -> dict[str, Any]:
+    """What ``provenance.json`` holds: the id, the registry name it was pushed as, and the header metadata."""
+    return {
+        "id": mask.id,
+        "name": name,
+        "entries": mask.entries,
+        "collaborative_share": mask.collaborative_share(),
+        "metadata": mask.metadata,
+    }
+
+
+def base_model(mask: Mask) -> str | None:
+    """The Hub id of the model a mask was profiled on, when it is one (not a local path)."""
+    ref = (mask.metadata.get("model") or {}).get("ref") or ""
+    ref = _HUB_MODELS.get(ref, ref)
+    return ref if _REPO_ID.match(ref) and not Path(ref).exists() else None
+
+
+def datasets(mask: Mask) -> list[str]:
+    """Hub dataset ids among the mask's data sources (local files are left out)."""
+    data = mask.metadata.get("data") or {}
+    sources = [entry.get("path") for entry in data.values() if isinstance(entry, dict)]
+    return sorted(
+        {
+            source
+            for source in sources
+            if isinstance(source, str)
+            and _REPO_ID.match(source)
+            and not Path(source).suffix
+            and not Path(source).exists()
+        }
+    )
+
+
+def model_card(mask: Mask, name: str, repo_id: str) -> str:
+    """README.md: YAML front matter for the Hub, then provenance, the per-layer figure and usage."""
+    from huggingface_hub import ModelCardData
+
+    front = ModelCardData(
+        base_model=base_model(mask), library_name="cpl-masks", tags=TAGS, datasets=datasets(mask) or None
+    ).to_yaml()
+    metadata = mask.metadata
+    model = metadata.get("model") or {}
+    rows = [
+        ("id", mask.id),
+        ("registry name", name),
+        ("model", model.get("ref")),
+        ("model fingerprint", model.get("fingerprint")),
+        ("entries", mask.entries),
+        ("collaborative share", f"{mask.collaborative_share():.2%}"),
+        ("task", metadata.get("task")),
+        ("scoring", metadata.get("scoring")),
+        ("rule", json.dumps(metadata.get("rule"))),
+        ("parents", ", ".join(metadata.get("parents") or []) or None),
+        ("created", metadata.get("created")),
+    ]
+    for key, entry in sorted((metadata.get("data") or {}).items()):
+        if isinstance(entry, dict):
+            rows.append(
+                (f"data: {key}", f"{entry.get('rows')} rows, sha256 {str(entry.get('sha256'))[:16]}…")
+            )
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows if value not in (None, "null"))
+    return f"""---
+{front}
+---
+
+# cpl-masks freeze mask `{name}`
+
+A cpl-masks freeze mask (Collaborative Parameter Learning, arXiv 2601.21577):
+one bit per weight of the base model, 1 where the gradient of the new facts agrees with the gradient
+of what the model already knows (trained), 0 where they conflict (frozen).
+
+## Provenance
+
+| field | value |
+|---|---|
+{table}
+
+Full provenance: [`{PROVENANCE_FILENAME}`]({PROVENANCE_FILENAME}).
+
+## Share of trainable entries per layer
+
+![collaborative share per layer]({FIGURE_FILENAME})
+
+## How to use it
+
+```bash
+cpl-masks pull {repo_id}
+cpl-masks train --mask {name.split("@")[0]} --model {model.get("ref")} --data new_facts.jsonl --out runs/new
+```
+"""
+
+
+def per_layer_figure(mask: Mask) -> bytes:
+    """PNG bytes of a bar chart: the collaborative share of each transformer layer (``-`` = outside)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cpl_masks.mask_stats import summarize
+
+    layers = summarize(mask)["by_layer"]
+    figure, axes = plt.subplots(figsize=(max(4.0, 0.3 * len(layers)), 3.0), dpi=100)
+    axes.bar(list(layers), [group["share"] for group in layers.values()], color="#3a7bd5")
+    axes.set(xlabel="layer", ylabel="collaborative share", ylim=(0, 1), title=f"mask {mask.id[:12]}")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()

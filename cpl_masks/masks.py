@@ -1,0 +1,283 @@
+"""The freeze-mask file: one safetensors file holding which parameter entries may be trained.
+
+Layout (format ``cpl-mask``, version ``1.0``):
+
+* one ``uint8`` tensor per model parameter, named like the parameter, of ``ceil(n / 8)`` bytes for
+  a parameter of ``n`` entries. The parameter is flattened in row-major (C) order and its bits are
+  packed **little-endian within each byte**: bit ``k`` (value ``1 << k``) of byte ``b`` is entry
+  ``8 * b + k``; unused high bits of the last byte are 0. Bit 1 = collaborative (may be trained),
+  0 = conflicting (frozen). This is ``numpy.packbits(bits, bitorder="little")``.
+* optionally, the scores ``s = g_M ⊙ g_I`` as ``bfloat16`` tensors of the parameter's shape under
+  ``scores/<parameter name>`` (saved with ``--save-scores``, so a mask can be re-cut later).
+* the safetensors header metadata (string to string) holds a single key, ``cpl_mask``, whose value
+  is a JSON object: ``{"format", "version", "id", "shapes", "scores", "metadata"}`` where ``shapes``
+  maps each parameter name to its shape (in model order), ``scores`` says whether scores are stored
+  and ``metadata`` is the provenance (model ref and fingerprint, data hashes, scoring, rule, seed,
+  package versions, creation time, counts, parents of a combined mask).
+
+The content id is the sha256, over the parameter names in sorted order, of
+``"<name>|<shape as comma-separated ints>\\n"`` followed by that parameter's packed bytes. It
+names the mask, is independent of the order tensors were added in, and is checked on load.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cpl_masks.errors import CplError
+from cpl_masks.files import atomic_write
+
+FORMAT_NAME = "cpl-mask"
+FORMAT_VERSION = "1.0"
+HEADER_KEY = "cpl_mask"
+SCORES_PREFIX = "scores/"
+_POPCOUNT = torch.tensor([bin(value).count("1") for value in range(256)], dtype=torch.int64)  # (256,)
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor of any shape into ``ceil(n / 8)`` bytes, little-endian bit order."""
+    flat = bits.detach().reshape(-1).to(device="cpu", dtype=torch.bool).numpy()
+    return torch.from_numpy(np.packbits(flat, bitorder="little"))  # (ceil(n/8),) uint8
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a bool tensor of ``shape``."""
+    count = int(np.prod(shape, dtype=np.int64))
+    flat = np.unpackbits(packed.numpy(), count=count, bitorder="little")  # (n,) uint8 0/1
+    return torch.from_numpy(flat.astype(bool)).reshape(shape)
+
+
+def count_set_bits(packed: torch.Tensor) -> int:
+    """Number of 1 bits (collaborative entries) in a packed mask tensor, without unpacking it."""
+    return int(_POPCOUNT[packed.to(torch.int64)].sum())
+
+
+def content_id(packed: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """The mask's content id: sha256 over sorted names, shapes and packed bits (see module docstring)."""
+    digest = hashlib.sha256()
+    for name in sorted(shapes):
+        digest.update(f"{name}|{','.join(str(size) for size in shapes[name])}\n".encode())
+        digest.update(packed[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Mask:
+    """A freeze mask: per parameter, which entries are collaborative (trainable) and which frozen."""
+
+    packed: dict[str, torch.Tensor]  # name -> (ceil(n/8),) uint8 packed bits
+    shapes: dict[str, tuple[int, ...]]  # name -> parameter shape, in model order
+    metadata: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, torch.Tensor] | None = None  # name -> bfloat16 s = g_M ⊙ g_I, parameter shape
+
+    @classmethod
+    def from_bool(
+        cls,
+        masks: Mapping[str, torch.Tensor],
+        metadata: dict[str, Any],
+        scores: Mapping[str, torch.Tensor] | None = None,
+    ) -> Mask:
+        """Build a mask from bool tensors (True = collaborative), adding overall counts to the metadata."""
+        packed = {name: pack_bits(bits) for name, bits in masks.items()}
+        shapes = {name: tuple(bits.shape) for name, bits in masks.items()}
+        stored = (
+            None
+            if scores is None
+            else {name: scores[name].detach().to("cpu", torch.bfloat16) for name in shapes}
+        )
+        mask = cls(packed=packed, shapes=shapes, metadata=dict(metadata), scores=stored)
+        counts = dict(mask.metadata.get("counts", {}))
+        counts.update(entries=mask.entries, collaborative=mask.collaborative_count())
+        mask.metadata["counts"] = counts
+        return mask
+
+    @property
+    def names(self) -> list[str]:
+        """Parameter names, in model order."""
+        return list(self.shapes)
+
+    @functools.cached_property
+    def id(self) -> str:
+        """The content id (hex sha256 of names, shapes and bits)."""
+        return content_id(self.packed, self.shapes)
+
+    @property
+    def entries(self) -> int:
+        """Total number of parameter entries the mask covers."""
+        return sum(int(np.prod(shape, dtype=np.int64)) for shape in self.shapes.values())
+
+    def entries_of(self, name: str) -> int:
+        """Number of entries of one parameter."""
+        return int(np.prod(self.shapes[name], dtype=np.int64))
+
+    def collaborative(self, name: str) -> torch.Tensor:
+        """Bool tensor of the parameter's shape: True where the entry is collaborative (trainable)."""
+        if name not in self.shapes:
+            raise CplError(f"mask {self.id[:12]}: no parameter named {name}")
+        return unpack_bits(self.packed[name], self.shapes[name])
+
+    def collaborative_count(self, name: str | None = None) -> int:
+        """Collaborative entries of one parameter, or of the whole mask when ``name`` is None."""
+        names = self.names if name is None else [name]
+        return sum(count_set_bits(self.packed[item]) for item in names)
+
+    def collaborative_share(self, name: str | None = None) -> float:
+        """Share of collaborative entries, of one parameter or of the whole mask."""
+        total = self.entries if name is None else self.entries_of(name)
+        return self.collaborative_count(name) / total if total else 0.0
+
+    def header(self) -> dict[str, Any]:
+        """The JSON object stored under the ``cpl_mask`` header key."""
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "id": self.id,
+            "shapes": {name: list(shape) for name, shape in self.shapes.items()},
+            "scores": self.scores is not None,
+            "metadata": self.metadata,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the mask (and its scores, if any) as one safetensors file, atomically."""
+        from safetensors.torch import save
+
+        tensors = dict(self.packed)
+        if self.scores is not None:
+            tensors.update(
+                {SCORES_PREFIX + name: tensor.contiguous() for name, tensor in self.scores.items()}
+            )
+        payload = save(tensors, metadata={HEADER_KEY: json.dumps(self.header(), ensure_ascii=False)})
+        with atomic_write(path, "wb") as handle:
+            handle.write(payload)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, scores: bool = True) -> Mask:
+        """Read and verify a mask file (format, version, tensors, content id), with its scores if asked."""
+        header = read_header(path)
+        shapes = {name: tuple(shape) for name, shape in header["shapes"].items()}
+        with_scores = bool(scores and header["scores"])
+        tensors = _read_tensors(Path(path), shapes, with_scores=with_scores)
+        packed = {name: tensors[name] for name in shapes}
+        for name, shape in shapes.items():
+            expected = (int(np.prod(shape, dtype=np.int64)) + 7) // 8
+            if packed[name].dtype != torch.uint8 or tuple(packed[name].shape) != (expected,):
+                raise CplError(
+                    f"{path}: tensor {name} is not {expected} packed bytes for shape {list(shape)}"
+                )
+        stored = {name: tensors[SCORES_PREFIX + name] for name in shapes} if with_scores else None
+        mask = cls(packed=packed, shapes=shapes, metadata=header["metadata"], scores=stored)
+        if mask.id != header["id"]:
+            raise CplError(
+                f"{path}: content id mismatch (file says {header['id'][:12]}, bits give {mask.id[:12]}); "
+                "the file is corrupted or was edited"
+            )
+        return mask
+
+    def check_model(self, model: torch.nn.Module, *, allow_other_weights: bool = False) -> None:
+        """Refuse a model whose parameter names or shapes differ, or (unless allowed) whose weights differ."""
+        actual = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
+        problems = [f"{name} missing from the model" for name in self.shapes if name not in actual]
+        problems += [f"{name} not in the mask" for name in actual if name not in self.shapes]
+        problems += [
+            f"{name} is {list(actual[name])} in the model but {list(shape)} in the mask"
+            for name, shape in self.shapes.items()
+            if name in actual and actual[name] != shape
+        ]
+        if problems:
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            raise CplError(f"mask {self.id[:12]} does not fit this model: {shown}")
+        expected = self.metadata.get("model", {}).get("fingerprint")
+        if allow_other_weights or expected is None:
+            return
+        from cpl_masks.models import model_fingerprint
+
+        if model_fingerprint(model) != expected:
+            raise CplError(
+                f"mask {self.id[:12]} was profiled on other weights (fingerprint {expected[:12]}, "
+                f"model {self.metadata.get('model', {}).get('ref')}); "
+                "pass --allow-other-weights to use it anyway"
+            )
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Read only a mask file's header (format, version, id, shapes, metadata), checking format and version."""
+    path = Path(path)
+    raw = _raw_safetensors_header(path)
+    text = raw.get("__metadata__", {}).get(HEADER_KEY)
+    if text is None:
+        raise CplError(f"{path}: not a cpl-masks mask file (no '{HEADER_KEY}' header)")
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CplError(f"{path}: mask header is not valid JSON ({error.msg})") from error
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise CplError(f"{path}: unknown mask format {found!r} (expected {FORMAT_NAME!r})")
+    version = str(header.get("version", ""))
+    if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+        raise CplError(
+            f"{path}: mask format version {version!r} is not supported (this tool reads {FORMAT_VERSION})"
+        )
+    missing = [key for key in ("id", "shapes", "scores", "metadata") if key not in header]
+    if missing:
+        raise CplError(f"{path}: mask header lacks {', '.join(missing)}")
+    return header
+
+
+def _raw_safetensors_header(path: Path) -> dict[str, Any]:
+    """The safetensors JSON header, checking that the file is long enough to hold every tensor."""
+    if not path.is_file():
+        raise CplError(f"{path}: no such mask file")
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CplError(f"{path}: not a safetensors file (only {size} bytes; truncated?)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, _MAX_HEADER_BYTES):
+            raise CplError(
+                f"{path}: not a safetensors file or truncated (header of {length} bytes, file of {size})"
+            )
+        try:
+            raw = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CplError(f"{path}: corrupted safetensors header (not JSON)") from error
+    if not isinstance(raw, dict):
+        raise CplError(f"{path}: corrupted safetensors header (not a JSON object)")
+    end = max((entry["data_offsets"][1] for key, entry in raw.items() if key != "__metadata__"), default=0)
+    if 8 + length + end != size:
+        raise CplError(
+            f"{path}: truncated or padded mask file ({size} bytes, header promises {8 + length + end})"
+        )
+    return raw
+
+
+def _read_tensors(
+    path: Path, shapes: Mapping[str, tuple[int, ...]], *, with_scores: bool
+) -> dict[str, torch.Tensor]:
+    """Read the packed tensors (and the scores if asked), as a one-line error if anything is missing."""
+    from safetensors import SafetensorError, safe_open
+
+    wanted = list(shapes) + ([SCORES_PREFIX + name for name in shapes] if with_scores else [])
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            present = set(handle.keys())
+            missing = [name for name in wanted if name not in present]
+            if missing:
+                raise CplError(f"{path}: mask file lacks tensor {missing[0]} ({len(missing)} missing)")
+            return {name: handle.get_tensor(name) for name in wanted}
+    except SafetensorError as error:
+        raise CplError(f"{path}: unreadable safetensors file ({str(error).splitlines()[0][:160]})") from error

@@ -1,0 +1,247 @@
+"""Gradient profiling: which parameters conflict with what the model already knows.
+
+Two batched passes over the data give the mean answer-loss gradients ``g_I`` (injection set) and
+``g_M`` (mastered set); the score ``s = g_M ⊙ g_I`` of each entry decides, through a
+:class:`~cpl_masks.selection.Rule`, whether it is collaborative (trainable) or frozen.
+
+Each batch's loss is the sum of its per-question losses divided by the set size, so the gradients
+accumulated over the batches are exactly the mean. A post-accumulate hook moves every parameter's
+gradient into a float32 buffer as soon as backward produces it (whatever the model's dtype), so
+memory stays at the model, two float32 gradient buffers and one batch's activations; each tensor's
+mask is computed as soon as both its gradients exist and both are freed right after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import resource
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from cpl_masks.data import Question, questions_sha256
+from cpl_masks.errors import CplError
+from cpl_masks.masks import Mask
+from cpl_masks.models import LoadedModel, model_fingerprint
+from cpl_masks.progress import progress_bar
+from cpl_masks.scoring import Scorer, batches, make_scorer
+from cpl_masks.selection import Rule
+from cpl_masks.versions import package_versions
+
+LOSSES = {
+    "letter": "cross-entropy of the answer letter at the last position (chat template)",
+    "loglik": "mean token cross-entropy of the correct choice's text",
+    "loglik-norm": "mean token cross-entropy of the correct choice's text",
+}
+
+
+def profile(
+    loaded: LoadedModel,
+    mastered: Sequence[Question],
+    inject: Sequence[Question],
+    *,
+    scoring: str = "letter",
+    batch_size: int = 16,
+    threshold: float = 0.0,
+    keep_fraction: float | None = None,
+    freeze_pattern: str | None = None,
+    train_pattern: str | None = None,
+    save_scores: bool = False,
+    seed: int = 0,
+    task: str | None = None,
+    data_paths: dict[str, str] | None = None,
+    show_progress: bool = True,
+) -> Mask:
+    """Profile ``loaded`` on the mastered and injection sets and return the freeze mask.
+
+    Args:
+        loaded: the model and tokenizer to profile.
+        mastered: questions the model answers right (M).
+        inject: questions it answers wrong, to be learned (I).
+        scoring: the answer loss (``letter``, ``loglik`` or ``loglik-norm``), as the split used.
+        batch_size: questions per forward/backward pass.
+        threshold: collaborative where ``s >= threshold`` (ignored when ``keep_fraction`` is set).
+        keep_fraction: keep this share of the most positive scores instead of a threshold.
+        freeze_pattern: regex of parameter names forced frozen (e.g. ``embed``).
+        train_pattern: regex of parameter names forced collaborative.
+        save_scores: keep the bfloat16 scores in the mask, so it can be re-cut without profiling.
+        seed: seeds torch (recorded in the mask).
+        task: the task name recorded in the mask (the registry names the mask after it).
+        data_paths: where ``mastered`` and ``inject`` were read from, recorded under those keys.
+        show_progress: show a progress bar over both passes.
+
+    Returns:
+        The mask; its metadata holds the provenance, per-tensor statistics (entries touched by
+        ``g_I``, positive and negative parts of ``g_M·g_I``, squared norms) and a ``profile``
+        section with the time and peak memory of the run.
+    """
+    if not mastered or not inject:
+        raise CplError("profile needs a non-empty mastered set and a non-empty injection set")
+    rule = Rule(
+        threshold=None if keep_fraction is not None else threshold,
+        keep_fraction=keep_fraction,
+        freeze_pattern=freeze_pattern,
+        train_pattern=train_pattern,
+    )
+    scorer = make_scorer(scoring, loaded.tokenizer)
+    torch.manual_seed(seed)
+    device = loaded.device
+    _reset_peak_memory(device)
+    started = time.perf_counter()
+    with progress_bar("profile (I, then M)", len(inject) + len(mastered), show_progress) as advance:
+        g_inject = mean_gradients(loaded.model, scorer, inject, batch_size=batch_size, advance=advance)
+        g_mastered = mean_gradients(loaded.model, scorer, mastered, batch_size=batch_size, advance=advance)
+    bits, stats, scores = _cut(
+        rule, g_mastered, g_inject, keep_scores=save_scores or keep_fraction is not None
+    )
+    seconds = time.perf_counter() - started
+    metadata = {
+        "model": {"ref": loaded.ref, "fingerprint": model_fingerprint(loaded.model)},
+        "scoring": scoring,
+        "loss": LOSSES[scoring],
+        "data": {
+            key: {"sha256": questions_sha256(rows), "rows": len(rows), "path": (data_paths or {}).get(key)}
+            for key, rows in (("mastered", mastered), ("inject", inject))
+        },
+        "task": task,
+        "rule": rule.to_metadata(),
+        "seed": seed,
+        "versions": package_versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "parents": [],
+        "tensors": stats,
+        "counts": {
+            key: sum(tensor[key] for tensor in stats.values()) for key in ("touched", "touched_collaborative")
+        },
+        "profile": {
+            "batch_size": batch_size,
+            "device": str(device),
+            "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+            "seconds": round(seconds, 3),
+            **peak_memory(device),
+        },
+    }
+    return Mask.from_bool(bits, metadata, scores=scores if save_scores else None)
+
+
+def mean_gradients(
+    model: torch.nn.Module,
+    scorer: Scorer,
+    questions: Sequence[Question],
+    *,
+    batch_size: int = 16,
+    advance: Callable[[int], None] = lambda _n: None,
+) -> dict[str, torch.Tensor]:
+    """Mean gradient of the answer loss over ``questions``, one float32 tensor per named parameter."""
+    parameters = dict(model.named_parameters())  # deduplicates tied weights
+    buffers: dict[str, torch.Tensor] = {}
+    with _gradients_into(parameters, buffers):
+        for batch in batches(questions, batch_size):
+            losses = scorer.loss(model, batch)  # (B,) per-question answer loss
+            (losses.sum() / len(questions)).backward()
+            advance(len(batch))
+    ordered = {name: buffers.pop(name, None) for name in parameters}  # model order
+    for name, parameter in parameters.items():
+        if ordered[name] is None:  # the loss does not reach this parameter
+            ordered[name] = torch.zeros(parameter.shape, dtype=torch.float32, device=parameter.device)
+        if not torch.isfinite(ordered[name]).all():
+            raise CplError(
+                f"profile: the gradient of {name} is not finite (loss overflow? try --dtype float32)"
+            )
+    return ordered
+
+
+@contextlib.contextmanager
+def _gradients_into(
+    parameters: dict[str, torch.nn.Parameter], buffers: dict[str, torch.Tensor]
+) -> Iterator[None]:
+    """While active, every backward adds each parameter's gradient to ``buffers[name]`` (float32)."""
+    flags = {name: parameter.requires_grad for name, parameter in parameters.items()}
+    handles = []
+    for name, parameter in parameters.items():
+        parameter.grad = None
+        parameter.requires_grad_(True)
+        handles.append(parameter.register_post_accumulate_grad_hook(_accumulator(name, buffers)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, parameter in parameters.items():
+            parameter.grad = None
+            parameter.requires_grad_(flags[name])
+
+
+def _accumulator(name: str, buffers: dict[str, torch.Tensor]) -> Callable[[torch.nn.Parameter], None]:
+    def hook(parameter: torch.nn.Parameter) -> None:
+        grad = parameter.grad
+        if name in buffers:
+            buffers[name] += grad
+        else:
+            buffers[name] = grad if grad.dtype == torch.float32 else grad.float()
+        parameter.grad = None
+
+    return hook
+
+
+def _cut(
+    rule: Rule, g_mastered: dict[str, torch.Tensor], g_inject: dict[str, torch.Tensor], *, keep_scores: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+    """Turn both gradients into bits tensor by tensor, freeing each pair as soon as it is used."""
+    bits: dict[str, torch.Tensor] = {}
+    stats: dict[str, dict[str, Any]] = {}
+    scores: dict[str, torch.Tensor] = {}
+    for name in list(g_inject):
+        grad_m, grad_i = g_mastered.pop(name), g_inject.pop(name)
+        product = grad_m * grad_i  # (param shape) float32 s = g_M ⊙ g_I
+        touched = grad_i != 0  # (param shape) bool, entries the injection gradient moves
+        stats[name] = {
+            "touched": int(touched.sum()),
+            "dot_positive": float(product.clamp(min=0).sum(dtype=torch.float64)),
+            "dot_negative": float(product.clamp(max=0).sum(dtype=torch.float64)),
+            "norm_m_sq": float(grad_m.square().sum(dtype=torch.float64)),
+            "norm_i_sq": float(grad_i.square().sum(dtype=torch.float64)),
+        }
+        if keep_scores:
+            scores[name] = product.to("cpu", torch.bfloat16)
+        if rule.keep_fraction is None:
+            bits[name] = rule.select(name, product, None).cpu()
+        del grad_m, grad_i, product, touched
+    cut_key = rule.cut_key(scores.items())
+    for name, entry in stats.items():
+        if name not in bits:
+            bits[name] = rule.select(name, scores[name], cut_key)
+        entry["touched_collaborative"] = touched_collaborative(
+            int(bits[name].sum()), bits[name].numel(), entry["touched"], rule.keeps_zero(name, cut_key)
+        )
+    return bits, stats, scores
+
+
+def touched_collaborative(collaborative: int, entries: int, touched: int, zero_kept: bool) -> int:
+    """Collaborative entries among those ``g_I`` touches: untouched entries all score exactly 0."""
+    return collaborative - (entries - touched if zero_kept else 0)
+
+
+def touched_counts(stats: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Whole-mask totals of the per-tensor touched and touched-collaborative counts (empty without stats)."""
+    if not stats:
+        return {}
+    return {key: sum(entry[key] for entry in stats.values()) for key in ("touched", "touched_collaborative")}
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory so far: ``max_memory_allocated`` on CUDA, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "peak_memory_kind": "cuda"}
+    return {
+        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_memory_kind": "rss",
+    }

@@ -1,0 +1,383 @@
+"""A training run on disk: its folder, per-epoch checkpoints and evaluation, resume, and ``run.json``.
+
+The output folder holds ``config.json`` (the request, written first so a killed run can resume),
+``checkpoint/`` (weights, optimizer and RNG state, metrics and the epoch-0 baseline of the last
+finished epoch), ``metrics.jsonl`` and ``curves.png`` (rewritten after every epoch), and at the
+end ``model/`` (``save_pretrained``: safetensors weights and the tokenizer) and ``run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpl_masks.data import Question, load_questions, questions_sha256
+from cpl_masks.errors import CplError
+from cpl_masks.evaluate import draw_curves, epoch_metrics, evaluate_sets
+from cpl_masks.files import atomic_write, prepare_output_dir, write_json, write_jsonl
+from cpl_masks.masks import Mask
+from cpl_masks.models import LoadedModel, load_model, model_fingerprint
+from cpl_masks.profile import peak_memory
+from cpl_masks.scoring import Scorer, make_scorer
+from cpl_masks.train import (
+    MODES,
+    DynamicCPL,
+    FullFineTuning,
+    StaticMask,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    optimizer_state_bytes,
+)
+from cpl_masks.versions import package_versions
+
+CONFIG, METRICS, CURVES, RUN, MODEL_DIR, CHECKPOINT = (
+    "config.json",
+    "metrics.jsonl",
+    "curves.png",
+    "run.json",
+    "model",
+    "checkpoint",
+)
+STATE = "state.json"
+OnEpoch = Callable[[list[dict[str, Any]]], None]
+
+
+@dataclass
+class RunRequest:
+    """Everything a training run needs; saved as ``config.json`` so ``--resume`` can replay it."""
+
+    inject: str
+    mastered: str
+    out: str
+    model: str
+    heldout: str | None = None
+    mask: str | None = None  # as given: a path, an id, name@vN or name
+    mode: str | None = None  # mask, dynamic or full (mask when --mask is given)
+    scoring: str | None = None  # default: the mask's, else split.json's, else letter
+    force: bool = False
+    task: str | None = None
+    allow_other_weights: bool = False
+    dtype: str = "float32"
+    device: str = "auto"
+    threads: int | None = None
+    config: TrainConfig = field(default_factory=TrainConfig)
+
+    def resolved_mode(self) -> str:
+        """The training mode, refusing contradictory or missing choices."""
+        if self.mode is not None and self.mode not in MODES:
+            raise CplError(f"--mode {self.mode}: choose one of {', '.join(MODES)}")
+        if self.mask is not None:
+            if self.mode not in (None, "mask"):
+                raise CplError(f"--mask and --mode {self.mode} exclude each other; give one of them")
+            return "mask"
+        if self.mode is None:
+            raise CplError("choose how to train: --mask MASK, --mode dynamic or --mode full")
+        if self.mode == "mask":
+            raise CplError("--mode mask needs --mask MASK")
+        return self.mode
+
+    @property
+    def task_name(self) -> str:
+        """The task the run is recorded under: ``--task``, else the injection file's stem."""
+        return self.task or Path(self.inject).stem
+
+    def to_dict(self) -> dict[str, Any]:
+        """The request as plain JSON values."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunRequest:
+        """Rebuild a request saved by :meth:`to_dict`."""
+        return cls(**{**values, "config": TrainConfig(**values["config"])})
+
+
+@dataclass
+class RunData:
+    """The three question sets of a run."""
+
+    inject: list[Question]
+    mastered: list[Question]
+    heldout: list[Question]
+
+    def sets(self) -> dict[str, list[Question]]:
+        """The evaluation sets by name (held-out only when present)."""
+        sets = {"inject": self.inject, "mastered": self.mastered}
+        if self.heldout:
+            sets["heldout"] = self.heldout
+        return sets
+
+
+def start_run(
+    request: RunRequest, *, overwrite: bool = False, on_epoch: OnEpoch | None = None
+) -> dict[str, Any]:
+    """Train as ``request`` says into a fresh output folder; returns the ``run.json`` payload.
+
+    Raises:
+        CplError: for bad options, data or mask, a non-empty folder without ``overwrite``, or a
+            diverged loss (the last good checkpoint is kept).
+    """
+    request.resolved_mode()
+    request.config.check()
+    out = prepare_output_dir(request.out, overwrite=overwrite)
+    mask_path = _mask_path(request.mask)
+    for stale in (CHECKPOINT, MODEL_DIR, RUN, METRICS, CURVES):
+        _remove(out / stale)
+    write_json(out / CONFIG, {"request": request.to_dict(), "mask_path": mask_path})
+    return _run(request, out, mask_path, on_epoch)
+
+
+def resume_run(
+    out_dir: str | Path, *, on_epoch: OnEpoch | None = None, show_progress: bool = True
+) -> dict[str, Any]:
+    """Continue a stopped run from its last checkpoint; it ends with the same weights as an unbroken run."""
+    out = Path(out_dir)
+    if not (out / CONFIG).is_file():
+        raise CplError(f"--resume {out}: no {CONFIG} here (not a training run folder)")
+    if (out / RUN).is_file():
+        raise CplError(f"--resume {out}: this run already finished ({RUN} exists)")
+    saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
+    request = RunRequest.from_dict(saved["request"])
+    request.config.show_progress = show_progress
+    return _run(request, out, saved["mask_path"], on_epoch, checkpoint=read_checkpoint(out))
+
+
+def _mask_path(ref: str | None) -> str | None:
+    if ref is None:
+        return None
+    from cpl_masks.registry import resolve_mask_path
+
+    return str(Path(resolve_mask_path(ref)).resolve())
+
+
+def load_run_data(request: RunRequest) -> RunData:
+    """Read the injection, mastered and optional held-out question files."""
+    return RunData(
+        inject=load_questions(request.inject),
+        mastered=load_questions(request.mastered),
+        heldout=load_questions(request.heldout) if request.heldout else [],
+    )
+
+
+def resolve_scoring(requested: str | None, mask: Mask | None, inject_path: str, *, force: bool) -> str:
+    """The scoring to train with: as asked, else the mask's, else ``split.json``'s, else ``letter``.
+
+    Raises:
+        CplError: the asked scoring differs from the one the mask was profiled with (unless ``force``).
+    """
+    recorded = mask.metadata.get("scoring") if mask is not None else None
+    if requested is None:
+        return recorded or _split_scoring(Path(inject_path).parent / "split.json") or "letter"
+    if recorded and requested != recorded and not force:
+        raise CplError(
+            f"--scoring {requested}: the mask was profiled with {recorded} scoring; "
+            "pass --force to train with another scoring anyway"
+        )
+    return requested
+
+
+def _split_scoring(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("scoring")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def make_method(
+    mode: str, mask: Mask | None, scorer: Scorer, mastered: list[Question], config: TrainConfig
+) -> FullFineTuning:
+    """The strategy object for a mode."""
+    if mode == "mask":
+        return StaticMask(mask)
+    if mode == "dynamic":
+        return DynamicCPL(
+            scorer, mastered, batch_size=config.eval_batch_size, refresh_every=config.refresh_every
+        )
+    return FullFineTuning()
+
+
+def _run(
+    request: RunRequest,
+    out: Path,
+    mask_path: str | None,
+    on_epoch: OnEpoch | None,
+    checkpoint: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    config, mode = request.config, request.resolved_mode()
+    data = load_run_data(request)
+    loaded = load_model(request.model, dtype=request.dtype, device=request.device, threads=request.threads)
+    mask = Mask.load(mask_path, scores=False) if mask_path else None
+    if mask is not None:
+        mask.check_model(loaded.model, allow_other_weights=request.allow_other_weights)
+    scoring = resolve_scoring(request.scoring, mask, request.inject, force=request.force)
+    scorer = make_scorer(scoring, loaded.tokenizer)
+    fingerprint = model_fingerprint(loaded.model)
+    trainer = Trainer(loaded.model, scorer, make_method(mode, mask, scorer, data.mastered, config), config)
+    sets = data.sets()
+
+    def evaluate(epoch: int) -> dict[str, list[bool]]:
+        return evaluate_sets(
+            loaded.model,
+            scorer,
+            sets,
+            batch_size=config.eval_batch_size,
+            epoch=epoch,
+            show_progress=config.show_progress,
+        )
+
+    if checkpoint is None:
+        baseline, elapsed_before = evaluate(0), 0.0
+        rows = [epoch_metrics(0, baseline, baseline)]
+        _publish(out, rows, mode, on_epoch)
+    else:
+        baseline, rows, elapsed_before = (
+            checkpoint["baseline"],
+            checkpoint["metrics"],
+            checkpoint["elapsed_s"],
+        )
+        restore_checkpoint(trainer, checkpoint)
+        write_jsonl(out / METRICS, rows)
+    for epoch in range(len(rows), config.epochs + 1):
+        try:
+            loss = trainer.train_epoch(data.inject, epoch)
+        except TrainingDiverged as error:
+            kept = (
+                f"the last good checkpoint (epoch {len(rows) - 1}) is in {out / CHECKPOINT}"
+                if len(rows) > 1
+                else "no epoch finished"
+            )
+            raise TrainingDiverged(f"{error}; stopped, {kept}; try a smaller --lr") from None
+        rows.append(epoch_metrics(epoch, baseline, evaluate(epoch), train_loss=loss))
+        elapsed = elapsed_before + time.perf_counter() - started
+        save_checkpoint(
+            out, trainer, {"epoch": epoch, "metrics": rows, "baseline": baseline, "elapsed_s": elapsed}
+        )
+        _publish(out, rows, mode, on_epoch)
+    save_model(loaded, out / MODEL_DIR)
+    payload = {
+        "out_dir": str(out.resolve()),
+        "model_dir": str((out / MODEL_DIR).resolve()),
+        "mode": mode,
+        "mask_id": mask.id if mask is not None else None,
+        "mask_path": mask_path,
+        "collaborative_share": mask.collaborative_share() if mask is not None else None,
+        "task": request.task_name,
+        "model": {"ref": request.model, "fingerprint": fingerprint},
+        "scoring": scoring,
+        "data": _data_summary(request, data),
+        "args": request.to_dict(),
+        "versions": package_versions(),
+        "metrics": rows,
+        "final": {
+            key: rows[-1][key] for key in ("learned", "forgotten", "heldout_forgotten", "totals", "accuracy")
+        },
+        "trainable_entries": trainer.trainable_entries,
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
+        "resumed": checkpoint is not None,
+        "time_s": round(elapsed_before + time.perf_counter() - started, 3),
+        **peak_memory(loaded.device),
+    }
+    write_json(out / RUN, payload)
+    if mask_path is not None:
+        from cpl_masks.registry import record_run
+
+        record_run(Path(mask_path), payload)
+    return payload
+
+
+def _data_summary(request: RunRequest, data: RunData) -> dict[str, Any]:
+    files = {"inject": request.inject, "mastered": request.mastered, "heldout": request.heldout}
+    return {
+        name: {"sha256": questions_sha256(questions), "rows": len(questions), "path": files[name]}
+        for name, questions in (
+            ("inject", data.inject),
+            ("mastered", data.mastered),
+            ("heldout", data.heldout),
+        )
+        if questions
+    }
+
+
+def _publish(out: Path, rows: list[dict[str, Any]], mode: str, on_epoch: OnEpoch | None) -> None:
+    """Rewrite ``metrics.jsonl`` and ``curves.png`` with every epoch so far, then report."""
+    write_jsonl(out / METRICS, rows)
+    draw_curves(rows, out / CURVES, title=f"{mode}: learned and forgotten per epoch")
+    if on_epoch is not None:
+        on_epoch(rows)
+
+
+def save_checkpoint(out: Path, trainer: Trainer, state: dict[str, Any]) -> None:
+    """Write weights, optimizer and RNG state, then ``state.json`` naming them; drop older files.
+
+    ``state.json`` is written last, so a crash at any point leaves the previous epoch's complete
+    checkpoint in force.
+    """
+    folder = out / CHECKPOINT
+    name = f"trainer-{state['epoch']}.pt"
+    payload = {
+        "weights": trainer.weights(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    with atomic_write(folder / name, "wb") as handle:
+        torch.save(payload, handle)
+    write_json(folder / STATE, {**state, "file": name})
+    for old in folder.glob("trainer-*.pt"):
+        if old.name != name:
+            old.unlink()
+
+
+def read_checkpoint(out: Path) -> dict[str, Any] | None:
+    """The last checkpoint's state (its tensors under ``payload``), or None before an epoch ends."""
+    state_file = out / CHECKPOINT / STATE
+    if not state_file.is_file():
+        return None
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    state["payload"] = torch.load(out / CHECKPOINT / state["file"], map_location="cpu", weights_only=True)
+    return state
+
+
+def restore_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+    """Put a checkpoint's weights, optimizer state and RNG state back."""
+    payload = checkpoint["payload"]
+    trainer.load_weights(payload["weights"])
+    trainer.optimizer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["rng"])
+
+
+def save_model(loaded: LoadedModel, folder: Path) -> None:
+    """``save_pretrained`` the model and tokenizer into ``folder`` via a staging folder, then swap it in."""
+    staging = folder.with_name(f".{folder.name}-staging")
+    _remove(staging)
+    loaded.model.save_pretrained(staging)
+    loaded.tokenizer.save_pretrained(staging)
+    _remove(folder)
+    staging.rename(folder)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def read_run(folder: str | Path) -> dict[str, Any]:
+    """The ``run.json`` payload of a finished run folder."""
+    path = Path(folder) / RUN
+    if not path.is_file():
+        raise CplError(f"{folder}: no {RUN} (not a finished training run)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CplError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from error

@@ -1,0 +1,159 @@
+"""Push and pull through the real huggingface_hub client, against a fake Hub on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import huggingface_hub
+import pytest
+import torch
+from cpl_masks.cli.app import app
+from fake_hub import TOKEN, FakeHubServer
+from typer.testing import CliRunner
+
+from cpl_masks import hub, registry
+from cpl_masks.errors import CplError
+from cpl_masks.masks import Mask
+
+REPO = "me/arc-mask"
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A fresh fake Hub, with the client, the Hub cache and the registry pointed at temporary places."""
+    fake = FakeHubServer()
+    monkeypatch.setenv("HF_ENDPOINT", fake.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def mask_ref(tmp_path) -> str:
+    """A registered mask profiled (so its provenance says) on the built-in SmolLM2 for task arc."""
+    generator = torch.Generator().manual_seed(0)
+    bits = {
+        f"model.layers.{layer}.mlp.up_proj.weight": torch.rand(8, 4, generator=generator) > 0.4
+        for layer in (0, 1)
+    }
+    metadata = {
+        "model": {"ref": "smollm2-135m-instruct", "fingerprint": "f" * 64},
+        "task": "arc",
+        "data": {"inject": {"sha256": "a" * 64, "rows": 4, "path": "allenai/ai2_arc"}},
+    }
+    return registry.register_mask(Mask.from_bool(bits, metadata).save(tmp_path / "arc.safetensors"))
+
+
+def switch_registry(tmp_path, monkeypatch, name: str) -> None:
+    """Continue as another machine: an empty registry and an empty Hub cache."""
+    monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / name))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / f"{name}-cache"))
+
+
+def test_push_uploads_mask_card_provenance_and_figure_and_pull_registers_it(
+    server, mask_ref, tmp_path, monkeypatch
+):
+    result = CliRunner().invoke(app, ["push", mask_ref, "--repo-id", REPO])
+    assert result.exit_code == 0, result.output
+    repo = server.hub.repos[REPO]
+    files = repo.commits[repo.branches["main"]]
+    original = registry.resolve_mask_path(mask_ref)
+    assert files["mask.safetensors"] == original.read_bytes()
+    card = files["README.md"].decode()
+    front = card.split("---")[1]
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in front and "library_name: cpl-masks" in front
+    assert "allenai/ai2_arc" in front and "cpl-masks pull me/arc-mask" in card
+    mask_id = Mask.load(original).id
+    assert json.loads(files["provenance.json"])["id"] == mask_id
+    assert files["per_layer.png"].startswith(b"\x89PNG")
+    [push] = registry.show(mask_ref)["transfers"]
+    assert (push["direction"], push["repo_id"], push["commit_sha"]) == ("push", REPO, repo.branches["main"])
+
+    switch_registry(tmp_path, monkeypatch, "elsewhere")
+    result = CliRunner().invoke(app, ["pull", REPO, "--name", "shared-arc"])
+    assert result.exit_code == 0, result.output
+    details = registry.show("smollm2-135m-instruct/shared-arc@v1")
+    assert details["id"] == mask_id and details["source"] == "pulled"
+    assert (details["repo_id"], details["revision"]) == (REPO, repo.branches["main"])
+    assert [item["direction"] for item in details["transfers"]] == ["pull"]
+    assert registry.resolve_mask_path(mask_id[:8]).read_bytes() == original.read_bytes()
+
+
+def test_push_to_a_branch_and_pull_that_revision(server, mask_ref, tmp_path, monkeypatch):
+    pushed = hub.push(mask_ref, REPO, private=True, revision="dev")
+    repo = server.hub.repos[REPO]
+    assert repo.private and pushed.revision == "dev" and repo.branches["dev"] == pushed.commit_sha
+    assert "mask.safetensors" not in repo.commits[repo.branches["main"]]
+    switch_registry(tmp_path, monkeypatch, "elsewhere")
+    with pytest.raises(CplError, match=r"no mask\.safetensors"):
+        hub.pull(REPO)
+    pulled = hub.pull(f"{REPO}@dev")
+    assert pulled.commit_sha == pushed.commit_sha and pulled.ref == "smollm2-135m-instruct/arc@v1"
+
+
+def test_push_without_a_token_is_refused_before_any_upload(server, mask_ref, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    result = CliRunner().invoke(app, ["push", mask_ref, "--repo-id", REPO])
+    assert result.exit_code == 2 and "no Hugging Face token" in result.output
+    assert server.hub.repos == {}
+
+
+def test_a_wrong_token_is_reported_as_rejected(server, mask_ref, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(CplError, match=r"rejected your token \(401\)"):
+        hub.push(mask_ref, REPO)
+    assert server.hub.repos == {}
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub.push(mask_ref, REPO)
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    switch_registry(tmp_path, monkeypatch, "elsewhere")
+    with pytest.raises(CplError, match=r"rejected your token \(401\)"):
+        hub.pull(REPO)
+    assert registry.list_masks() == []
+
+
+def test_missing_repo_or_revision_registers_nothing(server, mask_ref, tmp_path, monkeypatch):
+    hub.push(mask_ref, REPO)
+    switch_registry(tmp_path, monkeypatch, "elsewhere")
+    with pytest.raises(CplError, match="repository not found"):
+        hub.pull("me/no-such-mask")
+    with pytest.raises(CplError, match="no such revision"):
+        hub.pull(f"{REPO}@nope")
+    with pytest.raises(CplError, match="expected OWNER/NAME"):
+        hub.pull("not a repo")
+    assert registry.list_masks() == []
+
+
+def test_an_unreachable_hub_is_a_network_error(mask_ref, monkeypatch):
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    result = CliRunner().invoke(app, ["pull", REPO])
+    assert result.exit_code == 2 and "cannot reach the Hub" in result.output
+    with pytest.raises(CplError, match="cannot reach the Hub"):
+        hub.push(mask_ref, REPO)
+
+
+def test_a_downloaded_file_whose_id_does_not_match_is_not_registered(server, mask_ref, tmp_path, monkeypatch):
+    hub.push(mask_ref, REPO)
+    content = registry.resolve_mask_path(mask_ref).read_bytes()
+    server.hub.tamper(REPO, "mask.safetensors", content[:-1] + bytes([content[-1] ^ 0x01]))
+    switch_registry(tmp_path, monkeypatch, "elsewhere")
+    result = CliRunner().invoke(app, ["pull", REPO])
+    assert result.exit_code == 2 and "content id mismatch" in result.output
+    assert registry.list_masks() == []
+
+
+def test_a_provenance_that_names_another_mask_is_refused(server, mask_ref, tmp_path, monkeypatch):
+    hub.push(mask_ref, REPO)
+    server.hub.tamper(REPO, "provenance.json", json.dumps({"id": "0" * 64}).encode())
+    switch_registry(tmp_path, monkeypatch, "elsewhere")
+    with pytest.raises(CplError, match=r"provenance\.json says 0{12}"):
+        hub.pull(REPO)
+    assert registry.list_masks() == []

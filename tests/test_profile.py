@@ -1,0 +1,181 @@
+"""Profiling: batched float32 gradients and masks against a one-question-at-a-time float64 reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_questions
+
+from cpl_masks.algebra import recut
+from cpl_masks.errors import CplError
+from cpl_masks.models import load_model, model_fingerprint
+from cpl_masks.profile import mean_gradients, profile
+from cpl_masks.scoring import make_scorer
+from cpl_masks.selection import bf16_keys
+
+MASTERED = make_questions(9, seed=11, prefix="m")
+INJECT = make_questions(7, seed=12, prefix="i")
+
+
+def reference_gradients(model, scorer, questions) -> dict[str, torch.Tensor]:
+    """Mean gradient in float64, one question and one backward at a time (the paper's loop)."""
+    model64 = copy.deepcopy(model).double()
+    names, parameters = zip(*model64.named_parameters(), strict=True)
+    total = [torch.zeros_like(parameter) for parameter in parameters]
+    for question in questions:
+        loss = scorer.loss(model64, [question]).double().sum()
+        for buffer, grad in zip(total, torch.autograd.grad(loss, parameters), strict=True):
+            buffer += grad
+    return {name: buffer / len(questions) for name, buffer in zip(names, total, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    scorer = make_scorer("letter", tiny.tokenizer)
+    return {
+        key: reference_gradients(tiny.model, scorer, rows) for key, rows in (("M", MASTERED), ("I", INJECT))
+    }
+
+
+@pytest.fixture(scope="module")
+def profiled(tiny):
+    return profile(tiny, MASTERED, INJECT, batch_size=4, save_scores=True, show_progress=False)
+
+
+def assert_relative_close(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name, value in actual.items():
+        assert value.dtype == torch.float32
+        scale = expected[name].abs().max().item()
+        error = (value.double() - expected[name]).abs().max().item()
+        assert error <= 1e-5 * scale, f"{name}: max error {error:.3g} vs scale {scale:.3g}"
+
+
+def test_batched_gradients_match_float64_loop(tiny, reference):
+    scorer = make_scorer("letter", tiny.tokenizer)
+    assert_relative_close(mean_gradients(tiny.model, scorer, MASTERED, batch_size=4), reference["M"])
+    assert_relative_close(mean_gradients(tiny.model, scorer, INJECT, batch_size=3), reference["I"])
+
+
+def test_mask_matches_float64_mask_except_at_tiny_scores(profiled, reference):
+    for name in profiled.names:
+        scores = reference["M"][name] * reference["I"][name]  # float64 s
+        decided = scores.abs() >= 1e-12
+        assert torch.equal(profiled.collaborative(name)[decided], (scores >= 0)[decided]), name
+
+
+def test_touched_counts_and_dot_products_match_reference(profiled, reference):
+    for name, stats in profiled.metadata["tensors"].items():
+        touched = reference["I"][name] != 0
+        scores = reference["M"][name] * reference["I"][name]
+        assert stats["touched"] == int(touched.sum())
+        assert stats["touched_collaborative"] == int((profiled.collaborative(name) & touched).sum())
+        assert stats["dot_positive"] == pytest.approx(float(scores.clamp(min=0).sum()), rel=1e-4, abs=1e-12)
+        assert stats["dot_negative"] == pytest.approx(float(scores.clamp(max=0).sum()), rel=1e-4, abs=1e-12)
+    counts = profiled.metadata["counts"]
+    assert counts["touched"] == sum(stats["touched"] for stats in profiled.metadata["tensors"].values())
+    assert counts["collaborative"] == profiled.collaborative_count()
+
+
+def test_provenance_and_run_report(tiny, profiled):
+    meta = profiled.metadata
+    assert meta["model"] == {"ref": tiny.ref, "fingerprint": model_fingerprint(tiny.model)}
+    assert meta["data"]["mastered"]["rows"] == len(MASTERED) and meta["data"]["inject"]["rows"] == len(INJECT)
+    assert meta["rule"] == {
+        "threshold": 0.0,
+        "keep_fraction": None,
+        "freeze_pattern": None,
+        "train_pattern": None,
+    }
+    assert meta["profile"]["peak_memory_kind"] == "rss" and meta["profile"]["peak_memory_bytes"] > 0
+    assert profiled.names == [name for name, _ in tiny.model.named_parameters()]
+
+
+def test_profiling_leaves_the_model_as_it_was(tiny):
+    before = model_fingerprint(tiny.model)
+    tiny.model.model.norm.weight.requires_grad_(False)
+    try:
+        profile(tiny, MASTERED[:2], INJECT[:2], batch_size=2, show_progress=False)
+        assert not tiny.model.model.norm.weight.requires_grad
+    finally:
+        tiny.model.model.norm.weight.requires_grad_(True)
+    assert all(parameter.grad is None for parameter in tiny.model.parameters())
+    assert model_fingerprint(tiny.model) == before
+
+
+def test_keep_fraction_keeps_the_top_scores_and_equals_a_recut(tiny, profiled):
+    cut = profile(tiny, MASTERED, INJECT, batch_size=4, keep_fraction=0.3, show_progress=False)
+    assert 0.3 <= cut.collaborative_share() < 0.31
+    keys = torch.cat([bf16_keys(profiled.scores[name]).reshape(-1) for name in cut.names])
+    kept = torch.cat([cut.collaborative(name).reshape(-1) for name in cut.names])
+    assert keys[kept].min() > keys[~kept].max()
+    recut_mask = recut(profiled, keep_fraction=0.3)
+    assert recut_mask.id == cut.id
+    assert recut_mask.metadata["parents"] == [profiled.id]
+    assert (
+        recut_mask.metadata["counts"]["touched_collaborative"]
+        == cut.metadata["counts"]["touched_collaborative"]
+    )
+
+
+def test_recut_at_zero_reproduces_the_threshold_mask(profiled):
+    assert recut(profiled, threshold=0.0).id == profiled.id
+    higher = recut(profiled, threshold=1e-9)
+    assert higher.collaborative_count() < profiled.collaborative_count()
+
+
+def test_patterns_force_whole_tensors(tiny):
+    mask = profile(
+        tiny,
+        MASTERED,
+        INJECT,
+        freeze_pattern="embed",
+        train_pattern="norm",
+        keep_fraction=0.5,
+        show_progress=False,
+    )
+    assert not mask.collaborative("model.embed_tokens.weight").any()
+    assert mask.collaborative("model.norm.weight").all()
+    stats = mask.metadata["tensors"]
+    assert stats["model.embed_tokens.weight"]["touched_collaborative"] == 0
+    assert stats["model.norm.weight"]["touched_collaborative"] == stats["model.norm.weight"]["touched"]
+
+
+def test_bfloat16_model_accumulates_in_float32(tiny_model_dir, reference):
+    loaded = load_model(str(tiny_model_dir), dtype="bfloat16", device="cpu")
+    gradients = mean_gradients(loaded.model, make_scorer("letter", loaded.tokenizer), INJECT, batch_size=3)
+    for name, gradient in gradients.items():
+        assert gradient.dtype == torch.float32
+        cosine = torch.nn.functional.cosine_similarity(
+            gradient.double().reshape(-1), reference["I"][name].reshape(-1), 0
+        )
+        assert cosine > 0.95, name
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"keep_fraction": 1.5}, "--keep-fraction"),
+        ({"keep_fraction": 0.0}, "--keep-fraction"),
+        ({"freeze_pattern": "("}, "--freeze-pattern"),
+        ({"threshold": float("nan")}, "--threshold"),
+        ({"scoring": "nope"}, "--scoring"),
+        ({"batch_size": 0}, "--batch-size"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tiny, options, message):
+    with pytest.raises(CplError, match=message):
+        profile(tiny, MASTERED[:2], INJECT[:2], show_progress=False, **options)
+
+
+def test_empty_sets_are_refused(tiny):
+    with pytest.raises(CplError, match="non-empty"):
+        profile(tiny, [], INJECT, show_progress=False)
+
+
+def test_recut_needs_scores(tiny):
+    mask = profile(tiny, MASTERED[:2], INJECT[:2], show_progress=False)
+    with pytest.raises(CplError, match="no stored scores"):
+        recut(mask, threshold=0.1)

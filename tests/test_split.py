@@ -1,0 +1,91 @@
+"""``cpl-masks split`` end to end through the CLI, and the library call behind it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cpl_masks.cli.app import app
+from cpl_masks.data import load_questions
+from cpl_masks.models import load_model, model_fingerprint
+from cpl_masks.scoring import make_scorer, score_questions
+from cpl_masks.split import split_questions
+from tests.conftest import SHARED_DATA, make_questions
+
+runner = CliRunner()
+
+
+def run_split(*args: str):
+    return runner.invoke(app, ["split", *args], catch_exceptions=False)
+
+
+def test_split_writes_sets_that_match_the_model(tiny_model_dir, question_file, tmp_path):
+    out = tmp_path / "split"
+    result = run_split("--model", str(tiny_model_dir), "--data", str(question_file), "--out", str(out),
+                       "--holdout-fraction", "0.5", "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "mastered (M)" in result.output
+    mastered, inject = load_questions(out / "mastered.jsonl"), load_questions(out / "inject.jsonl")
+    heldout = load_questions(out / "mastered_heldout.jsonl") if (out / "mastered_heldout.jsonl").exists() else []
+    summary = json.loads((out / "split.json").read_text())
+    assert summary["counts"] == {"mastered": len(mastered), "heldout": len(heldout), "inject": len(inject)}
+    assert len(mastered) + len(heldout) + len(inject) == 24 and abs(len(heldout) - len(mastered)) <= 1
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    assert summary["model"]["fingerprint"] == model_fingerprint(loaded.model)
+    scores = score_questions(loaded.model, make_scorer("letter", loaded.tokenizer), load_questions(question_file))
+    assert summary["accuracy"] == pytest.approx(scores.accuracy)
+    right = {q.id for q, ok in zip(load_questions(question_file), scores.correct) if ok}
+    assert {q.id for q in mastered + heldout} == right and not right & {q.id for q in inject}
+
+
+def test_split_refuses_a_non_empty_folder_without_overwrite(tiny_model_dir, question_file, tmp_path):
+    out = tmp_path / "split"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = run_split("--model", str(tiny_model_dir), "--data", str(question_file), "--out", str(out))
+    assert result.exit_code == 2
+    assert "folder is not empty; pass --overwrite" in result.output
+    assert (out / "keep.txt").read_text() == "precious"
+    again = run_split("--model", str(tiny_model_dir), "--data", str(question_file), "--out", str(out), "--overwrite")
+    assert again.exit_code == 0 and (out / "split.json").exists()
+
+
+def test_split_reports_bad_data_in_one_line(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q?", "choices": ["a", "b"], "answer": "C"}\n')
+    result = run_split("--model", str(tiny_model_dir), "--data", str(bad), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2
+    assert "row 1: answer 'C' is not among the 2 choices" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+
+
+def test_holdout_sample_is_seeded(tiny):
+    questions = make_questions(40, seed=5)
+    first = split_questions(tiny, questions, holdout_fraction=0.3, seed=1, show_progress=False)
+    second = split_questions(tiny, questions, holdout_fraction=0.3, seed=1, show_progress=False)
+    assert [q.id for q in first.heldout] == [q.id for q in second.heldout]
+    assert len(first.heldout) == round((len(first.heldout) + len(first.mastered)) * 0.3)
+
+
+def test_cli_package_imports_from_any_folder(tmp_path):
+    for folder in (Path(__file__).resolve().parents[1], tmp_path):
+        done = subprocess.run([sys.executable, "-c", "import cpl_masks.cli, cpl_masks.registry"], cwd=folder)
+        assert done.returncode == 0, folder
+    top_level = subprocess.run([sys.executable, "-c", "import cli"], cwd=tmp_path, capture_output=True)
+    assert top_level.returncode != 0  # nothing called plain `cli` is installed
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "arc_challenge.jsonl").exists(), reason="../shared/data is absent")
+def test_split_on_smollm2_over_arc(tmp_path):
+    out = tmp_path / "arc"
+    result = run_split("--data", str(SHARED_DATA / "arc_challenge.jsonl"), "--limit", "16", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "split.json").read_text())
+    assert summary["model"]["ref"] == "smollm2-135m-instruct" and summary["data"]["rows"] == 16
+    assert sum(summary["counts"].values()) == 16

@@ -1,0 +1,278 @@
+"""The training loop: static masks freeze exactly, dynamic mode is the paper's rule, runs resume exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cpl_masks.errors import CplError
+from cpl_masks.masks import Mask
+from cpl_masks.models import load_model, model_fingerprint
+from cpl_masks.scoring import LetterScorer, make_scorer
+from cpl_masks.train import (
+    DynamicCPL,
+    FullFineTuning,
+    MaskedAdamW,
+    StaticMask,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    epoch_order,
+    optimizer_state_bytes,
+)
+from cpl_masks.training_run import RunRequest, resolve_scoring, resume_run, start_run
+from tests.conftest import make_questions, write_rows
+from tests.helpers import assert_frozen_unchanged, snapshot
+
+INJECT = make_questions(6, seed=21, prefix="i")
+MASTERED = make_questions(5, seed=22, prefix="m")
+FULLY_FROZEN, FULLY_TRAINED = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"
+
+
+def fresh(tiny_model_dir):
+    """A private copy of the tiny model (training mutates it); one thread is fastest for a tiny model."""
+    return load_model(str(tiny_model_dir), device="cpu", threads=1)
+
+
+def random_mask(model, seed: int = 0, scoring: str = "letter") -> Mask:
+    """About half the entries collaborative; one tensor wholly frozen and one wholly trainable."""
+    generator = torch.Generator().manual_seed(seed)
+    bits = {
+        name: torch.rand(parameter.shape, generator=generator) < 0.5
+        for name, parameter in model.named_parameters()
+    }
+    bits[FULLY_FROZEN].fill_(False)
+    bits[FULLY_TRAINED].fill_(True)
+    metadata = {"model": {"ref": "tiny", "fingerprint": model_fingerprint(model)}, "scoring": scoring}
+    return Mask.from_bool(bits, metadata)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adamw"])
+def test_static_mask_changes_only_collaborative_entries(tiny_model_dir, optimizer):
+    loaded = fresh(tiny_model_dir)
+    mask = random_mask(loaded.model)
+    before = snapshot(loaded.model)
+    config = TrainConfig(lr=0.05, optimizer=optimizer, batch_size=2, weight_decay=0.1, show_progress=False)
+    trainer = Trainer(loaded.model, make_scorer("letter", loaded.tokenizer), StaticMask(mask), config)
+    for epoch in (1, 2):
+        trainer.train_epoch(INJECT, epoch)  # 3 steps per epoch
+    assert_frozen_unchanged(before, loaded.model, mask)
+    parameters = dict(loaded.model.named_parameters())
+    assert not parameters[FULLY_FROZEN].requires_grad
+    for name in (FULLY_TRAINED, "model.layers.1.mlp.down_proj.weight"):
+        collaborative = mask.collaborative(name)
+        moved = (parameters[name].detach() != before[name])[collaborative].float().mean()
+        assert moved > 0.5, f"{name}: only {moved:.0%} of collaborative entries changed"
+
+
+def test_masked_adamw_keeps_state_only_for_collaborative_entries(tiny_model_dir):
+    loaded = fresh(tiny_model_dir)
+    mask = random_mask(loaded.model)
+    config = TrainConfig(lr=1e-3, optimizer="adamw", show_progress=False)
+    trainer = Trainer(loaded.model, make_scorer("letter", loaded.tokenizer), StaticMask(mask), config)
+    trainer.train_epoch(INJECT[:2], 1)
+    assert isinstance(trainer.optimizer, MaskedAdamW)
+    states = {name: trainer.optimizer.state[parameter] for name, parameter in trainer.named}
+    assert FULLY_FROZEN not in states
+    for name, state in states.items():
+        assert state["exp_avg"].numel() == state["exp_avg_sq"].numel() == mask.collaborative_count(name)
+    assert optimizer_state_bytes(trainer.optimizer) == 2 * 4 * mask.collaborative_count()
+    assert trainer.trainable_entries == mask.collaborative_count()
+
+
+def test_masked_adamw_without_mask_is_adamw():
+    torch.manual_seed(0)
+    ours, reference = torch.nn.Parameter(torch.randn(5, 4)), None
+    reference = torch.nn.Parameter(ours.detach().clone())
+    masked = MaskedAdamW([ours], [None], lr=0.01, weight_decay=0.1)
+    plain = torch.optim.AdamW([reference], lr=0.01, weight_decay=0.1)
+    for _ in range(4):
+        grad = torch.randn(5, 4)
+        ours.grad, reference.grad = grad.clone(), grad.clone()
+        masked.step()
+        plain.step()
+    torch.testing.assert_close(ours.detach(), reference.detach(), rtol=1e-6, atol=1e-7)
+
+
+def reference_dynamic(model, scorer: LetterScorer, inject, mastered, *, lr: float, epochs: int, seed: int):
+    """θ ← θ − η·1[g_i ⊙ g_M ≥ 0] ⊙ g_i in float64, one example at a time, g_M per epoch; returns weights."""
+    model = model.double()
+    names, parameters = zip(*model.named_parameters(), strict=True)
+
+    def grads(question) -> tuple[torch.Tensor, ...]:
+        ids = scorer.tokenizer(scorer.prompt_text(question), add_special_tokens=False)["input_ids"]
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]  # (V,) float64
+        target = torch.tensor(scorer.letter_ids[question.answer])
+        return torch.autograd.grad(F.cross_entropy(logits, target), parameters)
+
+    masked_entries = 0
+    for epoch in range(1, epochs + 1):
+        per_question = [grads(question) for question in mastered]
+        g_mastered = [sum(column) / len(mastered) for column in zip(*per_question, strict=True)]
+        for index in epoch_order(len(inject), seed, epoch):
+            step_grads = grads(inject[index])
+            with torch.no_grad():
+                for parameter, g, g_m in zip(parameters, step_grads, g_mastered, strict=True):
+                    keep = (g * g_m) >= 0
+                    masked_entries += int((~keep).sum())
+                    parameter -= lr * keep * g
+    assert masked_entries > 0
+    return {name: parameter.detach() for name, parameter in zip(names, parameters, strict=True)}
+
+
+def test_dynamic_mode_is_the_papers_rule(tiny_model_dir):
+    loaded = fresh(tiny_model_dir)
+    reference_model = fresh(tiny_model_dir).model
+    scorer = make_scorer("letter", loaded.tokenizer)
+    before = snapshot(loaded.model)
+    config = TrainConfig(lr=0.02, epochs=2, seed=3, show_progress=False)
+    trainer = Trainer(loaded.model, scorer, DynamicCPL(scorer, MASTERED, batch_size=4), config)
+    for epoch in (1, 2):
+        trainer.train_epoch(INJECT, epoch)
+    expected = reference_dynamic(reference_model, scorer, INJECT, MASTERED, lr=0.02, epochs=2, seed=3)
+    moved = max(float((p.detach() - before[n]).abs().max()) for n, p in loaded.model.named_parameters())
+    assert moved > 1e-3
+    for name, parameter in loaded.model.named_parameters():
+        torch.testing.assert_close(parameter.detach().double(), expected[name], rtol=0, atol=2e-6)
+
+
+def test_nan_loss_stops_training(tiny_model_dir):
+    loaded = fresh(tiny_model_dir)
+    config = TrainConfig(lr=1e12, show_progress=False)
+    trainer = Trainer(loaded.model, make_scorer("letter", loaded.tokenizer), FullFineTuning(), config)
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+: the loss is (nan|inf)"):
+        trainer.train_epoch(INJECT, 1)
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    assert sorted(epoch_order(10, 0, 1)) == list(range(10))
+    assert epoch_order(10, 0, 1) == epoch_order(10, 0, 1)
+    assert epoch_order(10, 0, 1) != epoch_order(10, 0, 2)
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(CplError, match="--optimizer adam"):
+        TrainConfig(optimizer="adam").check()
+    with pytest.raises(CplError, match="--lr"):
+        TrainConfig(lr=0).check()
+
+
+def test_scoring_follows_the_mask_and_refuses_a_mismatch(tiny_model_dir, tmp_path):
+    mask = random_mask(fresh(tiny_model_dir).model, scoring="loglik")
+    inject = str(tmp_path / "inject.jsonl")
+    assert resolve_scoring(None, mask, inject, force=False) == "loglik"
+    assert resolve_scoring(None, None, inject, force=False) == "letter"
+    (tmp_path / "split.json").write_text(json.dumps({"scoring": "loglik-norm"}))
+    assert resolve_scoring(None, None, inject, force=False) == "loglik-norm"
+    with pytest.raises(CplError, match="profiled with loglik"):
+        resolve_scoring("letter", mask, inject, force=False)
+    assert resolve_scoring("letter", mask, inject, force=True) == "letter"
+
+
+@pytest.fixture
+def run_files(tmp_path):
+    inject = write_rows(tmp_path / "inject.jsonl", [q.to_record() for q in INJECT[:4]])
+    mastered = write_rows(tmp_path / "mastered.jsonl", [q.to_record() for q in MASTERED[:3]])
+    heldout = write_rows(tmp_path / "heldout.jsonl", [q.to_record() for q in make_questions(3, 23, "h")])
+    return inject, mastered, heldout
+
+
+def make_request(tiny_model_dir, run_files, out, **options) -> RunRequest:
+    inject, mastered, heldout = run_files
+    config = TrainConfig(epochs=2, lr=0.05, optimizer="momentum", show_progress=False)
+    values = {"mode": "full", **options}
+    return RunRequest(
+        inject=str(inject),
+        mastered=str(mastered),
+        heldout=str(heldout),
+        out=str(out),
+        model=str(tiny_model_dir),
+        device="cpu",
+        threads=1,
+        config=config,
+        **values,
+    )
+
+
+def saved_weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model" / "model.safetensors")
+
+
+def test_resume_ends_with_the_same_weights(tiny_model_dir, run_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
+    whole = start_run(make_request(tiny_model_dir, run_files, tmp_path / "whole"))
+
+    def stop_after_epoch_one(rows):
+        if rows[-1]["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        start_run(make_request(tiny_model_dir, run_files, tmp_path / "broken"), on_epoch=stop_after_epoch_one)
+    assert not (tmp_path / "broken" / "run.json").exists()
+    resumed = resume_run(tmp_path / "broken", show_progress=False)
+    assert resumed["resumed"] and resumed["metrics"] == whole["metrics"]
+    expected, actual = saved_weights(tmp_path / "whole"), saved_weights(tmp_path / "broken")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    with pytest.raises(CplError, match="already finished"):
+        resume_run(tmp_path / "broken")
+
+
+def test_run_writes_artifacts_and_a_loadable_model(tiny_model_dir, run_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
+    loaded = fresh(tiny_model_dir)
+    mask_path = random_mask(loaded.model).save(tmp_path / "mask.safetensors")
+    out = tmp_path / "run"
+    seen = []
+    run = start_run(
+        make_request(tiny_model_dir, run_files, out, mode=None, mask=str(mask_path)),
+        on_epoch=lambda rows: seen.append(rows[-1]["epoch"]),
+    )
+    assert seen == [0, 1, 2]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in metrics] == [0, 1, 2]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    on_disk = json.loads((out / "run.json").read_text())
+    assert on_disk["mask_id"] == Mask.load(mask_path).id and on_disk["mode"] == "mask"
+    assert on_disk["task"] == "inject" and on_disk["data"]["heldout"]["rows"] == 3
+    assert run["final"]["learned"] == metrics[-1]["learned"]
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert_frozen_unchanged(snapshot(loaded.model), reloaded, Mask.load(mask_path))
+    with pytest.raises(CplError, match="not empty"):
+        start_run(make_request(tiny_model_dir, run_files, out))
+
+
+def test_diverged_run_keeps_the_last_good_checkpoint(tiny_model_dir, run_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
+    calls = {"count": 0}
+    original = LetterScorer.loss
+
+    def loss_that_explodes_in_epoch_two(self, model, questions):
+        calls["count"] += 1
+        loss = original(self, model, questions)
+        return loss * float("nan") if calls["count"] > 4 else loss  # 4 steps per epoch
+
+    monkeypatch.setattr(LetterScorer, "loss", loss_that_explodes_in_epoch_two)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 1: the loss is nan.*checkpoint \(epoch 1\)"):
+        start_run(make_request(tiny_model_dir, run_files, out))
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 1 and not (out / "run.json").exists()
+
+
+def test_mask_for_other_weights_is_refused(
+    tiny_model_dir, tiny_base_model_dir, run_files, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
+    mask_path = random_mask(fresh(tiny_model_dir).model).save(tmp_path / "mask.safetensors")
+    other = make_request(tiny_base_model_dir, run_files, tmp_path / "run", mode=None, mask=str(mask_path))
+    with pytest.raises(CplError, match="profiled on other weights"):
+        start_run(other)
