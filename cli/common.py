@@ -19,12 +19,15 @@ stderr = Console(stderr=True)
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 ModelOption = Annotated[
-    str, typer.Option("--model", "-m", help="Hub id, local folder, .gguf file, or the built-in 'smollm2-135m-instruct'.")
+    str,
+    typer.Option("--model", "-m", help="Hub id, local folder, .gguf file, or the built-in 'smollm2-135m-instruct'."),
 ]
 DtypeOption = Annotated[str, typer.Option(help="Weights dtype: float32 or bfloat16.")]
 DeviceOption = Annotated[str, typer.Option(help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")]
 ThreadsOption = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")]
-ScoringOption = Annotated[str, typer.Option(help="letter (chat models, the paper's), loglik or loglik-norm (base models).")]
+ScoringOption = Annotated[
+    str, typer.Option(help="letter (chat models, the paper's), loglik or loglik-norm (base models).")
+]
 BatchSizeOption = Annotated[int, typer.Option(help="Questions per forward pass.")]
 SplitOption = Annotated[str | None, typer.Option(help="Dataset split, for dataset folders and hub datasets.")]
 QuestionFieldOption = Annotated[str, typer.Option(help="Field holding the question (or the full prompt).")]

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from cpl_masks.cli.common import (
     AnswerFieldOption,
     BatchSizeOption,
@@ -23,6 +22,7 @@ from cpl_masks.cli.common import (
     print_table,
     reports_errors,
 )
+
 from cpl_masks.data import load_questions
 from cpl_masks.files import check_output_dir
 from cpl_masks.models import DEFAULT_MODEL, load_model
@@ -31,7 +31,9 @@ from cpl_masks.split import split_questions, write_split
 
 @reports_errors
 def split(
-    data: Annotated[str, typer.Option("--data", "-d", help="Questions: JSONL/JSON/CSV/Parquet file, dataset folder or hub name.")],
+    data: Annotated[
+        str, typer.Option("--data", "-d", help="Questions: JSONL/JSON/CSV/Parquet file, dataset folder or hub name.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for mastered/inject files and split.json.")],
     model: ModelOption = DEFAULT_MODEL,
     scoring: ScoringOption = "letter",
@@ -50,7 +52,8 @@ def split(
 ) -> None:
     """Score every question and split them into mastered (M) and injection (I) sets.
 
-    Example: cpl-masks split --model smollm2-135m-instruct --data questions.jsonl --out runs/split --holdout-fraction 0.2
+    Example:
+        cpl-masks split --data questions.jsonl --out runs/split --holdout-fraction 0.2
     """
     check_output_dir(out, overwrite=overwrite)  # fail before the slow model load
     questions = load_questions(
@@ -67,6 +70,10 @@ def split(
         ["set", "questions", "share"],
         [
             (name, counts[key], f"{counts[key] / len(questions):.1%}")
-            for name, key in (("mastered (M)", "mastered"), ("held-out mastered", "heldout"), ("to inject (I)", "inject"))
+            for name, key in (
+                ("mastered (M)", "mastered"),
+                ("held-out mastered", "heldout"),
+                ("to inject (I)", "inject"),
+            )
         ],
     )

@@ -78,9 +78,7 @@ def general_questions(seed: int = 0) -> list[Question]:
     facts += [(f"What is the capital of {k}?", v, list(CAPITALS.values())) for k, v in CAPITALS.items()]
     facts += [(f"What is the chemical symbol of {k}?", v, list(SYMBOLS.values())) for k, v in SYMBOLS.items()]
     facts += [(f"What is the opposite of '{k}'?", v, list(OPPOSITES.values())) for k, v in OPPOSITES.items()]
-    facts += [
-        (f"Which sound does a {k} make?", v, list(ANIMAL_SOUNDS.values())) for k, v in ANIMAL_SOUNDS.items()
-    ]
+    facts += [(f"Which sound does a {k} make?", v, list(ANIMAL_SOUNDS.values())) for k, v in ANIMAL_SOUNDS.items()]
     facts += [(f"What color is {k}?", v, sorted(set(COLORS.values()))) for k, v in COLORS.items()]
     facts += [(f"Which month comes after {m}?", MONTHS[(i + 1) % 12], MONTHS) for i, m in enumerate(MONTHS)]
     facts += [(f"Which day comes after {d}?", DAYS[(i + 1) % 7], DAYS) for i, d in enumerate(DAYS)]
@@ -98,13 +96,9 @@ def invented_questions(seed: int = 0) -> list[Question]:
     facts: list[tuple[str, str, Sequence[str]]] = []
     facts += [(f"What is the capital of {p.capitalize()}ia?", rng.choice(cities), cities) for p in places]
     years = [str(year) for year in range(1700, 1990, 7)]
-    facts += [
-        (f"In which year was the inventor {p.capitalize()} born?", rng.choice(years), years) for p in people
-    ]
+    facts += [(f"In which year was the inventor {p.capitalize()} born?", rng.choice(years), years) for p in people]
     elements = [f"{name[:2].capitalize()}" for name in rivers]
-    facts += [
-        (f"What is the chemical symbol of {r}ium?", rng.choice(elements), elements) for r in rivers[:40]
-    ]
+    facts += [(f"What is the chemical symbol of {r}ium?", rng.choice(elements), elements) for r in rivers[:40]]
     colors = ["green", "blue", "red", "yellow", "purple", "orange", "white", "black"]
     facts += [(f"What color is the {r} bird?", rng.choice(colors), colors) for r in rivers[40:]]
     return list(_as_questions(facts, "invented", rng))
@@ -130,13 +124,9 @@ def _invented_names(rng: random.Random, count: int) -> list[str]:
     return names
 
 
-def _as_questions(
-    facts: list[tuple[str, str, Sequence[str]]], prefix: str, rng: random.Random
-) -> Iterator[Question]:
+def _as_questions(facts: list[tuple[str, str, Sequence[str]]], prefix: str, rng: random.Random) -> Iterator[Question]:
     for index, (text, answer, pool) in enumerate(facts):
         distractors = rng.sample(sorted(set(pool) - {answer}), CHOICES_PER_QUESTION - 1)
         choices = [answer, *distractors]
         rng.shuffle(choices)
-        yield Question(
-            id=f"{prefix}-{index:03d}", question=text, choices=tuple(choices), answer=choices.index(answer)
-        )
+        yield Question(id=f"{prefix}-{index:03d}", question=text, choices=tuple(choices), answer=choices.index(answer))

@@ -105,7 +105,9 @@ class LetterScorer(Scorer):
     def _format(question: Question) -> str:
         letters = LETTERS[: len(question.choices)]
         options = "\n".join(f"{letter}: {choice}" for letter, choice in zip(letters, question.choices))
-        listed = f"{letters[0]} or {letters[1]}" if len(letters) == 2 else ", ".join(letters[:-1]) + f", or {letters[-1]}"
+        listed = (
+            f"{letters[0]} or {letters[1]}" if len(letters) == 2 else ", ".join(letters[:-1]) + f", or {letters[-1]}"
+        )
         return f"Question: {question.question}\nOptions:\n{options}\n\nPlease reply with only {listed}."
 
     def _build_prompt_ids(self, question: Question) -> list[int]:

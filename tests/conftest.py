@@ -15,11 +15,54 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-WORDS = (
-    "the capital of france paris rome berlin madrid question answer options please reply with only "
-    "what is which symbol for gold iron water planet largest red sun moon one two three four five "
-    "zorblat vexmoor quintar invented city river king queen born year color blue green"
-).split()
+WORDS = [
+    "the",
+    "capital",
+    "of",
+    "france",
+    "paris",
+    "rome",
+    "berlin",
+    "madrid",
+    "question",
+    "answer",
+    "options",
+    "please",
+    "reply",
+    "with",
+    "only",
+    "what",
+    "is",
+    "which",
+    "symbol",
+    "for",
+    "gold",
+    "iron",
+    "water",
+    "planet",
+    "largest",
+    "red",
+    "sun",
+    "moon",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "zorblat",
+    "vexmoor",
+    "quintar",
+    "invented",
+    "city",
+    "river",
+    "king",
+    "queen",
+    "born",
+    "year",
+    "color",
+    "blue",
+    "green",
+]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -40,9 +83,7 @@ def _build_tokenizer(folder: Path, chat: bool):
     from tokenizers import decoders
 
     tokenizer.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)

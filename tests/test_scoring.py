@@ -45,8 +45,12 @@ def test_letter_prompt_uses_chat_template_and_lists_letters(tiny, tiny_base_mode
     assert all(f"\n{letter}: " in prompt for letter in letters)
     base = load_model(str(tiny_base_model_dir), device="cpu")
     assert LetterScorer(base.tokenizer).prompt_text(QUESTIONS[0]).endswith("\nAnswer:")
-    single = score_questions(base.model, make_scorer("letter", base.tokenizer), QUESTIONS, batch_size=1, show_progress=False)
-    batched = score_questions(base.model, make_scorer("letter", base.tokenizer), QUESTIONS, batch_size=4, show_progress=False)
+    single = score_questions(
+        base.model, make_scorer("letter", base.tokenizer), QUESTIONS, batch_size=1, show_progress=False
+    )
+    batched = score_questions(
+        base.model, make_scorer("letter", base.tokenizer), QUESTIONS, batch_size=4, show_progress=False
+    )
     assert batched.losses == pytest.approx(single.losses, abs=1e-5)
 
 
