@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+
 from cpl_masks.cli import hub, masks, split
 from cpl_masks.cli import registry as registry_commands
 from cpl_masks.cli import train as train_commands

@@ -13,9 +13,7 @@ from cpl_masks import hub
 @reports_errors
 def push(
     ref: Annotated[str, typer.Argument(help="Mask: file path, id or id prefix, name@vN, or name (latest).")],
-    repo_id: Annotated[
-        str, typer.Option("--repo-id", help="Hub model repo OWNER/NAME (created if missing).")
-    ],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Hub model repo OWNER/NAME (created if missing).")],
     private: Annotated[bool, typer.Option(help="Create the repo as private.")] = False,
     revision: Annotated[str | None, typer.Option(help="Branch to commit to (created if missing).")] = None,
 ) -> None:
@@ -38,9 +36,7 @@ def push(
 
 @reports_errors
 def pull(
-    target: Annotated[
-        str, typer.Argument(help="Hub repo OWNER/NAME, optionally @REVISION (branch, tag or commit).")
-    ],
+    target: Annotated[str, typer.Argument(help="Hub repo OWNER/NAME, optionally @REVISION (branch, tag or commit).")],
     name: Annotated[str | None, typer.Option("--name", help="Task part of the registry name.")] = None,
 ) -> None:
     """Download a mask from the Hub, verify its content id, and register it.

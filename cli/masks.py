@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from cpl_masks import registry
+from cpl_masks.algebra import OPERATIONS, combine, recut
 from cpl_masks.cli.common import (
     BatchSizeOption,
     DeviceOption,
@@ -18,9 +21,6 @@ from cpl_masks.cli.common import (
     reports_errors,
     stdout,
 )
-
-from cpl_masks import registry
-from cpl_masks.algebra import OPERATIONS, combine, recut
 from cpl_masks.data import load_questions
 from cpl_masks.errors import CplError
 from cpl_masks.mask_stats import MODULE_TYPES, layer_module_grid, summarize
@@ -30,18 +30,12 @@ from cpl_masks.models import DEFAULT_MODEL, load_model
 from cpl_masks.profile import profile as profile_model
 from cpl_masks.split import SUMMARY
 
-MaskArgument = Annotated[
-    str, typer.Argument(help="Mask: file path, id or id prefix, name@vN, or name (latest).")
-]
+MaskArgument = Annotated[str, typer.Argument(help="Mask: file path, id or id prefix, name@vN, or name (latest).")]
 OutOption = Annotated[
     Path | None, typer.Option("--out", "-o", help="Mask file to write (default: only into the registry).")
 ]
-NameOption = Annotated[
-    str | None, typer.Option("--name", help="Task name the registry files the mask under.")
-]
-ThresholdOption = Annotated[
-    float | None, typer.Option(help="Collaborative where s = g_M*g_I >= T (default 0).")
-]
+NameOption = Annotated[str | None, typer.Option("--name", help="Task name the registry files the mask under.")]
+ThresholdOption = Annotated[float | None, typer.Option(help="Collaborative where s = g_M*g_I >= T (default 0).")]
 KeepFractionOption = Annotated[
     float | None, typer.Option(help="Instead of a threshold: keep this share of the most positive scores.")
 ]
@@ -59,15 +53,9 @@ def profile(
     batch_size: BatchSizeOption = 16,
     threshold: ThresholdOption = None,
     keep_fraction: KeepFractionOption = None,
-    freeze_pattern: Annotated[
-        str | None, typer.Option(help="Regex of parameter names always frozen.")
-    ] = None,
-    train_pattern: Annotated[
-        str | None, typer.Option(help="Regex of parameter names always trainable.")
-    ] = None,
-    save_scores: Annotated[
-        bool, typer.Option(help="Store the scores (bfloat16) for `cpl-masks threshold`.")
-    ] = False,
+    freeze_pattern: Annotated[str | None, typer.Option(help="Regex of parameter names always frozen.")] = None,
+    train_pattern: Annotated[str | None, typer.Option(help="Regex of parameter names always trainable.")] = None,
+    save_scores: Annotated[bool, typer.Option(help="Store the scores (bfloat16) for `cpl-masks threshold`.")] = False,
     out: OutOption = None,
     name: NameOption = None,
     seed: Annotated[int, typer.Option(help="Torch seed, recorded in the mask.")] = 0,
@@ -111,9 +99,7 @@ def profile(
 def inspect(
     mask: MaskArgument,
     as_json: JsonOption = False,
-    plot: Annotated[
-        Path | None, typer.Option(help="Write a heatmap (layers x module types) to this PNG.")
-    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a heatmap (layers x module types) to this PNG.")] = None,
 ) -> None:
     """Show a mask's provenance and collaborative shares by module type and layer.
 
@@ -137,9 +123,7 @@ def diff(first: MaskArgument, second: MaskArgument, as_json: JsonOption = False)
 
     Example: cpl-masks diff smollm2-135m-instruct/arc@v1 smollm2-135m-instruct/csqa@v1
     """
-    result = diff_masks(
-        *(Mask.load(registry.resolve_mask_path(ref), scores=False) for ref in (first, second))
-    )
+    result = diff_masks(*(Mask.load(registry.resolve_mask_path(ref), scores=False) for ref in (first, second)))
     if as_json:
         stdout.print_json(data=result)
         return
@@ -147,9 +131,7 @@ def diff(first: MaskArgument, second: MaskArgument, as_json: JsonOption = False)
     rows = [("overall", *_agreement_cells(result["overall"]))]
     print_table(f"{result['first'][:12]} vs {result['second'][:12]}", ["", *columns], rows)
     for title, key in (("by module type", "by_module"), ("by layer", "by_layer")):
-        print_table(
-            title, [title.split()[-1], *columns], [(k, *_agreement_cells(v)) for k, v in result[key].items()]
-        )
+        print_table(title, [title.split()[-1], *columns], [(k, *_agreement_cells(v)) for k, v in result[key].items()])
 
 
 @reports_errors
@@ -182,9 +164,7 @@ def threshold(
     """
     if (threshold is None) == (keep_fraction is None):
         raise CplError("give exactly one of --threshold and --keep-fraction")
-    result = recut(
-        Mask.load(registry.resolve_mask_path(mask)), threshold=threshold, keep_fraction=keep_fraction
-    )
+    result = recut(Mask.load(registry.resolve_mask_path(mask)), threshold=threshold, keep_fraction=keep_fraction)
     print_summary(result)
     save_and_register(result, out, task=name, source="combined")
 
@@ -203,9 +183,7 @@ def split_scoring(mastered: Path) -> str:
 def save_and_register(mask: Mask, out: Path | None, *, task: str | None, source: str) -> None:
     """Save ``mask`` to ``out`` (or a temporary file the registry copies) and print its registry name."""
     if out is not None:
-        registered = registry.register_mask(
-            mask.save(out), task=task, source=source, parents=mask.metadata["parents"]
-        )
+        registered = registry.register_mask(mask.save(out), task=task, source=source, parents=mask.metadata["parents"])
         _print_saved(mask, out, registered)
         return
     with tempfile.TemporaryDirectory(prefix="cpl-mask-") as folder:
@@ -254,13 +232,9 @@ def print_summary(mask: Mask, summary: dict[str, Any] | None = None) -> None:
     columns = ["entries", "collab", "collab of touched", "g_M·g_I", "positive", "negative"]
     overall = summary["overall"]
     cosine = "-" if overall["cosine"] is None else f"{overall['cosine']:.3f}"
-    print_table(
-        f"mask {mask.id[:12]}", ["", *columns, "cosine"], [("overall", *_share_cells(overall), cosine)]
-    )
+    print_table(f"mask {mask.id[:12]}", ["", *columns, "cosine"], [("overall", *_share_cells(overall), cosine)])
     for title, key in (("by module type", "by_module"), ("by layer", "by_layer")):
-        print_table(
-            title, [title.split()[-1], *columns], [(k, *_share_cells(v)) for k, v in summary[key].items()]
-        )
+        print_table(title, [title.split()[-1], *columns], [(k, *_share_cells(v)) for k, v in summary[key].items()])
 
 
 def plot_shares(mask: Mask, path: Path) -> None:
@@ -276,9 +250,7 @@ def plot_shares(mask: Mask, path: Path) -> None:
     panels = [("share", "all entries")]
     if any(group["touched_share"] is not None for row in grid.values() for group in row.values()):
         panels.append(("touched_share", "entries g_I touches"))
-    figure, axes = plt.subplots(
-        1, len(panels), figsize=(5 * len(panels), 0.3 * len(layers) + 2), squeeze=False
-    )
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.3 * len(layers) + 2), squeeze=False)
     for axis, (key, label) in zip(axes[0], panels, strict=True):
         values = [[_cell(grid[layer].get(kind), key) for kind in kinds] for layer in layers]
         image = axis.imshow(values, vmin=0, vmax=1, aspect="auto", cmap="viridis")
@@ -303,10 +275,7 @@ def _share_cells(group: dict[str, Any]) -> tuple[Any, ...]:
         group["entries"],
         f"{group['share']:.1%}",
         "-" if group["touched_share"] is None else f"{group['touched_share']:.1%}",
-        *(
-            "-" if group[key] is None else f"{group[key]:.2g}"
-            for key in ("dot", "dot_positive", "dot_negative")
-        ),
+        *("-" if group[key] is None else f"{group[key]:.2g}" for key in ("dot", "dot_positive", "dot_negative")),
     )
 
 

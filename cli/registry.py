@@ -12,9 +12,7 @@ from rich.tree import Tree
 from cpl_masks import registry
 
 app = typer.Typer(help="The mask registry: provenance, reuse across tasks, lineage.", no_args_is_help=True)
-RefArgument = Annotated[
-    str, typer.Argument(help="Mask: file path, id or id prefix, name@vN, or name (latest).")
-]
+RefArgument = Annotated[str, typer.Argument(help="Mask: file path, id or id prefix, name@vN, or name (latest).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 
@@ -163,9 +161,7 @@ def report(health: registry.Health, title: str) -> None:
     rows += [("corrupt file", item) for item in health.corrupt]
     rows += [("orphan file (no row; `registry gc` removes it)", item) for item in health.orphans]
     rows += [("abandoned temporary copy", item) for item in health.leftovers]
-    print_table(
-        f"{title}: {'all intact' if not rows else f'{len(rows)} problems'}", ["problem", "mask"], rows
-    )
+    print_table(f"{title}: {'all intact' if not rows else f'{len(rows)} problems'}", ["problem", "mask"], rows)
 
 
 @app.command()

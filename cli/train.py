@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
 from cpl_masks.cli.common import (
     DeviceOption,
     DtypeOption,
@@ -17,7 +18,6 @@ from cpl_masks.cli.common import (
     reports_errors,
     stdout,
 )
-
 from cpl_masks.evaluate import (
     COMPARE_COLUMNS,
     METRIC_COLUMNS,
@@ -43,9 +43,7 @@ def train(
         str | None, typer.Option(help="Mastered set M (mastered.jsonl): what must not be forgotten.")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder for the run.")] = None,
-    mask: Annotated[
-        str | None, typer.Option(help="Freeze mask: file, id, name@vN or name (static CPL).")
-    ] = None,
+    mask: Annotated[str | None, typer.Option(help="Freeze mask: file, id, name@vN or name (static CPL).")] = None,
     mode: Annotated[
         str | None, typer.Option(help="dynamic (the paper's per-step rule) or full (plain fine-tuning).")
     ] = None,
@@ -61,13 +59,9 @@ def train(
         int, typer.Option(help="Questions per forward pass when evaluating and computing g_M.")
     ] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the example order.")] = 0,
-    weight_decay: Annotated[
-        float, typer.Option(help="Weight decay (never applied to frozen entries).")
-    ] = 0.0,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (never applied to frozen entries).")] = 0.0,
     momentum: Annotated[float, typer.Option(help="Momentum of --optimizer momentum.")] = 0.9,
-    refresh_every: Annotated[
-        int | None, typer.Option(help="Dynamic mode: also recompute g_M every K steps.")
-    ] = None,
+    refresh_every: Annotated[int | None, typer.Option(help="Dynamic mode: also recompute g_M every K steps.")] = None,
     scoring: Annotated[
         str | None,
         typer.Option(help="letter, loglik or loglik-norm (default: the mask's, else split.json's)."),
@@ -97,9 +91,7 @@ def train(
         run = resume_run(resume, on_epoch=_print_epoch)
     else:
         missing = [
-            option
-            for option, value in (("--data", data), ("--mastered", mastered), ("--out", out))
-            if value is None
+            option for option, value in (("--data", data), ("--mastered", mastered), ("--out", out)) if value is None
         ]
         if missing:
             fail(f"{', '.join(missing)} required (or --resume DIR to continue a run)")
@@ -139,15 +131,15 @@ def train(
 @reports_errors
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Finished run folders (each with run.json).")],
-    plot: Annotated[
-        Path | None, typer.Option(help="Also draw learned vs forgotten per run to this PNG.")
-    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also draw learned vs forgotten per run to this PNG.")] = None,
 ) -> None:
     """Compare finished runs: learned, forgotten, held-out forgotten, time and peak memory.
 
     Example: cpl-masks compare runs/cpl runs/full --plot runs/compare.png
     """
-    payloads = {str(folder): read_run(folder) for folder in runs}
+    names = [folder.name for folder in runs]
+    unique = len(set(names)) == len(names)
+    payloads = {(folder.name if unique else str(folder)): read_run(folder) for folder in runs}
     print_table("runs compared", COMPARE_COLUMNS, comparison_rows(payloads))
     if plot is not None:
         draw_comparison(payloads, plot)

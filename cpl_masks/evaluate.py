@@ -127,9 +127,7 @@ def draw_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, titl
     epochs = [row["epoch"] for row in rows]
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.plot(epochs, [row["learned"] for row in rows], marker="o", label="learned (inject, wrong → right)")
-    axis.plot(
-        epochs, [row["forgotten"] for row in rows], marker="o", label="forgotten (mastered, right → wrong)"
-    )
+    axis.plot(epochs, [row["forgotten"] for row in rows], marker="o", label="forgotten (mastered, right → wrong)")
     if rows and rows[0]["heldout_forgotten"] is not None:
         heldout = [row["heldout_forgotten"] for row in rows]
         axis.plot(epochs, heldout, marker="o", linestyle="--", label="forgotten (held-out mastered)")
@@ -166,7 +164,7 @@ def comparison_rows(runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[Any, ..
             (
                 label,
                 run["mode"],
-                (run.get("mask_id") or "-")[:12],
+                (run.get("mask_id") or "-")[:8],
                 f"{final['learned']}/{totals['inject_wrong']}",
                 f"{final['forgotten']}/{totals['mastered_right']}",
                 "-" if heldout is None else f"{heldout}/{totals['heldout_right']}",

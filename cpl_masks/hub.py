@@ -80,9 +80,7 @@ def push(ref: str, repo_id: str, *, private: bool = False, revision: str | None 
         )
     landed = revision or "main"
     add_transfer(mask.id, Transfer("push", repo_id, landed, commit.oid, commit.commit_url))
-    return PushResult(
-        ref=name, repo_id=repo_id, revision=landed, commit_sha=commit.oid, url=commit.commit_url
-    )
+    return PushResult(ref=name, repo_id=repo_id, revision=landed, commit_sha=commit.oid, url=commit.commit_url)
 
 
 def pull(target: str, *, task: str | None = None) -> PullResult:
@@ -98,19 +96,14 @@ def pull(target: str, *, task: str | None = None) -> PullResult:
         path = Path(download(api, repo_id, MASK_FILENAME, info.sha))
         claimed = None
         if PROVENANCE_FILENAME in files:
-            claimed = json.loads(Path(download(api, repo_id, PROVENANCE_FILENAME, info.sha)).read_text()).get(
-                "id"
-            )
+            claimed = json.loads(Path(download(api, repo_id, PROVENANCE_FILENAME, info.sha)).read_text()).get("id")
     mask = Mask.load(path, scores=False)  # raises when the bits do not give the id in the header
     if claimed is not None and claimed != mask.id:
         raise CplError(
-            f"pull {target}: {MASK_FILENAME} has id {mask.id[:12]}"
-            f" but {PROVENANCE_FILENAME} says {claimed[:12]}"
+            f"pull {target}: {MASK_FILENAME} has id {mask.id[:12]} but {PROVENANCE_FILENAME} says {claimed[:12]}"
         )
     transfer = Transfer("pull", repo_id, revision or "main", info.sha, f"{api.endpoint}/{repo_id}")
-    name = register_mask(
-        path, task=task, source="pulled", repo_id=repo_id, revision=info.sha, transfer=transfer
-    )
+    name = register_mask(path, task=task, source="pulled", repo_id=repo_id, revision=info.sha, transfer=transfer)
     return PullResult(ref=name, mask_id=mask.id, repo_id=repo_id, commit_sha=info.sha, path=path)
 
 
@@ -126,9 +119,7 @@ def hub_api(*, require_token: bool) -> Any:
 
     token = os.environ.get("HF_TOKEN") or get_token()
     if require_token and not token:
-        raise CplError(
-            "no Hugging Face token: set HF_TOKEN or run `hf auth login` (a push needs write access)"
-        )
+        raise CplError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a push needs write access)")
     return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token or None)
 
 
@@ -234,9 +225,7 @@ def model_card(mask: Mask, name: str, repo_id: str) -> str:
     ]
     for key, entry in sorted((metadata.get("data") or {}).items()):
         if isinstance(entry, dict):
-            rows.append(
-                (f"data: {key}", f"{entry.get('rows')} rows, sha256 {str(entry.get('sha256'))[:16]}…")
-            )
+            rows.append((f"data: {key}", f"{entry.get('rows')} rows, sha256 {str(entry.get('sha256'))[:16]}…"))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows if value not in (None, "null"))
     return f"""---
 {front}

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,28 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     rebuilt.load_state_dict(loaded.state_dict())
     rebuilt.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: Any, enabled: bool = True) -> Iterator[None]:
+    """Recompute each decoder layer's activations during backward instead of keeping them.
+
+    Gradients are unchanged; a batch's backward then holds one layer's activations instead of all
+    of them, which is what lets a batched pass stay near the memory of a one-example pass.
+    transformers checkpoints only layers in training mode, so the flag is set on the layers alone:
+    dropout inside them stays as it was.
+    """
+    if not enabled or not getattr(model, "supports_gradient_checkpointing", False):
+        yield
+        return
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    layers = [module for module in model.modules() if getattr(module, "gradient_checkpointing", False)]
+    modes = [layer.training for layer in layers]
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.training = mode
+        model.activation_checkpointing_disable()

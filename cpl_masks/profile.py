@@ -94,9 +94,7 @@ def profile(
     with progress_bar("profile (I, then M)", len(inject) + len(mastered), show_progress) as advance:
         g_inject = mean_gradients(loaded.model, scorer, inject, batch_size=batch_size, advance=advance)
         g_mastered = mean_gradients(loaded.model, scorer, mastered, batch_size=batch_size, advance=advance)
-    bits, stats, scores = _cut(
-        rule, g_mastered, g_inject, keep_scores=save_scores or keep_fraction is not None
-    )
+    bits, stats, scores = _cut(rule, g_mastered, g_inject, keep_scores=save_scores or keep_fraction is not None)
     seconds = time.perf_counter() - started
     metadata = {
         "model": {"ref": loaded.ref, "fingerprint": model_fingerprint(loaded.model)},
@@ -113,9 +111,7 @@ def profile(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "parents": [],
         "tensors": stats,
-        "counts": {
-            key: sum(tensor[key] for tensor in stats.values()) for key in ("touched", "touched_collaborative")
-        },
+        "counts": touched_counts(stats),
         "profile": {
             "batch_size": batch_size,
             "device": str(device),
@@ -139,7 +135,7 @@ def mean_gradients(
     parameters = dict(model.named_parameters())  # deduplicates tied weights
     buffers: dict[str, torch.Tensor] = {}
     with _gradients_into(parameters, buffers):
-        for batch in batches(questions, batch_size):
+        for batch in batches(sorted(questions, key=_text_length), batch_size):  # similar lengths pad less
             losses = scorer.loss(model, batch)  # (B,) per-question answer loss
             (losses.sum() / len(questions)).backward()
             advance(len(batch))
@@ -148,16 +144,16 @@ def mean_gradients(
         if ordered[name] is None:  # the loss does not reach this parameter
             ordered[name] = torch.zeros(parameter.shape, dtype=torch.float32, device=parameter.device)
         if not torch.isfinite(ordered[name]).all():
-            raise CplError(
-                f"profile: the gradient of {name} is not finite (loss overflow? try --dtype float32)"
-            )
+            raise CplError(f"profile: the gradient of {name} is not finite (loss overflow? try --dtype float32)")
     return ordered
 
 
+def _text_length(question: Question) -> int:
+    return len(question.question) + sum(len(choice) for choice in question.choices)
+
+
 @contextlib.contextmanager
-def _gradients_into(
-    parameters: dict[str, torch.nn.Parameter], buffers: dict[str, torch.Tensor]
-) -> Iterator[None]:
+def _gradients_into(parameters: dict[str, torch.nn.Parameter], buffers: dict[str, torch.Tensor]) -> Iterator[None]:
     """While active, every backward adds each parameter's gradient to ``buffers[name]`` (float32)."""
     flags = {name: parameter.requires_grad for name, parameter in parameters.items()}
     handles = []

@@ -131,7 +131,7 @@ class LetterScorer(Scorer):
 
     def _last_logits(self, model: Any, questions: Sequence[Question]) -> torch.Tensor:
         batch = pad_left([self._prompt_ids(q) for q in questions], self.tokenizer.pad_token_id, model.device)
-        return model(**batch, logits_to_keep=1).logits[:, -1, :].float()  # (B, V)
+        return model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()  # (B, V)
 
     def _targets(self, questions: Sequence[Question], device: torch.device) -> torch.Tensor:
         return torch.tensor([self.letter_ids[q.answer] for q in questions], device=device)  # (B,)
@@ -180,7 +180,7 @@ class LoglikScorer(Scorer):
         """Summed negative log-likelihood (R,) of each row's continuation, and its token count (R,)."""
         batch = pad_left([ids for ids, _ in rows], self.tokenizer.pad_token_id, model.device)
         keep = max(count for _, count in rows) + 1
-        logits = model(**batch, logits_to_keep=keep).logits[:, :-1, :].float()  # (R, keep-1, V)
+        logits = model(**batch, logits_to_keep=keep, use_cache=False).logits[:, :-1, :].float()  # (R, keep-1, V)
         targets = torch.full(logits.shape[:2], -100, dtype=torch.long, device=logits.device)  # (R, keep-1)
         for row, (ids, count) in enumerate(rows):
             targets[row, keep - 1 - count :] = torch.tensor(ids[-count:], device=logits.device)

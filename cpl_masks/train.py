@@ -152,9 +152,7 @@ class DynamicCPL(FullFineTuning):
 
     def before_step(self, model: torch.nn.Module, step_in_epoch: int) -> None:
         """Recompute ``g_M`` at the start of each epoch and every ``refresh_every`` steps within it."""
-        due = step_in_epoch == 0 or (
-            self.refresh_every is not None and step_in_epoch % self.refresh_every == 0
-        )
+        due = step_in_epoch == 0 or (self.refresh_every is not None and step_in_epoch % self.refresh_every == 0)
         if due:
             self.g_mastered = {}  # free the old g_M before building the new one
             self.g_mastered = mean_gradients(model, self.scorer, self.mastered, batch_size=self.batch_size)
@@ -261,9 +259,7 @@ def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
 class Trainer:
     """Runs epochs of one method with one optimizer on one model; checkpointable."""
 
-    def __init__(
-        self, model: torch.nn.Module, scorer: Scorer, method: FullFineTuning, config: TrainConfig
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, scorer: Scorer, method: FullFineTuning, config: TrainConfig) -> None:
         config.check()
         self.model = model
         self.scorer = scorer
@@ -303,9 +299,7 @@ class Trainer:
         loss = self.scorer.loss(self.model, batch).mean()
         if not torch.isfinite(loss):
             self.model.zero_grad(set_to_none=True)
-            raise TrainingDiverged(
-                f"epoch {epoch}, step {step + 1}: the loss is {loss.item()} (training diverged)"
-            )
+            raise TrainingDiverged(f"epoch {epoch}, step {step + 1}: the loss is {loss.item()} (training diverged)")
         loss.backward()
         self._decay_gradients()
         self.method.mask_gradients(self.model)

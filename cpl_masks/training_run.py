@@ -21,7 +21,7 @@ import torch
 from cpl_masks.data import Question, load_questions, questions_sha256
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import draw_curves, epoch_metrics, evaluate_sets
-from cpl_masks.files import atomic_write, prepare_output_dir, write_json, write_jsonl
+from cpl_masks.files import atomic_write, check_output_dir, prepare_output_dir, write_json, write_jsonl
 from cpl_masks.masks import Mask
 from cpl_masks.models import LoadedModel, load_model, model_fingerprint
 from cpl_masks.profile import peak_memory
@@ -115,9 +115,7 @@ class RunData:
         return sets
 
 
-def start_run(
-    request: RunRequest, *, overwrite: bool = False, on_epoch: OnEpoch | None = None
-) -> dict[str, Any]:
+def start_run(request: RunRequest, *, overwrite: bool = False, on_epoch: OnEpoch | None = None) -> dict[str, Any]:
     """Train as ``request`` says into a fresh output folder; returns the ``run.json`` payload.
 
     Raises:
@@ -126,17 +124,17 @@ def start_run(
     """
     request.resolved_mode()
     request.config.check()
-    out = prepare_output_dir(request.out, overwrite=overwrite)
+    check_output_dir(request.out, overwrite=overwrite)
     mask_path = _mask_path(request.mask)
+    data = load_run_data(request)  # bad data fails before the output folder is touched
+    out = prepare_output_dir(request.out, overwrite=overwrite)
     for stale in (CHECKPOINT, MODEL_DIR, RUN, METRICS, CURVES):
         _remove(out / stale)
     write_json(out / CONFIG, {"request": request.to_dict(), "mask_path": mask_path})
-    return _run(request, out, mask_path, on_epoch)
+    return _run(request, out, mask_path, on_epoch, data=data)
 
 
-def resume_run(
-    out_dir: str | Path, *, on_epoch: OnEpoch | None = None, show_progress: bool = True
-) -> dict[str, Any]:
+def resume_run(out_dir: str | Path, *, on_epoch: OnEpoch | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Continue a stopped run from its last checkpoint; it ends with the same weights as an unbroken run."""
     out = Path(out_dir)
     if not (out / CONFIG).is_file():
@@ -199,9 +197,7 @@ def make_method(
     if mode == "mask":
         return StaticMask(mask)
     if mode == "dynamic":
-        return DynamicCPL(
-            scorer, mastered, batch_size=config.eval_batch_size, refresh_every=config.refresh_every
-        )
+        return DynamicCPL(scorer, mastered, batch_size=config.eval_batch_size, refresh_every=config.refresh_every)
     return FullFineTuning()
 
 
@@ -211,10 +207,11 @@ def _run(
     mask_path: str | None,
     on_epoch: OnEpoch | None,
     checkpoint: dict[str, Any] | None = None,
+    data: RunData | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     config, mode = request.config, request.resolved_mode()
-    data = load_run_data(request)
+    data = data or load_run_data(request)
     loaded = load_model(request.model, dtype=request.dtype, device=request.device, threads=request.threads)
     mask = Mask.load(mask_path, scores=False) if mask_path else None
     if mask is not None:
@@ -259,9 +256,7 @@ def _run(
             raise TrainingDiverged(f"{error}; stopped, {kept}; try a smaller --lr") from None
         rows.append(epoch_metrics(epoch, baseline, evaluate(epoch), train_loss=loss))
         elapsed = elapsed_before + time.perf_counter() - started
-        save_checkpoint(
-            out, trainer, {"epoch": epoch, "metrics": rows, "baseline": baseline, "elapsed_s": elapsed}
-        )
+        save_checkpoint(out, trainer, {"epoch": epoch, "metrics": rows, "baseline": baseline, "elapsed_s": elapsed})
         _publish(out, rows, mode, on_epoch)
     save_model(loaded, out / MODEL_DIR)
     payload = {
@@ -278,9 +273,7 @@ def _run(
         "args": request.to_dict(),
         "versions": package_versions(),
         "metrics": rows,
-        "final": {
-            key: rows[-1][key] for key in ("learned", "forgotten", "heldout_forgotten", "totals", "accuracy")
-        },
+        "final": {key: rows[-1][key] for key in ("learned", "forgotten", "heldout_forgotten", "totals", "accuracy")},
         "trainable_entries": trainer.trainable_entries,
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
         "resumed": checkpoint is not None,

@@ -143,9 +143,7 @@ def find(connection: sqlite3.Connection, ref: str) -> sqlite3.Row:
         if row is None:
             raise CplError(f"mask {ref}: no such registered name and version (see `cpl-masks registry list`)")
         return row
-    row = connection.execute(
-        "SELECT * FROM masks WHERE name = ? ORDER BY version DESC LIMIT 1", (ref,)
-    ).fetchone()
+    row = connection.execute("SELECT * FROM masks WHERE name = ? ORDER BY version DESC LIMIT 1", (ref,)).fetchone()
     if row is not None:
         return row
     return _find_by_prefix(connection, ref)
@@ -182,8 +180,7 @@ def resolve(ref: str) -> Path:
     stored = store.artifact_path(row["id"])
     if not stored.is_file():
         raise CplError(
-            f"mask {ref}: registered as {label(row)} but its file is missing"
-            " (run `cpl-masks registry verify`)"
+            f"mask {ref}: registered as {label(row)} but its file is missing (run `cpl-masks registry verify`)"
         )
     return stored
 
@@ -282,9 +279,7 @@ def show(ref: str) -> dict[str, Any]:
     with connect() as connection:
         row = find(connection, ref)
         runs = connection.execute("SELECT * FROM runs WHERE mask_id = ? ORDER BY id", (row["id"],)).fetchall()
-        transfers = connection.execute(
-            "SELECT * FROM transfers WHERE mask_id = ? ORDER BY id", (row["id"],)
-        ).fetchall()
+        transfers = connection.execute("SELECT * FROM transfers WHERE mask_id = ? ORDER BY id", (row["id"],)).fetchall()
         parents = _relatives(connection, row["id"], up=True)
         children = _relatives(connection, row["id"], up=False)
     return _summary(row) | {
@@ -341,9 +336,7 @@ def verify() -> Health:
     """Re-hash every registered mask's file; list missing and corrupt ones, and orphaned store files."""
     health = Health()
     with connect() as connection:
-        rows = connection.execute(
-            "SELECT id, name, version, sha256 FROM masks ORDER BY name, version"
-        ).fetchall()
+        rows = connection.execute("SELECT id, name, version, sha256 FROM masks ORDER BY name, version").fetchall()
     for row in rows:
         health.checked += 1
         path = store.artifact_path(row["id"])

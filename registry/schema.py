@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,11 +93,28 @@ def connect() -> Iterator[sqlite3.Connection]:
     try:
         with database_errors(path):
             connection.execute("PRAGMA foreign_keys = ON")
-            connection.execute("PRAGMA journal_mode = WAL")
+            use_wal(connection)
             migrate(connection, path)
             yield connection
     finally:
         connection.close()
+
+
+def use_wal(connection: sqlite3.Connection) -> None:
+    """Switch to WAL journaling, retrying while another process holds the lock.
+
+    SQLite answers a journal-mode change with "database is locked" at once, without waiting on the
+    busy timeout, when several processes open a new database together.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager

@@ -61,11 +61,7 @@ def place(staged: Path, mask_id: str) -> Path:
 def stored_ids() -> set[str]:
     """Content ids of every file in the store."""
     folder = store_dir()
-    return (
-        {path.name.removesuffix(SUFFIX) for path in folder.glob(f"??/*{SUFFIX}")}
-        if folder.is_dir()
-        else set()
-    )
+    return {path.name.removesuffix(SUFFIX) for path in folder.glob(f"??/*{SUFFIX}")} if folder.is_dir() else set()
 
 
 def staged_leftovers() -> list[Path]:

@@ -69,9 +69,7 @@ class FakeHub:
 
     def create_repo(self, body: bytes, **_: str) -> dict[str, Any]:
         payload = json.loads(body)
-        repo_id = (
-            f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
-        )
+        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
         if repo_id in self.repos:
             raise HubError(409, None, "You already created this model repo")
         repo = Repo(private=payload.get("visibility") == "private" or bool(payload.get("private")))
@@ -93,11 +91,7 @@ class FakeHub:
     def preupload(self, body: bytes, repo: str, rev: str) -> dict[str, Any]:
         self.repo(repo).snapshot(rev)
         files = json.loads(body)["files"]
-        return {
-            "files": [
-                {"path": item["path"], "uploadMode": "regular", "shouldIgnore": False} for item in files
-            ]
-        }
+        return {"files": [{"path": item["path"], "uploadMode": "regular", "shouldIgnore": False} for item in files]}
 
     def commit(self, body: bytes, repo: str, rev: str) -> dict[str, Any]:
         found = self.repo(repo)

@@ -64,4 +64,4 @@ def test_plots_are_png(tmp_path):
     draw_comparison({"a": run, "b": {**run, "mode": "full"}}, tmp_path / "compare.png")
     for name in ("curves.png", "compare.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-    assert comparison_rows({"a": run})[0] == ("a", "mask", "abababababab", "2/3", "1/3", "1/1", 3.0, 2)
+    assert comparison_rows({"a": run})[0] == ("a", "mask", "abababab", "2/3", "1/3", "1/1", 3.0, 2)

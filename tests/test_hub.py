@@ -9,12 +9,12 @@ import huggingface_hub
 import pytest
 import torch
 from cpl_masks.cli.app import app
-from fake_hub import TOKEN, FakeHubServer
 from typer.testing import CliRunner
 
 from cpl_masks import hub, registry
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
+from tests.fake_hub import TOKEN, FakeHubServer
 
 REPO = "me/arc-mask"
 
@@ -35,10 +35,7 @@ def server(tmp_path, monkeypatch):
 def mask_ref(tmp_path) -> str:
     """A registered mask profiled (so its provenance says) on the built-in SmolLM2 for task arc."""
     generator = torch.Generator().manual_seed(0)
-    bits = {
-        f"model.layers.{layer}.mlp.up_proj.weight": torch.rand(8, 4, generator=generator) > 0.4
-        for layer in (0, 1)
-    }
+    bits = {f"model.layers.{layer}.mlp.up_proj.weight": torch.rand(8, 4, generator=generator) > 0.4 for layer in (0, 1)}
     metadata = {
         "model": {"ref": "smollm2-135m-instruct", "fingerprint": "f" * 64},
         "task": "arc",
@@ -53,9 +50,7 @@ def switch_registry(tmp_path, monkeypatch, name: str) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / f"{name}-cache"))
 
 
-def test_push_uploads_mask_card_provenance_and_figure_and_pull_registers_it(
-    server, mask_ref, tmp_path, monkeypatch
-):
+def test_push_uploads_mask_card_provenance_and_figure_and_pull_registers_it(server, mask_ref, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["push", mask_ref, "--repo-id", REPO])
     assert result.exit_code == 0, result.output
     repo = server.hub.repos[REPO]

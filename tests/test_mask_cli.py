@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_questions
-from cpl_masks.cli.app import app
 from typer.testing import CliRunner
 
+from cpl_masks.cli.app import app
 from cpl_masks.masks import Mask
+from tests.conftest import make_questions
 
 runner = CliRunner()
 
@@ -50,9 +50,7 @@ def profile_args(split_dir, model_dir, *extra: str) -> list[str]:
 
 def test_profile_inspect_diff_combine_threshold(split_dir, tiny_model_dir, tmp_path):
     first = tmp_path / "a.safetensors"
-    result = invoke(
-        *profile_args(split_dir, tiny_model_dir, "--save-scores", "--out", first, "--name", "facts")
-    )
+    result = invoke(*profile_args(split_dir, tiny_model_dir, "--save-scores", "--out", first, "--name", "facts"))
     assert result.exit_code == 0, result.output
     mask = Mask.load(first)
     assert mask.scores is not None and mask.metadata["scoring"] == "letter"

@@ -33,9 +33,7 @@ SHAPES = {
 def make_mask(seed: int = 0, scores: bool = False, **metadata) -> Mask:
     bits = random_bits(SHAPES, seed)
     values = {name: torch.randn(shape) for name, shape in SHAPES.items()} if scores else None
-    return Mask.from_bool(
-        bits, {"model": {"ref": "m", "fingerprint": "f"}, "parents": [], **metadata}, values
-    )
+    return Mask.from_bool(bits, {"model": {"ref": "m", "fingerprint": "f"}, "parents": [], **metadata}, values)
 
 
 def read_raw_header(path) -> tuple[int, dict]:
@@ -175,9 +173,7 @@ def test_truncated_corrupted_and_foreign_files(tmp_path):
 
 
 def model_mask(model, fingerprint: str) -> Mask:
-    bits = {
-        name: torch.ones(parameter.shape, dtype=torch.bool) for name, parameter in model.named_parameters()
-    }
+    bits = {name: torch.ones(parameter.shape, dtype=torch.bool) for name, parameter in model.named_parameters()}
     return Mask.from_bool(bits, {"model": {"ref": "tiny", "fingerprint": fingerprint}})
 
 

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from conftest import make_questions
 
 from cpl_masks.algebra import recut
 from cpl_masks.errors import CplError
@@ -14,6 +13,7 @@ from cpl_masks.models import load_model, model_fingerprint
 from cpl_masks.profile import mean_gradients, profile
 from cpl_masks.scoring import make_scorer
 from cpl_masks.selection import bf16_keys
+from tests.conftest import make_questions
 
 MASTERED = make_questions(9, seed=11, prefix="m")
 INJECT = make_questions(7, seed=12, prefix="i")
@@ -34,9 +34,7 @@ def reference_gradients(model, scorer, questions) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(tiny):
     scorer = make_scorer("letter", tiny.tokenizer)
-    return {
-        key: reference_gradients(tiny.model, scorer, rows) for key, rows in (("M", MASTERED), ("I", INJECT))
-    }
+    return {key: reference_gradients(tiny.model, scorer, rows) for key, rows in (("M", MASTERED), ("I", INJECT))}
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +112,7 @@ def test_keep_fraction_keeps_the_top_scores_and_equals_a_recut(tiny, profiled):
     recut_mask = recut(profiled, keep_fraction=0.3)
     assert recut_mask.id == cut.id
     assert recut_mask.metadata["parents"] == [profiled.id]
-    assert (
-        recut_mask.metadata["counts"]["touched_collaborative"]
-        == cut.metadata["counts"]["touched_collaborative"]
-    )
+    assert recut_mask.metadata["counts"]["touched_collaborative"] == cut.metadata["counts"]["touched_collaborative"]
 
 
 def test_recut_at_zero_reproduces_the_threshold_mask(profiled):

@@ -28,9 +28,7 @@ def home(tmp_path, monkeypatch) -> Path:
     return folder
 
 
-def make_mask(
-    folder: Path, seed: int, *, model: str = "org/Tiny-Model", parents: list[str] | None = None
-) -> Path:
+def make_mask(folder: Path, seed: int, *, model: str = "org/Tiny-Model", parents: list[str] | None = None) -> Path:
     """Save a small random mask whose provenance names a model and an injection file."""
     generator = torch.Generator().manual_seed(seed)
     bits = {
@@ -125,9 +123,7 @@ def test_lineage_links_combined_masks_to_their_parents(tmp_path):
     ]  # second parent unregistered
     assert [node["ref"] for node in registry.lineage(parent_ids[0])["children"]] == ["tiny-model/merged@v1"]
     result = cli("registry", "lineage", "tiny-model/merged")
-    assert (
-        result.exit_code == 0 and "tiny-model/arc@v1" in result.output and "not registered" in result.output
-    )
+    assert result.exit_code == 0 and "tiny-model/arc@v1" in result.output and "not registered" in result.output
 
 
 def test_list_filters_and_json(tmp_path):
@@ -190,9 +186,7 @@ def _die_after_placing(path: str, home: str) -> None:
 
 def test_a_process_killed_mid_registration_leaves_only_an_orphan_that_gc_removes(tmp_path, home):
     path = make_mask(tmp_path, 5)
-    process = multiprocessing.get_context("fork").Process(
-        target=_die_after_placing, args=(str(path), str(home))
-    )
+    process = multiprocessing.get_context("fork").Process(target=_die_after_placing, args=(str(path), str(home)))
     process.start()
     process.join(60)
     assert process.exitcode == 9
@@ -239,10 +233,9 @@ def test_the_database_uses_wal_and_foreign_keys(home):
 
 
 def test_a_mask_profiled_on_one_task_and_reused_on_another_shows_both_runs(tmp_path, tiny_model_dir):
-    from conftest import make_questions, write_rows
-
     from cpl_masks.train import TrainConfig
     from cpl_masks.training_run import RunRequest, start_run
+    from tests.conftest import make_questions, write_rows
 
     files = {}
     for task, seed in (("task-a", 1), ("task-b", 2)):

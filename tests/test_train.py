@@ -41,8 +41,7 @@ def random_mask(model, seed: int = 0, scoring: str = "letter") -> Mask:
     """About half the entries collaborative; one tensor wholly frozen and one wholly trainable."""
     generator = torch.Generator().manual_seed(seed)
     bits = {
-        name: torch.rand(parameter.shape, generator=generator) < 0.5
-        for name, parameter in model.named_parameters()
+        name: torch.rand(parameter.shape, generator=generator) < 0.5 for name, parameter in model.named_parameters()
     }
     bits[FULLY_FROZEN].fill_(False)
     bits[FULLY_TRAINED].fill_(True)
@@ -268,9 +267,7 @@ def test_diverged_run_keeps_the_last_good_checkpoint(tiny_model_dir, run_files, 
     assert state["epoch"] == 1 and not (out / "run.json").exists()
 
 
-def test_mask_for_other_weights_is_refused(
-    tiny_model_dir, tiny_base_model_dir, run_files, tmp_path, monkeypatch
-):
+def test_mask_for_other_weights_is_refused(tiny_model_dir, tiny_base_model_dir, run_files, tmp_path, monkeypatch):
     monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
     mask_path = random_mask(fresh(tiny_model_dir).model).save(tmp_path / "mask.safetensors")
     other = make_request(tiny_base_model_dir, run_files, tmp_path / "run", mode=None, mask=str(mask_path))
