@@ -56,6 +56,9 @@ def profile(
     freeze_pattern: Annotated[str | None, typer.Option(help="Regex of parameter names always frozen.")] = None,
     train_pattern: Annotated[str | None, typer.Option(help="Regex of parameter names always trainable.")] = None,
     save_scores: Annotated[bool, typer.Option(help="Store the scores (bfloat16) for `cpl-masks threshold`.")] = False,
+    checkpointing: Annotated[
+        bool, typer.Option(help="Recompute activations in backward: same gradients, much less memory.")
+    ] = True,
     out: OutOption = None,
     name: NameOption = None,
     seed: Annotated[int, typer.Option(help="Torch seed, recorded in the mask.")] = 0,
@@ -82,6 +85,7 @@ def profile(
         freeze_pattern=freeze_pattern,
         train_pattern=train_pattern,
         save_scores=save_scores,
+        checkpointing=checkpointing,
         seed=seed,
         task=name,
         data_paths={"mastered": str(mastered), "inject": str(inject)},
@@ -182,20 +186,10 @@ def split_scoring(mastered: Path) -> str:
 
 def save_and_register(mask: Mask, out: Path | None, *, task: str | None, source: str) -> None:
     """Save ``mask`` to ``out`` (or a temporary file the registry copies) and print its registry name."""
-    if out is not None:
-        registered = registry.register_mask(mask.save(out), task=task, source=source, parents=mask.metadata["parents"])
-        _print_saved(mask, out, registered)
-        return
     with tempfile.TemporaryDirectory(prefix="cpl-mask-") as folder:
-        registered = registry.register_mask(
-            mask.save(Path(folder) / "mask.safetensors"),
-            task=task,
-            source=source,
-            parents=mask.metadata["parents"],
-        )
-    if registered is None:
-        raise CplError("the registry is not available: pass --out FILE to save the mask")
-    _print_saved(mask, None, registered)
+        saved = mask.save(out if out is not None else Path(folder) / "mask.safetensors")
+        registered = registry.register_mask(saved, task=task, source=source, parents=mask.metadata["parents"])
+    _print_saved(mask, out, registered)
 
 
 def _print_saved(mask: Mask, out: Path | None, registered: str | None) -> None:

@@ -25,7 +25,7 @@ import torch
 from cpl_masks.data import Question, questions_sha256
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
-from cpl_masks.models import LoadedModel, model_fingerprint
+from cpl_masks.models import LoadedModel, activation_checkpointing, model_fingerprint
 from cpl_masks.progress import progress_bar
 from cpl_masks.scoring import Scorer, batches, make_scorer
 from cpl_masks.selection import Rule
@@ -50,6 +50,7 @@ def profile(
     freeze_pattern: str | None = None,
     train_pattern: str | None = None,
     save_scores: bool = False,
+    checkpointing: bool = True,
     seed: int = 0,
     task: str | None = None,
     data_paths: dict[str, str] | None = None,
@@ -68,6 +69,7 @@ def profile(
         freeze_pattern: regex of parameter names forced frozen (e.g. ``embed``).
         train_pattern: regex of parameter names forced collaborative.
         save_scores: keep the bfloat16 scores in the mask, so it can be re-cut without profiling.
+        checkpointing: recompute layer activations in backward (same gradients, far less memory).
         seed: seeds torch (recorded in the mask).
         task: the task name recorded in the mask (the registry names the mask after it).
         data_paths: where ``mastered`` and ``inject`` were read from, recorded under those keys.
@@ -92,8 +94,9 @@ def profile(
     _reset_peak_memory(device)
     started = time.perf_counter()
     with progress_bar("profile (I, then M)", len(inject) + len(mastered), show_progress) as advance:
-        g_inject = mean_gradients(loaded.model, scorer, inject, batch_size=batch_size, advance=advance)
-        g_mastered = mean_gradients(loaded.model, scorer, mastered, batch_size=batch_size, advance=advance)
+        passes = {"batch_size": batch_size, "checkpointing": checkpointing, "advance": advance}
+        g_inject = mean_gradients(loaded.model, scorer, inject, **passes)
+        g_mastered = mean_gradients(loaded.model, scorer, mastered, **passes)
     bits, stats, scores = _cut(rule, g_mastered, g_inject, keep_scores=save_scores or keep_fraction is not None)
     seconds = time.perf_counter() - started
     metadata = {
@@ -114,6 +117,7 @@ def profile(
         "counts": touched_counts(stats),
         "profile": {
             "batch_size": batch_size,
+            "checkpointing": checkpointing,
             "device": str(device),
             "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
             "seconds": round(seconds, 3),
@@ -129,12 +133,17 @@ def mean_gradients(
     questions: Sequence[Question],
     *,
     batch_size: int = 16,
+    checkpointing: bool = True,
     advance: Callable[[int], None] = lambda _n: None,
 ) -> dict[str, torch.Tensor]:
-    """Mean gradient of the answer loss over ``questions``, one float32 tensor per named parameter."""
+    """Mean gradient of the answer loss over ``questions``, one float32 tensor per named parameter.
+
+    With ``checkpointing`` each decoder layer's activations are recomputed in backward, so a batch
+    costs about one layer's activations instead of all of them; the gradients are the same.
+    """
     parameters = dict(model.named_parameters())  # deduplicates tied weights
     buffers: dict[str, torch.Tensor] = {}
-    with _gradients_into(parameters, buffers):
+    with _gradients_into(parameters, buffers), activation_checkpointing(model, checkpointing):
         for batch in batches(sorted(questions, key=_text_length), batch_size):  # similar lengths pad less
             losses = scorer.loss(model, batch)  # (B,) per-question answer loss
             (losses.sum() / len(questions)).backward()
