@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from cpl_masks.cli.common import print_table, reports_errors
 
 from cpl_masks import hub
+from cpl_masks.cli.common import print_table, reports_errors
 
 
 @reports_errors

@@ -6,10 +6,10 @@ import json
 from typing import Annotated, Any
 
 import typer
-from cpl_masks.cli.common import print_table, reports_errors, stdout
 from rich.tree import Tree
 
 from cpl_masks import registry
+from cpl_masks.cli.common import print_table, reports_errors, stdout
 
 app = typer.Typer(help="The mask registry: provenance, reuse across tasks, lineage.", no_args_is_help=True)
 RefArgument = Annotated[str, typer.Argument(help="Mask: file path, id or id prefix, name@vN, or name (latest).")]

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from cpl_masks.cli.common import (
     AnswerFieldOption,
     BatchSizeOption,
@@ -22,7 +23,6 @@ from cpl_masks.cli.common import (
     print_table,
     reports_errors,
 )
-
 from cpl_masks.data import load_questions
 from cpl_masks.files import check_output_dir
 from cpl_masks.models import DEFAULT_MODEL, load_model

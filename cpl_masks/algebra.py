@@ -59,9 +59,7 @@ def recut(mask: Mask, *, threshold: float | None = None, keep_fraction: float | 
         freeze_pattern=previous.freeze_pattern,
         train_pattern=previous.train_pattern,
     )
-    scores = {
-        name: tensor.float() for name, tensor in mask.scores.items()
-    }  # bf16 -> float32, parameter shape
+    scores = {name: tensor.float() for name, tensor in mask.scores.items()}  # bf16 -> float32, parameter shape
     cut_key = rule.cut_key(scores.items())
     bits = {name: rule.select(name, scores[name], cut_key) for name in mask.names}
     metadata = {**mask.metadata, "rule": rule.to_metadata(), "parents": [mask.id], **_stamp()}

@@ -77,9 +77,7 @@ def diff(first: Mask, second: Mask) -> dict[str, Any]:
     if first.shapes != second.shapes:
         different = [name for name in first.shapes if second.shapes.get(name) != first.shapes[name]]
         different += [name for name in second.shapes if name not in first.shapes]
-        raise CplError(
-            f"masks {first.id[:12]} and {second.id[:12]} cover different parameters: {different[:3]}"
-        )
+        raise CplError(f"masks {first.id[:12]} and {second.id[:12]} cover different parameters: {different[:3]}")
     rows = {}
     for name in first.names:
         a, b = first.packed[name], second.packed[name]

@@ -92,11 +92,7 @@ class Mask:
         """Build a mask from bool tensors (True = collaborative), adding overall counts to the metadata."""
         packed = {name: pack_bits(bits) for name, bits in masks.items()}
         shapes = {name: tuple(bits.shape) for name, bits in masks.items()}
-        stored = (
-            None
-            if scores is None
-            else {name: scores[name].detach().to("cpu", torch.bfloat16) for name in shapes}
-        )
+        stored = None if scores is None else {name: scores[name].detach().to("cpu", torch.bfloat16) for name in shapes}
         mask = cls(packed=packed, shapes=shapes, metadata=dict(metadata), scores=stored)
         counts = dict(mask.metadata.get("counts", {}))
         counts.update(entries=mask.entries, collaborative=mask.collaborative_count())
@@ -155,9 +151,7 @@ class Mask:
 
         tensors = dict(self.packed)
         if self.scores is not None:
-            tensors.update(
-                {SCORES_PREFIX + name: tensor.contiguous() for name, tensor in self.scores.items()}
-            )
+            tensors.update({SCORES_PREFIX + name: tensor.contiguous() for name, tensor in self.scores.items()})
         payload = save(tensors, metadata={HEADER_KEY: json.dumps(self.header(), ensure_ascii=False)})
         with atomic_write(path, "wb") as handle:
             handle.write(payload)
@@ -174,9 +168,7 @@ class Mask:
         for name, shape in shapes.items():
             expected = (int(np.prod(shape, dtype=np.int64)) + 7) // 8
             if packed[name].dtype != torch.uint8 or tuple(packed[name].shape) != (expected,):
-                raise CplError(
-                    f"{path}: tensor {name} is not {expected} packed bytes for shape {list(shape)}"
-                )
+                raise CplError(f"{path}: tensor {name} is not {expected} packed bytes for shape {list(shape)}")
         stored = {name: tensors[SCORES_PREFIX + name] for name in shapes} if with_scores else None
         mask = cls(packed=packed, shapes=shapes, metadata=header["metadata"], scores=stored)
         if mask.id != header["id"]:
@@ -228,9 +220,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         raise CplError(f"{path}: unknown mask format {found!r} (expected {FORMAT_NAME!r})")
     version = str(header.get("version", ""))
     if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
-        raise CplError(
-            f"{path}: mask format version {version!r} is not supported (this tool reads {FORMAT_VERSION})"
-        )
+        raise CplError(f"{path}: mask format version {version!r} is not supported (this tool reads {FORMAT_VERSION})")
     missing = [key for key in ("id", "shapes", "scores", "metadata") if key not in header]
     if missing:
         raise CplError(f"{path}: mask header lacks {', '.join(missing)}")
@@ -248,9 +238,7 @@ def _raw_safetensors_header(path: Path) -> dict[str, Any]:
             raise CplError(f"{path}: not a safetensors file (only {size} bytes; truncated?)")
         (length,) = struct.unpack("<Q", prefix)
         if length > min(size - 8, _MAX_HEADER_BYTES):
-            raise CplError(
-                f"{path}: not a safetensors file or truncated (header of {length} bytes, file of {size})"
-            )
+            raise CplError(f"{path}: not a safetensors file or truncated (header of {length} bytes, file of {size})")
         try:
             raw = json.loads(handle.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -259,15 +247,11 @@ def _raw_safetensors_header(path: Path) -> dict[str, Any]:
         raise CplError(f"{path}: corrupted safetensors header (not a JSON object)")
     end = max((entry["data_offsets"][1] for key, entry in raw.items() if key != "__metadata__"), default=0)
     if 8 + length + end != size:
-        raise CplError(
-            f"{path}: truncated or padded mask file ({size} bytes, header promises {8 + length + end})"
-        )
+        raise CplError(f"{path}: truncated or padded mask file ({size} bytes, header promises {8 + length + end})")
     return raw
 
 
-def _read_tensors(
-    path: Path, shapes: Mapping[str, tuple[int, ...]], *, with_scores: bool
-) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, shapes: Mapping[str, tuple[int, ...]], *, with_scores: bool) -> dict[str, torch.Tensor]:
     """Read the packed tensors (and the scores if asked), as a one-line error if anything is missing."""
     from safetensors import SafetensorError, safe_open
 

@@ -52,12 +52,7 @@ class Rule:
     @classmethod
     def from_metadata(cls, rule: Mapping) -> Rule:
         """The rule a mask was cut with, from its metadata."""
-        return cls(
-            **{
-                key: rule.get(key)
-                for key in ("threshold", "keep_fraction", "freeze_pattern", "train_pattern")
-            }
-        )
+        return cls(**{key: rule.get(key) for key in ("threshold", "keep_fraction", "freeze_pattern", "train_pattern")})
 
     def to_metadata(self) -> dict:
         """The rule as JSON-ready metadata."""

@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpl_masks.registry import store
-from cpl_masks.registry.names import mask_name, split_versioned
-from cpl_masks.registry.schema import connect, transaction
-
 from cpl_masks.errors import CplError
 from cpl_masks.files import sha256_file
 from cpl_masks.masks import Mask, read_header
+from cpl_masks.registry import store
+from cpl_masks.registry.names import mask_name, split_versioned
+from cpl_masks.registry.schema import connect, transaction
 
 SOURCES = ("profiled", "combined", "pulled")
 STALE_STAGED_S = 600.0  # a staged copy untouched this long belongs to a dead process

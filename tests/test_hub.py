@@ -8,10 +8,10 @@ import socket
 import huggingface_hub
 import pytest
 import torch
-from cpl_masks.cli.app import app
 from typer.testing import CliRunner
 
 from cpl_masks import hub, registry
+from cpl_masks.cli.app import app
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
 from tests.fake_hub import TOKEN, FakeHubServer

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from cpl_masks.cli.app import app
-from cpl_masks.registry import schema, store
 from typer.testing import CliRunner
 
 from cpl_masks import registry
+from cpl_masks.cli.app import app
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
+from cpl_masks.registry import schema, store
 
 
 @pytest.fixture(autouse=True)

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from cpl_masks.cli.app import app
 from typer.testing import CliRunner
 
+from cpl_masks.cli.app import app
 from cpl_masks.data import load_questions
 from cpl_masks.models import load_model, model_fingerprint
 from cpl_masks.scoring import make_scorer, score_questions
