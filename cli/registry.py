@@ -77,9 +77,9 @@ def show(ref: RefArgument, as_json: JsonOption = False) -> None:
             (
                 run["task"] or "-",
                 run["mode"] or "-",
-                percent(run["learned"]),
-                percent(run["forgotten"]),
-                percent(run["heldout_forgotten"]),
+                out_of(run["learned"], run["totals"].get("inject_wrong")),
+                out_of(run["forgotten"], run["totals"].get("mastered_right")),
+                out_of(run["heldout_forgotten"], run["totals"].get("heldout_right")),
                 run["out_dir"] or "-",
                 run["recorded_at"],
             )
@@ -114,9 +114,11 @@ def flatten(payload: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return rows
 
 
-def percent(value: float | None) -> str:
-    """A share as a percentage, or ``-`` when unknown."""
-    return "-" if value is None else f"{value:.1%}"
+def out_of(count: float | None, total: int | None) -> str:
+    """A question count as ``count/total`` (or alone when the total is unknown), ``-`` when unknown."""
+    if count is None:
+        return "-"
+    return f"{count:g}/{total}" if total is not None else f"{count:g}"
 
 
 @app.command()

@@ -157,8 +157,12 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as error:
         raise CplError(f"{gguf_path}: cannot load this GGUF file ({str(error).splitlines()[0][:200]})") from error
-    # save_pretrained refuses GGUF-loaded models: rebuild a plain one from the config.
-    rebuilt = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain one from the config, which must
+    # lose its GGUF quantization entry so the cached folder (and models trained from it) save normally.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rebuilt.load_state_dict(loaded.state_dict())
     rebuilt.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

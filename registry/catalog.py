@@ -273,6 +273,14 @@ def _summary(row: sqlite3.Row) -> dict[str, Any]:
     return {key: row[key] for key in keys} | {"ref": label(row)}
 
 
+def _run_summary(run: sqlite3.Row) -> dict[str, Any]:
+    """A run's columns plus the question totals its counts are out of (from the stored run.json)."""
+    summary = {key: value for key, value in dict(run).items() if key != "payload"}
+    final = json.loads(run["payload"]).get("final") or {}
+    summary["totals"] = final.get("totals") or {}
+    return summary
+
+
 def show(ref: str) -> dict[str, Any]:
     """Everything known about one mask: its columns, provenance, parents, children, runs and transfers."""
     with connect() as connection:
@@ -285,7 +293,7 @@ def show(ref: str) -> dict[str, Any]:
         "provenance": json.loads(row["provenance"]),
         "parents": parents,
         "children": children,
-        "runs": [{key: value for key, value in dict(run).items() if key != "payload"} for run in runs],
+        "runs": [_run_summary(run) for run in runs],
         "transfers": [dict(transfer) for transfer in transfers],
         "path": str(store.artifact_path(row["id"])),
     }

@@ -43,14 +43,19 @@ def make_mask(folder: Path, seed: int, *, model: str = "org/Tiny-Model", parents
     return Mask.from_bool(bits, metadata).save(folder / f"mask-{seed}.safetensors")
 
 
-def run_payload(task: str, learned: float) -> dict:
-    """A train command's run.json payload, as far as the registry reads it."""
+def run_payload(task: str, learned: int) -> dict:
+    """A train command's run.json payload, as far as the registry reads it (counts out of totals)."""
     return {
         "out_dir": f"runs/{task}",
-        "mode": "static",
+        "mode": "mask",
         "task": task,
-        "data": {"inject": {"sha256": "b" * 64, "rows": 5, "path": f"{task}/inject.jsonl"}},
-        "final": {"learned": learned, "forgotten": 0.1, "heldout_forgotten": 0.05},
+        "data": {"inject": {"sha256": "b" * 64, "rows": 10, "path": f"{task}/inject.jsonl"}},
+        "final": {
+            "learned": learned,
+            "forgotten": 1,
+            "heldout_forgotten": 0,
+            "totals": {"inject_wrong": 10, "mastered_right": 20, "heldout_right": 5},
+        },
     }
 
 
@@ -91,20 +96,20 @@ def test_unknown_and_ambiguous_references_are_clear_errors(tmp_path):
 def test_runs_on_other_tasks_show_up_with_their_results(tmp_path):
     path = make_mask(tmp_path, 1)
     registry.register_mask(path)
-    registry.record_run(registry.resolve_mask_path("tiny-model/arc"), run_payload("arc", 0.9))
-    registry.record_run(path, run_payload("csqa", 0.7))
+    registry.record_run(registry.resolve_mask_path("tiny-model/arc"), run_payload("arc", 9))
+    registry.record_run(path, run_payload("csqa", 7))
     registry.record_run(path, {"out_dir": "runs/bare"})  # tolerant of missing keys
     runs = registry.show("tiny-model/arc@v1")["runs"]
-    assert [(run["task"], run["learned"]) for run in runs] == [("arc", 0.9), ("csqa", 0.7), (None, None)]
+    assert [(run["task"], run["learned"]) for run in runs] == [("arc", 9), ("csqa", 7), (None, None)]
     result = cli("registry", "show", "tiny-model/arc@v1")
     assert result.exit_code == 0, result.output
-    assert "used in 3 training runs" in result.output and "csqa" in result.output and "70.0%" in result.output
+    assert "used in 3 training runs" in result.output and "csqa" in result.output and "7/10" in result.output
     assert registry.list_masks()[0]["runs"] == 3
 
 
 def test_record_run_registers_an_unknown_mask_file(tmp_path):
     path = make_mask(tmp_path, 4)
-    registry.record_run(path, run_payload("mmlu", 0.5))
+    registry.record_run(path, run_payload("mmlu", 5))
     [entry] = registry.list_masks()
     assert entry["ref"] == "tiny-model/arc@v1" and entry["runs"] == 1 and entry["source"] == "profiled"
 
