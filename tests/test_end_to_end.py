@@ -48,5 +48,6 @@ def test_split_profile_train_and_registry_on_smollm2(tmp_path, monkeypatch):
     assert_frozen_unchanged(before, model, mask)
     assert any((before[name] != parameter.detach()).any() for name, parameter in model.named_parameters())
 
-    shown = cli("registry", "show", "smollm2-135m-instruct/facts")
-    assert "inject" in shown and str(run) in shown.replace("\n", "")
+    (used,) = json.loads(cli("registry", "show", "smollm2-135m-instruct/facts", "--json"))["runs"]
+    final = json.loads((run / "run.json").read_text())["final"]
+    assert (used["task"], used["out_dir"], used["learned"]) == ("inject", str(run), final["learned"])
