@@ -23,8 +23,8 @@ from cpl_masks.cli.common import (
 )
 from cpl_masks.data import load_questions
 from cpl_masks.errors import CplError
-from cpl_masks.mask_stats import MODULE_TYPES, layer_module_grid, summarize
 from cpl_masks.mask_stats import diff as diff_masks
+from cpl_masks.mask_stats import draw_share_heatmap, summarize
 from cpl_masks.masks import Mask
 from cpl_masks.models import DEFAULT_MODEL, load_model
 from cpl_masks.profile import profile as profile_model
@@ -112,7 +112,7 @@ def inspect(
     loaded = Mask.load(registry.resolve_mask_path(mask), scores=False)
     summary = summarize(loaded)
     if plot is not None:
-        plot_shares(loaded, plot)
+        draw_share_heatmap(loaded, plot)
     if as_json:
         metadata = {key: value for key, value in loaded.metadata.items() if key != "tensors"}
         stdout.print_json(data={"id": loaded.id, "metadata": metadata, "summary": summary})
@@ -229,39 +229,6 @@ def print_summary(mask: Mask, summary: dict[str, Any] | None = None) -> None:
     print_table(f"mask {mask.id[:12]}", ["", *columns, "cosine"], [("overall", *_share_cells(overall), cosine)])
     for title, key in (("by module type", "by_module"), ("by layer", "by_layer")):
         print_table(title, [title.split()[-1], *columns], [(k, *_share_cells(v)) for k, v in summary[key].items()])
-
-
-def plot_shares(mask: Mask, path: Path) -> None:
-    """Heatmap of the collaborative share, layers x module types (and over touched entries if known)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = layer_module_grid(mask)  # layer -> module type -> group statistics
-    kinds = [kind for kind in MODULE_TYPES if any(kind in row for row in grid.values())]
-    layers = list(grid)
-    panels = [("share", "all entries")]
-    if any(group["touched_share"] is not None for row in grid.values() for group in row.values()):
-        panels.append(("touched_share", "entries g_I touches"))
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.3 * len(layers) + 2), squeeze=False)
-    for axis, (key, label) in zip(axes[0], panels, strict=True):
-        values = [[_cell(grid[layer].get(kind), key) for kind in kinds] for layer in layers]
-        image = axis.imshow(values, vmin=0, vmax=1, aspect="auto", cmap="viridis")
-        axis.set(xticks=range(len(kinds)), xticklabels=kinds, yticks=range(len(layers)), yticklabels=layers)
-        axis.set_title(f"collaborative share, {label}")
-        axis.set_xlabel("module type")
-        axis.set_ylabel("layer")
-        figure.colorbar(image, ax=axis)
-    figure.suptitle(f"mask {mask.id[:12]}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def _cell(group: dict[str, Any] | None, key: str) -> float:
-    value = None if group is None else group[key]
-    return float("nan") if value is None else value
 
 
 def _share_cells(group: dict[str, Any]) -> tuple[Any, ...]:

@@ -10,6 +10,7 @@ data) score exactly 0 and the ``s ≥ 0`` rule calls them collaborative although
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -159,3 +160,37 @@ def _layer_sort_key(layer: str) -> tuple[int, int]:
 def _sum_or_none(values: Any) -> Any:
     values = list(values)
     return None if any(value is None for value in values) else sum(values)
+
+
+def draw_share_heatmap(mask: Mask, path: str | os.PathLike) -> None:
+    """Heatmap of the collaborative share, layers x module types (and over touched entries if known)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = layer_module_grid(mask)  # layer -> module type -> group statistics
+    kinds = [kind for kind in MODULE_TYPES if any(kind in row for row in grid.values())]
+    layers = list(grid)
+    panels = [("share", "all entries")]
+    if any(group["touched_share"] is not None for row in grid.values() for group in row.values()):
+        panels.append(("touched_share", "entries g_I touches"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.3 * len(layers) + 2), squeeze=False)
+    for axis, (key, label) in zip(axes[0], panels, strict=True):
+        values = [[_share_cell(grid[layer].get(kind), key) for kind in kinds] for layer in layers]
+        image = axis.imshow(values, vmin=0, vmax=1, aspect="auto", cmap="viridis")
+        axis.set(xticks=range(len(kinds)), xticklabels=kinds, yticks=range(len(layers)), yticklabels=layers)
+        axis.tick_params(axis="x", labelrotation=45)
+        axis.set_title(f"collaborative share, {label}")
+        axis.set_xlabel("module type")
+        axis.set_ylabel("layer")
+        figure.colorbar(image, ax=axis)
+    figure.suptitle(f"mask {mask.id[:12]}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _share_cell(group: dict[str, Any] | None, key: str) -> float:
+    value = None if group is None else group[key]
+    return float("nan") if value is None else value

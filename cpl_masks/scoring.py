@@ -16,6 +16,7 @@ in a batch.
 
 from __future__ import annotations
 
+import abc
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ def pad_left(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devi
     return {key: value.to(device) for key, value in batch.items()}
 
 
-class Scorer:
+class Scorer(abc.ABC):
     """Turns questions into model inputs; computes predictions and the differentiable answer loss."""
 
     name: str
@@ -66,13 +67,13 @@ class Scorer:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
 
+    @abc.abstractmethod
     def loss(self, model: Any, questions: Sequence[Question]) -> torch.Tensor:
         """Per-question answer loss, shape (B,), with gradients flowing to the model."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def predict(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted choice index (B,) and answer loss (B,) for a batch, without gradients."""
-        raise NotImplementedError
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
