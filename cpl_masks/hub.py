@@ -259,20 +259,9 @@ cpl-masks train --mask {name.split("@")[0]} --model {model.get("ref")} --data ne
 
 
 def per_layer_figure(mask: Mask) -> bytes:
-    """PNG bytes of a bar chart: the collaborative share of each transformer layer (``-`` = outside)."""
-    import matplotlib
+    """PNG bytes of the ``inspect`` heatmap (collaborative share, layers x module types) for the model card."""
+    from cpl_masks.mask_stats import draw_share_heatmap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cpl_masks.mask_stats import summarize
-
-    layers = summarize(mask)["by_layer"]
-    figure, axes = plt.subplots(figsize=(max(4.0, 0.3 * len(layers)), 3.0), dpi=100)
-    axes.bar(list(layers), [group["share"] for group in layers.values()], color="#3a7bd5")
-    axes.set(xlabel="layer", ylabel="collaborative share", ylim=(0, 1), title=f"mask {mask.id[:12]}")
-    figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
+    draw_share_heatmap(mask, buffer)
     return buffer.getvalue()

@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask, count_set_bits
@@ -162,7 +162,7 @@ def _sum_or_none(values: Any) -> Any:
     return None if any(value is None for value in values) else sum(values)
 
 
-def draw_share_heatmap(mask: Mask, path: str | os.PathLike) -> None:
+def draw_share_heatmap(mask: Mask, path: str | os.PathLike | IO[bytes]) -> None:
     """Heatmap of the collaborative share, layers x module types (and over touched entries if known)."""
     import matplotlib
 
@@ -187,7 +187,7 @@ def draw_share_heatmap(mask: Mask, path: str | os.PathLike) -> None:
         figure.colorbar(image, ax=axis)
     figure.suptitle(f"mask {mask.id[:12]}")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")
     plt.close(figure)
 
 
