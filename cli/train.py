@@ -68,7 +68,10 @@ def train(
     ] = None,
     force: Annotated[bool, typer.Option(help="Train with a scoring other than the mask's.")] = False,
     task: Annotated[
-        str | None, typer.Option(help="Task name recorded with the run (default: the --data file's stem).")
+        str | None,
+        typer.Option(
+            help="Task recorded with the run (default: the --data file's stem; a split's folder for inject.jsonl)."
+        ),
     ] = None,
     allow_other_weights: Annotated[
         bool, typer.Option(help="Use a mask profiled on other weights of the same architecture.")

@@ -86,8 +86,13 @@ class RunRequest:
 
     @property
     def task_name(self) -> str:
-        """The task the run is recorded under: ``--task``, else the injection file's stem."""
-        return self.task or Path(self.inject).stem
+        """The task the run is recorded under: ``--task``, else named after the injection file.
+
+        A split's ``inject.jsonl`` says nothing about the task, so its folder names it instead
+        (``runs/arc/inject.jsonl`` is task ``arc``); any other file is named by its stem.
+        """
+        inject = Path(self.inject)
+        return self.task or (inject.parent.name if inject.stem == "inject" and inject.parent.name else inject.stem)
 
     def to_dict(self) -> dict[str, Any]:
         """The request as plain JSON values."""

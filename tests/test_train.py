@@ -239,7 +239,7 @@ def test_run_writes_artifacts_and_a_loadable_model(tiny_model_dir, run_files, tm
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     on_disk = json.loads((out / "run.json").read_text())
     assert on_disk["mask_id"] == Mask.load(mask_path).id and on_disk["mode"] == "mask"
-    assert on_disk["task"] == "inject" and on_disk["data"]["heldout"]["rows"] == 3
+    assert on_disk["task"] == tmp_path.name and on_disk["data"]["heldout"]["rows"] == 3  # inject.jsonl's folder
     assert run["final"]["learned"] == metrics[-1]["learned"]
     from transformers import AutoModelForCausalLM
 
