@@ -28,7 +28,7 @@ from cpl_masks.mask_stats import draw_share_heatmap, summarize
 from cpl_masks.masks import Mask
 from cpl_masks.models import DEFAULT_MODEL, load_model
 from cpl_masks.profile import profile as profile_model
-from cpl_masks.split import SUMMARY
+from cpl_masks.split import recorded_scoring
 
 MaskArgument = Annotated[str, typer.Argument(help="Mask: file path, id or id prefix, name@vN, or name (latest).")]
 OutOption = Annotated[
@@ -78,7 +78,7 @@ def profile(
         loaded,
         mastered_questions,
         inject_questions,
-        scoring=scoring or split_scoring(mastered),
+        scoring=scoring or recorded_scoring(mastered) or "letter",
         batch_size=batch_size,
         threshold=0.0 if threshold is None else threshold,
         keep_fraction=keep_fraction,
@@ -171,17 +171,6 @@ def threshold(
     result = recut(Mask.load(registry.resolve_mask_path(mask)), threshold=threshold, keep_fraction=keep_fraction)
     print_summary(result)
     save_and_register(result, out, task=name, source="combined")
-
-
-def split_scoring(mastered: Path) -> str:
-    """The scoring recorded in ``split.json`` next to the mastered file, else ``letter``."""
-    summary = mastered.parent / SUMMARY
-    if not summary.is_file():
-        return "letter"
-    try:
-        return json.loads(summary.read_text())["scoring"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CplError(f"{summary}: cannot read its 'scoring' (pass --scoring)") from error
 
 
 def save_and_register(mask: Mask, out: Path | None, *, task: str | None, source: str) -> None:

@@ -7,6 +7,7 @@ questions that never shaped a mask.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Sequence
@@ -65,6 +66,26 @@ def split_questions(
         "versions": package_versions(),
     }
     return Split(mastered=mastered, inject=wrong, heldout=heldout, summary=summary)
+
+
+def recorded_scoring(data_file: str | os.PathLike) -> str | None:
+    """The scoring ``split.json`` records beside a split's question file, or ``None`` without one.
+
+    Later stages default to it so a mask and a training run score answers the way the split did.
+
+    Raises:
+        CplError: ``split.json`` exists but has no readable ``scoring``.
+    """
+    summary = Path(data_file).parent / SUMMARY
+    if not summary.is_file():
+        return None
+    try:
+        scoring = json.loads(summary.read_text(encoding="utf-8"))["scoring"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CplError(f"{summary}: cannot read its 'scoring' (pass --scoring)") from error
+    if not isinstance(scoring, str):
+        raise CplError(f"{summary}: its 'scoring' is not a name (pass --scoring)")
+    return scoring
 
 
 def write_split(split: Split, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:

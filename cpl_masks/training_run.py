@@ -26,6 +26,7 @@ from cpl_masks.masks import Mask
 from cpl_masks.models import LoadedModel, load_model, model_fingerprint
 from cpl_masks.profile import peak_memory
 from cpl_masks.scoring import Scorer, make_scorer
+from cpl_masks.split import recorded_scoring
 from cpl_masks.train import (
     MODES,
     DynamicCPL,
@@ -177,22 +178,13 @@ def resolve_scoring(requested: str | None, mask: Mask | None, inject_path: str, 
     """
     recorded = mask.metadata.get("scoring") if mask is not None else None
     if requested is None:
-        return recorded or _split_scoring(Path(inject_path).parent / "split.json") or "letter"
+        return recorded or recorded_scoring(inject_path) or "letter"
     if recorded and requested != recorded and not force:
         raise CplError(
             f"--scoring {requested}: the mask was profiled with {recorded} scoring; "
             "pass --force to train with another scoring anyway"
         )
     return requested
-
-
-def _split_scoring(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("scoring")
-    except (json.JSONDecodeError, AttributeError):
-        return None
 
 
 def make_method(

@@ -89,3 +89,17 @@ def test_split_on_smollm2_over_arc(tmp_path):
     summary = json.loads((out / "split.json").read_text())
     assert summary["model"]["ref"] == "smollm2-135m-instruct" and summary["data"]["rows"] == 16
     assert sum(summary["counts"].values()) == 16
+
+
+def test_recorded_scoring_reads_split_json_beside_a_question_file(tmp_path):
+    from cpl_masks.errors import CplError
+    from cpl_masks.split import recorded_scoring
+
+    data = tmp_path / "inject.jsonl"
+    assert recorded_scoring(data) is None
+    (tmp_path / "split.json").write_text(json.dumps({"scoring": "loglik-norm"}))
+    assert recorded_scoring(data) == "loglik-norm"
+    for broken in ("{not json", json.dumps({"counts": {}}), json.dumps({"scoring": 3})):
+        (tmp_path / "split.json").write_text(broken)
+        with pytest.raises(CplError, match="split.json: .*pass --scoring"):
+            recorded_scoring(data)
