@@ -12,7 +12,6 @@ from rich.table import Table
 
 from cpl_masks.data import FieldNames
 from cpl_masks.errors import CplError
-from cpl_masks.models import DEFAULT_MODEL
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -34,7 +33,6 @@ QuestionFieldOption = Annotated[str, typer.Option(help="Field holding the questi
 ChoicesFieldOption = Annotated[str, typer.Option(help="Field holding the list of choices.")]
 AnswerFieldOption = Annotated[str, typer.Option(help="Field holding the answer: a letter or a 0-based index.")]
 OverwriteOption = Annotated[bool, typer.Option(help="Write into a non-empty output folder.")]
-DEFAULT_MODEL_REF = DEFAULT_MODEL
 
 
 def fields(question: str, choices: str, answer: str) -> FieldNames:
