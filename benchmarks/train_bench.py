@@ -24,10 +24,12 @@ import torch
 
 from cpl_masks.data import load_questions
 from cpl_masks.evaluate import epoch_metrics, evaluate_sets
+from cpl_masks.methods import MethodContext, make_method
+from cpl_masks.methods.masking import DynamicCPL
 from cpl_masks.models import load_model
 from cpl_masks.profile import profile
 from cpl_masks.scoring import make_scorer
-from cpl_masks.train import DynamicCPL, FullFineTuning, StaticMask, TrainConfig, Trainer, optimizer_state_bytes
+from cpl_masks.train import TrainConfig, Trainer, optimizer_state_bytes
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "arc_challenge.jsonl"
 MASK_FILE = Path("/tmp/cpl-train-bench-mask.safetensors")
@@ -53,11 +55,8 @@ def rss() -> int:
 def method_for(name: str, scorer, mastered, g_m_batch: int = 1):
     from cpl_masks.masks import Mask
 
-    if name == "mask":
-        return StaticMask(Mask.load(MASK_FILE, scores=False))
-    if name == "dynamic":
-        return DynamicCPL(scorer, mastered, batch_size=g_m_batch)
-    return FullFineTuning()
+    mask = Mask.load(MASK_FILE, scores=False) if name == "mask" else None
+    return make_method(name, MethodContext(scorer, mastered, mask, batch_size=g_m_batch))
 
 
 def step_time(args, method: str) -> float:
@@ -102,7 +101,7 @@ def dynamic_epoch(args, per_example: bool) -> dict:
     sets = {"inject": inject, "mastered": mastered}
     started = time.perf_counter()
     baseline = evaluate_sets(loaded.model, scorer, sets, batch_size=batch, show_progress=False)
-    method = DynamicCPL(scorer, mastered, batch_size=batch)
+    method = DynamicCPL(MethodContext(scorer, mastered, batch_size=batch))
     trainer = Trainer(loaded.model, scorer, method, TrainConfig(lr=args.lr, seed=0, show_progress=False))
     trainer.train_epoch(inject, 1)
     after = evaluate_sets(loaded.model, scorer, sets, batch_size=batch, show_progress=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cpl_masks.cli import hub, masks, split
+from cpl_masks.cli import hub, masks, split, sweep
 from cpl_masks.cli import registry as registry_commands
 from cpl_masks.cli import train as train_commands
 
@@ -33,6 +33,7 @@ app.command()(hub.push)
 app.command()(hub.pull)
 app.command()(train_commands.train)
 app.command()(train_commands.compare)
+app.command()(sweep.sweep)
 
 
 def main() -> None:

@@ -19,7 +19,9 @@ Command = TypeVar("Command", bound=Callable[..., Any])
 
 ModelOption = Annotated[
     str,
-    typer.Option("--model", "-m", help="Hub id, local folder, .gguf file, or the built-in 'smollm2-135m-instruct'."),
+    typer.Option(
+        "--model", "-m", help="Hub id, local folder, .gguf file, or a built-in: smollm2-135m-instruct, gemma3-270m."
+    ),
 ]
 DtypeOption = Annotated[str, typer.Option(help="Weights dtype: float32 or bfloat16.")]
 DeviceOption = Annotated[str, typer.Option(help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")]
@@ -65,7 +67,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     """Print a small rich table on stdout."""
     table = Table(title=title, title_justify="left")
     for index, column in enumerate(columns):
-        table.add_column(column, justify="left" if index == 0 else "right")
+        table.add_column(column, justify="left" if index == 0 else "right", no_wrap=index == 0)
     for row in rows:
         table.add_row(*(format_cell(cell) for cell in row))
     stdout.print(table)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,6 +22,7 @@ from cpl_masks.cli.common import (
     reports_errors,
     stdout,
 )
+from cpl_masks.controls import CONTROLS, gradient_magnitude_mask, random_mask
 from cpl_masks.data import load_questions
 from cpl_masks.errors import CplError
 from cpl_masks.mask_stats import diff as diff_masks
@@ -28,6 +30,8 @@ from cpl_masks.mask_stats import draw_share_heatmap, summarize
 from cpl_masks.masks import Mask
 from cpl_masks.models import DEFAULT_MODEL, load_model
 from cpl_masks.profile import profile as profile_model
+from cpl_masks.registry.names import check_task
+from cpl_masks.scoring import SCORINGS
 from cpl_masks.split import recorded_scoring
 
 MaskArgument = Annotated[str, typer.Argument(help="Mask: file path, id or id prefix, name@vN, or name (latest).")]
@@ -40,15 +44,27 @@ KeepFractionOption = Annotated[
     float | None, typer.Option(help="Instead of a threshold: keep this share of the most positive scores.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+RULES = ("sign", *CONTROLS)
 
 
 @reports_errors
 def profile(
-    mastered: Annotated[Path, typer.Option(help="Questions the model answers right (mastered.jsonl).")],
-    inject: Annotated[Path, typer.Option(help="Questions to teach it (inject.jsonl).")],
+    mastered: Annotated[
+        Path | None, typer.Option(help="Questions the model answers right (mastered.jsonl); --rule sign only.")
+    ] = None,
+    inject: Annotated[
+        Path | None, typer.Option(help="Questions to teach it (inject.jsonl); not used by --rule random.")
+    ] = None,
     model: ModelOption = DEFAULT_MODEL,
     scoring: Annotated[
-        str | None, typer.Option(help="letter, loglik or loglik-norm (default: split.json's, else letter).")
+        str | None,
+        typer.Option(help="letter, loglik or loglik-norm (default: --like's, else split.json's, else letter)."),
+    ] = None,
+    rule: Annotated[
+        str, typer.Option(help="sign (CPL: g_M*g_I >= T), or a control with --like: random, gradient-magnitude.")
+    ] = "sign",
+    like: Annotated[
+        str | None, typer.Option(help="Control rules: the mask whose per-tensor collaborative counts to copy.")
     ] = None,
     batch_size: BatchSizeOption = 16,
     threshold: ThresholdOption = None,
@@ -61,17 +77,36 @@ def profile(
     ] = True,
     out: OutOption = None,
     name: NameOption = None,
-    seed: Annotated[int, typer.Option(help="Torch seed, recorded in the mask.")] = 0,
+    seed: Annotated[int, typer.Option(help="Torch seed (--rule random: the positions' seed), recorded.")] = 0,
     dtype: DtypeOption = "float32",
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
 ) -> None:
     """Measure which parameters conflict with what the model masters, and save the freeze mask.
 
+    --rule random|gradient-magnitude --like MASK: a control with MASK's count in every tensor instead.
+
     Example: cpl-masks profile --mastered runs/split/mastered.jsonl --inject runs/split/inject.jsonl
     """
     if threshold is not None and keep_fraction is not None:
         raise CplError("give either --threshold or --keep-fraction, not both")
+    sign_only = {
+        "--threshold": threshold,
+        "--keep-fraction": keep_fraction,
+        "--freeze-pattern": freeze_pattern,
+        "--train-pattern": train_pattern,
+        "--save-scores": save_scores or None,
+    }
+    check_rule_options(rule, like, mastered=mastered, inject=inject, sign_only=sign_only)
+    if scoring is not None:
+        check_scoring(scoring)
+    if name is not None:
+        check_task(name)
+    if rule != "sign":
+        control = ControlRequest(rule, like, inject, scoring, seed=seed, task=name, batch_size=batch_size)
+        mask = make_control(control, model=model, dtype=dtype, device=device, threads=threads)
+        save_and_register(mask, out, task=name, source="control")
+        return
     mastered_questions, inject_questions = load_questions(mastered), load_questions(inject)
     loaded = load_model(model, dtype=dtype, device=device, threads=threads)
     mask = profile_model(
@@ -91,12 +126,100 @@ def profile(
         data_paths={"mastered": str(mastered), "inject": str(inject)},
     )
     print_summary(mask)
+    print_run(mask)
+    save_and_register(mask, out, task=name, source="profiled")
+
+
+def check_rule_options(
+    rule: str,
+    like: str | None,
+    *,
+    mastered: Path | None,
+    inject: Path | None,
+    sign_only: dict[str, Any],
+) -> None:
+    """Refuse, in one line and before any model loads, a rule without the inputs it needs.
+
+    ``sign`` needs both question files and no ``--like``; a control needs ``--like``, no option of
+    the sign rule's cut (``sign_only``, None when not given), and ``--inject`` for gradient-magnitude.
+    """
+    if rule not in RULES:
+        raise CplError(f"--rule {rule}: choose one of {', '.join(RULES)}")
+    if rule == "sign":
+        if like is not None:
+            raise CplError("--like applies only to a control rule (--rule random or --rule gradient-magnitude)")
+        missing = [option for option, path in (("--mastered", mastered), ("--inject", inject)) if path is None]
+        if missing:
+            raise CplError(f"--rule sign needs {' and '.join(missing)} (the split's question files)")
+        return
+    if like is None:
+        raise CplError(f"--rule {rule} needs --like MASK (the mask whose per-tensor counts it copies)")
+    given = [option for option, value in sign_only.items() if value is not None]
+    if given:
+        raise CplError(f"{given[0]} applies only to --rule sign, not to the {rule} control")
+    if rule == "gradient-magnitude" and inject is None:
+        raise CplError("--rule gradient-magnitude needs --inject (the questions whose gradient ranks the entries)")
+
+
+def check_scoring(scoring: str) -> None:
+    """Refuse an unknown scoring name before any model loads."""
+    if scoring not in SCORINGS:
+        raise CplError(f"--scoring {scoring}: choose one of {', '.join(SCORINGS)}")
+
+
+@dataclass
+class ControlRequest:
+    """What a control mask is made from: the rule, the mask it mirrors and, for gradients, the data."""
+
+    rule: str  # one of CONTROLS
+    like: str  # mask reference: path, id, name@vN or name
+    inject: Path | None
+    scoring: str | None
+    seed: int = 0
+    task: str | None = None
+    batch_size: int = 16
+
+
+def make_control(request: ControlRequest, *, model: str, dtype: str, device: str, threads: int | None) -> Mask:
+    """Build a control mask and print its summary; the model loads only for gradient-magnitude."""
+    like = Mask.load(registry.resolve_mask_path(request.like), scores=False)
+    if request.rule == "random":
+        like_scoring = like.metadata.get("scoring")
+        if request.scoring is not None and request.scoring != like_scoring:
+            raise CplError(f"--scoring {request.scoring}: --rule random keeps the --like mask's ({like_scoring})")
+        mask = random_mask(like, seed=request.seed, task=request.task)
+    else:
+        questions = load_questions(request.inject)
+        scoring = request.scoring or like.metadata.get("scoring") or recorded_scoring(request.inject) or "letter"
+        check_scoring(scoring)
+        loaded = load_model(model, dtype=dtype, device=device, threads=threads)
+        mask = gradient_magnitude_mask(
+            loaded,
+            questions,
+            like,
+            scoring=scoring,
+            batch_size=request.batch_size,
+            task=request.task,
+            data_paths={"inject": str(request.inject)},
+        )
+    print_summary(mask)
+    stdout.print(
+        f"{request.rule} control of mask {like.id[:12]}: {mask.collaborative_share():.1%} collaborative, "
+        "its count in every tensor",
+        highlight=False,
+    )
+    if "profile" in mask.metadata:
+        print_run(mask)
+    return mask
+
+
+def print_run(mask: Mask) -> None:
+    """Print how long measuring the gradients took and the peak memory it used."""
     run = mask.metadata["profile"]
     stdout.print(
         f"profiled in {run['seconds']:.1f} s, peak memory {run['peak_memory_bytes'] / 2**20:.0f} MiB "
         f"({run['peak_memory_kind']})"
     )
-    save_and_register(mask, out, task=name, source="profiled")
 
 
 @reports_errors

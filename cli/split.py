@@ -38,6 +38,9 @@ def split(
     model: ModelOption = DEFAULT_MODEL,
     scoring: ScoringOption = "letter",
     holdout_fraction: Annotated[float, typer.Option(help="Share of mastered questions kept out of profiling.")] = 0.0,
+    min_margin: Annotated[
+        float, typer.Option(help="Mastered only when right by at least this score margin (keeps out lucky guesses).")
+    ] = 0.0,
     limit: Annotated[int | None, typer.Option(help="Use only the first N questions.")] = None,
     batch_size: BatchSizeOption = 16,
     seed: Annotated[int, typer.Option(help="Seed for the held-out sample.")] = 0,
@@ -61,7 +64,13 @@ def split(
     )
     loaded = load_model(model, dtype=dtype, device=device, threads=threads)
     result = split_questions(
-        loaded, questions, scoring=scoring, holdout_fraction=holdout_fraction, seed=seed, batch_size=batch_size
+        loaded,
+        questions,
+        scoring=scoring,
+        holdout_fraction=holdout_fraction,
+        min_margin=min_margin,
+        seed=seed,
+        batch_size=batch_size,
     )
     folder = write_split(result, out, overwrite=overwrite)
     counts = result.summary["counts"]
@@ -74,6 +83,7 @@ def split(
                 ("mastered (M)", "mastered"),
                 ("held-out mastered", "heldout"),
                 ("to inject (I)", "inject"),
+                ("uncertain (right by < --min-margin)", "uncertain"),
             )
         ],
     )

@@ -25,9 +25,14 @@ from cpl_masks.evaluate import (
     draw_comparison,
     metrics_table_rows,
 )
+from cpl_masks.methods import METHODS
 from cpl_masks.models import DEFAULT_MODEL
 from cpl_masks.train import TrainConfig
 from cpl_masks.training_run import RunRequest, read_run, resume_run, start_run
+
+MODE_HELP = "How to train (--mask alone implies mask): " + ", ".join(
+    f"{name} ({spec.summary})" for name, spec in METHODS.items()
+)
 
 
 def _print_epoch(rows: list[dict[str, Any]]) -> None:
@@ -44,9 +49,7 @@ def train(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder for the run.")] = None,
     mask: Annotated[str | None, typer.Option(help="Freeze mask: file, id, name@vN or name (static CPL).")] = None,
-    mode: Annotated[
-        str | None, typer.Option(help="dynamic (the paper's per-step rule) or full (plain fine-tuning).")
-    ] = None,
+    mode: Annotated[str | None, typer.Option(help=MODE_HELP)] = None,
     heldout: Annotated[
         str | None, typer.Option(help="Held-out mastered set, to measure forgetting on unseen questions.")
     ] = None,
@@ -61,7 +64,22 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of the example order.")] = 0,
     weight_decay: Annotated[float, typer.Option(help="Weight decay (never applied to frozen entries).")] = 0.0,
     momentum: Annotated[float, typer.Option(help="Momentum of --optimizer momentum.")] = 0.9,
-    refresh_every: Annotated[int | None, typer.Option(help="Dynamic mode: also recompute g_M every K steps.")] = None,
+    refresh_every: Annotated[
+        int | None, typer.Option(help="dynamic, agem: also recompute g_M every K steps (default: each epoch).")
+    ] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="lora: adapter rank r (default 8).")] = None,
+    lora_alpha: Annotated[
+        int | None, typer.Option(help="lora: scale alpha, updates are (alpha/r)·BA (default 16).")
+    ] = None,
+    lora_targets: Annotated[
+        str | None, typer.Option(help="lora: all-linear (default) or comma-separated module names, e.g. q_proj,v_proj.")
+    ] = None,
+    lora_dropout: Annotated[float | None, typer.Option(help="lora: dropout on the adapter input (default 0).")] = None,
+    replay_share: Annotated[
+        float | None,
+        typer.Option(help="replay: share of each epoch's stream that is mastered questions (default 0.5)."),
+    ] = None,
+    ewc_lambda: Annotated[float | None, typer.Option(help="ewc: strength of the Fisher penalty (default 1e4).")] = None,
     scoring: Annotated[
         str | None,
         typer.Option(help="letter, loglik or loglik-norm (default: the mask's, else split.json's)."),
@@ -75,6 +93,12 @@ def train(
     ] = None,
     allow_other_weights: Annotated[
         bool, typer.Option(help="Use a mask profiled on other weights of the same architecture.")
+    ] = False,
+    retain_text: Annotated[
+        str | None, typer.Option(help="A general text file; its loss is tracked per epoch as a measure of forgetting.")
+    ] = None,
+    track_drift: Annotated[
+        bool, typer.Option(help="With --mask: record the mask's agreement with the sign rule after every epoch.")
     ] = False,
     resume: Annotated[
         Path | None, typer.Option(help="Continue the stopped run in this folder (its saved options apply).")
@@ -107,8 +131,16 @@ def train(
             seed=seed,
             momentum=momentum,
             weight_decay=weight_decay,
-            refresh_every=refresh_every,
         )
+        options = {
+            "refresh_every": refresh_every,
+            "lora_rank": lora_rank,
+            "lora_alpha": lora_alpha,
+            "lora_targets": lora_targets,
+            "lora_dropout": lora_dropout,
+            "replay_share": replay_share,
+            "ewc_lambda": ewc_lambda,
+        }
         request = RunRequest(
             inject=str(data),
             mastered=str(mastered),
@@ -117,6 +149,7 @@ def train(
             model=model,
             mask=mask,
             mode=mode,
+            method_options={key: value for key, value in options.items() if value is not None},
             scoring=scoring,
             force=force,
             task=task,
@@ -124,6 +157,8 @@ def train(
             dtype=dtype,
             device=device,
             threads=threads,
+            retain_text=retain_text,
+            track_drift=track_drift,
             config=config,
         )
         run = start_run(request, overwrite=overwrite, on_epoch=_print_epoch)

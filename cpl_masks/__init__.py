@@ -3,21 +3,25 @@
 The pipeline, one module per stage: :mod:`~cpl_masks.data` (question sets), :mod:`~cpl_masks.models`
 (loading and fingerprints), :mod:`~cpl_masks.scoring` (answers and the answer loss),
 :mod:`~cpl_masks.split` (mastered vs. to-inject), :mod:`~cpl_masks.profile` (gradients into a
-mask), :mod:`~cpl_masks.masks` (the mask file), :mod:`~cpl_masks.train` and
-:mod:`~cpl_masks.training_run` (one loop for every method), :mod:`~cpl_masks.evaluate` (learned and
+mask), :mod:`~cpl_masks.masks` (the mask file), :mod:`~cpl_masks.methods`,
+:mod:`~cpl_masks.train` and :mod:`~cpl_masks.training_run` (one loop for every method),
+:mod:`~cpl_masks.sweep` (every method at every learning rate), :mod:`~cpl_masks.evaluate` (learned and
 forgotten), :mod:`cpl_masks.registry` (provenance) and :mod:`~cpl_masks.hub` (push and pull).
 """
 
 from cpl_masks.algebra import combine, recut
+from cpl_masks.controls import gradient_magnitude_mask, random_mask
 from cpl_masks.data import FieldNames, Question, load_questions, questions_sha256, write_questions
 from cpl_masks.errors import CplError
 from cpl_masks.mask_stats import diff, summarize
 from cpl_masks.masks import Mask, read_header
+from cpl_masks.methods import METHODS, Method, MethodContext, make_method
 from cpl_masks.models import DEFAULT_MODEL, LoadedModel, load_model, model_fingerprint
 from cpl_masks.profile import profile
 from cpl_masks.scoring import SCORINGS, Scores, make_scorer, score_questions
 from cpl_masks.selection import Rule
 from cpl_masks.split import Split, split_questions, write_split
+from cpl_masks.sweep import SweepConfig, run_sweep
 from cpl_masks.train import TrainConfig
 from cpl_masks.training_run import RunRequest, resume_run, start_run
 
@@ -25,29 +29,37 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",
+    "METHODS",
     "SCORINGS",
     "CplError",
     "FieldNames",
     "LoadedModel",
     "Mask",
+    "Method",
+    "MethodContext",
     "Question",
     "Rule",
     "RunRequest",
     "Scores",
     "Split",
+    "SweepConfig",
     "TrainConfig",
     "__version__",
     "combine",
     "diff",
+    "gradient_magnitude_mask",
     "load_model",
     "load_questions",
+    "make_method",
     "make_scorer",
     "model_fingerprint",
     "profile",
     "questions_sha256",
+    "random_mask",
     "read_header",
     "recut",
     "resume_run",
+    "run_sweep",
     "score_questions",
     "split_questions",
     "start_run",

@@ -5,7 +5,6 @@ Both record where the result came from: ``parents`` (the input masks' ids) and t
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
 from cpl_masks.profile import touched_collaborative, touched_counts
 from cpl_masks.selection import Rule
-from cpl_masks.versions import package_versions
+from cpl_masks.versions import stamp
 
 OPERATIONS = ("and", "or", "majority")
 
@@ -40,7 +39,7 @@ def combine(masks: Sequence[Mask], op: str) -> Mask:
         "model": first.metadata.get("model", {}),
         "rule": {"combine": op},
         "parents": [mask.id for mask in masks],
-        **_stamp(),
+        **stamp(),
     }
     return Mask.from_bool(bits, metadata)
 
@@ -62,7 +61,7 @@ def recut(mask: Mask, *, threshold: float | None = None, keep_fraction: float | 
     scores = {name: tensor.float() for name, tensor in mask.scores.items()}  # bf16 -> float32, parameter shape
     cut_key = rule.cut_key(scores.items())
     bits = {name: rule.select(name, scores[name], cut_key) for name in mask.names}
-    metadata = {**mask.metadata, "rule": rule.to_metadata(), "parents": [mask.id], **_stamp()}
+    metadata = {**mask.metadata, "rule": rule.to_metadata(), "parents": [mask.id], **stamp()}
     metadata["tensors"] = _recount(mask, bits, rule, cut_key)
     metadata["counts"] = touched_counts(metadata["tensors"])
     return Mask.from_bool(bits, metadata, scores=mask.scores)
@@ -95,10 +94,3 @@ def _combine_tensor(bits: list[torch.Tensor], op: str) -> torch.Tensor:
 
 def _fingerprint(mask: Mask) -> str | None:
     return mask.metadata.get("model", {}).get("fingerprint")
-
-
-def _stamp() -> dict[str, Any]:
-    return {
-        "versions": package_versions(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }

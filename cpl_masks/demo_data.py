@@ -130,3 +130,15 @@ def _as_questions(facts: list[tuple[str, str, Sequence[str]]], prefix: str, rng:
         choices = [answer, *distractors]
         rng.shuffle(choices)
         yield Question(id=f"{prefix}-{index:03d}", question=text, choices=tuple(choices), answer=choices.index(answer))
+
+
+def retain_text() -> str:
+    """A short general text stating the demo's fact table: its loss tracks forgetting of what the model knows."""
+    sentences = [f"The capital of {country} is {city}." for country, city in CAPITALS.items()]
+    sentences += [f"The chemical symbol of {element} is {symbol}." for element, symbol in SYMBOLS.items()]
+    sentences += [f"The opposite of {word} is {opposite}." for word, opposite in OPPOSITES.items()]
+    sentences += [f"A {animal} makes the sound {sound}." for animal, sound in ANIMAL_SOUNDS.items()]
+    sentences += [f"The color of {thing} is {color}." for thing, color in COLORS.items()]
+    sentences += [f"{MONTHS[(i + 1) % 12]} comes after {month}." for i, month in enumerate(MONTHS)]
+    sentences += [f"{DAYS[(i + 1) % 7]} comes after {day}." for i, day in enumerate(DAYS)]
+    return " ".join(sentences) + "\n"

@@ -1,11 +1,16 @@
 """Before/after evaluation of a training run: what was learned and what was forgotten.
 
-Every count is relative to an epoch-0 evaluation done on the untouched model, so a question the
-split got wrong by chance but the model answers right before training is never counted as learned:
+Every count is relative to an epoch-0 evaluation of the untouched model, so a question the split
+got wrong by chance but the model answers right before training is never counted as learned:
 
 * learned: injection questions answered wrong at epoch 0 and right now;
 * forgotten: mastered questions answered right at epoch 0 and wrong now;
 * held-out forgotten: the same on held-out mastered questions, which no mask ever saw.
+
+A small model answers many questions near chance, so answers flip for no reason and counts alone
+are noisy. Beside them every row records continuous changes against epoch 0: the mean change in
+the correct choice's score (``delta_logprob``) and in its margin over the best wrong choice
+(``delta_margin``) per set, and the change in loss on a general text (``retain_loss_delta``).
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 from cpl_masks.data import Question
 from cpl_masks.files import atomic_write
-from cpl_masks.scoring import Scorer, score_questions
+from cpl_masks.scoring import Scorer, Scores, batches, pad_left, score_questions
 
 EVAL_SETS = ("inject", "mastered", "heldout")
 METRIC_COLUMNS = (
@@ -27,6 +35,9 @@ METRIC_COLUMNS = (
     "held-out forgotten",
     "inject acc",
     "mastered acc",
+    "Δ margin M",
+    "Δ margin held-out",
+    "Δ retain loss",
 )
 
 
@@ -38,8 +49,8 @@ def evaluate_sets(
     batch_size: int = 16,
     epoch: int = 0,
     show_progress: bool = True,
-) -> dict[str, list[bool]]:
-    """Which questions of each non-empty set the model answers right (per set, in input order)."""
+) -> dict[str, Scores]:
+    """Scores of every question of each non-empty set (per set, in input order)."""
     model.eval()
     return {
         name: score_questions(
@@ -49,7 +60,7 @@ def evaluate_sets(
             batch_size=batch_size,
             description=f"eval {name} (epoch {epoch})",
             show_progress=show_progress,
-        ).correct
+        )
         for name, questions in sets.items()
         if questions
     }
@@ -64,34 +75,68 @@ def count_transitions(before: Sequence[bool], after: Sequence[bool]) -> tuple[in
 
 def epoch_metrics(
     epoch: int,
-    baseline: Mapping[str, Sequence[bool]],
-    current: Mapping[str, Sequence[bool]],
+    baseline: Mapping[str, Scores],
+    current: Mapping[str, Scores],
     *,
     train_loss: float | None = None,
+    retain_loss: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """One metrics row: learned, forgotten and held-out forgotten against the epoch-0 baseline.
 
     ``heldout_forgotten`` is ``None`` when there is no held-out set. ``totals`` gives the
     denominators: injection questions wrong at epoch 0, mastered and held-out questions right.
+    ``delta_logprob`` and ``delta_margin`` are per-set means of the change since epoch 0;
+    ``retain_loss`` is the (epoch 0, now) loss on the retain text, if one was given.
     """
-    learned, _ = count_transitions(baseline["inject"], current["inject"])
-    _, forgotten = count_transitions(baseline["mastered"], current["mastered"])
+    learned, _ = count_transitions(baseline["inject"].correct, current["inject"].correct)
+    _, forgotten = count_transitions(baseline["mastered"].correct, current["mastered"].correct)
     heldout_forgotten = None
     if "heldout" in baseline:
-        _, heldout_forgotten = count_transitions(baseline["heldout"], current["heldout"])
+        _, heldout_forgotten = count_transitions(baseline["heldout"].correct, current["heldout"].correct)
     return {
         "epoch": epoch,
         "train_loss": train_loss,
         "learned": learned,
         "forgotten": forgotten,
         "heldout_forgotten": heldout_forgotten,
-        "accuracy": {name: sum(correct) / len(correct) for name, correct in current.items()},
+        "accuracy": {name: scores.accuracy for name, scores in current.items()},
         "totals": {
-            "inject_wrong": sum(1 for ok in baseline["inject"] if not ok),
-            "mastered_right": sum(baseline["mastered"]),
-            "heldout_right": sum(baseline["heldout"]) if "heldout" in baseline else None,
+            "inject_wrong": sum(1 for ok in baseline["inject"].correct if not ok),
+            "mastered_right": sum(baseline["mastered"].correct),
+            "heldout_right": sum(baseline["heldout"].correct) if "heldout" in baseline else None,
         },
+        "delta_logprob": {name: mean_change(baseline[name].logprobs, now.logprobs) for name, now in current.items()},
+        "delta_margin": {name: mean_change(baseline[name].margins, now.margins) for name, now in current.items()},
+        "retain_loss": None if retain_loss is None else retain_loss[1],
+        "retain_loss_delta": None if retain_loss is None else retain_loss[1] - retain_loss[0],
     }
+
+
+def mean_change(before: Sequence[float], after: Sequence[float]) -> float:
+    """Mean of ``after - before`` over paired values (0 for empty sets)."""
+    changes = [now - was for was, now in zip(before, after, strict=True)]
+    return sum(changes) / len(changes) if changes else 0.0
+
+
+@torch.no_grad()
+def text_loss(model: Any, tokenizer: Any, text: str, *, window: int = 256, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy of ``model`` on ``text``, read in windows of ``window`` tokens.
+
+    A general text the model already predicts well (``--retain-text``) shows forgetting that
+    multiple-choice answers of a small model are too noisy to show.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    windows = [bos + ids[start : start + window] for start in range(0, len(ids), window)]
+    total, count = 0.0, 0
+    for batch in batches([w for w in windows if len(w) > 1], batch_size):
+        inputs = pad_left(batch, tokenizer.pad_token_id, model.device)
+        logits = model(**inputs, use_cache=False).logits[:, :-1, :].float()  # (B, T-1, V)
+        real = inputs["attention_mask"].bool()  # (B, T)
+        targets = inputs["input_ids"][:, 1:].masked_fill(~(real[:, :-1] & real[:, 1:]), -100)  # (B, T-1)
+        total += float(F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum"))
+        count += int((targets != -100).sum())
+    return total / count if count else float("nan")
 
 
 def metrics_table_rows(rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
@@ -112,9 +157,16 @@ def metrics_table_rows(rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...
                 share(row["heldout_forgotten"], totals["heldout_right"]),
                 f"{row['accuracy']['inject']:.1%}",
                 f"{row['accuracy']['mastered']:.1%}",
+                _signed(row.get("delta_margin", {}).get("mastered")),
+                _signed(row.get("delta_margin", {}).get("heldout")),
+                _signed(row.get("retain_loss_delta")),
             )
         )
     return table
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
 
 
 def draw_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = "") -> None:
@@ -149,6 +201,7 @@ COMPARE_COLUMNS = (
     "learned",
     "forgotten",
     "held-out forgotten",
+    "Δ margin held-out",
     "time (s)",
     "peak memory (MB)",
 )
@@ -168,6 +221,7 @@ def comparison_rows(runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[Any, ..
                 f"{final['learned']}/{totals['inject_wrong']}",
                 f"{final['forgotten']}/{totals['mastered_right']}",
                 "-" if heldout is None else f"{heldout}/{totals['heldout_right']}",
+                _signed(final.get("delta_margin", {}).get("heldout")),
                 round(float(run["time_s"]), 1),
                 round(run["peak_memory_bytes"] / 2**20),
             )

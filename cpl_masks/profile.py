@@ -14,7 +14,6 @@ mask is computed as soon as both its gradients exist and both are freed right af
 from __future__ import annotations
 
 import contextlib
-import datetime
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +28,7 @@ from cpl_masks.models import LoadedModel, activation_checkpointing, model_finger
 from cpl_masks.progress import progress_bar
 from cpl_masks.scoring import Scorer, batches, make_scorer
 from cpl_masks.selection import Rule
-from cpl_masks.versions import package_versions
+from cpl_masks.versions import stamp
 
 LOSSES = {
     "letter": "cross-entropy of the answer letter at the last position (chat template)",
@@ -91,7 +90,7 @@ def profile(
     scorer = make_scorer(scoring, loaded.tokenizer)
     torch.manual_seed(seed)
     device = loaded.device
-    _reset_peak_memory(device)
+    reset_peak_memory(device)
     started = time.perf_counter()
     with progress_bar("profile (I, then M)", len(inject) + len(mastered), show_progress) as advance:
         passes = {"batch_size": batch_size, "checkpointing": checkpointing, "advance": advance}
@@ -103,15 +102,11 @@ def profile(
         "model": {"ref": loaded.ref, "fingerprint": model_fingerprint(loaded.model)},
         "scoring": scoring,
         "loss": LOSSES[scoring],
-        "data": {
-            key: {"sha256": questions_sha256(rows), "rows": len(rows), "path": (data_paths or {}).get(key)}
-            for key, rows in (("mastered", mastered), ("inject", inject))
-        },
+        "data": data_provenance({"mastered": mastered, "inject": inject}, data_paths),
         "task": task,
         "rule": rule.to_metadata(),
         "seed": seed,
-        "versions": package_versions(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **stamp(),
         "parents": [],
         "tensors": stats,
         "counts": touched_counts(stats),
@@ -125,6 +120,19 @@ def profile(
         },
     }
     return Mask.from_bool(bits, metadata, scores=scores if save_scores else None)
+
+
+def data_provenance(
+    sets: dict[str, Sequence[Question]], paths: dict[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The ``data`` metadata of a mask: sha256, row count and source path of each question set it saw.
+
+    Recorded so a mask names exactly the questions that shaped it (``paths`` maps set names to files).
+    """
+    return {
+        key: {"sha256": questions_sha256(rows), "rows": len(rows), "path": (paths or {}).get(key)}
+        for key, rows in sets.items()
+    }
 
 
 def mean_gradients(
@@ -237,7 +245,8 @@ def touched_counts(stats: dict[str, dict[str, Any]]) -> dict[str, int]:
     return {key: sum(entry[key] for entry in stats.values()) for key in ("touched", "touched_collaborative")}
 
 
-def _reset_peak_memory(device: torch.device) -> None:
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak-memory count on CUDA, so :func:`peak_memory` reports this run's peak only."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -250,3 +259,33 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
         "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_memory_kind": "rss",
     }
+
+
+def sign_agreement(
+    model: torch.nn.Module,
+    scorer: Scorer,
+    mask: Mask,
+    mastered: Sequence[Question],
+    inject: Sequence[Question],
+    *,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """How far a static mask still matches the sign rule ``g_M ⊙ g_I ≥ 0`` at the model's current weights.
+
+    A mask is profiled once, at the start; as training moves the weights the gradients it was cut
+    from change. ``all`` is the share of every entry whose bit agrees with the rule now, ``touched``
+    the same among entries the injection gradient moves now (untouched entries score 0 and agree
+    trivially).
+    """
+    g_inject = mean_gradients(model, scorer, inject, batch_size=batch_size)
+    g_mastered = mean_gradients(model, scorer, mastered, batch_size=batch_size)
+    agree = touched = agree_touched = 0
+    for name in mask.names:
+        grad_i = g_inject.pop(name)
+        now = (g_mastered.pop(name) * grad_i) >= 0  # (param shape) bool, the rule at current weights
+        same = now == mask.collaborative(name).to(now.device)  # (param shape) bool
+        moved = grad_i != 0
+        agree += int(same.sum())
+        touched += int(moved.sum())
+        agree_touched += int((same & moved).sum())
+    return {"all": agree / mask.entries, "touched": agree_touched / touched if touched else 1.0}

@@ -34,11 +34,19 @@ SCORINGS = ("letter", "loglik", "loglik-norm")
 
 @dataclass
 class Scores:
-    """Per-question results of scoring a question set, in input order."""
+    """Per-question results of scoring a question set, in input order.
+
+    ``logprobs`` is the scoring's score of the correct choice (``letter``: log-probability of its
+    letter; ``loglik``: summed log-probability of its text; ``loglik-norm``: per-token mean) and
+    ``margins`` its lead over the best wrong choice in the same units (negative when wrong). Both
+    move continuously, so they show forgetting long before an answer flips.
+    """
 
     predictions: list[int]
     correct: list[bool]
     losses: list[float]
+    logprobs: list[float]
+    margins: list[float]
 
     @property
     def accuracy(self) -> float:
@@ -72,8 +80,11 @@ class Scorer(abc.ABC):
         """Per-question answer loss, shape (B,), with gradients flowing to the model."""
 
     @abc.abstractmethod
-    def predict(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predicted choice index (B,) and answer loss (B,) for a batch, without gradients."""
+    def choice_scores(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score of every choice (B, C), -inf past a question's last choice, and answer loss (B,); no gradients.
+
+        The prediction is the highest-scoring choice.
+        """
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -142,15 +153,14 @@ class LetterScorer(Scorer):
         return F.cross_entropy(logits, self._targets(questions, logits.device), reduction="none")
 
     @torch.no_grad()
-    def predict(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
+    def choice_scores(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self._last_logits(model, questions)  # (B, V)
         width = max(len(q.choices) for q in questions)
-        letter_logits = logits[:, self.letter_ids[:width]]  # (B, C)
+        letter_logprobs = logits.log_softmax(-1)[:, self.letter_ids[:width]]  # (B, C)
         counts = torch.tensor([len(q.choices) for q in questions], device=logits.device)
         absent = torch.arange(width, device=logits.device)[None, :] >= counts[:, None]  # (B, C)
-        predictions = letter_logits.masked_fill(absent, float("-inf")).argmax(-1)
         losses = F.cross_entropy(logits, self._targets(questions, logits.device), reduction="none")
-        return predictions, losses
+        return letter_logprobs.masked_fill(absent, float("-inf")), losses
 
 
 class LoglikScorer(Scorer):
@@ -194,17 +204,17 @@ class LoglikScorer(Scorer):
         return total / counts
 
     @torch.no_grad()
-    def predict(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
+    def choice_scores(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self._row_ids(q, c) for q in questions for c in range(len(q.choices))]
-        total, counts = self._token_nll(model, rows)
+        total, counts = self._token_nll(model, rows)  # (R,) each
         scores = -(total / counts if self.normalize else total)  # (R,)
-        predictions, losses, start = [], [], 0
-        for q in questions:
-            end = start + len(q.choices)
-            predictions.append(int(scores[start:end].argmax()))
+        table = torch.full((len(questions), max(len(q.choices) for q in questions)), float("-inf"))  # (B, C)
+        losses, start = [], 0
+        for row, q in enumerate(questions):
+            table[row, : len(q.choices)] = scores[start : start + len(q.choices)].cpu()
             losses.append(total[start + q.answer] / counts[start + q.answer])
-            start = end
-        return torch.tensor(predictions), torch.stack(losses)
+            start += len(q.choices)
+        return table, torch.stack(losses)
 
 
 def make_scorer(scoring: str, tokenizer: Any) -> Scorer:
@@ -233,14 +243,20 @@ def score_questions(
     description: str = "scoring",
     show_progress: bool = True,
 ) -> Scores:
-    """Predict every question's answer and its loss, batched, in input order."""
-    predictions: list[int] = []
-    losses: list[float] = []
+    """Predict every question's answer, its loss, the correct choice's score and margin, batched, in input order."""
+    scores = Scores(predictions=[], correct=[], losses=[], logprobs=[], margins=[])
     with progress_bar(description, len(questions), show_progress) as advance:
         for batch in batches(questions, batch_size):
-            predicted, loss = scorer.predict(model, batch)
-            predictions += predicted.tolist()
-            losses += loss.tolist()
+            table, loss = scorer.choice_scores(model, batch)  # (B, C), (B,)
+            table = table.float().cpu()
+            answers = torch.tensor([q.answer for q in batch])  # (B,)
+            right = table.gather(1, answers[:, None]).squeeze(1)  # (B,) score of the correct choice
+            best_wrong = table.scatter(1, answers[:, None], float("-inf")).max(-1).values  # (B,)
+            predictions = table.argmax(-1)  # (B,)
+            scores.predictions += predictions.tolist()
+            scores.correct += (predictions == answers).tolist()
+            scores.losses += loss.tolist()
+            scores.logprobs += right.tolist()
+            scores.margins += (right - best_wrong).tolist()
             advance(len(batch))
-    correct = [prediction == q.answer for prediction, q in zip(predictions, questions)]
-    return Scores(predictions=predictions, correct=correct, losses=losses)
+    return scores

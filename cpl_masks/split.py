@@ -2,7 +2,13 @@
 
 The mastered set M (answered right) and the injection set I (answered wrong) are the inputs of
 every later stage. A seeded share of M can be held out so forgetting is later measured on
-questions that never shaped a mask.
+questions that never shaped a mask. With ``min_margin`` δ a question counts as mastered only when
+it is right by at least δ (the correct choice's score over the best wrong one), so lucky guesses
+of a model near chance stay out of M; such questions go to neither set and are counted as
+``uncertain``.
+
+Every question's score is kept in ``scores.jsonl``: a training run on the split's own files takes
+its epoch-0 evaluation from there instead of scoring the untouched model again.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from typing import Any
 
 from cpl_masks.data import Question, questions_sha256, write_questions
 from cpl_masks.errors import CplError
-from cpl_masks.files import prepare_output_dir, write_json
+from cpl_masks.files import prepare_output_dir, write_json, write_jsonl
 from cpl_masks.models import LoadedModel, model_fingerprint
-from cpl_masks.scoring import make_scorer, score_questions
+from cpl_masks.scoring import Scores, make_scorer, score_questions
 from cpl_masks.versions import package_versions
 
 MASTERED, INJECT, HELDOUT, SUMMARY = "mastered.jsonl", "inject.jsonl", "mastered_heldout.jsonl", "split.json"
+SCORES = "scores.jsonl"
+_SCORE_FIELDS = ("predictions", "correct", "losses", "logprobs", "margins")
 
 
 @dataclass
@@ -33,6 +41,7 @@ class Split:
     inject: list[Question]
     heldout: list[Question]
     summary: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # question id -> its scores at split time
 
 
 def split_questions(
@@ -41,16 +50,24 @@ def split_questions(
     *,
     scoring: str = "letter",
     holdout_fraction: float = 0.0,
+    min_margin: float = 0.0,
     seed: int = 0,
     batch_size: int = 16,
     show_progress: bool = True,
 ) -> Split:
-    """Score every question once and sort it into mastered, held-out mastered and injection sets."""
+    """Score every question once and sort it into mastered, held-out mastered and injection sets.
+
+    A question is mastered when it is answered right by a margin of at least ``min_margin``.
+    """
     if not 0.0 <= holdout_fraction < 1.0:
         raise CplError(f"--holdout-fraction {holdout_fraction}: must be in [0, 1)")
+    if not min_margin >= 0.0:
+        raise CplError(f"--min-margin {min_margin}: must be a number >= 0")
     scorer = make_scorer(scoring, loaded.tokenizer)
-    scores = score_questions(loaded.model, scorer, questions, batch_size=batch_size, description="split")
-    right = [q for q, ok in zip(questions, scores.correct) if ok]
+    scores = score_questions(
+        loaded.model, scorer, questions, batch_size=batch_size, description="split", show_progress=show_progress
+    )
+    right = [q for q, ok, margin in zip(questions, scores.correct, scores.margins) if ok and margin >= min_margin]
     wrong = [q for q, ok in zip(questions, scores.correct) if not ok]
     held_ids = set(q.id for q in random.Random(seed).sample(right, round(len(right) * holdout_fraction)))
     mastered = [q for q in right if q.id not in held_ids]
@@ -60,12 +77,21 @@ def split_questions(
         "data": {"sha256": questions_sha256(questions), "rows": len(questions)},
         "scoring": scoring,
         "accuracy": scores.accuracy,
-        "counts": {"mastered": len(mastered), "heldout": len(heldout), "inject": len(wrong)},
+        "counts": {
+            "mastered": len(mastered),
+            "heldout": len(heldout),
+            "inject": len(wrong),
+            "uncertain": len(questions) - len(right) - len(wrong),
+        },
         "holdout_fraction": holdout_fraction,
+        "min_margin": min_margin,
         "seed": seed,
         "versions": package_versions(),
     }
-    return Split(mastered=mastered, inject=wrong, heldout=heldout, summary=summary)
+    per_question = {
+        q.id: {key: getattr(scores, key)[index] for key in _SCORE_FIELDS} for index, q in enumerate(questions)
+    }
+    return Split(mastered=mastered, inject=wrong, heldout=heldout, summary=summary, scores=per_question)
 
 
 def recorded_scoring(data_file: str | os.PathLike) -> str | None:
@@ -101,5 +127,34 @@ def write_split(split: Split, out_dir: str | os.PathLike, *, overwrite: bool = F
         for name, rows in ((MASTERED, split.mastered), (INJECT, split.inject), (HELDOUT, split.heldout))
         if rows or name != HELDOUT
     }
+    write_jsonl(out / SCORES, ({"id": key, **values} for key, values in split.scores.items()))
     write_json(out / SUMMARY, summary)
     return out
+
+
+def split_scores(
+    data_file: str | os.PathLike, sets: dict[str, list[Question]], *, fingerprint: str, scoring: str
+) -> dict[str, Scores] | None:
+    """The split's own epoch-0 scores of ``sets``, or None when they cannot stand in for a fresh evaluation.
+
+    They stand in only when ``data_file`` lies in a split folder made from these exact weights
+    (``fingerprint``) with this ``scoring``, and every set is one of that split's files, unchanged.
+    """
+    folder = Path(data_file).parent
+    if not (folder / SUMMARY).is_file() or not (folder / SCORES).is_file():
+        return None
+    try:
+        summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+        recorded = {row["id"]: row for row in map(json.loads, (folder / SCORES).read_text("utf-8").splitlines())}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    own_files = set(summary.get("files", {}).values())
+    same_model = summary.get("model", {}).get("fingerprint") == fingerprint and summary.get("scoring") == scoring
+    if not same_model or any(questions_sha256(questions) not in own_files for questions in sets.values()):
+        return None
+    if any(q.id not in recorded for questions in sets.values() for q in questions):
+        return None
+    return {
+        name: Scores(**{key: [recorded[q.id][key] for q in questions] for key in _SCORE_FIELDS})
+        for name, questions in sets.items()
+    }

@@ -1,15 +1,7 @@
-"""Fine-tuning with a freeze mask, with the paper's dynamic rule, or plainly: one loop for all three.
+"""The one training loop every method runs through, and the optimizers it steps.
 
-A *method* is a small strategy object the loop calls at fixed points, so the three modes share
-data order, loss, optimizer and evaluation and their comparison is fair:
-
-* :class:`StaticMask` (``--mask``, the main path): only collaborative entries change. Tensors with
-  no collaborative entry stop requiring gradients; the others keep a bool mask of their frozen
-  entries (never a float copy) and their gradients are zeroed there in place.
-* :class:`DynamicCPL` (``--mode dynamic``, the paper's loop): ``g_M`` is recomputed over the
-  mastered set at the start of every epoch (and every K steps with ``refresh_every``), and each
-  step's gradient ``g`` keeps only the entries where ``g ⊙ g_M ≥ 0``.
-* :class:`FullFineTuning` (``--mode full``): the baseline, every entry trains.
+A *method* (:mod:`cpl_masks.methods`) is a small strategy object the loop calls at fixed points, so
+all methods share data order, loss, optimizer and evaluation and their comparison is fair.
 
 Frozen entries stay bit-identical with every optimizer: SGD and momentum see zero gradients there
 (so their momentum buffers stay zero) and weight decay is folded into the gradient *before* the
@@ -20,23 +12,18 @@ collaborative entries and writes nothing else.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from cpl_masks.data import Question
 from cpl_masks.errors import CplError
-from cpl_masks.profile import mean_gradients
+from cpl_masks.methods import Method
 from cpl_masks.progress import progress_bar
 from cpl_masks.scoring import Scorer, batches
 
-if TYPE_CHECKING:
-    from cpl_masks.masks import Mask
-
-MODES = ("mask", "dynamic", "full")
 OPTIMIZERS = ("sgd", "momentum", "adamw")
 
 
@@ -52,7 +39,6 @@ class TrainConfig:
     seed: int = 0
     momentum: float = 0.9
     weight_decay: float = 0.0
-    refresh_every: int | None = None
     show_progress: bool = True
 
     def check(self) -> None:
@@ -68,8 +54,6 @@ class TrainConfig:
                 raise CplError(f"{option} {value}: must be at least 1")
         if self.weight_decay < 0:
             raise CplError(f"--weight-decay {self.weight_decay}: must not be negative")
-        if self.refresh_every is not None and self.refresh_every < 1:
-            raise CplError(f"--refresh-every {self.refresh_every}: must be at least 1")
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain JSON values."""
@@ -78,91 +62,6 @@ class TrainConfig:
 
 class TrainingDiverged(CplError):
     """The loss became NaN or infinite; the run stops before applying that step."""
-
-
-class FullFineTuning:
-    """Plain fine-tuning: every parameter entry trains (the baseline)."""
-
-    name = "full"
-
-    def prepare(self, model: torch.nn.Module) -> None:
-        """Make every parameter trainable."""
-        model.requires_grad_(True)
-
-    def before_step(self, model: torch.nn.Module, step_in_epoch: int) -> None:
-        """Nothing to refresh."""
-
-    def mask_gradients(self, model: torch.nn.Module) -> None:
-        """Leave gradients as they are."""
-
-    def frozen_entries(self) -> dict[str, torch.Tensor]:
-        """No frozen entries."""
-        return {}
-
-
-class StaticMask(FullFineTuning):
-    """Train only the collaborative entries of a freeze mask; the conflicting ones never change."""
-
-    name = "mask"
-
-    def __init__(self, mask: Mask) -> None:
-        self.mask = mask
-        self.frozen: dict[str, torch.Tensor] = {}  # name -> bool (param shape), True = frozen entry
-
-    def prepare(self, model: torch.nn.Module) -> None:
-        """Stop gradients of wholly frozen tensors and keep a bool mask for partly frozen ones."""
-        self.frozen = {}
-        for name, parameter in model.named_parameters():
-            collaborative = self.mask.collaborative(name).to(parameter.device)  # bool, param shape
-            parameter.requires_grad_(bool(collaborative.any()))
-            if parameter.requires_grad and not collaborative.all():
-                self.frozen[name] = collaborative.logical_not_()
-
-    def mask_gradients(self, model: torch.nn.Module) -> None:
-        """Zero the gradient of every frozen entry, in place."""
-        for name, parameter in model.named_parameters():
-            if name in self.frozen and parameter.grad is not None:
-                parameter.grad.masked_fill_(self.frozen[name], 0)
-
-    def frozen_entries(self) -> dict[str, torch.Tensor]:
-        """Bool masks (True = frozen) of the partly frozen trainable tensors."""
-        return self.frozen
-
-
-class DynamicCPL(FullFineTuning):
-    """The paper's rule: keep the entries of each step's gradient that agree in sign with ``g_M``."""
-
-    name = "dynamic"
-
-    def __init__(
-        self,
-        scorer: Scorer,
-        mastered: Sequence[Question],
-        *,
-        batch_size: int = 16,
-        refresh_every: int | None = None,
-    ) -> None:
-        if not mastered:
-            raise CplError("--mode dynamic needs a non-empty mastered set (--mastered)")
-        self.scorer = scorer
-        self.mastered = mastered
-        self.batch_size = batch_size
-        self.refresh_every = refresh_every
-        self.g_mastered: dict[str, torch.Tensor] = {}  # name -> float32 (param shape) mean gradient over M
-
-    def before_step(self, model: torch.nn.Module, step_in_epoch: int) -> None:
-        """Recompute ``g_M`` at the start of each epoch and every ``refresh_every`` steps within it."""
-        due = step_in_epoch == 0 or (self.refresh_every is not None and step_in_epoch % self.refresh_every == 0)
-        if due:
-            self.g_mastered = {}  # free the old g_M before building the new one
-            self.g_mastered = mean_gradients(model, self.scorer, self.mastered, batch_size=self.batch_size)
-
-    def mask_gradients(self, model: torch.nn.Module) -> None:
-        """Zero, in place, the gradient entries whose sign disagrees with ``g_M`` (``g ⊙ g_M < 0``)."""
-        for name, parameter in model.named_parameters():
-            if parameter.grad is not None:
-                disagree = (parameter.grad * self.g_mastered[name]) < 0  # bool, one tensor at a time
-                parameter.grad.masked_fill_(disagree, 0)
 
 
 class MaskedAdamW(torch.optim.Optimizer):
@@ -246,27 +145,16 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
-def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
-    """The order examples are visited in during ``epoch`` (1-based): a shuffle fixed by seed and epoch.
-
-    Depending only on (seed, epoch), not on a running generator, it is the same after a resume.
-    """
-    order = list(range(count))
-    random.Random(f"cpl-masks:{seed}:{epoch}").shuffle(order)
-    return order
-
-
 class Trainer:
     """Runs epochs of one method with one optimizer on one model; checkpointable."""
 
-    def __init__(self, model: torch.nn.Module, scorer: Scorer, method: FullFineTuning, config: TrainConfig) -> None:
+    def __init__(self, model: torch.nn.Module, scorer: Scorer, method: Method, config: TrainConfig) -> None:
         config.check()
-        self.model = model
         self.scorer = scorer
         self.method = method
         self.config = config
-        method.prepare(model)
-        self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.model = method.prepare(model)  # the module to train: the model itself or an adapter around it
+        self.named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         if not self.named:
             raise CplError("nothing to train: the mask freezes every parameter entry")
         self.optimizer = build_optimizer(config, self.named, method.frozen_entries())
@@ -278,13 +166,12 @@ class Trainer:
         return sum(p.numel() - (int(frozen[n].sum()) if n in frozen else 0) for n, p in self.named)
 
     def train_epoch(self, questions: Sequence[Question], epoch: int) -> float:
-        """One pass over ``questions`` in :func:`epoch_order`; returns the mean training loss.
+        """One pass over the method's stream of ``questions``; returns the mean training loss.
 
         Raises:
             TrainingDiverged: when a step's loss is NaN or infinite (the step is not applied).
         """
-        order = epoch_order(len(questions), self.config.seed, epoch)
-        steps = batches([questions[index] for index in order], self.config.batch_size)
+        steps = batches(self.method.stream(questions, epoch, self.config.seed), self.config.batch_size)
         total = 0.0
         self.model.train()
         with progress_bar(f"train epoch {epoch}", len(steps), self.config.show_progress) as advance:
@@ -297,6 +184,9 @@ class Trainer:
 
     def _step(self, batch: Sequence[Question], epoch: int, step: int) -> float:
         loss = self.scorer.loss(self.model, batch).mean()
+        penalty = self.method.penalty(self.model)
+        if penalty is not None:
+            loss = loss + penalty
         if not torch.isfinite(loss):
             self.model.zero_grad(set_to_none=True)
             raise TrainingDiverged(f"epoch {epoch}, step {step + 1}: the loss is {loss.item()} (training diverged)")

@@ -3,7 +3,11 @@
 The output folder holds ``config.json`` (the request, written first so a killed run can resume),
 ``checkpoint/`` (weights, optimizer and RNG state, metrics and the epoch-0 baseline of the last
 finished epoch), ``metrics.jsonl`` and ``curves.png`` (rewritten after every epoch), and at the
-end ``model/`` (``save_pretrained``: safetensors weights and the tokenizer) and ``run.json``.
+end ``model/`` (the method's ``save``: safetensors weights, or a LoRA adapter, and the tokenizer)
+and ``run.json``.
+
+Epoch 0 is the untouched model. When the run trains on a split's own files with the split's model
+and scoring, it is read from the split's ``scores.jsonl`` rather than scored again.
 """
 
 from __future__ import annotations
@@ -20,23 +24,15 @@ import torch
 
 from cpl_masks.data import Question, load_questions, questions_sha256
 from cpl_masks.errors import CplError
-from cpl_masks.evaluate import draw_curves, epoch_metrics, evaluate_sets
+from cpl_masks.evaluate import draw_curves, epoch_metrics, evaluate_sets, text_loss
 from cpl_masks.files import atomic_write, check_output_dir, prepare_output_dir, write_json, write_jsonl
 from cpl_masks.masks import Mask
-from cpl_masks.models import LoadedModel, load_model, model_fingerprint
-from cpl_masks.profile import peak_memory
-from cpl_masks.scoring import Scorer, make_scorer
-from cpl_masks.split import recorded_scoring
-from cpl_masks.train import (
-    MODES,
-    DynamicCPL,
-    FullFineTuning,
-    StaticMask,
-    TrainConfig,
-    Trainer,
-    TrainingDiverged,
-    optimizer_state_bytes,
-)
+from cpl_masks.methods import METHODS, Method, MethodContext, make_method, method_options
+from cpl_masks.models import load_model, model_fingerprint
+from cpl_masks.profile import peak_memory, sign_agreement
+from cpl_masks.scoring import Scores, make_scorer
+from cpl_masks.split import recorded_scoring, split_scores
+from cpl_masks.train import TrainConfig, Trainer, TrainingDiverged, optimizer_state_bytes
 from cpl_masks.versions import package_versions
 
 CONFIG, METRICS, CURVES, RUN, MODEL_DIR, CHECKPOINT = (
@@ -48,6 +44,17 @@ CONFIG, METRICS, CURVES, RUN, MODEL_DIR, CHECKPOINT = (
     "checkpoint",
 )
 STATE = "state.json"
+FINAL_KEYS = (
+    "learned",
+    "forgotten",
+    "heldout_forgotten",
+    "totals",
+    "accuracy",
+    "delta_logprob",
+    "delta_margin",
+    "retain_loss_delta",
+    "mask_agreement",
+)
 OnEpoch = Callable[[list[dict[str, Any]]], None]
 
 
@@ -61,7 +68,8 @@ class RunRequest:
     model: str
     heldout: str | None = None
     mask: str | None = None  # as given: a path, an id, name@vN or name
-    mode: str | None = None  # mask, dynamic or full (mask when --mask is given)
+    mode: str | None = None  # a name of cpl_masks.methods.METHODS (mask when --mask is given)
+    method_options: dict[str, Any] = field(default_factory=dict)  # the method's own options, by field name
     scoring: str | None = None  # default: the mask's, else split.json's, else letter
     force: bool = False
     task: str | None = None
@@ -69,18 +77,31 @@ class RunRequest:
     dtype: str = "float32"
     device: str = "auto"
     threads: int | None = None
+    retain_text: str | None = None  # a general text whose loss is tracked as a measure of forgetting
+    track_drift: bool = False  # with a mask: record its agreement with the sign rule after every epoch
+    keep_weights: bool = True  # write model/ at the end (a sweep keeps only the metrics)
     config: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self) -> None:
+        """Refuse bad options before any model loads, naming the option."""
+        mode = self.resolved_mode()
+        method_options(mode, self.method_options)
+        self.config.check()
+        if self.retain_text is not None and not Path(self.retain_text).is_file():
+            raise CplError(f"--retain-text {self.retain_text}: no such file")
+        if self.track_drift and mode != "mask":
+            raise CplError("--track-drift needs --mask (it measures how a static mask drifts from the sign rule)")
 
     def resolved_mode(self) -> str:
         """The training mode, refusing contradictory or missing choices."""
-        if self.mode is not None and self.mode not in MODES:
-            raise CplError(f"--mode {self.mode}: choose one of {', '.join(MODES)}")
+        if self.mode is not None and self.mode not in METHODS:
+            raise CplError(f"--mode {self.mode}: choose one of {', '.join(METHODS)}")
         if self.mask is not None:
             if self.mode not in (None, "mask"):
                 raise CplError(f"--mask and --mode {self.mode} exclude each other; give one of them")
             return "mask"
         if self.mode is None:
-            raise CplError("choose how to train: --mask MASK, --mode dynamic or --mode full")
+            raise CplError(f"choose how to train: --mask MASK or --mode {'|'.join(m for m in METHODS if m != 'mask')}")
         if self.mode == "mask":
             raise CplError("--mode mask needs --mask MASK")
         return self.mode
@@ -128,8 +149,7 @@ def start_run(request: RunRequest, *, overwrite: bool = False, on_epoch: OnEpoch
         CplError: for bad options, data or mask, a non-empty folder without ``overwrite``, or a
             diverged loss (the last good checkpoint is kept).
     """
-    request.resolved_mode()
-    request.config.check()
+    request.check()
     check_output_dir(request.out, overwrite=overwrite)
     mask_path = _mask_path(request.mask)
     data = load_run_data(request)  # bad data fails before the output folder is touched
@@ -187,15 +207,87 @@ def resolve_scoring(requested: str | None, mask: Mask | None, inject_path: str, 
     return requested
 
 
-def make_method(
-    mode: str, mask: Mask | None, scorer: Scorer, mastered: list[Question], config: TrainConfig
-) -> FullFineTuning:
-    """The strategy object for a mode."""
-    if mode == "mask":
-        return StaticMask(mask)
-    if mode == "dynamic":
-        return DynamicCPL(scorer, mastered, batch_size=config.eval_batch_size, refresh_every=config.refresh_every)
-    return FullFineTuning()
+class _Evaluation:
+    """Scores a run's question sets (and its retain text, and a mask's drift) at the current weights."""
+
+    def __init__(self, request: RunRequest, trainer: Trainer, tokenizer: Any, data: RunData, mask: Mask | None):
+        self.request, self.trainer, self.tokenizer, self.data, self.mask = request, trainer, tokenizer, data, mask
+        self.retain_text = Path(request.retain_text).read_text(encoding="utf-8") if request.retain_text else None
+
+    def scores(self, epoch: int) -> dict[str, Scores]:
+        """Every set's scores after ``epoch``."""
+        config = self.trainer.config
+        return evaluate_sets(
+            self.trainer.model,
+            self.trainer.scorer,
+            self.data.sets(),
+            batch_size=config.eval_batch_size,
+            epoch=epoch,
+            show_progress=config.show_progress,
+        )
+
+    def retain_loss(self) -> float | None:
+        """Loss on the retain text, if the run has one."""
+        if self.retain_text is None:
+            return None
+        return text_loss(self.trainer.model, self.tokenizer, self.retain_text)
+
+    def drift(self) -> dict[str, float] | None:
+        """Agreement of the static mask with the sign rule at the current weights (``--track-drift``)."""
+        if not self.request.track_drift or self.mask is None:
+            return None
+        data, trainer = self.data, self.trainer
+        return sign_agreement(
+            trainer.model,
+            trainer.scorer,
+            self.mask,
+            data.mastered,
+            data.inject,
+            batch_size=trainer.config.eval_batch_size,
+        )
+
+    def row(self, epoch: int, baseline: Baseline, train_loss: float | None = None) -> dict[str, Any]:
+        """The metrics row after ``epoch`` against the epoch-0 ``baseline``."""
+        retain = self.retain_loss()
+        current = baseline.scores if epoch == 0 else self.scores(epoch)
+        row = epoch_metrics(
+            epoch,
+            baseline.scores,
+            current,
+            train_loss=train_loss,
+            retain_loss=None if retain is None else (baseline.retain_loss, retain),
+        )
+        row["mask_agreement"] = self.drift()
+        return row
+
+
+@dataclass
+class Baseline:
+    """The untouched model's scores of every set and its retain-text loss: what epoch 0 is measured against."""
+
+    scores: dict[str, Scores]
+    retain_loss: float | None
+    source: str  # "split" (taken from the split's scores.jsonl) or "scored"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, for the checkpoint."""
+        return {**asdict(self), "scores": {name: asdict(scores) for name, scores in self.scores.items()}}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Baseline:
+        """Rebuild a baseline saved by :meth:`to_dict`."""
+        scores = {name: Scores(**entry) for name, entry in values["scores"].items()}
+        return cls(scores=scores, retain_loss=values["retain_loss"], source=values["source"])
+
+
+def _baseline(evaluation: _Evaluation, fingerprint: str) -> Baseline:
+    """Epoch 0 from the split's own scores when they fit these weights and files, else scored now."""
+    trainer, request = evaluation.trainer, evaluation.request
+    known = split_scores(request.inject, evaluation.data.sets(), fingerprint=fingerprint, scoring=trainer.scorer.name)
+    retain = evaluation.retain_loss()
+    if known is not None:
+        return Baseline(scores=known, retain_loss=retain, source="split")
+    return Baseline(scores=evaluation.scores(0), retain_loss=retain, source="scored")
 
 
 def _run(
@@ -216,29 +308,17 @@ def _run(
     scoring = resolve_scoring(request.scoring, mask, request.inject, force=request.force)
     scorer = make_scorer(scoring, loaded.tokenizer)
     fingerprint = model_fingerprint(loaded.model)
-    trainer = Trainer(loaded.model, scorer, make_method(mode, mask, scorer, data.mastered, config), config)
-    sets = data.sets()
-
-    def evaluate(epoch: int) -> dict[str, list[bool]]:
-        return evaluate_sets(
-            loaded.model,
-            scorer,
-            sets,
-            batch_size=config.eval_batch_size,
-            epoch=epoch,
-            show_progress=config.show_progress,
-        )
-
+    context = MethodContext(scorer, data.mastered, mask, batch_size=config.eval_batch_size, seed=config.seed)
+    method = make_method(mode, context, request.method_options)
+    trainer = Trainer(loaded.model, scorer, method, config)
+    evaluation = _Evaluation(request, trainer, loaded.tokenizer, data, mask)
     if checkpoint is None:
-        baseline, elapsed_before = evaluate(0), 0.0
-        rows = [epoch_metrics(0, baseline, baseline)]
+        baseline, elapsed_before = _baseline(evaluation, fingerprint), 0.0
+        rows = [evaluation.row(0, baseline)]
         _publish(out, rows, mode, on_epoch)
     else:
-        baseline, rows, elapsed_before = (
-            checkpoint["baseline"],
-            checkpoint["metrics"],
-            checkpoint["elapsed_s"],
-        )
+        baseline, rows = Baseline.from_dict(checkpoint["baseline"]), checkpoint["metrics"]
+        elapsed_before = checkpoint["elapsed_s"]
         restore_checkpoint(trainer, checkpoint)
         write_jsonl(out / METRICS, rows)
     for epoch in range(len(rows), config.epochs + 1):
@@ -251,26 +331,30 @@ def _run(
                 else "no epoch finished"
             )
             raise TrainingDiverged(f"{error}; stopped, {kept}; try a smaller --lr") from None
-        rows.append(epoch_metrics(epoch, baseline, evaluate(epoch), train_loss=loss))
+        rows.append(evaluation.row(epoch, baseline, train_loss=loss))
         elapsed = elapsed_before + time.perf_counter() - started
-        save_checkpoint(out, trainer, {"epoch": epoch, "metrics": rows, "baseline": baseline, "elapsed_s": elapsed})
+        state = {"epoch": epoch, "metrics": rows, "baseline": baseline.to_dict(), "elapsed_s": elapsed}
+        save_checkpoint(out, trainer, state)
         _publish(out, rows, mode, on_epoch)
-    save_model(loaded, out / MODEL_DIR)
+    if request.keep_weights:
+        save_model(method, trainer.model, loaded.tokenizer, out / MODEL_DIR)
     payload = {
         "out_dir": str(out.resolve()),
-        "model_dir": str((out / MODEL_DIR).resolve()),
+        "model_dir": str((out / MODEL_DIR).resolve()) if request.keep_weights else None,
         "mode": mode,
+        "method": {"name": mode, "options": asdict(method_options(mode, request.method_options)), **method.describe()},
         "mask_id": mask.id if mask is not None else None,
         "mask_path": mask_path,
         "collaborative_share": mask.collaborative_share() if mask is not None else None,
         "task": request.task_name,
         "model": {"ref": request.model, "fingerprint": fingerprint},
         "scoring": scoring,
+        "baseline_source": baseline.source,
         "data": _data_summary(request, data),
         "args": request.to_dict(),
         "versions": package_versions(),
         "metrics": rows,
-        "final": {key: rows[-1][key] for key in ("learned", "forgotten", "heldout_forgotten", "totals", "accuracy")},
+        "final": {key: rows[-1][key] for key in FINAL_KEYS},
         "trainable_entries": trainer.trainable_entries,
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
         "resumed": checkpoint is not None,
@@ -278,6 +362,8 @@ def _run(
         **peak_memory(loaded.device),
     }
     write_json(out / RUN, payload)
+    if not request.keep_weights:
+        _remove(out / CHECKPOINT)  # the run is finished and its weights are not wanted
     if mask_path is not None:
         from cpl_masks.registry import record_run
 
@@ -345,12 +431,12 @@ def restore_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
     torch.set_rng_state(payload["rng"])
 
 
-def save_model(loaded: LoadedModel, folder: Path) -> None:
-    """``save_pretrained`` the model and tokenizer into ``folder`` via a staging folder, then swap it in."""
+def save_model(method: Method, model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+    """The method's result (weights, or an adapter) and the tokenizer into ``folder``, via a staging folder."""
     staging = folder.with_name(f".{folder.name}-staging")
     _remove(staging)
-    loaded.model.save_pretrained(staging)
-    loaded.tokenizer.save_pretrained(staging)
+    method.save(model, staging)
+    tokenizer.save_pretrained(staging)
     _remove(folder)
     staging.rename(folder)
 

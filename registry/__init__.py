@@ -22,6 +22,7 @@ from cpl_masks.registry.catalog import (
     remove,
     resolve,
     show,
+    source_of,
     verify,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "remove",
     "resolve_mask_path",
     "show",
+    "source_of",
     "verify",
 ]
 

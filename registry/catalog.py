@@ -20,7 +20,7 @@ from cpl_masks.registry import store
 from cpl_masks.registry.names import mask_name, split_versioned
 from cpl_masks.registry.schema import connect, transaction
 
-SOURCES = ("profiled", "combined", "pulled")
+SOURCES = ("profiled", "combined", "pulled", "control")
 STALE_STAGED_S = 600.0  # a staged copy untouched this long belongs to a dead process
 
 
@@ -108,6 +108,17 @@ def add_mask(
     return f"{name}@v{version}"
 
 
+def source_of(metadata: dict[str, Any]) -> str:
+    """The source of a mask registered without one given: ``control``, ``combined`` or ``profiled``.
+
+    Read from its provenance, so a mask first registered by a training run or a push is filed
+    as what it is.
+    """
+    if "control" in (metadata.get("rule") or {}):
+        return "control"
+    return "combined" if metadata.get("parents") else "profiled"
+
+
 def _next_version(connection: sqlite3.Connection, name: str) -> int:
     """One more than the highest version of ``name`` (1 for a new name); call inside the write lock."""
     row = connection.execute("SELECT MAX(version) FROM masks WHERE name = ?", (name,)).fetchone()
@@ -191,7 +202,7 @@ def add_run(mask_path: Path, run: dict[str, Any]) -> str:
         known = connection.execute("SELECT name, version FROM masks WHERE id = ?", (mask_id,)).fetchone()
     if known is None:
         metadata = read_header(mask_path)["metadata"]
-        add_mask(Path(mask_path), task=None, source="combined" if metadata.get("parents") else "profiled")
+        add_mask(Path(mask_path), task=None, source=source_of(metadata))
     data = run.get("data") or {}
     final = run.get("final") or {}
     with connect() as connection, transaction(connection):

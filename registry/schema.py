@@ -19,10 +19,14 @@ from cpl_masks.files import home_dir
 DATABASE_NAME = "registry.sqlite3"
 BUSY_TIMEOUT_S = 60.0
 
-# Each entry upgrades the schema by one version; the list index + 1 is the version it reaches.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE masks (
+
+def _masks_table(name: str, sources: tuple[str, ...]) -> str:
+    """The ``masks`` table's definition under ``name``, accepting the given ``source`` values.
+
+    SQLite cannot change a CHECK constraint in place, so a new source means rebuilding the table.
+    """
+    allowed = ", ".join(f"'{source}'" for source in sources)
+    return f"""CREATE TABLE {name} (
             id TEXT PRIMARY KEY,
             name TEXT NOT NULL,
             version INTEGER NOT NULL CHECK (version >= 1),
@@ -30,7 +34,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             model_fingerprint TEXT,
             n_params INTEGER NOT NULL,
             collaborative_share REAL NOT NULL,
-            source TEXT NOT NULL CHECK (source IN ('profiled', 'combined', 'pulled')),
+            source TEXT NOT NULL CHECK (source IN ({allowed})),
             repo_id TEXT,
             revision TEXT,
             sha256 TEXT NOT NULL,
@@ -38,7 +42,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             provenance TEXT NOT NULL,
             created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
             UNIQUE (name, version)
-        )""",
+        )"""
+
+
+# Each entry upgrades the schema by one version; the list index + 1 is the version it reaches.
+# Migrations run with foreign keys off (a table rebuild must not cascade) and are checked after.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        _masks_table("masks", ("profiled", "combined", "pulled")),
         """CREATE TABLE mask_parents (
             child_id TEXT NOT NULL REFERENCES masks (id) ON DELETE CASCADE,
             parent_id TEXT NOT NULL,
@@ -73,6 +84,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
         )""",
         "CREATE INDEX transfers_mask ON transfers (mask_id)",
+    ),
+    (  # version 2: control masks (random, gradient-magnitude) get their own source
+        _masks_table("masks_new", ("profiled", "combined", "pulled", "control")),
+        "INSERT INTO masks_new SELECT * FROM masks",
+        "DROP TABLE masks",
+        "ALTER TABLE masks_new RENAME TO masks",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -148,17 +165,23 @@ def migrate(connection: sqlite3.Connection, path: Path) -> None:
     """Bring the schema up to :data:`SCHEMA_VERSION`, refusing a database from a newer release."""
     if schema_version(connection) == SCHEMA_VERSION:
         return
-    with transaction(connection):
-        current = schema_version(connection)  # re-read under the lock: another process may have migrated
-        if current > SCHEMA_VERSION:
-            raise CplError(
-                f"registry database {path}: schema version {current} is newer than this cpl-masks "
-                f"understands ({SCHEMA_VERSION}); upgrade cpl-masks"
-            )
-        for version in range(current, SCHEMA_VERSION):
-            for statement in MIGRATIONS[version]:
-                connection.execute(statement)
-        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    connection.execute("PRAGMA foreign_keys = OFF")  # only outside a transaction; rebuilt tables keep children
+    try:
+        with transaction(connection):
+            current = schema_version(connection)  # re-read under the lock: another process may have migrated
+            if current > SCHEMA_VERSION:
+                raise CplError(
+                    f"registry database {path}: schema version {current} is newer than this cpl-masks "
+                    f"understands ({SCHEMA_VERSION}); upgrade cpl-masks"
+                )
+            for version in range(current, SCHEMA_VERSION):
+                for statement in MIGRATIONS[version]:
+                    connection.execute(statement)
+            if connection.execute("PRAGMA foreign_key_check").fetchone() is not None:
+                raise CplError(f"registry database {path}: migration left rows without their mask; nothing changed")
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    finally:
+        connection.execute("PRAGMA foreign_keys = ON")
 
 
 def schema_version(connection: sqlite3.Connection) -> int:

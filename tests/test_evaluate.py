@@ -12,19 +12,32 @@ from cpl_masks.evaluate import (
     epoch_metrics,
     evaluate_sets,
     metrics_table_rows,
+    text_loss,
 )
-from cpl_masks.scoring import make_scorer, score_questions
+from cpl_masks.scoring import Scores, make_scorer, score_questions
 from tests.conftest import make_questions
 
+
+def scored(correct: list[bool], logprobs: list[float]) -> Scores:
+    """Scores with the given correctness and correct-choice scores (margins: logprob + 1)."""
+    return Scores(
+        predictions=[0] * len(correct),
+        correct=correct,
+        losses=[-value for value in logprobs],
+        logprobs=logprobs,
+        margins=[value + 1 for value in logprobs],
+    )
+
+
 BASELINE = {
-    "inject": [False, False, True, False],  # one injection question already right at epoch 0
-    "mastered": [True, True, True, False],  # one mastered question already wrong at epoch 0
-    "heldout": [True, False],
+    "inject": scored([False, False, True, False], [-3.0, -3.0, -1.0, -2.0]),  # one already right at epoch 0
+    "mastered": scored([True, True, True, False], [-1.0, -1.0, -1.0, -2.0]),  # one already wrong at epoch 0
+    "heldout": scored([True, False], [-1.0, -2.0]),
 }
 AFTER = {
-    "inject": [True, False, False, True],  # 2 learned; the already-right one lost does not count
-    "mastered": [False, True, True, True],  # 1 forgotten; the already-wrong one fixed does not count
-    "heldout": [False, True],
+    "inject": scored([True, False, False, True], [-1.0, -2.0, -2.0, -1.0]),  # 2 learned; a lost right one not
+    "mastered": scored([False, True, True, True], [-3.0, -1.0, -1.5, -0.5]),  # 1 forgotten; a fixed wrong one not
+    "heldout": scored([False, True], [-2.0, -1.0]),
 }
 
 
@@ -40,6 +53,11 @@ def test_epoch_metrics_count_against_the_baseline():
     assert row["totals"] == {"inject_wrong": 3, "mastered_right": 3, "heldout_right": 1}
     assert row["accuracy"]["inject"] == 0.5
     assert metrics_table_rows([row])[0][:5] == (2, 0.5, "2/3", "1/3", "1/1")
+    assert row["delta_logprob"] == {"inject": 0.75, "mastered": -0.25, "heldout": 0.0}
+    assert row["delta_margin"] == row["delta_logprob"]
+    assert row["retain_loss"] is None and row["retain_loss_delta"] is None
+    with_text = epoch_metrics(1, BASELINE, AFTER, retain_loss=(2.0, 2.5))
+    assert (with_text["retain_loss"], with_text["retain_loss_delta"]) == (2.5, 0.5)
 
 
 def test_without_heldout_the_heldout_count_is_absent():
@@ -52,9 +70,27 @@ def test_without_heldout_the_heldout_count_is_absent():
 def test_evaluate_sets_matches_scoring(tiny):
     scorer = make_scorer("letter", tiny.tokenizer)
     sets = {"inject": make_questions(5, seed=1), "mastered": make_questions(4, seed=2), "heldout": []}
-    correct = evaluate_sets(tiny.model, scorer, sets, batch_size=3, show_progress=False)
-    assert set(correct) == {"inject", "mastered"}
-    assert correct["inject"] == score_questions(tiny.model, scorer, sets["inject"], show_progress=False).correct
+    scores = evaluate_sets(tiny.model, scorer, sets, batch_size=3, show_progress=False)
+    assert set(scores) == {"inject", "mastered"}
+    alone = score_questions(tiny.model, scorer, sets["inject"], show_progress=False)
+    assert scores["inject"].correct == alone.correct
+    assert scores["inject"].logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+
+
+def test_text_loss_is_the_mean_next_token_cross_entropy(tiny):
+    import torch
+    import torch.nn.functional as F
+
+    text = "The capital of France is Paris. Water boils at one hundred degrees. " * 3
+    ids = [tiny.tokenizer.bos_token_id, *tiny.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    with torch.no_grad():
+        logits = tiny.model(torch.tensor([ids])).logits[0, :-1]  # (T-1, V)
+    expected = float(F.cross_entropy(logits, torch.tensor(ids[1:])))
+    assert text_loss(tiny.model, tiny.tokenizer, text) == pytest.approx(expected, rel=1e-5)
+    # windows padded into one batch give the same per-token mean as reading each window alone
+    windowed = text_loss(tiny.model, tiny.tokenizer, text, window=7, batch_size=4)
+    alone = text_loss(tiny.model, tiny.tokenizer, text, window=7, batch_size=1)
+    assert windowed == pytest.approx(alone, rel=1e-5)
 
 
 def test_plots_are_png(tmp_path):
@@ -64,4 +100,5 @@ def test_plots_are_png(tmp_path):
     draw_comparison({"a": run, "b": {**run, "mode": "full"}}, tmp_path / "compare.png")
     for name in ("curves.png", "compare.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-    assert comparison_rows({"a": run})[0] == ("a", "mask", "abababab", "2/3", "1/3", "1/1", 3.0, 2)
+    assert comparison_rows({"a": run})[0] == ("a", "mask", "abababab", "2/3", "1/3", "1/1", "+0.000", 3.0, 2)
+    assert metrics_table_rows(rows)[1][7:] == ("-0.250", "+0.000", "-")

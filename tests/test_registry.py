@@ -283,3 +283,31 @@ def test_a_mask_profiled_on_one_task_and_reused_on_another_shows_both_runs(tmp_p
     assert runs[1]["out_dir"] == str((tmp_path / "run-task-b").resolve())
     shown = cli("registry", "show", entry["ref"])
     assert shown.exit_code == 0 and "task-a" in shown.output and "task-b" in shown.output
+
+
+def masks_table_sql() -> str:
+    with schema.connect() as connection:
+        return connection.execute("SELECT sql FROM sqlite_master WHERE name = 'masks'").fetchone()[0]
+
+
+def test_a_version_1_database_migrates_keeping_masks_parents_and_runs(tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:  # fill a registry as release 1 (schema version 1) wrote it
+        patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+        patch.setattr(schema, "SCHEMA_VERSION", 1)
+        parent = make_mask(tmp_path, 1)
+        registry.register_mask(parent, task="arc")
+        child = make_mask(tmp_path, 2, parents=[Mask.load(parent).id])
+        registry.register_mask(child, task="merged", source="combined")
+        registry.record_run(parent, run_payload("arc", 4))
+        assert "'control'" not in masks_table_sql()
+    assert "'control'" in masks_table_sql()  # the current code migrated it
+    assert [entry["ref"] for entry in registry.list_masks()] == ["tiny-model/arc@v1", "tiny-model/merged@v1"]
+    shown = registry.show("tiny-model/arc@v1")
+    assert len(shown["runs"]) == 1 and shown["children"][0]["ref"] == "tiny-model/merged@v1"
+    with schema.connect() as connection:
+        assert schema.schema_version(connection) == schema.SCHEMA_VERSION
+        assert connection.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    control = make_mask(tmp_path, 3, parents=[Mask.load(parent).id])
+    assert registry.register_mask(control, task="arc-random", source="control") == "tiny-model/arc-random@v1"
+    with pytest.raises(CplError, match="source 'guessed'"):
+        registry.register_mask(make_mask(tmp_path, 4), source="guessed")

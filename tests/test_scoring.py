@@ -32,7 +32,8 @@ def test_letter_prediction_is_argmax_over_the_question_letters(tiny):
     with torch.no_grad():
         logits = tiny.model(ids).logits[0, -1]
     letter_logits = logits[scorer.letter_ids[: len(question.choices)]]
-    predicted, loss = scorer.predict(tiny.model, [question])
+    table, loss = scorer.choice_scores(tiny.model, [question])
+    predicted = table.argmax(-1)
     assert int(predicted[0]) == int(letter_logits.argmax())
     expected = -torch.log_softmax(logits, -1)[scorer.letter_ids[question.answer]]
     assert float(loss[0]) == pytest.approx(float(expected), abs=1e-5)
@@ -58,9 +59,9 @@ def test_loglik_prefers_the_choice_with_higher_likelihood(tiny):
     scorer = make_scorer("loglik", tiny.tokenizer)
     question = QUESTIONS[1]
     total, counts = scorer._token_nll(tiny.model, [scorer._row_ids(question, c) for c in range(len(question.choices))])
-    predicted, _ = scorer.predict(tiny.model, [question])
+    predicted = scorer.choice_scores(tiny.model, [question])[0].argmax(-1)
     assert int(predicted[0]) == int(total.argmin())
-    normalized, _ = make_scorer("loglik-norm", tiny.tokenizer).predict(tiny.model, [question])
+    normalized = make_scorer("loglik-norm", tiny.tokenizer).choice_scores(tiny.model, [question])[0].argmax(-1)
     assert int(normalized[0]) == int((total / counts).argmin())
 
 
@@ -76,3 +77,17 @@ def test_unknown_scoring_and_bad_batch_size(tiny):
         make_scorer("nope", tiny.tokenizer)
     with pytest.raises(CplError, match="--batch-size 0"):
         score_questions(tiny.model, make_scorer("letter", tiny.tokenizer), QUESTIONS, batch_size=0)
+
+
+def test_scores_carry_the_correct_choices_log_probability_and_margin(tiny):
+    scorer = LetterScorer(tiny.tokenizer)
+    scores = score_questions(tiny.model, scorer, QUESTIONS, batch_size=3, show_progress=False)
+    for index, question in enumerate(QUESTIONS):
+        ids = torch.tensor([scorer._prompt_ids(question)])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(tiny.model(ids).logits[0, -1], -1)  # (V,)
+        letters = logprobs[scorer.letter_ids[: len(question.choices)]]  # (C,)
+        wrong = torch.cat([letters[: question.answer], letters[question.answer + 1 :]])
+        assert scores.logprobs[index] == pytest.approx(float(letters[question.answer]), abs=1e-4)
+        assert scores.margins[index] == pytest.approx(float(letters[question.answer] - wrong.max()), abs=1e-4)
+        assert (scores.margins[index] > 0) == scores.correct[index]

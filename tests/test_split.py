@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 
 from cpl_masks.cli.app import app
 from cpl_masks.data import load_questions
+from cpl_masks.errors import CplError
 from cpl_masks.models import load_model, model_fingerprint
 from cpl_masks.scoring import make_scorer, score_questions
-from cpl_masks.split import split_questions
+from cpl_masks.split import split_questions, split_scores, write_split
 from tests.conftest import SHARED_DATA, make_questions
 
 runner = CliRunner()
@@ -33,7 +34,8 @@ def test_split_writes_sets_that_match_the_model(tiny_model_dir, question_file, t
     mastered, inject = load_questions(out / "mastered.jsonl"), load_questions(out / "inject.jsonl")
     heldout = load_questions(out / "mastered_heldout.jsonl") if (out / "mastered_heldout.jsonl").exists() else []
     summary = json.loads((out / "split.json").read_text())
-    assert summary["counts"] == {"mastered": len(mastered), "heldout": len(heldout), "inject": len(inject)}
+    counts = {"mastered": len(mastered), "heldout": len(heldout), "inject": len(inject), "uncertain": 0}
+    assert summary["counts"] == counts
     assert len(mastered) + len(heldout) + len(inject) == 24 and abs(len(heldout) - len(mastered)) <= 1
     loaded = load_model(str(tiny_model_dir), device="cpu")
     assert summary["model"]["fingerprint"] == model_fingerprint(loaded.model)
@@ -103,3 +105,33 @@ def test_recorded_scoring_reads_split_json_beside_a_question_file(tmp_path):
         (tmp_path / "split.json").write_text(broken)
         with pytest.raises(CplError, match="split.json: .*pass --scoring"):
             recorded_scoring(data)
+
+
+def test_min_margin_keeps_narrow_wins_out_of_the_mastered_set(tiny, tmp_path):
+    questions = make_questions(30, seed=9)
+    plain = split_questions(tiny, questions, scoring="loglik", show_progress=False)
+    margins = sorted(plain.scores[q.id]["margins"] for q in plain.mastered)
+    cut = margins[len(margins) // 2]  # about half of the right answers win by less than this
+    strict = split_questions(tiny, questions, scoring="loglik", min_margin=cut, show_progress=False)
+    assert {q.id for q in strict.mastered} == {q.id for q in plain.mastered if plain.scores[q.id]["margins"] >= cut}
+    assert [q.id for q in strict.inject] == [q.id for q in plain.inject]
+    assert strict.summary["counts"]["uncertain"] == len(plain.mastered) - len(strict.mastered) > 0
+    assert strict.summary["min_margin"] == cut
+    with pytest.raises(CplError, match="--min-margin -1"):
+        split_questions(tiny, questions, min_margin=-1.0)
+
+
+def test_split_scores_stand_in_for_epoch_zero_only_for_the_same_weights_and_files(tiny, tmp_path):
+    questions = make_questions(20, seed=3)
+    split = split_questions(tiny, questions, scoring="loglik", holdout_fraction=0.3, show_progress=False)
+    folder = write_split(split, tmp_path / "split")
+    sets = {"inject": load_questions(folder / "inject.jsonl"), "mastered": load_questions(folder / "mastered.jsonl")}
+    fingerprint = model_fingerprint(tiny.model)
+    known = split_scores(folder / "inject.jsonl", sets, fingerprint=fingerprint, scoring="loglik")
+    fresh = score_questions(tiny.model, make_scorer("loglik", tiny.tokenizer), sets["mastered"], show_progress=False)
+    assert known["mastered"].correct == fresh.correct
+    assert known["mastered"].margins == pytest.approx(fresh.margins, abs=1e-4)
+    assert split_scores(folder / "inject.jsonl", sets, fingerprint="0" * 64, scoring="loglik") is None
+    assert split_scores(folder / "inject.jsonl", sets, fingerprint=fingerprint, scoring="letter") is None
+    edited = {**sets, "mastered": sets["mastered"][1:]}  # not one of the split's files any more
+    assert split_scores(folder / "inject.jsonl", edited, fingerprint=fingerprint, scoring="loglik") is None

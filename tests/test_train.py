@@ -10,19 +10,11 @@ import torch.nn.functional as F
 
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
+from cpl_masks.methods import MethodContext, epoch_order
+from cpl_masks.methods.masking import DynamicCPL, FullFineTuning, StaticMask
 from cpl_masks.models import load_model, model_fingerprint
 from cpl_masks.scoring import LetterScorer, make_scorer
-from cpl_masks.train import (
-    DynamicCPL,
-    FullFineTuning,
-    MaskedAdamW,
-    StaticMask,
-    TrainConfig,
-    Trainer,
-    TrainingDiverged,
-    epoch_order,
-    optimizer_state_bytes,
-)
+from cpl_masks.train import MaskedAdamW, TrainConfig, Trainer, TrainingDiverged, optimizer_state_bytes
 from cpl_masks.training_run import RunRequest, resolve_scoring, resume_run, start_run
 from tests.conftest import make_questions, write_rows
 from tests.helpers import assert_frozen_unchanged, snapshot
@@ -55,7 +47,8 @@ def test_static_mask_changes_only_collaborative_entries(tiny_model_dir, optimize
     mask = random_mask(loaded.model)
     before = snapshot(loaded.model)
     config = TrainConfig(lr=0.05, optimizer=optimizer, batch_size=2, weight_decay=0.1, show_progress=False)
-    trainer = Trainer(loaded.model, make_scorer("letter", loaded.tokenizer), StaticMask(mask), config)
+    scorer = make_scorer("letter", loaded.tokenizer)
+    trainer = Trainer(loaded.model, scorer, StaticMask(MethodContext(scorer, [], mask)), config)
     for epoch in (1, 2):
         trainer.train_epoch(INJECT, epoch)  # 3 steps per epoch
     assert_frozen_unchanged(before, loaded.model, mask)
@@ -71,7 +64,8 @@ def test_masked_adamw_keeps_state_only_for_collaborative_entries(tiny_model_dir)
     loaded = fresh(tiny_model_dir)
     mask = random_mask(loaded.model)
     config = TrainConfig(lr=1e-3, optimizer="adamw", show_progress=False)
-    trainer = Trainer(loaded.model, make_scorer("letter", loaded.tokenizer), StaticMask(mask), config)
+    scorer = make_scorer("letter", loaded.tokenizer)
+    trainer = Trainer(loaded.model, scorer, StaticMask(MethodContext(scorer, [], mask)), config)
     trainer.train_epoch(INJECT[:2], 1)
     assert isinstance(trainer.optimizer, MaskedAdamW)
     states = {name: trainer.optimizer.state[parameter] for name, parameter in trainer.named}
@@ -128,7 +122,7 @@ def test_dynamic_mode_is_the_papers_rule(tiny_model_dir):
     scorer = make_scorer("letter", loaded.tokenizer)
     before = snapshot(loaded.model)
     config = TrainConfig(lr=0.02, epochs=2, seed=3, show_progress=False)
-    trainer = Trainer(loaded.model, scorer, DynamicCPL(scorer, MASTERED, batch_size=4), config)
+    trainer = Trainer(loaded.model, scorer, DynamicCPL(MethodContext(scorer, MASTERED, batch_size=4)), config)
     for epoch in (1, 2):
         trainer.train_epoch(INJECT, epoch)
     expected = reference_dynamic(reference_model, scorer, INJECT, MASTERED, lr=0.02, epochs=2, seed=3)

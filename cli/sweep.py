@@ -1,0 +1,117 @@
+"""``cpl-masks sweep``: every method at every learning rate, judged under a forgetting budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cpl_masks.cli.common import DeviceOption, DtypeOption, ModelOption, ThreadsOption, print_table, reports_errors
+from cpl_masks.cli.common import stdout as console
+from cpl_masks.errors import CplError
+from cpl_masks.models import DEFAULT_MODEL
+from cpl_masks.sweep import (
+    DEFAULT_LR_GRID,
+    DEFAULT_METHODS,
+    PLOT_FILE,
+    RESULT_FILE,
+    SWEEP_COLUMNS,
+    SweepConfig,
+    run_sweep,
+    sweep_table_rows,
+)
+
+
+def _list(option: str, text: str, kind: type) -> list:
+    try:
+        return [kind(item) for item in text.split(",") if item.strip()]
+    except ValueError as error:
+        raise CplError(f"{option} {text}: not a comma-separated list of {kind.__name__} values") from error
+
+
+def _method_grid(text: str) -> tuple[str, list[float]]:
+    method, separator, grid = text.partition("=")
+    if not separator or not method:
+        raise CplError(f"--method-lr-grid {text}: write METHOD=LR,LR,...")
+    return method, _list(f"--method-lr-grid {method}", grid, float)
+
+
+@reports_errors
+def sweep(
+    data: Annotated[
+        str, typer.Option("--data", "-d", help="Questions (file, dataset folder, hub name, builtin:demo).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder (re-run the same command to resume).")],
+    model: ModelOption = DEFAULT_MODEL,
+    methods: Annotated[
+        str,
+        typer.Option(help="Comma-separated methods; 'reuse:MASK_FILE' trains with a mask from another task."),
+    ] = ",".join(DEFAULT_METHODS),
+    lr_grid: Annotated[str, typer.Option(help="Comma-separated learning rates.")] = ",".join(
+        f"{lr:g}" for lr in DEFAULT_LR_GRID
+    ),
+    method_lr_grid: Annotated[
+        list[str] | None,
+        typer.Option(help="A method's own grid, e.g. lora=1e-3,1e-2 (repeatable); others use --lr-grid."),
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the injection set per run.")] = 2,
+    optimizer: Annotated[str, typer.Option(help="sgd, momentum or adamw, for every method.")] = "sgd",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (example order, random mask).")] = "0",
+    forgetting_budget: Annotated[
+        float, typer.Option(help="Largest share of held-out mastered questions a method may forget.")
+    ] = 0.02,
+    scoring: Annotated[str, typer.Option(help="letter, loglik or loglik-norm.")] = "loglik",
+    holdout_fraction: Annotated[float, typer.Option(help="Share of mastered questions held out.")] = 0.25,
+    min_margin: Annotated[float, typer.Option(help="Mastered only when right by at least this margin.")] = 0.0,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N questions.")] = None,
+    retain_text: Annotated[
+        str | None, typer.Option(help="General text whose loss tracks forgetting (builtin:demo writes its own).")
+    ] = None,
+    replay_share: Annotated[float | None, typer.Option(help="replay: share of mastered questions.")] = None,
+    ewc_lambda: Annotated[float | None, typer.Option(help="ewc: penalty strength λ.")] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="lora: adapter rank.")] = None,
+    refresh_every: Annotated[int | None, typer.Option(help="dynamic, agem: also refresh g_M every K steps.")] = None,
+    track_drift: Annotated[bool, typer.Option(help="Record the CPL mask's drift from the sign rule.")] = True,
+    eval_batch_size: Annotated[int, typer.Option(help="Questions per forward pass when scoring.")] = 16,
+    dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+) -> None:
+    """Split, profile, make control masks, and train every method at every learning rate; report each at its best.
+
+    Example: cpl-masks sweep --data builtin:demo --limit 96 --lr-grid 1e-4,1e-3,3e-3 --seeds 0,1 --out runs/sweep
+    """
+    options = {"replay_share": replay_share, "ewc_lambda": ewc_lambda, "lora_rank": lora_rank}
+    options["refresh_every"] = refresh_every
+    config = SweepConfig(
+        model=model,
+        data=data,
+        out=str(out),
+        methods=_list("--methods", methods, str),
+        lr_grid=_list("--lr-grid", lr_grid, float),
+        method_lr_grid=dict(_method_grid(item) for item in method_lr_grid or []),
+        seeds=_list("--seeds", seeds, int),
+        epochs=epochs,
+        optimizer=optimizer,
+        forgetting_budget=forgetting_budget,
+        scoring=scoring,
+        holdout_fraction=holdout_fraction,
+        min_margin=min_margin,
+        limit=limit,
+        retain_text=retain_text,
+        method_options={key: value for key, value in options.items() if value is not None},
+        track_drift=track_drift,
+        eval_batch_size=eval_batch_size,
+        dtype=dtype,
+        device=device,
+        threads=threads,
+    )
+    payload = run_sweep(config, report=lambda line: console.print(line, highlight=False, markup=False))
+    budget = f"{config.forgetting_budget:.0%}"
+    print_table(
+        f"each method at its best learning rate (held-out forgetting ≤ {budget})",
+        SWEEP_COLUMNS,
+        sweep_table_rows(payload),
+    )
+    console.print(f"results: {out / RESULT_FILE}\nplot: {out / PLOT_FILE}", highlight=False)

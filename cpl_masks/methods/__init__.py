@@ -1,0 +1,62 @@
+"""Training methods, one family per module, all driven by the one loop in :mod:`cpl_masks.train`.
+
+``METHODS`` maps each name to its class and its options dataclass; :func:`make_method` builds one
+from a name, a :class:`MethodContext` and the options given on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+from cpl_masks.errors import CplError
+from cpl_masks.methods.base import Method, MethodContext, RefreshOptions, epoch_order
+from cpl_masks.methods.ewc import EWC, EwcOptions
+from cpl_masks.methods.lora import LoRA, LoraOptions
+from cpl_masks.methods.masking import DynamicCPL, FullFineTuning, NoOptions, StaticMask
+from cpl_masks.methods.projection import AGEM
+from cpl_masks.methods.replay import Replay, ReplayOptions
+
+
+class MethodSpec(NamedTuple):
+    """A method's class, its options dataclass and one line saying what it does."""
+
+    cls: type[Method]
+    options: type
+    summary: str
+
+
+METHODS: dict[str, MethodSpec] = {
+    "full": MethodSpec(FullFineTuning, NoOptions, "plain fine-tuning: every entry trains"),
+    "mask": MethodSpec(StaticMask, NoOptions, "static CPL: only the mask's collaborative entries train"),
+    "dynamic": MethodSpec(DynamicCPL, RefreshOptions, "the paper's loop: per-step sign rule against g_M"),
+    "lora": MethodSpec(LoRA, LoraOptions, "low-rank adapters through peft, base weights unchanged"),
+    "replay": MethodSpec(Replay, ReplayOptions, "plain fine-tuning with mastered questions mixed into the stream"),
+    "agem": MethodSpec(AGEM, RefreshOptions, "A-GEM: remove the step gradient's part against g_M when they conflict"),
+    "ewc": MethodSpec(EWC, EwcOptions, "EWC: Fisher-weighted penalty pulling weights back to their start"),
+}
+
+
+def method_options(name: str, options: dict[str, Any] | None = None) -> Any:
+    """The options dataclass of method ``name`` from a dict, refusing options that do not apply to it."""
+    spec = _spec(name)
+    known = {field.name for field in dataclasses.fields(spec.options)}
+    given = {key: value for key, value in (options or {}).items() if value is not None}
+    for key in given:
+        if key not in known:
+            raise CplError(f"--{key.replace('_', '-')} does not apply to --mode {name}")
+    return spec.options(**given)
+
+
+def make_method(name: str, context: MethodContext, options: dict[str, Any] | None = None) -> Method:
+    """Build method ``name`` with its options (a dict of option name to value, None meaning default)."""
+    return _spec(name).cls(context, method_options(name, options))
+
+
+def _spec(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise CplError(f"--mode {name}: choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "Method", "MethodContext", "MethodSpec", "epoch_order", "make_method", "method_options"]

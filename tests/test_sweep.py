@@ -1,0 +1,207 @@
+"""The sweep: every method through the one loop, judged at its best learning rate, resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cpl_masks.cli.app import app
+from cpl_masks.errors import CplError
+from cpl_masks.masks import Mask
+from cpl_masks.sweep import (
+    DEFAULT_METHODS,
+    SweepConfig,
+    aggregate,
+    best_per_method,
+    pareto_front,
+    run_sweep,
+    sweep_table_rows,
+)
+from tests.conftest import make_questions, write_rows
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    return write_rows(tmp_path / "quiz.jsonl", [q.to_record() for q in make_questions(40, seed=5)])
+
+
+def config_for(tiny_model_dir, data_file, out, **overrides) -> SweepConfig:
+    values = {
+        "model": str(tiny_model_dir),
+        "data": str(data_file),
+        "out": str(out),
+        "methods": ["full", "mask"],
+        "lr_grid": [1e-3, 1e-1],
+        "epochs": 1,
+        "threads": 1,
+        "holdout_fraction": 0.3,
+        **overrides,
+    }
+    return SweepConfig(**values)
+
+
+def test_every_method_runs_through_the_sweep_and_is_reported(tiny_model_dir, data_file, tmp_path):
+    retain = tmp_path / "retain.txt"
+    retain.write_text("the capital of france is paris . the sun is red . " * 4)
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data_file),
+            "--out",
+            str(out),
+            "--lr-grid",
+            "0.01",
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+            "--holdout-fraction",
+            "0.3",
+            "--retain-text",
+            str(retain),
+            "--forgetting-budget",
+            "1.0",
+            "--ewc-lambda",
+            "1",  # EWC's step on an entry is lr·2λF: too stiff a penalty oscillates and diverges
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads((out / "sweep.json").read_text())
+    assert [run["method"] for run in payload["runs"]] == list(DEFAULT_METHODS)
+    assert set(payload["best"]) == set(DEFAULT_METHODS)  # budget 1.0: every method qualifies
+    assert all(payload["best"][method] is not None for method in DEFAULT_METHODS)
+    for method in DEFAULT_METHODS:
+        assert f"│ {method}" in result.output  # a row of the table
+    assert "[run 1/9] full lr=0.01 seed=0" in result.output and "[run 9/9] ewc" in result.output
+    assert "left" in result.output  # the time estimate once a run has finished
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    for run in payload["runs"]:
+        saved = json.loads((out / "runs" / f"{run['method']}-lr0.01-s0" / "run.json").read_text())
+        assert saved["baseline_source"] == "split"  # epoch 0 was read from the split, not scored again
+        assert saved["model_dir"] is None and not (out / "runs" / f"{run['method']}-lr0.01-s0" / "checkpoint").exists()
+        assert run["retain_loss_delta"] is not None and set(run["delta_logprob"]) == {"inject", "mastered", "heldout"}
+    mask_run = next(run for run in payload["runs"] if run["method"] == "mask")
+    assert 0.0 <= mask_run["mask_agreement"]["touched"] <= 1.0
+    shares = {name: entry["collaborative_share"] for name, entry in payload["masks"].items()}
+    assert shares["random-s0"] == shares["gradient-magnitude"] == shares["mask"]
+
+
+def test_epoch_zero_equals_the_splits_scores(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "sweep"
+    payload = run_sweep(config_for(tiny_model_dir, data_file, out, methods=["full"], lr_grid=[1e-3]), report=print)
+    run = json.loads((out / "runs" / "full-lr0.001-s0" / "run.json").read_text())
+    scores = {row["id"]: row for row in map(json.loads, (out / "split" / "scores.jsonl").read_text().splitlines())}
+    mastered = [json.loads(line)["id"] for line in (out / "split" / "mastered.jsonl").read_text().splitlines()]
+    assert run["metrics"][0]["totals"]["mastered_right"] == sum(scores[key]["correct"] for key in mastered)
+    assert payload["runs"][0]["learned"] == run["final"]["learned"]
+
+
+def test_a_killed_sweep_resumes_without_redoing_finished_runs(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "sweep"
+    config = config_for(tiny_model_dir, data_file, out)
+    lines: list[str] = []
+
+    def kill_at_second_run(line: str) -> None:
+        lines.append(line)
+        if line.startswith("[run 2/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(config, report=kill_at_second_run, show_progress=False)
+    first = out / "runs" / "full-lr0.001-s0" / "run.json"
+    finished_at = first.stat().st_mtime_ns
+    assert not (out / "runs" / "full-lr0.1-s0").exists()
+    lines.clear()
+    payload = run_sweep(config, report=lines.append, show_progress=False)
+    assert first.stat().st_mtime_ns == finished_at  # not redone
+    assert not any(line.startswith("profiling") or line.startswith("splitting") for line in lines)
+    assert len(payload["runs"]) == 4 and all(run["learned_share"] is not None for run in payload["runs"])
+
+
+def test_a_sweep_folder_refuses_other_arguments(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "sweep"
+    run_sweep(config_for(tiny_model_dir, data_file, out, methods=["full"], lr_grid=[1e-3]), show_progress=False)
+    with pytest.raises(CplError, match=r"holds a sweep with other arguments \(epochs\)"):
+        run_sweep(config_for(tiny_model_dir, data_file, out, methods=["full"], lr_grid=[1e-3], epochs=2))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"methods": ["full", "nope"]}, "--methods nope: choose among"),
+        ({"methods": ["reuse:/no/such.safetensors"]}, "no such mask file"),
+        ({"lr_grid": [0.0]}, "--lr-grid"),
+        ({"forgetting_budget": 2.0}, "--forgetting-budget"),
+        ({"holdout_fraction": 0.0}, "held-out share"),
+        ({"method_options": {"ewc_lambda": 5.0}}, "--ewc-lambda: none of the swept methods takes it"),
+    ],
+)
+def test_bad_sweep_options_fail_before_any_work(tiny_model_dir, data_file, tmp_path, overrides, message):
+    out = tmp_path / "sweep"
+    with pytest.raises(CplError, match=message):
+        run_sweep(config_for(tiny_model_dir, data_file, out, **overrides))
+    assert not out.exists()
+
+
+def point(method: str, lr: float, learned: float, forgotten: float, diverged: bool = False) -> dict:
+    return {
+        "method": method,
+        "lr": lr,
+        "seeds": 1,
+        "learned_share": learned,
+        "heldout_forgotten_share": forgotten,
+        "forgotten_share": forgotten,
+        "delta_logprob": {"heldout": -forgotten},
+        "diverged": diverged,
+    }
+
+
+def test_each_method_is_judged_at_its_best_rate_within_the_budget():
+    points = [
+        point("full", 1e-4, 0.2, 0.0),
+        point("full", 1e-3, 0.9, 0.3),  # learns most but forgets past the budget
+        point("mask", 1e-4, 0.1, 0.0),
+        point("mask", 1e-3, 0.5, 0.0),
+        point("lora", 1e-3, 0.0, 0.5),
+        point("lora", 1e-2, 0.0, 0.0, diverged=True),
+    ]
+    best = best_per_method(points, budget=0.02)
+    assert (best["full"]["lr"], best["mask"]["lr"], best["lora"]) == (1e-4, 1e-3, None)
+    front = pareto_front(points)
+    assert [(p["method"], p["lr"]) for p in front] == [("mask", 1e-3), ("full", 1e-3)]
+    rows = sweep_table_rows({"best": best})
+    assert rows[2] == ("lora", "none within budget", "-", "-", "-", "-", "-", "-")
+
+
+def test_points_average_seeds_and_a_diverged_seed_marks_the_point():
+    runs = [
+        {"method": "full", "lr": 1e-3, "seed": seed, "learned_share": learned, "heldout_forgotten_share": 0.0,
+         "forgotten_share": 0.1, "retain_loss_delta": 0.5, "time_s": 1.0, "delta_logprob": {"heldout": -1.0},
+         "delta_margin": {"heldout": 0.0}, "mask_agreement": None}
+        for seed, learned in ((0, 0.2), (1, 0.4))
+    ]  # fmt: skip
+    runs.append({"method": "full", "lr": 1e-1, "seed": 0, "learned_share": None, "diverged": "loss nan"})
+    points = {p["lr"]: p for p in aggregate(runs)}
+    assert points[1e-3]["learned_share"] == pytest.approx(0.3)
+    assert points[1e-3]["learned_share_sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert points[1e-1]["diverged"] is True
+
+
+def test_control_masks_in_a_sweep_keep_the_cpl_share_per_tensor(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "sweep"
+    run_sweep(
+        config_for(tiny_model_dir, data_file, out, methods=["mask", "random"], lr_grid=[1e-3], seeds=[0, 1]),
+        show_progress=False,
+    )
+    cpl = Mask.load(out / "masks" / "cpl.safetensors")
+    randoms = [Mask.load(out / "masks" / f"random-s{seed}.safetensors") for seed in (0, 1)]
+    assert randoms[0].id != randoms[1].id
+    for name in cpl.names:
+        assert all(mask.collaborative_count(name) == cpl.collaborative_count(name) for mask in randoms)
