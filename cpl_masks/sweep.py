@@ -12,7 +12,8 @@ learning rate. ``sweep.json`` holds every run and that choice; ``sweep.png`` dra
 held-out forgotten with the Pareto front.
 
 Re-running with the same arguments resumes: finished runs are skipped, an interrupted run goes on
-from its last checkpoint, and a run that diverged stays recorded as diverged.
+from its last checkpoint, and a run that diverged stays recorded as diverged. Re-running with only
+another ``--forgetting-budget`` judges the finished runs again without training.
 """
 
 from __future__ import annotations
@@ -156,19 +157,26 @@ def run_sweep(config: SweepConfig, *, report: Report = print, show_progress: boo
         if trained:
             durations.append(time.perf_counter() - started)
         runs.append(result)
-    payload = summarize_sweep(config, runs, masks, split_dir)
-    write_json(out / RESULT_FILE, payload)
+        payload = summarize_sweep(config, runs, masks, split_dir, complete=index == len(specs))
+        write_json(out / RESULT_FILE, payload)  # after every run, so a long sweep can be read as it goes
     draw_sweep(payload, out / PLOT_FILE)
     return payload
 
 
+_SUMMARY_ONLY = ("out", "forgetting_budget")  # arguments that change the report, not the runs
+
+
 def _claim_folder(out: Path, config: SweepConfig) -> None:
-    """Record the arguments in a new folder, or check that an existing sweep folder has the same ones."""
+    """Record the arguments in a new folder, or check that an existing sweep folder has the same ones.
+
+    The forgetting budget only changes which runs are reported, so a finished sweep can be judged
+    again under another budget without training anything.
+    """
     saved = out / CONFIG_FILE
     wanted = asdict(config)
     if saved.is_file():
         previous = json.loads(saved.read_text(encoding="utf-8"))
-        changed = sorted(key for key in wanted if key != "out" and previous.get(key) != wanted[key])
+        changed = sorted(key for key in wanted if key not in _SUMMARY_ONLY and previous.get(key) != wanted[key])
         if changed:
             raise CplError(
                 f"--out {out}: holds a sweep with other arguments ({', '.join(changed)}); "
@@ -391,11 +399,20 @@ def _share(count: int | None, total: int | None) -> float | None:
 
 
 def summarize_sweep(
-    config: SweepConfig, runs: Sequence[dict[str, Any]], masks: dict[str, Path], split_dir: Path
+    config: SweepConfig,
+    runs: Sequence[dict[str, Any]],
+    masks: dict[str, Path],
+    split_dir: Path,
+    *,
+    complete: bool = True,
 ) -> dict[str, Any]:
-    """The ``sweep.json`` payload: every run, per (method, lr) means over seeds, each method's best, the front."""
+    """The ``sweep.json`` payload: every run, per (method, lr) means over seeds, each method's best, the front.
+
+    ``complete`` is False while runs of the sweep are still to come.
+    """
     points = aggregate(runs)
     return {
+        "complete": complete,
         "config": asdict(config),
         "split": json.loads((split_dir / SUMMARY).read_text(encoding="utf-8")),
         "masks": {name: _mask_summary(path) for name, path in masks.items()},

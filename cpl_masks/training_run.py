@@ -6,6 +6,9 @@ finished epoch), ``metrics.jsonl`` and ``curves.png`` (rewritten after every epo
 end ``model/`` (the method's ``save``: safetensors weights, or a LoRA adapter, and the tokenizer)
 and ``run.json``.
 
+Under ``torchrun`` every rank runs all of this (trains its share, evaluates its share), but only
+rank 0 writes files and registry rows; the others wait for it (:func:`cpl_masks.distributed.on_main`).
+
 Epoch 0 is the untouched model. When the run trains on a split's own files with the split's model
 and scoring, it is read from the split's ``scores.jsonl`` rather than scored again.
 """
@@ -22,6 +25,7 @@ from typing import Any
 
 import torch
 
+from cpl_masks import distributed
 from cpl_masks.data import Question, load_questions, questions_sha256
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import draw_curves, epoch_metrics, evaluate_sets, text_loss
@@ -91,6 +95,8 @@ class RunRequest:
             raise CplError(f"--retain-text {self.retain_text}: no such file")
         if self.track_drift and mode != "mask":
             raise CplError("--track-drift needs --mask (it measures how a static mask drifts from the sign rule)")
+        if self.track_drift and self.config.distributed == "fsdp2":
+            raise CplError("--track-drift needs whole gradients: use --distributed ddp with it, not fsdp2")
 
     def resolved_mode(self) -> str:
         """The training mode, refusing contradictory or missing choices."""
@@ -150,14 +156,24 @@ def start_run(request: RunRequest, *, overwrite: bool = False, on_epoch: OnEpoch
             diverged loss (the last good checkpoint is kept).
     """
     request.check()
-    check_output_dir(request.out, overwrite=overwrite)
-    mask_path = _mask_path(request.mask)
+    distributed.setup(request.device)
+    mask_path = distributed.on_main(lambda: _check_out_and_mask(request, overwrite))
     data = load_run_data(request)  # bad data fails before the output folder is touched
+    out = distributed.on_main(lambda: _prepare_out(request, overwrite, mask_path))
+    return _run(request, out, mask_path, on_epoch, data=data)
+
+
+def _check_out_and_mask(request: RunRequest, overwrite: bool) -> str | None:
+    check_output_dir(request.out, overwrite=overwrite)
+    return _mask_path(request.mask)
+
+
+def _prepare_out(request: RunRequest, overwrite: bool, mask_path: str | None) -> Path:
     out = prepare_output_dir(request.out, overwrite=overwrite)
     for stale in (CHECKPOINT, MODEL_DIR, RUN, METRICS, CURVES):
         _remove(out / stale)
     write_json(out / CONFIG, {"request": request.to_dict(), "mask_path": mask_path})
-    return _run(request, out, mask_path, on_epoch, data=data)
+    return out
 
 
 def resume_run(out_dir: str | Path, *, on_epoch: OnEpoch | None = None, show_progress: bool = True) -> dict[str, Any]:
@@ -170,6 +186,7 @@ def resume_run(out_dir: str | Path, *, on_epoch: OnEpoch | None = None, show_pro
     saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
     request = RunRequest.from_dict(saved["request"])
     request.config.show_progress = show_progress
+    distributed.setup(request.device)
     return _run(request, out, saved["mask_path"], on_epoch, checkpoint=read_checkpoint(out))
 
 
@@ -217,20 +234,22 @@ class _Evaluation:
     def scores(self, epoch: int) -> dict[str, Scores]:
         """Every set's scores after ``epoch``."""
         config = self.trainer.config
-        return evaluate_sets(
-            self.trainer.model,
-            self.trainer.scorer,
-            self.data.sets(),
-            batch_size=config.eval_batch_size,
-            epoch=epoch,
-            show_progress=config.show_progress,
-        )
+        with self.trainer.autocast():
+            return evaluate_sets(
+                self.trainer.model,
+                self.trainer.scorer,
+                self.data.sets(),
+                batch_size=config.eval_batch_size,
+                epoch=epoch,
+                show_progress=config.show_progress,
+            )
 
     def retain_loss(self) -> float | None:
         """Loss on the retain text, if the run has one."""
         if self.retain_text is None:
             return None
-        return text_loss(self.trainer.model, self.tokenizer, self.retain_text)
+        with self.trainer.autocast():
+            return text_loss(self.trainer.model, self.tokenizer, self.retain_text)
 
     def drift(self) -> dict[str, float] | None:
         """Agreement of the static mask with the sign rule at the current weights (``--track-drift``)."""
@@ -301,7 +320,9 @@ def _run(
     started = time.perf_counter()
     config, mode = request.config, request.resolved_mode()
     data = data or load_run_data(request)
-    loaded = load_model(request.model, dtype=request.dtype, device=request.device, threads=request.threads)
+    loaded = distributed.main_first(  # rank 0 fills the model cache, then the others read it
+        lambda: load_model(request.model, dtype=request.dtype, device=request.device, threads=request.threads)
+    )
     mask = Mask.load(mask_path, scores=False) if mask_path else None
     if mask is not None:
         mask.check_model(loaded.model, allow_other_weights=request.allow_other_weights)
@@ -320,7 +341,7 @@ def _run(
         baseline, rows = Baseline.from_dict(checkpoint["baseline"]), checkpoint["metrics"]
         elapsed_before = checkpoint["elapsed_s"]
         restore_checkpoint(trainer, checkpoint)
-        write_jsonl(out / METRICS, rows)
+        distributed.on_main(lambda: write_jsonl(out / METRICS, rows))
     for epoch in range(len(rows), config.epochs + 1):
         try:
             loss = trainer.train_epoch(data.inject, epoch)
@@ -333,11 +354,13 @@ def _run(
             raise TrainingDiverged(f"{error}; stopped, {kept}; try a smaller --lr") from None
         rows.append(evaluation.row(epoch, baseline, train_loss=loss))
         elapsed = elapsed_before + time.perf_counter() - started
-        state = {"epoch": epoch, "metrics": rows, "baseline": baseline.to_dict(), "elapsed_s": elapsed}
-        save_checkpoint(out, trainer, state)
+        if epoch < config.epochs or request.keep_weights:  # the last epoch's checkpoint only guards model/
+            state = {"epoch": epoch, "metrics": rows, "baseline": baseline.to_dict(), "elapsed_s": elapsed}
+            save_checkpoint(out, trainer, state)
         _publish(out, rows, mode, on_epoch)
     if request.keep_weights:
-        save_model(method, trainer.model, loaded.tokenizer, out / MODEL_DIR)
+        weights = trainer.final_weights()  # gathered under FSDP2: every rank takes part
+        distributed.on_main(lambda: save_model(method, trainer.model, loaded.tokenizer, out / MODEL_DIR, weights))
     payload = {
         "out_dir": str(out.resolve()),
         "model_dir": str((out / MODEL_DIR).resolve()) if request.keep_weights else None,
@@ -360,15 +383,21 @@ def _run(
         "resumed": checkpoint is not None,
         "time_s": round(elapsed_before + time.perf_counter() - started, 3),
         **peak_memory(loaded.device),
+        "distributed": {**distributed.describe(), "wrapping": trainer.wrapping},
     }
+    distributed.on_main(lambda: _finish(out, payload, mask_path, keep_weights=request.keep_weights))
+    return payload
+
+
+def _finish(out: Path, payload: dict[str, Any], mask_path: str | None, *, keep_weights: bool) -> None:
+    """Write ``run.json``, drop unwanted checkpoints and record the run with its mask (rank 0's job)."""
     write_json(out / RUN, payload)
-    if not request.keep_weights:
+    if not keep_weights:
         _remove(out / CHECKPOINT)  # the run is finished and its weights are not wanted
     if mask_path is not None:
         from cpl_masks.registry import record_run
 
         record_run(Path(mask_path), payload)
-    return payload
 
 
 def _data_summary(request: RunRequest, data: RunData) -> dict[str, Any]:
@@ -385,26 +414,42 @@ def _data_summary(request: RunRequest, data: RunData) -> dict[str, Any]:
 
 
 def _publish(out: Path, rows: list[dict[str, Any]], mode: str, on_epoch: OnEpoch | None) -> None:
-    """Rewrite ``metrics.jsonl`` and ``curves.png`` with every epoch so far, then report."""
-    write_jsonl(out / METRICS, rows)
-    draw_curves(rows, out / CURVES, title=f"{mode}: learned and forgotten per epoch")
-    if on_epoch is not None:
-        on_epoch(rows)
+    """Rewrite ``metrics.jsonl`` and ``curves.png`` with every epoch so far, then report (rank 0 only)."""
+
+    def publish() -> None:
+        write_jsonl(out / METRICS, rows)
+        draw_curves(rows, out / CURVES, title=f"{mode}: learned and forgotten per epoch")
+        if on_epoch is not None:
+            on_epoch(rows)
+
+    distributed.on_main(publish)
 
 
 def save_checkpoint(out: Path, trainer: Trainer, state: dict[str, Any]) -> None:
     """Write weights, optimizer and RNG state, then ``state.json`` naming them; drop older files.
 
     ``state.json`` is written last, so a crash at any point leaves the previous epoch's complete
-    checkpoint in force.
+    checkpoint in force. Every rank calls it (FSDP2 gathers the weights); rank 0 writes. Under FSDP2
+    a stateful optimizer's state is sharded per rank and is not kept, so such a run cannot resume.
     """
-    folder = out / CHECKPOINT
-    name = f"trainer-{state['epoch']}.pt"
     payload = {
         "weights": trainer.weights(),
-        "optimizer": trainer.optimizer.state_dict(),
+        "optimizer": _optimizer_state(trainer),
         "rng": torch.get_rng_state(),
     }
+    distributed.on_main(lambda: _write_checkpoint(out / CHECKPOINT, payload, state))
+
+
+def _optimizer_state(trainer: Trainer) -> dict[str, Any] | None:
+    """The optimizer's state dict, or None under FSDP2 when it holds per-rank shards (momentum, Adam)."""
+    state = trainer.optimizer.state_dict()
+    if trainer.wrapping == "fsdp2" and any(state["state"].values()):
+        return None
+    return state
+
+
+def _write_checkpoint(folder: Path, payload: dict[str, Any], state: dict[str, Any]) -> None:
+    name = f"trainer-{state['epoch']}.pt"
     with atomic_write(folder / name, "wb") as handle:
         torch.save(payload, handle)
     write_json(folder / STATE, {**state, "file": name})
@@ -426,16 +471,30 @@ def read_checkpoint(out: Path) -> dict[str, Any] | None:
 def restore_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
     """Put a checkpoint's weights, optimizer state and RNG state back."""
     payload = checkpoint["payload"]
+    if payload["optimizer"] is None:
+        raise CplError(
+            "--resume: this run trained under --distributed fsdp2 with a stateful optimizer, whose sharded "
+            "state was not checkpointed; start it again (or train with ddp or plain sgd)"
+        )
     trainer.load_weights(payload["weights"])
     trainer.optimizer.load_state_dict(payload["optimizer"])
     torch.set_rng_state(payload["rng"])
 
 
-def save_model(method: Method, model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
-    """The method's result (weights, or an adapter) and the tokenizer into ``folder``, via a staging folder."""
+def save_model(
+    method: Method, model: torch.nn.Module, tokenizer: Any, folder: Path, weights: dict[str, torch.Tensor] | None = None
+) -> None:
+    """The method's result (weights, or an adapter) and the tokenizer into ``folder``, via a staging folder.
+
+    ``weights``, when given, are the whole weights to save instead of the model's own parameters
+    (under FSDP2, where each rank holds only shards and rank 0 has gathered them).
+    """
     staging = folder.with_name(f".{folder.name}-staging")
     _remove(staging)
-    method.save(model, staging)
+    if weights is None:
+        method.save(model, staging)
+    else:
+        model.save_pretrained(staging, state_dict=weights)
     tokenizer.save_pretrained(staging)
     _remove(folder)
     staging.rename(folder)

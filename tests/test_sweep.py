@@ -118,11 +118,14 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(tiny_model_dir, da
     first = out / "runs" / "full-lr0.001-s0" / "run.json"
     finished_at = first.stat().st_mtime_ns
     assert not (out / "runs" / "full-lr0.1-s0").exists()
+    partial = json.loads((out / "sweep.json").read_text())  # written after every run
+    assert partial["complete"] is False and len(partial["runs"]) == 1
     lines.clear()
     payload = run_sweep(config, report=lines.append, show_progress=False)
     assert first.stat().st_mtime_ns == finished_at  # not redone
     assert not any(line.startswith("profiling") or line.startswith("splitting") for line in lines)
     assert len(payload["runs"]) == 4 and all(run["learned_share"] is not None for run in payload["runs"])
+    assert payload["complete"] is True
 
 
 def test_a_sweep_folder_refuses_other_arguments(tiny_model_dir, data_file, tmp_path):
@@ -130,6 +133,11 @@ def test_a_sweep_folder_refuses_other_arguments(tiny_model_dir, data_file, tmp_p
     run_sweep(config_for(tiny_model_dir, data_file, out, methods=["full"], lr_grid=[1e-3]), show_progress=False)
     with pytest.raises(CplError, match=r"holds a sweep with other arguments \(epochs\)"):
         run_sweep(config_for(tiny_model_dir, data_file, out, methods=["full"], lr_grid=[1e-3], epochs=2))
+    lines: list[str] = []
+    again = config_for(tiny_model_dir, data_file, out, methods=["full"], lr_grid=[1e-3], forgetting_budget=1.0)
+    payload = run_sweep(again, report=lines.append)  # another budget judges the same runs again
+    assert payload["config"]["forgetting_budget"] == 1.0 and payload["best"]["full"] is not None
+    assert not any(line.startswith(("splitting", "profiling")) for line in lines)
 
 
 @pytest.mark.parametrize(
