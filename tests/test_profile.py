@@ -10,7 +10,7 @@ import torch
 from cpl_masks.algebra import recut
 from cpl_masks.errors import CplError
 from cpl_masks.models import load_model, model_fingerprint
-from cpl_masks.profile import mean_gradients, profile
+from cpl_masks.profile import mean_gradients, profile, sign_agreement
 from cpl_masks.scoring import make_scorer
 from cpl_masks.selection import bf16_keys
 from tests.conftest import make_questions
@@ -174,3 +174,17 @@ def test_recut_needs_scores(tiny):
     mask = profile(tiny, MASTERED[:2], INJECT[:2], show_progress=False)
     with pytest.raises(CplError, match="no stored scores"):
         recut(mask, threshold=0.1)
+
+
+def test_sign_agreement_is_complete_at_the_profiled_weights_and_drops_after_a_step(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), device="cpu", threads=1)
+    mask = profile(loaded, MASTERED, INJECT, batch_size=4, show_progress=False)
+    scorer = make_scorer("letter", loaded.tokenizer)
+    untouched = sign_agreement(loaded.model, scorer, mask, MASTERED, INJECT, batch_size=3)
+    assert untouched["all"] > 0.9999 and untouched["touched"] > 0.9999  # only |s| ~ 0 entries may flip
+    step = mean_gradients(loaded.model, scorer, INJECT)
+    with torch.no_grad():  # a large step along -g_I moves the weights: the rule changes with them
+        for name, grad in step.items():
+            loaded.model.get_parameter(name).sub_(5.0 * grad)
+    moved = sign_agreement(loaded.model, scorer, mask, MASTERED, INJECT)
+    assert moved["touched"] < untouched["touched"]
