@@ -2,6 +2,7 @@
 method at its best learning rate under one or more forgetting budgets.
 
 Usage: .venv/bin/python benchmarks/results_tables.py SWEEP_DIR [SWEEP_DIR ...] [--budgets 0.02,0.15]
+       .venv/bin/python benchmarks/results_tables.py --merge SWEEP_DIR SWEEP_DIR ...   (pool runs, e.g. seeds)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cpl_masks.sweep import best_per_method
+from cpl_masks.sweep import aggregate, best_per_method
 
 
 def _pct(value: float | None, spread: float | None = None, seeds: int = 1) -> str:
@@ -40,6 +41,26 @@ def point_row(point: dict[str, Any]) -> str:
     )
 
 
+HEADER = (
+    "| method | lr | learned | forgotten (M) | held-out forgotten | Δ margin M | Δ margin held-out "
+    "| Δ retain loss | mask agrees with sign rule after training |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+)
+
+
+def merged_table(folders: list[Path]) -> str:
+    """The runs of several sweeps over the same split pooled into one table (one run per method, lr and seed)."""
+    runs = {}
+    for folder in folders:
+        for run in json.loads((folder / "sweep.json").read_text())["runs"]:
+            runs.setdefault((run["method"], run["lr"], run["seed"]), run)
+    seeds = sorted({seed for _, _, seed in runs})
+    names = " + ".join(folder.name for folder in folders)
+    points = aggregate(list(runs.values()))
+    return "\n".join([f"**{names}**, pooled: seeds {seeds} (mean ± standard deviation).", "", HEADER,
+                      *(point_row(point) for point in points), ""])  # fmt: skip
+
+
 def sweep_tables(folder: Path, budgets: list[float]) -> str:
     """All points of one sweep, then the best rate per method under each budget."""
     payload = json.loads((folder / "sweep.json").read_text())
@@ -48,9 +69,7 @@ def sweep_tables(folder: Path, budgets: list[float]) -> str:
         f"**{folder.name}**: split {split['inject']} to inject / {split['mastered']} mastered / "
         f"{split['heldout']} held out; seeds {payload['config']['seeds']}.",
         "",
-        "| method | lr | learned | forgotten (M) | held-out forgotten | Δ margin M | Δ margin held-out "
-        "| Δ retain loss | mask agrees with sign rule after training |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        HEADER,
         *(point_row(point) for point in payload["points"]),
         "",
     ]
@@ -68,7 +87,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweeps", nargs="+", type=Path)
     parser.add_argument("--budgets", default="0.02,0.15")
+    parser.add_argument("--merge", action="store_true", help="pool the sweeps' runs into one table")
     args = parser.parse_args()
+    if args.merge:
+        print(merged_table(args.sweeps))
+        return
     budgets = [float(value) for value in args.budgets.split(",")]
     print("\n".join(sweep_tables(folder, budgets) for folder in args.sweeps))
 

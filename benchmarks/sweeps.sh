@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The experiments behind RESULTS.md. Each line is one resumable `cpl-masks sweep`: re-running this
-# script skips finished runs. Usage: benchmarks/sweeps.sh OUT_DIR QUEUE   (QUEUE: demo | others | seeds)
-# Run the queues in parallel on a 2-core machine, one thread each.
+# The experiments behind RESULTS.md. Each queue is one or more resumable `cpl-masks sweep`s:
+# re-running a queue skips finished runs. Usage: benchmarks/sweeps.sh OUT_DIR QUEUE
+# QUEUE: demo | others | seeds | stability. On a 2-core machine run demo and others in parallel
+# (one thread each), then seeds (after demo) and stability (after others).
 set -euo pipefail
 OUT=${1:?output folder}; QUEUE=${2:?queue}
 CPL="${CPL:-.venv/bin/cpl-masks}"
@@ -23,13 +24,18 @@ others)
   # Gemma 3 270M (base model, second architecture) on the demo set
   $CPL sweep --model gemma3-270m --data builtin:demo --limit 96 --epochs 1 --lr-grid 3e-4,1e-3 \
     --methods full,mask,random "${COMMON[@]}" --out "$OUT/gemma3-demo"
-  # MMLU sample
-  $CPL sweep --data $DATA/mmlu.jsonl --limit 64 --epochs 1 --lr-grid 3e-4,1e-3 \
+  # MMLU sample, one learning rate
+  $CPL sweep --data $DATA/mmlu.jsonl --limit 64 --epochs 1 --lr-grid 1e-3 \
     --methods full,mask,random "${COMMON[@]}" --out "$OUT/smollm2-mmlu"
   ;;
-seeds)  # the headline rows with three seeds (example order and random mask)
-  $CPL sweep --data builtin:demo --limit 96 --epochs 1 --lr-grid "${LR:-1e-3}" --seeds 0,1,2 \
+seeds)  # the headline rows with two more seeds (example order, random mask); seed 0 is the demo
+  # queue's run (same split, masks and settings): results_tables.py --merge pools them
+  $CPL sweep --data builtin:demo --limit 96 --epochs 1 --lr-grid 1e-3 --seeds 1,2 \
     --methods full,mask,random "${COMMON[@]}" --out "$OUT/smollm2-demo-seeds"
+  ;;
+stability)  # masks from disjoint halves of one split, and across tasks
+  .venv/bin/python benchmarks/mask_stability.py "$OUT/smollm2-demo" "$OUT/smollm2-csqa" "$OUT/smollm2-mmlu" \
+    --out "$OUT/stability.json"
   ;;
 *) echo "unknown queue $QUEUE" >&2; exit 2 ;;
 esac
