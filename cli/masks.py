@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cpl_masks import registry
+from cpl_masks import distributed, registry
 from cpl_masks.algebra import OPERATIONS, combine, recut
 from cpl_masks.cli.common import (
     BatchSizeOption,
@@ -48,6 +48,7 @@ RULES = ("sign", *CONTROLS)
 
 
 @reports_errors
+@distributed.reports_rank_errors
 def profile(
     mastered: Annotated[
         Path | None, typer.Option(help="Questions the model answers right (mastered.jsonl); --rule sign only.")
@@ -78,6 +79,14 @@ def profile(
     out: OutOption = None,
     name: NameOption = None,
     seed: Annotated[int, typer.Option(help="Torch seed (--rule random: the positions' seed), recorded.")] = 0,
+    wrapping: Annotated[
+        str | None,
+        typer.Option(
+            "--distributed",
+            help="Under torchrun/accelerate launch: ddp (default; whole model per rank, all-reduced "
+            "gradient sums) or fsdp2 (sharded model and gradients; --rule sign only).",
+        ),
+    ] = None,
     dtype: DtypeOption = "float32",
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
@@ -85,6 +94,7 @@ def profile(
     """Measure which parameters conflict with what the model masters, and save the freeze mask.
 
     --rule random|gradient-magnitude --like MASK: a control with MASK's count in every tensor instead.
+    Under torchrun (or accelerate launch) each rank profiles its share and rank 0 saves and registers.
 
     Example: cpl-masks profile --mastered runs/split/mastered.jsonl --inject runs/split/inject.jsonl
     """
@@ -97,18 +107,21 @@ def profile(
         "--train-pattern": train_pattern,
         "--save-scores": save_scores or None,
     }
-    check_rule_options(rule, like, mastered=mastered, inject=inject, sign_only=sign_only)
+    check_rule_options(rule, like, mastered=mastered, inject=inject, sign_only={**sign_only, "--distributed": wrapping})
+    distributed.wrapping_for(wrapping)  # refuses an unknown name before any model loads
     if scoring is not None:
         check_scoring(scoring)
     if name is not None:
         check_task(name)
+    distributed.setup(device)  # under torchrun: join the other ranks; rank 0 alone prints and writes
+    stdout.quiet = not distributed.is_main()
     if rule != "sign":
         control = ControlRequest(rule, like, inject, scoring, seed=seed, task=name, batch_size=batch_size)
         mask = make_control(control, model=model, dtype=dtype, device=device, threads=threads)
-        save_and_register(mask, out, task=name, source="control")
+        distributed.on_main(lambda: save_and_register(mask, out, task=name, source="control"))
         return
     mastered_questions, inject_questions = load_questions(mastered), load_questions(inject)
-    loaded = load_model(model, dtype=dtype, device=device, threads=threads)
+    loaded = distributed.main_first(lambda: load_model(model, dtype=dtype, device=device, threads=threads))
     mask = profile_model(
         loaded,
         mastered_questions,
@@ -124,10 +137,15 @@ def profile(
         seed=seed,
         task=name,
         data_paths={"mastered": str(mastered), "inject": str(inject)},
+        wrapping=wrapping,
     )
+    distributed.on_main(lambda: _report_and_save(mask, out, task=name))
+
+
+def _report_and_save(mask: Mask, out: Path | None, *, task: str | None) -> None:
     print_summary(mask)
     print_run(mask)
-    save_and_register(mask, out, task=name, source="profiled")
+    save_and_register(mask, out, task=task, source="profiled")
 
 
 def check_rule_options(

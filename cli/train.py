@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cpl_masks import distributed
 from cpl_masks.cli.common import (
     DeviceOption,
     DtypeOption,
@@ -40,6 +41,7 @@ def _print_epoch(rows: list[dict[str, Any]]) -> None:
 
 
 @reports_errors
+@distributed.reports_rank_errors
 def train(
     data: Annotated[
         str | None, typer.Option("--data", "-d", help="Injection set I (inject.jsonl): facts to learn.")
@@ -103,6 +105,14 @@ def train(
     resume: Annotated[
         Path | None, typer.Option(help="Continue the stopped run in this folder (its saved options apply).")
     ] = None,
+    wrapping: Annotated[
+        str | None,
+        typer.Option(
+            "--distributed",
+            help="Under torchrun/accelerate launch: ddp (default; replicated weights) or fsdp2 "
+            "(sharded weights, gradients, masks and optimizer state; --mask or --mode full).",
+        ),
+    ] = None,
     dtype: DtypeOption = "float32",
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
@@ -110,10 +120,13 @@ def train(
 ) -> None:
     """Fine-tune on the injection set, evaluating learned and forgotten questions after every epoch.
 
+    Under torchrun (or accelerate launch) each rank trains and evaluates its share; rank 0 writes.
+
     Example: cpl-masks train --mask runs/mask.safetensors --data runs/split/inject.jsonl
     --mastered runs/split/mastered.jsonl --heldout runs/split/mastered_heldout.jsonl
     --epochs 3 --lr 1e-4 --out runs/cpl
     """
+    stdout.quiet = distributed.launch_env().rank != 0  # rank 0 alone prints
     if resume is not None:
         run = resume_run(resume, on_epoch=_print_epoch)
     else:
@@ -131,6 +144,7 @@ def train(
             seed=seed,
             momentum=momentum,
             weight_decay=weight_decay,
+            distributed=wrapping,
         )
         options = {
             "refresh_every": refresh_every,

@@ -6,13 +6,15 @@ The pipeline, one module per stage: :mod:`~cpl_masks.data` (question sets), :mod
 mask), :mod:`~cpl_masks.masks` (the mask file), :mod:`~cpl_masks.methods`,
 :mod:`~cpl_masks.train` and :mod:`~cpl_masks.training_run` (one loop for every method),
 :mod:`~cpl_masks.sweep` (every method at every learning rate), :mod:`~cpl_masks.evaluate` (learned and
-forgotten), :mod:`cpl_masks.registry` (provenance) and :mod:`~cpl_masks.hub` (push and pull).
+forgotten), :mod:`cpl_masks.registry` (provenance), :mod:`~cpl_masks.hub` (push and pull) and
+:mod:`~cpl_masks.integrations` (a mask in transformers' ``Trainer``, TRL or any loop).
 """
 
 from cpl_masks.algebra import combine, recut
 from cpl_masks.controls import gradient_magnitude_mask, random_mask
 from cpl_masks.data import FieldNames, Question, load_questions, questions_sha256, write_questions
 from cpl_masks.errors import CplError
+from cpl_masks.integrations import MaskHandle
 from cpl_masks.mask_stats import diff, summarize
 from cpl_masks.masks import Mask, read_header
 from cpl_masks.methods import METHODS, Method, MethodContext, make_method
@@ -35,6 +37,7 @@ __all__ = [
     "FieldNames",
     "LoadedModel",
     "Mask",
+    "MaskHandle",
     "Method",
     "MethodContext",
     "Question",

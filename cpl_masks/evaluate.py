@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import astuple, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from cpl_masks import distributed
 from cpl_masks.data import Question
 from cpl_masks.files import atomic_write
 from cpl_masks.scoring import Scorer, Scores, batches, pad_left, score_questions
@@ -50,10 +52,14 @@ def evaluate_sets(
     epoch: int = 0,
     show_progress: bool = True,
 ) -> dict[str, Scores]:
-    """Scores of every question of each non-empty set (per set, in input order)."""
+    """Scores of every question of each non-empty set (per set, in input order).
+
+    Under several processes each rank scores its share and every rank gets all the scores
+    (:func:`score_sharded`).
+    """
     model.eval()
     return {
-        name: score_questions(
+        name: score_sharded(
             model,
             scorer,
             questions,
@@ -64,6 +70,34 @@ def evaluate_sets(
         for name, questions in sets.items()
         if questions
     }
+
+
+def score_sharded(
+    model: Any,
+    scorer: Scorer,
+    questions: Sequence[Question],
+    *,
+    batch_size: int = 16,
+    description: str = "scoring",
+    show_progress: bool = True,
+) -> Scores:
+    """:func:`~cpl_masks.scoring.score_questions` with rank ``r`` scoring questions ``r::N``, gathered in order.
+
+    Every rank scores the same number of questions (a short share is topped up with repeats of the
+    first question, whose results are dropped), so a sharded model (FSDP2, whose every forward is a
+    collective) runs the same number of forward passes on every rank.
+    """
+    if not distributed.active():
+        return score_questions(
+            model, scorer, questions, batch_size=batch_size, description=description, show_progress=show_progress
+        )
+    share = list(distributed.shard(questions))
+    padded = share + [questions[0]] * (distributed.shard_size(len(questions)) - len(share))
+    shown = show_progress and distributed.is_main()
+    local = score_questions(model, scorer, padded, batch_size=batch_size, description=description, show_progress=shown)
+    rows = list(zip(*astuple(local)))[: len(share)]  # one (prediction, correct, loss, logprob, margin) per question
+    merged = distributed.gather_shards(rows, len(questions))
+    return Scores(*(list(column) for column in zip(*merged))) if merged else Scores(*([] for _ in fields(Scores)))
 
 
 def count_transitions(before: Sequence[bool], after: Sequence[bool]) -> tuple[int, int]:

@@ -107,9 +107,14 @@ def pull(target: str, *, task: str | None = None) -> PullResult:
     return PullResult(ref=name, mask_id=mask.id, repo_id=repo_id, commit_sha=info.sha, path=path)
 
 
+def is_repo_id(text: str) -> bool:
+    """Whether ``text`` reads as a Hub repo id ``OWNER/NAME`` (registry names do too, so ask the registry first)."""
+    return bool(_REPO_ID.match(text))
+
+
 def check_repo_id(repo_id: str) -> None:
     """Accept ``OWNER/NAME`` only."""
-    if not _REPO_ID.match(repo_id):
+    if not is_repo_id(repo_id):
         raise CplError(f"repo id {repo_id!r}: expected OWNER/NAME (letters, digits, '-', '_', '.')")
 
 

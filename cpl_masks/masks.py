@@ -30,13 +30,16 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from cpl_masks.errors import CplError
 from cpl_masks.files import atomic_write
+
+if TYPE_CHECKING:
+    from cpl_masks.integrations import MaskHandle
 
 FORMAT_NAME = "cpl-mask"
 FORMAT_VERSION = "1.0"
@@ -61,6 +64,8 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 def count_set_bits(packed: torch.Tensor) -> int:
     """Number of 1 bits (collaborative entries) in a packed mask tensor, without unpacking it."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2: a native popcount, ~8x faster than the table lookup
+        return int(np.bitwise_count(packed.numpy()).sum(dtype=np.int64))
     return int(_POPCOUNT[packed.to(torch.int64)].sum())
 
 
@@ -177,6 +182,27 @@ class Mask:
                 "the file is corrupted or was edited"
             )
         return mask
+
+    @classmethod
+    def from_ref(cls, ref: str, *, scores: bool = False) -> Mask:
+        """Load a mask from a file, a registry name or id, or a Hub repo ``owner/name[@revision]``.
+
+        One way to name a mask wherever it lives; the logic (registry first, then the Hub pull that
+        verifies and registers) is :func:`cpl_masks.integrations.load_mask`.
+        """
+        from cpl_masks.integrations import load_mask
+
+        return load_mask(ref, scores=scores)
+
+    def apply(self, target: Any, optimizer: Any = None, *, allow_other_weights: bool = False) -> MaskHandle:
+        """Make a model, or a transformers/TRL Trainer, train only the collaborative entries.
+
+        So an existing training script needs two added lines; ``remove()`` on the returned handle
+        undoes it. See :func:`cpl_masks.integrations.apply_mask` for the arguments and the mechanism.
+        """
+        from cpl_masks.integrations import apply_mask
+
+        return apply_mask(self, target, optimizer, allow_other_weights=allow_other_weights)
 
     def check_model(self, model: torch.nn.Module, *, allow_other_weights: bool = False) -> None:
         """Refuse a model whose parameter names or shapes differ, or (unless allowed) whose weights differ."""

@@ -14,6 +14,7 @@ mask is computed as soon as both its gradients exist and both are freed right af
 from __future__ import annotations
 
 import contextlib
+import math
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from cpl_masks import distributed
 from cpl_masks.data import Question, questions_sha256
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
@@ -54,6 +56,7 @@ def profile(
     task: str | None = None,
     data_paths: dict[str, str] | None = None,
     show_progress: bool = True,
+    wrapping: str | None = None,
 ) -> Mask:
     """Profile ``loaded`` on the mastered and injection sets and return the freeze mask.
 
@@ -73,11 +76,16 @@ def profile(
         task: the task name recorded in the mask (the registry names the mask after it).
         data_paths: where ``mastered`` and ``inject`` were read from, recorded under those keys.
         show_progress: show a progress bar over both passes.
+        wrapping: under torchrun, ``ddp`` (the default: every rank holds the whole model and the
+            gradient sums are all-reduced) or ``fsdp2`` (the model is sharded in place with
+            ``fully_shard`` and stays so; gradients, scores and cuts are per-rank shards, and the
+            bits are gathered one tensor at a time). Ignored in a single process.
 
     Returns:
         The mask; its metadata holds the provenance, per-tensor statistics (entries touched by
         ``g_I``, positive and negative parts of ``g_M·g_I``, squared norms) and a ``profile``
-        section with the time and peak memory of the run.
+        section with the time, peak memory (of this process) and number of processes of the run.
+        Under ``torchrun`` every rank profiles its share of the questions and returns the same mask.
     """
     if not mastered or not inject:
         raise CplError("profile needs a non-empty mastered set and a non-empty injection set")
@@ -89,17 +97,22 @@ def profile(
     )
     scorer = make_scorer(scoring, loaded.tokenizer)
     torch.manual_seed(seed)
+    distributed.setup(str(loaded.device))  # joins the launcher's group if the caller has not
+    fingerprint = model_fingerprint(loaded.model)  # of the whole weights, before any sharding
+    if distributed.wrapping_for(wrapping) == "fsdp2":
+        distributed.shard_model(loaded.model)
     device = loaded.device
     reset_peak_memory(device)
     started = time.perf_counter()
-    with progress_bar("profile (I, then M)", len(inject) + len(mastered), show_progress) as advance:
+    shown = show_progress and distributed.is_main()
+    with progress_bar("profile (I, then M)", len(inject) + len(mastered), shown) as advance:
         passes = {"batch_size": batch_size, "checkpointing": checkpointing, "advance": advance}
         g_inject = mean_gradients(loaded.model, scorer, inject, **passes)
         g_mastered = mean_gradients(loaded.model, scorer, mastered, **passes)
     bits, stats, scores = _cut(rule, g_mastered, g_inject, keep_scores=save_scores or keep_fraction is not None)
     seconds = time.perf_counter() - started
     metadata = {
-        "model": {"ref": loaded.ref, "fingerprint": model_fingerprint(loaded.model)},
+        "model": {"ref": loaded.ref, "fingerprint": fingerprint},
         "scoring": scoring,
         "loss": LOSSES[scoring],
         "data": data_provenance({"mastered": mastered, "inject": inject}, data_paths),
@@ -117,6 +130,8 @@ def profile(
             "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
             "seconds": round(seconds, 3),
             **peak_memory(device),
+            "processes": distributed.world_size(),
+            "wrapping": distributed.wrapping_for(wrapping),
         },
     }
     return Mask.from_bool(bits, metadata, scores=scores if save_scores else None)
@@ -147,22 +162,56 @@ def mean_gradients(
     """Mean gradient of the answer loss over ``questions``, one float32 tensor per named parameter.
 
     With ``checkpointing`` each decoder layer's activations are recomputed in backward, so a batch
-    costs about one layer's activations instead of all of them; the gradients are the same.
+    costs about one layer's activations instead of all of them; the gradients are the same. Under
+    several processes (:mod:`cpl_masks.distributed`) each rank takes its share of the questions,
+    divides by the global count and the float32 sums are all-reduced, so every rank returns the
+    single-process mean (up to the order of float additions); every rank must call it. On a model
+    sharded with FSDP2 the gradients come reduce-scattered, and each returned tensor is a DTensor
+    holding this rank's shard.
     """
     parameters = dict(model.named_parameters())  # deduplicates tied weights
     buffers: dict[str, torch.Tensor] = {}
+    sharded = any(distributed.is_dtensor(parameter) for parameter in parameters.values())
     with _gradients_into(parameters, buffers), activation_checkpointing(model, checkpointing):
-        for batch in batches(sorted(questions, key=_text_length), batch_size):  # similar lengths pad less
+        for batch, weight in _rank_batches(questions, batch_size, equal_counts=sharded):
             losses = scorer.loss(model, batch)  # (B,) per-question answer loss
-            (losses.sum() / len(questions)).backward()
-            advance(len(batch))
+            scale = weight * (distributed.world_size() if sharded else 1)  # FSDP2 averages over the ranks
+            (losses.sum() * scale / len(questions)).backward()  # divided by the global count
+            advance(len(batch) * distributed.world_size() if weight else 0)
     ordered = {name: buffers.pop(name, None) for name in parameters}  # model order
     for name, parameter in parameters.items():
         if ordered[name] is None:  # the loss does not reach this parameter
-            ordered[name] = torch.zeros(parameter.shape, dtype=torch.float32, device=parameter.device)
-        if not torch.isfinite(ordered[name]).all():
+            ordered[name] = torch.zeros_like(parameter, dtype=torch.float32)  # a DTensor under FSDP2
+        if not sharded:
+            distributed.all_reduce_sum(ordered[name])  # float32 sum of the ranks' partial means: the mean
+        if not _all_finite(ordered[name]):
             raise CplError(f"profile: the gradient of {name} is not finite (loss overflow? try --dtype float32)")
     return ordered
+
+
+def _rank_batches(
+    questions: Sequence[Question], batch_size: int, *, equal_counts: bool
+) -> Iterator[tuple[Sequence[Question], float]]:
+    """This rank's batches of ``questions`` with their weight (1), sorted by length so batches pad less.
+
+    With ``equal_counts`` (an FSDP2 model, whose every backward is a collective) a rank with fewer
+    batches than the others ends with batches of one question at weight 0.
+    """
+    local = distributed.shard(sorted(questions, key=_text_length))
+    own = batches(local, batch_size) if local else []
+    for batch in own:
+        yield batch, 1.0
+    if equal_counts:
+        for _ in range(math.ceil(distributed.shard_size(len(questions)) / batch_size) - len(own)):
+            yield questions[:1], 0.0
+
+
+def _all_finite(gradient: torch.Tensor) -> bool:
+    """Whether every entry is finite; for a DTensor, on every rank (the answer is the same everywhere)."""
+    if not distributed.is_dtensor(gradient):
+        return bool(torch.isfinite(gradient).all())
+    bad = torch.tensor([float(not torch.isfinite(distributed.local(gradient)).all())], device=gradient.device)
+    return not distributed.all_reduce_sum(bad).item()
 
 
 def _text_length(question: Question) -> int:
@@ -209,19 +258,28 @@ def _cut(
     scores: dict[str, torch.Tensor] = {}
     for name in list(g_inject):
         grad_m, grad_i = g_mastered.pop(name), g_inject.pop(name)
-        product = grad_m * grad_i  # (param shape) float32 s = g_M ⊙ g_I
-        touched = grad_i != 0  # (param shape) bool, entries the injection gradient moves
-        stats[name] = {
-            "touched": int(touched.sum()),
-            "dot_positive": float(product.clamp(min=0).sum(dtype=torch.float64)),
-            "dot_negative": float(product.clamp(max=0).sum(dtype=torch.float64)),
-            "norm_m_sq": float(grad_m.square().sum(dtype=torch.float64)),
-            "norm_i_sq": float(grad_i.square().sum(dtype=torch.float64)),
-        }
+        placed = grad_i if distributed.is_dtensor(grad_i) else None  # FSDP2: both are shards placed alike
+        grad_m, grad_i = distributed.local(grad_m), distributed.local(grad_i)
+        product = grad_m * grad_i  # (param shape, or this rank's shard of it) float32 s = g_M ⊙ g_I
+        touched = grad_i != 0  # bool, entries the injection gradient moves
+        sums = torch.stack(
+            [
+                touched.sum(dtype=torch.float64),
+                product.clamp(min=0).sum(dtype=torch.float64),
+                product.clamp(max=0).sum(dtype=torch.float64),
+                grad_m.square().sum(dtype=torch.float64),
+                grad_i.square().sum(dtype=torch.float64),
+            ]
+        )  # (5,) float64
+        if placed is not None:
+            distributed.all_reduce_sum(sums)  # the shards' partial sums: the whole tensor's
+        keys = ("touched", "dot_positive", "dot_negative", "norm_m_sq", "norm_i_sq")
+        stats[name] = {key: float(value) for key, value in zip(keys, sums.tolist())}
+        stats[name]["touched"] = int(stats[name]["touched"])
         if keep_scores:
-            scores[name] = product.to("cpu", torch.bfloat16)
+            scores[name] = _whole(product, placed).to("cpu", torch.bfloat16)
         if rule.keep_fraction is None:
-            bits[name] = rule.select(name, product, None).cpu()
+            bits[name] = _whole(rule.select(name, product, None), placed).cpu()
         del grad_m, grad_i, product, touched
     cut_key = rule.cut_key(scores.items())
     for name, entry in stats.items():
@@ -231,6 +289,21 @@ def _cut(
             int(bits[name].sum()), bits[name].numel(), entry["touched"], rule.keeps_zero(name, cut_key)
         )
     return bits, stats, scores
+
+
+def _whole(shard: torch.Tensor, placed: torch.Tensor | None) -> torch.Tensor:
+    """The whole tensor of ``shard``, this rank's part of a tensor placed like ``placed`` (None: already whole).
+
+    One tensor is gathered at a time, so no rank ever holds more than one whole tensor of the model.
+    """
+    if placed is None:
+        return shard
+    from torch.distributed.tensor import DTensor
+
+    wire = shard.to(torch.uint8) if shard.dtype == torch.bool else shard  # gloo gathers no bool tensors
+    spread = DTensor.from_local(wire, placed.device_mesh, placed.placements, shape=placed.shape, stride=placed.stride())
+    whole = spread.full_tensor()
+    return whole.bool() if shard.dtype == torch.bool else whole
 
 
 def touched_collaborative(collaborative: int, entries: int, touched: int, zero_kept: bool) -> int:

@@ -7,10 +7,20 @@ Frozen entries stay bit-identical with every optimizer: SGD and momentum see zer
 (so their momentum buffers stay zero) and weight decay is folded into the gradient *before* the
 mask; with a static mask AdamW is :class:`MaskedAdamW`, which keeps its moments only for the
 collaborative entries and writes nothing else.
+
+Under ``torchrun`` (:mod:`cpl_masks.distributed`) each step's batch is split across the ranks and
+the model is wrapped in DDP (replicated weights, averaged gradients) or FSDP2 (``--distributed
+fsdp2``: every parameter, gradient, freeze mask and optimizer moment is a per-rank shard); a step
+then equals the single-process step on the whole batch.
+
+Weights loaded in bfloat16 (``--dtype bfloat16``) train as float32 master weights with the forward
+under bfloat16 autocast, so small updates are not rounded away; bfloat16 to float32 is exact, so
+frozen entries keep their values, and the result is rounded back to bfloat16 once, when saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -18,6 +28,7 @@ from typing import Any
 
 import torch
 
+from cpl_masks import distributed
 from cpl_masks.data import Question
 from cpl_masks.errors import CplError
 from cpl_masks.methods import Method
@@ -40,6 +51,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     show_progress: bool = True
+    distributed: str | None = None  # under torchrun: ddp (the default) or fsdp2; ignored in one process
 
     def check(self) -> None:
         """Refuse values that cannot train, naming the option."""
@@ -54,6 +66,8 @@ class TrainConfig:
                 raise CplError(f"{option} {value}: must be at least 1")
         if self.weight_decay < 0:
             raise CplError(f"--weight-decay {self.weight_decay}: must not be negative")
+        if self.distributed not in (None, *distributed.WRAPPINGS):
+            raise CplError(f"--distributed {self.distributed}: choose one of {', '.join(distributed.WRAPPINGS)}")
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain JSON values."""
@@ -69,7 +83,9 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     For a partly frozen tensor the two moments are compact 1-D tensors over its collaborative
     entries (selected with the bool mask); frozen entries get no update at all, weight decay
-    included. Tensors given without a mask train entirely, as in plain AdamW.
+    included. Tensors given without a mask train entirely, as in plain AdamW. Under FSDP2 the
+    parameter, its gradient and its mask are DTensor shards and the update runs on each rank's
+    local shard, so each rank keeps moments only for its own collaborative entries.
     """
 
     def __init__(
@@ -92,12 +108,13 @@ class MaskedAdamW(torch.optim.Optimizer):
         for parameter, frozen in zip(group["params"], self.frozen, strict=True):
             if parameter.grad is None:
                 continue
-            keep = None if frozen is None else frozen.logical_not()  # bool, param shape
-            grad = parameter.grad if keep is None else parameter.grad.masked_select(keep)  # (n_keep,)
-            values = parameter if keep is None else parameter.masked_select(keep)  # (n_keep,) copy
+            weights, grads = distributed.local(parameter), distributed.local(parameter.grad)  # (local shape)
+            keep = None if frozen is None else distributed.local(frozen).logical_not()  # bool, local shape
+            grad = grads if keep is None else grads.masked_select(keep)  # (n_keep,)
+            values = weights if keep is None else weights.masked_select(keep)  # (n_keep,) copy
             self._update(values, grad, self.state[parameter], group)
             if keep is not None:
-                parameter.masked_scatter_(keep, values)
+                weights.masked_scatter_(keep, values)
 
     @staticmethod
     def _update(values: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
@@ -136,9 +153,12 @@ def build_optimizer(
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by the optimizer's state tensors (momentum buffers, Adam moments)."""
+    """Bytes this process holds in the optimizer's state tensors (momentum buffers, Adam moments).
+
+    Under FSDP2 that is this rank's shard only.
+    """
     return sum(
-        value.numel() * value.element_size()
+        distributed.local(value).numel() * value.element_size()
         for state in optimizer.state.values()
         for value in state.values()
         if isinstance(value, torch.Tensor)
@@ -146,24 +166,42 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 class Trainer:
-    """Runs epochs of one method with one optimizer on one model; checkpointable."""
+    """Runs epochs of one method with one optimizer on one model; checkpointable.
+
+    ``model`` is the bare module: method hooks, evaluation and saving use it and its parameter
+    names. ``network`` is what a step's forward runs through: ``model`` itself, or a DDP wrapper
+    around it under torchrun (FSDP2 shards ``model`` in place, so there it is ``model``).
+    """
 
     def __init__(self, model: torch.nn.Module, scorer: Scorer, method: Method, config: TrainConfig) -> None:
         config.check()
         self.scorer = scorer
         self.method = method
         self.config = config
+        self.stored_dtype = _float32_masters(model)  # the dtype the weights came in
         self.model = method.prepare(model)  # the module to train: the model itself or an adapter around it
-        self.named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
-        if not self.named:
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
             raise CplError("nothing to train: the mask freezes every parameter entry")
+        frozen = method.frozen_entries()
+        self._trainable = sum(p.numel() - (int(frozen[n].sum()) if n in frozen else 0) for n, p in named)
+        self.wrapping = distributed.wrapping_for(config.distributed)
+        self.network = distributed.wrap_for_training(self.model, self.wrapping, method.name)
+        if self.wrapping == "fsdp2":
+            _shard_masks(self.model, method)
+        self.named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]  # FSDP2's own
         self.optimizer = build_optimizer(config, self.named, method.frozen_entries())
 
     @property
     def trainable_entries(self) -> int:
         """Entries that may change: collaborative entries under a mask, else all trainable ones."""
-        frozen = self.method.frozen_entries()
-        return sum(p.numel() - (int(frozen[n].sum()) if n in frozen else 0) for n, p in self.named)
+        return self._trainable
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """Forward passes in the dtype the weights were loaded in (bfloat16 autocast over float32 masters)."""
+        if self.stored_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(next(self.model.parameters()).device.type, dtype=self.stored_dtype)
 
     def train_epoch(self, questions: Sequence[Question], epoch: int) -> float:
         """One pass over the method's stream of ``questions``; returns the mean training loss.
@@ -174,7 +212,8 @@ class Trainer:
         steps = batches(self.method.stream(questions, epoch, self.config.seed), self.config.batch_size)
         total = 0.0
         self.model.train()
-        with progress_bar(f"train epoch {epoch}", len(steps), self.config.show_progress) as advance:
+        shown = self.config.show_progress and distributed.is_main()
+        with progress_bar(f"train epoch {epoch}", len(steps), shown) as advance:
             for step, batch in enumerate(steps):
                 self.method.before_step(self.model, step)
                 total += self._step(batch, epoch, step)
@@ -183,19 +222,37 @@ class Trainer:
         return total / len(steps)
 
     def _step(self, batch: Sequence[Question], epoch: int, step: int) -> float:
-        loss = self.scorer.loss(self.model, batch).mean()
+        loss, mean = self._loss(batch)
         penalty = self.method.penalty(self.model)
         if penalty is not None:
-            loss = loss + penalty
-        if not torch.isfinite(loss):
+            loss, mean = loss + penalty, mean + penalty.detach()
+        if not torch.isfinite(mean):  # the same value on every rank, so every rank stops here
             self.model.zero_grad(set_to_none=True)
-            raise TrainingDiverged(f"epoch {epoch}, step {step + 1}: the loss is {loss.item()} (training diverged)")
+            raise TrainingDiverged(f"epoch {epoch}, step {step + 1}: the loss is {mean.item()} (training diverged)")
         loss.backward()
         self._decay_gradients()
         self.method.mask_gradients(self.model)
         self.optimizer.step()
         self.model.zero_grad(set_to_none=True)  # frees gradient memory before the next refresh or eval
-        return loss.item()
+        return mean.item()
+
+    def _loss(self, batch: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss this rank backpropagates, and the whole batch's mean answer loss (detached).
+
+        In one process both are the batch mean. Under N ranks a rank's loss is the sum over its share
+        of the batch times N / len(batch): DDP and FSDP2 average gradients over the ranks, so the step
+        follows the gradient of the whole batch's mean. A rank whose share is empty (a batch smaller
+        than N) runs one question at weight 0, so every rank joins the same collectives.
+        """
+        with self.autocast():
+            if not distributed.active():
+                loss = self.scorer.loss(self.network, batch).mean()
+                return loss, loss.detach()
+            share = distributed.shard(batch)
+            losses = self.scorer.loss(self.network, share or batch[:1])  # (b,) this rank's answer losses
+        partial = losses.detach().sum() if share else losses.new_zeros(())
+        mean = distributed.all_reduce_sum(partial) / len(batch)
+        return losses.sum() * (distributed.world_size() / len(batch) if share else 0.0), mean
 
     def _decay_gradients(self) -> None:
         """L2 weight decay for SGD and momentum, added before the mask so frozen entries never decay."""
@@ -204,11 +261,45 @@ class Trainer:
                 parameter.grad.add_(parameter.detach(), alpha=self.config.weight_decay)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Every named parameter (tied weights once), detached: what a checkpoint stores."""
-        return {name: parameter.detach() for name, parameter in self.model.named_parameters()}
+        """Every named parameter (tied weights once), detached: what a checkpoint stores.
+
+        Under FSDP2 each parameter is gathered whole, one at a time (every rank must call this),
+        and only rank 0 keeps them, on the CPU; the other ranks get an empty dict.
+        """
+        named = self.model.named_parameters()
+        if self.wrapping != "fsdp2":
+            return {name: parameter.detach() for name, parameter in named}
+        keep = distributed.is_main()
+        return {name: full.cpu() for name, full in distributed.full_tensors(named) if keep}
+
+    def final_weights(self) -> dict[str, torch.Tensor] | None:
+        """Ready the trained weights for saving, in the dtype they were loaded in (every rank calls it).
+
+        Returns the gathered weights under FSDP2 (rank 0; empty elsewhere), else None: the model
+        itself, cast back, is what the method saves. Call it once training is over.
+        """
+        if self.wrapping == "fsdp2":
+            return {name: tensor.to(self.stored_dtype) for name, tensor in self.weights().items()}
+        self.model.to(self.stored_dtype)
+        return None
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Copy checkpointed weights back into the model."""
-        with torch.no_grad():
-            for name, parameter in self.model.named_parameters():
-                parameter.copy_(weights[name])
+        """Copy checkpointed weights back into the model (under FSDP2, each rank its own shard)."""
+        for name, parameter in self.model.named_parameters():
+            distributed.copy_full_into(parameter, weights[name])
+
+
+def _float32_masters(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the weights were loaded in; bfloat16 weights become float32 master weights (exactly)."""
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.bfloat16:
+        model.float()
+    return dtype
+
+
+def _shard_masks(model: torch.nn.Module, method: Method) -> None:
+    """Under FSDP2, turn the method's freeze masks into DTensor shards placed like their parameters."""
+    frozen = method.frozen_entries()
+    distributed.shard_frozen_masks(model, frozen)
+    if not all(distributed.is_dtensor(mask) for mask in method.frozen_entries().values()):
+        raise CplError(f"--distributed fsdp2: --mode {method.name} keeps freeze masks that cannot be sharded")

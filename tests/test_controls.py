@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cpl_masks import registry
 from cpl_masks.cli.app import app
 from cpl_masks.controls import _largest_bits, gradient_magnitude_mask, random_mask
 from cpl_masks.errors import CplError
@@ -188,3 +189,4 @@ def test_a_control_mask_trains_through_the_mask_path(files, tiny_model_dir, tmp_
     assert_frozen_unchanged(before, trained, Mask.load(mask_path))
     moved = sum(int((parameter.detach() != before[name]).sum()) for name, parameter in trained.named_parameters())
     assert moved > 0
+    assert registry.show(str(mask_path))["source"] == "control"  # registered by the run, filed as what it is

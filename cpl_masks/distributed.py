@@ -1,0 +1,395 @@
+"""Running under ``torchrun`` or ``accelerate launch``: ranks, collectives, and who writes files.
+
+Both launchers start one process per device and describe the job in ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK`` (plus ``MASTER_ADDR``/``MASTER_PORT``). :func:`setup` joins that job's process group
+(gloo on the CPU, nccl on CUDA, each rank on ``cuda:LOCAL_RANK``); without those variables every
+function here is the single-process identity, so the rest of the code calls them unconditionally.
+
+The rules the pipeline follows under N processes:
+
+* questions are sharded, rank ``r`` taking questions ``r::N`` (:func:`shard`);
+* gradient sums are all-reduced in float32 and divided by the global count, so a mean equals the
+  single-process mean (:func:`all_reduce_sum`);
+* per-question results are gathered back in the original order (:func:`gather_shards`);
+* files and registry rows are written by rank 0 alone while the others wait (:func:`on_main`),
+  and a failure there is raised on every rank;
+* every collective times out (``CPL_MASKS_DIST_TIMEOUT`` seconds, default 600), and a rank that
+  fails makes the others stop with a one-line error (:func:`reports_rank_errors`) rather than hang.
+
+Training wraps the model in DDP or FSDP2 (:func:`wrap_for_training`); under FSDP2 each parameter
+is a DTensor sharded on dim 0, and the freeze masks are sharded the same way
+(:func:`shard_frozen_masks`), so a static mask costs each rank only its shard.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import inspect
+import math
+import os
+import re
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+
+from cpl_masks.errors import CplError
+
+T = TypeVar("T")
+WRAPPINGS = ("ddp", "fsdp2")
+FSDP2_METHODS = ("full", "mask")  # methods whose hooks only edit gradients in place (DTensor-safe)
+TIMEOUT_ENV = "CPL_MASKS_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in the job the launcher started (rank 0 of 1 without a launcher)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launch_env() -> Launch:
+    """Read ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` as torchrun and accelerate set them."""
+    values = {}
+    for key, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+        text = os.environ.get(key, str(default))
+        try:
+            values[key] = int(text)
+        except ValueError:
+            raise CplError(f"{key}={text!r}: not an integer (set by torchrun or accelerate launch)") from None
+    launch = Launch(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"])
+    if launch.world_size < 1 or not 0 <= launch.rank < launch.world_size:
+        raise CplError(f"RANK={launch.rank} WORLD_SIZE={launch.world_size}: rank must lie in [0, WORLD_SIZE)")
+    return launch
+
+
+def timeout_seconds() -> float:
+    """How long any collective may wait for the other ranks (``CPL_MASKS_DIST_TIMEOUT``, default 600 s)."""
+    text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise CplError(f"{TIMEOUT_ENV}={text!r}: not a number of seconds") from None
+    if not seconds > 0:
+        raise CplError(f"{TIMEOUT_ENV}={text!r}: must be positive")
+    return seconds
+
+
+def setup(device: str = "auto") -> None:
+    """Join the launcher's process group once; a no-op in a single process or when already joined.
+
+    On CUDA the rank's device becomes ``cuda:LOCAL_RANK`` (so ``cuda`` and ``auto`` mean it) and the
+    backend is nccl; on the CPU it is gloo. Every collective then times out after
+    :func:`timeout_seconds`, and SIGTERM (what a launcher sends the survivors when a rank fails)
+    becomes a one-line error instead of a silent kill.
+    """
+    launch = launch_env()
+    if launch.world_size == 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
+        return
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise CplError(
+            "DeepSpeed ZeRO is not supported (its flat partitions and own optimizer step cannot keep a per-entry "
+            "mask); launch without the DeepSpeed config and use --distributed fsdp2 to shard"
+        )
+    from cpl_masks.models import resolve_device
+
+    cuda = resolve_device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(launch.local_rank)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_seconds()))
+    atexit.register(_leave)
+    _stop_on_sigterm()
+
+
+def _leave() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _stop_on_sigterm() -> None:
+    """Turn the launcher's SIGTERM into a :class:`CplError`, so the rank says why it stops."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def stop(_signum: int, _frame: Any) -> None:
+        raise CplError("stopped by the launcher (SIGTERM): another rank failed or the job was cancelled")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def active() -> bool:
+    """True inside a process group of more than one rank."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+def rank() -> int:
+    """This process's rank (0 outside a process group)."""
+    return torch.distributed.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 outside a process group)."""
+    return torch.distributed.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, the rank that writes files, registry rows and tables."""
+    return rank() == 0
+
+
+def describe() -> dict[str, Any]:
+    """What ``run.json`` and a mask's ``profile`` section record about the processes."""
+    if not active():
+        return {"world_size": 1, "backend": None}
+    return {"world_size": world_size(), "backend": torch.distributed.get_backend()}
+
+
+def shard(items: Sequence[T]) -> Sequence[T]:
+    """This rank's share of ``items``: positions ``rank::world_size`` (all of them in one process)."""
+    return items[rank() :: world_size()] if active() else items
+
+
+def shard_size(count: int) -> int:
+    """The largest share :func:`shard` gives any rank of ``count`` items."""
+    return math.ceil(count / world_size())
+
+
+def gather_shards(local: Sequence[T], total: int) -> list[T]:
+    """Inverse of :func:`shard`: every rank's items back in their original order, on every rank."""
+    if not active():
+        return list(local)
+    parts: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(parts, list(local))
+    return [parts[index % len(parts)][index // len(parts)] for index in range(total)]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks, in place (the identity in one process); returns it."""
+    if active():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait until every rank gets here."""
+    if active():
+        torch.distributed.barrier()
+
+
+def on_main(action: Callable[[], T]) -> T:
+    """Run ``action`` on rank 0 alone; every rank returns its result (which must pickle).
+
+    The others wait for it, so nothing reads a file before it is written. A failure on rank 0 is
+    raised there as it is and on the others as a :class:`CplError` saying so, so every rank stops.
+    """
+    return _main_outcome(action, share=True)
+
+
+def main_first(action: Callable[[], T]) -> T:
+    """Run ``action`` on rank 0, then on the others; each rank returns its own result.
+
+    For work that fills a cache the others then read (the GGUF conversion of a built-in model).
+    """
+    result = _main_outcome(action, share=False)
+    return result if is_main() else action()
+
+
+def _main_outcome(action: Callable[[], T], *, share: bool) -> T:
+    if not active():
+        return action()
+    result: Any = None
+    error: BaseException | None = None
+    sent: list[Any] = [None]
+    if is_main():
+        try:
+            result = action()
+            sent = [("ok", result if share else None)]
+        except BaseException as caught:
+            error = caught
+            sent = [("error", _one_line(caught))]
+    torch.distributed.broadcast_object_list(sent, src=0)
+    if error is not None:
+        raise error
+    status, value = sent[0]
+    if status == "error":
+        raise CplError(f"rank 0 failed: {value}")
+    return result if is_main() else value
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's first line, without bracketed source locations such as ``[/.../pair.cc:553]``."""
+    lines = re.sub(r"\[[^\]]*(/|\.cc:|\.cpp:)[^\]]*\]\s*", "", str(error)).strip().splitlines()
+    detail = lines[0][:300] if lines else ""
+    return detail if isinstance(error, CplError) else f"{type(error).__name__}: {detail}"
+
+
+def reports_rank_errors(command: Callable[..., T]) -> Callable[..., T]:
+    """Prefix a CLI command's errors with the rank, and turn a broken collective into one line.
+
+    When a rank fails, its process exits and the others' next collective breaks (gloo: the peer's
+    connection closes; nccl: the launcher's SIGTERM or the timeout). They then raise a
+    :class:`CplError` naming the cause, which the CLI prints as one line with exit status 2.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return command(*args, **kwargs)
+        except CplError as error:
+            if not _grouped():
+                raise
+            raise CplError(f"rank {_launch_rank()}: {error}") from error
+        except (RuntimeError, TimeoutError) as error:
+            if not _grouped() or not _is_collective_failure(error):
+                raise
+            cause = _one_line(error).split(". ")[0]  # gloo adds advice after its first sentence
+            raise CplError(
+                f"rank {_launch_rank()}: a collective with the other ranks failed ({cause}); "
+                "another rank probably failed first, see its error"
+            ) from error
+
+    return wrapper
+
+
+def _grouped() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _launch_rank() -> str:
+    launch = launch_env()
+    return f"{launch.rank}/{launch.world_size}"
+
+
+def _is_collective_failure(error: BaseException) -> bool:
+    if isinstance(error, (getattr(torch.distributed, "DistError", TimeoutError), TimeoutError)):
+        return True
+    text = str(error).lower()
+    return any(mark in text for mark in ("gloo", "nccl", "connection closed", "connection reset", "timed out"))
+
+
+def wrapping_for(requested: str | None) -> str | None:
+    """The training wrapping: None in one process, else ``requested`` (``ddp`` by default)."""
+    if requested is not None and requested not in WRAPPINGS:
+        raise CplError(f"--distributed {requested}: choose one of {', '.join(WRAPPINGS)}")
+    if not active():
+        return None
+    return requested or "ddp"
+
+
+def wrap_for_training(model: torch.nn.Module, wrapping: str | None, method: str) -> torch.nn.Module:
+    """The module a training step runs its forward through; ``model`` itself stays the bare module.
+
+    ``ddp`` returns a ``DistributedDataParallel`` around ``model`` (it shares its parameters, so
+    hooks, evaluation and saving keep using ``model`` and its parameter names; like a transformers
+    model it has the ``device`` the scorers place their inputs on). ``fsdp2`` shards ``model``
+    in place, each decoder layer and then the root (every parameter becomes a DTensor), and returns
+    ``model``. Call it after the method froze its tensors: DDP and FSDP2 skip frozen parameters.
+    """
+    if wrapping is None:
+        return model
+    if wrapping == "ddp":
+        device = next(model.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        from torch.nn.parallel import DistributedDataParallel
+
+        # buffers (rotary frequencies) are the same on every rank: no broadcast before each forward
+        quiet = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        buffers = {"forward_sync_buffers": False} if quiet else {"broadcast_buffers": False}
+        return DistributedDataParallel(model, device_ids=ids, **buffers)
+    if method not in FSDP2_METHODS:
+        raise CplError(f"--distributed fsdp2 trains --mode {'|'.join(FSDP2_METHODS)} only; use ddp for {method}")
+    return shard_model(model)
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 in place: ``fully_shard`` each decoder layer, then the root (embeddings, norm, head).
+
+    Every parameter becomes a DTensor sharded on dim 0 over all ranks; each forward and backward
+    gathers one layer's weights at a time and gradients arrive reduce-scattered (averaged over the
+    ranks). Names are unchanged. Returns ``model``.
+    """
+    fully_shard = _fully_shard()
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _fully_shard() -> Callable[..., Any]:
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise CplError(
+            f"--distributed fsdp2 needs torch>=2.6 (torch.distributed.fsdp.fully_shard), not {torch.__version__}"
+        ) from None
+    return fully_shard
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks FSDP2 shards one by one: modules of a class transformers never splits."""
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    return [module for module in model.modules() if type(module).__name__ in kinds and module is not model]
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """True for a DTensor (an FSDP2 parameter, gradient or sharded mask)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (its storage: in-place edits change the DTensor), else ``tensor`` itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def shard_like(full: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """``full`` (the parameter's shape, the same on every rank) as a DTensor placed like ``parameter``.
+
+    Each rank keeps a copy of only its own slice; nothing is communicated.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(parameter.device), parameter.device_mesh, parameter.placements, src_data_rank=None)
+
+
+def shard_frozen_masks(model: torch.nn.Module, frozen: dict[str, torch.Tensor]) -> None:
+    """Replace, in place, each full bool freeze mask by its DTensor shard matching the parameter.
+
+    The method that owns ``frozen`` then zeroes gradients with ``grad.masked_fill_(mask, 0)`` as
+    before: both are DTensors with the same mesh and placements, so the fill is local to each shard.
+    """
+    for name, parameter in model.named_parameters():
+        if name in frozen and is_dtensor(parameter) and not is_dtensor(frozen[name]):
+            frozen[name] = shard_like(frozen[name], parameter)
+
+
+def full_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor whole, one at a time: a DTensor is gathered (a collective: every rank must iterate)."""
+    for name, tensor in named:
+        yield name, (tensor.full_tensor() if is_dtensor(tensor) else tensor).detach()
+
+
+def copy_full_into(parameter: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into ``parameter``; a DTensor parameter takes only its own slice."""
+    with torch.no_grad():
+        if is_dtensor(parameter):
+            local(parameter).copy_(local(shard_like(full, parameter)))
+        else:
+            parameter.copy_(full)
