@@ -101,4 +101,4 @@ def test_plots_are_png(tmp_path):
     for name in ("curves.png", "compare.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert comparison_rows({"a": run})[0] == ("a", "mask", "abababab", "2/3", "1/3", "1/1", "+0.000", 3.0, 2)
-    assert metrics_table_rows(rows)[1][7:] == ("-0.250", "+0.000", "-")
+    assert metrics_table_rows(rows)[1][5:] == ("-0.250", "+0.000", "-")

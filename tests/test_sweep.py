@@ -167,6 +167,7 @@ def point(method: str, lr: float, learned: float, forgotten: float, diverged: bo
         "heldout_forgotten_share": forgotten,
         "forgotten_share": forgotten,
         "delta_logprob": {"heldout": -forgotten},
+        "delta_margin": {"heldout": -forgotten},
         "diverged": diverged,
     }
 
