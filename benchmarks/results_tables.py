@@ -25,6 +25,10 @@ def _num(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:+.{digits}f}"
 
 
+def _spread(value: float | None, seeds: int) -> str:
+    return f" ± {value:.3f}" if seeds > 1 and value is not None else ""
+
+
 def point_row(point: dict[str, Any]) -> str:
     """One markdown row of a (method, learning rate) point."""
     if point["diverged"]:
@@ -37,7 +41,8 @@ def point_row(point: dict[str, Any]) -> str:
         f" | {_pct(point['forgotten_share'], point.get('forgotten_share_sd'), seeds)}"
         f" | {_pct(point['heldout_forgotten_share'], point.get('heldout_forgotten_share_sd'), seeds)}"
         f" | {_num(margin.get('mastered'))} | {_num(margin.get('heldout'))}"
-        f" | {_num(point.get('retain_loss_delta'), 3)} | {'-' if agreement is None else f'{100 * agreement:.1f} %'} |"
+        f" | {_num(point.get('retain_loss_delta'), 3)}{_spread(point.get('retain_loss_delta_sd'), seeds)}"
+        f" | {'-' if agreement is None else f'{100 * agreement:.1f} %'} |"
     )
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The experiments behind RESULTS.md. Each queue is one or more resumable `cpl-masks sweep`s:
 # re-running a queue skips finished runs. Usage: benchmarks/sweeps.sh OUT_DIR QUEUE
-# QUEUE: demo | others | seeds | stability. On a 2-core machine run demo and others in parallel
-# (one thread each), then seeds (after demo) and stability (after others).
+# QUEUE: demo | others | seeds | adamw | stability. On a 2-core machine run demo and others in parallel
+# (one thread each), then seeds and adamw (after demo) and stability (after others).
 set -euo pipefail
 OUT=${1:?output folder}; QUEUE=${2:?queue}
 CPL="${CPL:-.venv/bin/cpl-masks}"
@@ -26,12 +26,16 @@ others)
     --methods full,mask,random "${COMMON[@]}" --out "$OUT/gemma3-demo"
   # MMLU sample, one learning rate
   $CPL sweep --data $DATA/mmlu.jsonl --limit 64 --epochs 1 --lr-grid 1e-3 \
-    --methods full,mask,random "${COMMON[@]}" --out "$OUT/smollm2-mmlu"
+    --methods full,mask,random --retain-text "$OUT/smollm2-demo/retain.txt" "${COMMON[@]}" --out "$OUT/smollm2-mmlu"
   ;;
 seeds)  # the headline rows with two more seeds (example order, random mask); seed 0 is the demo
   # queue's run (same split, masks and settings): results_tables.py --merge pools them
   $CPL sweep --data builtin:demo --limit 96 --epochs 1 --lr-grid 1e-3 --seeds 1,2 \
     --methods full,mask,random "${COMMON[@]}" --out "$OUT/smollm2-demo-seeds"
+  ;;
+adamw)  # AdamW beside SGD for the methods whose optimizer state differs: full, mask (MaskedAdamW), lora
+  $CPL sweep --data builtin:demo --limit 96 --epochs 1 --optimizer adamw --lr-grid 1e-5,1e-4 \
+    --methods full,mask,lora --method-lr-grid lora=1e-4,1e-3 "${COMMON[@]}" --out "$OUT/smollm2-demo-adamw"
   ;;
 stability)  # masks from disjoint halves of one split, and across tasks
   .venv/bin/python benchmarks/mask_stability.py "$OUT/smollm2-demo" "$OUT/smollm2-csqa" "$OUT/smollm2-mmlu" \
