@@ -82,8 +82,12 @@ def sweep(
 
     Example: cpl-masks sweep --data builtin:demo --limit 96 --lr-grid 1e-4,1e-3,3e-3 --seeds 0,1 --out runs/sweep
     """
-    options = {"replay_share": replay_share, "ewc_lambda": ewc_lambda, "lora_rank": lora_rank}
-    options["refresh_every"] = refresh_every
+    options = {
+        "replay_share": replay_share,
+        "ewc_lambda": ewc_lambda,
+        "lora_rank": lora_rank,
+        "refresh_every": refresh_every,
+    }
     config = SweepConfig(
         model=model,
         data=data,

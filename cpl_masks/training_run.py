@@ -266,8 +266,8 @@ class _Evaluation:
         )
 
     def row(self, epoch: int, baseline: Baseline, train_loss: float | None = None) -> dict[str, Any]:
-        """The metrics row after ``epoch`` against the epoch-0 ``baseline``."""
-        retain = self.retain_loss()
+        """The metrics row after ``epoch`` against the epoch-0 ``baseline`` (epoch 0 is the baseline itself)."""
+        retain = baseline.retain_loss if epoch == 0 else self.retain_loss()
         current = baseline.scores if epoch == 0 else self.scores(epoch)
         row = epoch_metrics(
             epoch,
