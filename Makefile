@@ -34,7 +34,7 @@ demo: setup
 	$(CPL) split --data builtin:demo --limit $(DEMO_LIMIT) --scoring loglik --holdout-fraction 0.25 \
 		--out $(DEMO)/split --overwrite
 	$(CPL) profile --mastered $(DEMO)/split/mastered.jsonl --inject $(DEMO)/split/inject.jsonl \
-		--name demo --out $(DEMO)/mask.safetensors
+		--name demo --out $(DEMO)/mask.safetensors --overwrite
 	$(CPL) inspect $(DEMO)/mask.safetensors --plot $(DEMO)/mask.png > /dev/null
 	for run in "cpl --mask $(DEMO)/mask.safetensors" "full --mode full"; do set -- $$run; \
 		$(CPL) train $$2 $$3 --data $(DEMO)/split/inject.jsonl --mastered $(DEMO)/split/mastered.jsonl \

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
+from rich.segment import Segments
 from rich.table import Table
 
 from cpl_masks.data import FieldNames
@@ -63,14 +65,24 @@ def fail(message: str) -> None:
     raise typer.Exit(CplError.exit_code)
 
 
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Print a small rich table on stdout."""
+def print_table(
+    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, whole: Collection[str] = ()
+) -> None:
+    """Print a small rich table on stdout.
+
+    Cells of the ``whole`` columns (names, ids, paths a user copies) are never cut with "…": the
+    table is printed as wide as they need, even wider than a narrow terminal or a pipe's 80 columns.
+    """
     table = Table(title=title, title_justify="left")
     for index, column in enumerate(columns):
-        table.add_column(column, justify="left" if index == 0 else "right", no_wrap=index == 0)
+        table.add_column(column, justify="left" if index == 0 else "right", no_wrap=index == 0 or column in whole)
     for row in rows:
         table.add_row(*(format_cell(cell) for cell in row))
-    stdout.print(table)
+    if not whole:
+        stdout.print(table)
+        return
+    width = max(stdout.width, Measurement.get(stdout, stdout.options.update(max_width=10**6), table).maximum)
+    stdout.print(Segments(stdout.render(table, stdout.options.update(width=width, max_width=width))), soft_wrap=True)
 
 
 def format_cell(value: Any) -> str:

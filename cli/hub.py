@@ -8,6 +8,7 @@ import typer
 
 from cpl_masks import hub
 from cpl_masks.cli.common import print_table, reports_errors
+from cpl_masks.registry import Registry
 
 
 @reports_errors
@@ -21,7 +22,7 @@ def push(
 
     Example: cpl-masks push smollm2-135m-instruct/arc --repo-id me/smollm2-arc-mask
     """
-    result = hub.push(ref, repo_id, private=private, revision=revision)
+    result = hub.push(ref, repo_id, registry=Registry(), private=private, revision=revision)
     print_table(
         f"pushed {result.ref}",
         ["field", "value"],
@@ -43,7 +44,7 @@ def pull(
 
     Example: cpl-masks pull me/smollm2-arc-mask@main --name arc
     """
-    result = hub.pull(target, task=name)
+    result = hub.pull(target, registry=Registry(), task=name)
     print_table(
         f"pulled {result.repo_id} as {result.ref}",
         ["field", "value"],

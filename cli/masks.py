@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from cpl_masks import distributed, registry
+from cpl_masks import distributed
 from cpl_masks.algebra import OPERATIONS, combine, recut
 from cpl_masks.cli.common import (
     BatchSizeOption,
@@ -25,18 +24,23 @@ from cpl_masks.cli.common import (
 from cpl_masks.controls import CONTROLS, gradient_magnitude_mask, random_mask
 from cpl_masks.data import load_questions
 from cpl_masks.errors import CplError
+from cpl_masks.files import check_output_file
 from cpl_masks.mask_stats import diff as diff_masks
 from cpl_masks.mask_stats import draw_share_heatmap, summarize
 from cpl_masks.masks import Mask
 from cpl_masks.models import DEFAULT_MODEL, load_model
 from cpl_masks.profile import profile as profile_model
+from cpl_masks.registry import Registry
 from cpl_masks.registry.names import check_task
-from cpl_masks.scoring import SCORINGS
-from cpl_masks.split import recorded_scoring
+from cpl_masks.selection import Rule
+from cpl_masks.split import resolve_scoring
 
 MaskArgument = Annotated[str, typer.Argument(help="Mask: file path, id or id prefix, name@vN, or name (latest).")]
 OutOption = Annotated[
     Path | None, typer.Option("--out", "-o", help="Mask file to write (default: only into the registry).")
+]
+OverwriteMaskOption = Annotated[
+    bool, typer.Option(help="Replace an existing --out file (never one of the command's own inputs).")
 ]
 NameOption = Annotated[str | None, typer.Option("--name", help="Task name the registry files the mask under.")]
 ThresholdOption = Annotated[float | None, typer.Option(help="Collaborative where s = g_M*g_I >= T (default 0).")]
@@ -77,6 +81,7 @@ def profile(
         bool, typer.Option(help="Recompute activations in backward: same gradients, much less memory.")
     ] = True,
     out: OutOption = None,
+    overwrite: OverwriteMaskOption = False,
     name: NameOption = None,
     seed: Annotated[int, typer.Option(help="Torch seed (--rule random: the positions' seed), recorded.")] = 0,
     wrapping: Annotated[
@@ -98,8 +103,6 @@ def profile(
 
     Example: cpl-masks profile --mastered runs/split/mastered.jsonl --inject runs/split/inject.jsonl
     """
-    if threshold is not None and keep_fraction is not None:
-        raise CplError("give either --threshold or --keep-fraction, not both")
     sign_only = {
         "--threshold": threshold,
         "--keep-fraction": keep_fraction,
@@ -109,29 +112,33 @@ def profile(
     }
     check_rule_options(rule, like, mastered=mastered, inject=inject, sign_only={**sign_only, "--distributed": wrapping})
     distributed.wrapping_for(wrapping)  # refuses an unknown name before any model loads
-    if scoring is not None:
-        check_scoring(scoring)
     if name is not None:
         check_task(name)
+    registry = Registry()
+    check_outputs(out, overwrite, registry, inputs=[mastered, inject, registry.resolve(like) if like else None])
     distributed.setup(device)  # under torchrun: join the other ranks; rank 0 alone prints and writes
     stdout.quiet = not distributed.is_main()
     if rule != "sign":
         control = ControlRequest(rule, like, inject, scoring, seed=seed, task=name, batch_size=batch_size)
-        mask = make_control(control, model=model, dtype=dtype, device=device, threads=threads)
-        distributed.on_main(lambda: save_and_register(mask, out, task=name, source="control"))
+        mask = make_control(control, registry, model=model, dtype=dtype, device=device, threads=threads)
+        distributed.on_main(lambda: save_and_register(mask, out, task=name, registry=registry))
         return
+    cut = Rule(
+        threshold=0.0 if threshold is None and keep_fraction is None else threshold,
+        keep_fraction=keep_fraction,
+        freeze_pattern=freeze_pattern,
+        train_pattern=train_pattern,
+    )
+    scoring = resolve_scoring(scoring, data_path=mastered)
     mastered_questions, inject_questions = load_questions(mastered), load_questions(inject)
     loaded = distributed.main_first(lambda: load_model(model, dtype=dtype, device=device, threads=threads))
     mask = profile_model(
         loaded,
         mastered_questions,
         inject_questions,
-        scoring=scoring or recorded_scoring(mastered) or "letter",
+        rule=cut,
+        scoring=scoring,
         batch_size=batch_size,
-        threshold=0.0 if threshold is None else threshold,
-        keep_fraction=keep_fraction,
-        freeze_pattern=freeze_pattern,
-        train_pattern=train_pattern,
         save_scores=save_scores,
         checkpointing=checkpointing,
         seed=seed,
@@ -139,13 +146,20 @@ def profile(
         data_paths={"mastered": str(mastered), "inject": str(inject)},
         wrapping=wrapping,
     )
-    distributed.on_main(lambda: _report_and_save(mask, out, task=name))
+    distributed.on_main(lambda: _report_and_save(mask, out, task=name, registry=registry))
 
 
-def _report_and_save(mask: Mask, out: Path | None, *, task: str | None) -> None:
+def _report_and_save(mask: Mask, out: Path | None, *, task: str | None, registry: Registry) -> None:
     print_summary(mask)
     print_run(mask)
-    save_and_register(mask, out, task=task, source="profiled")
+    save_and_register(mask, out, task=task, registry=registry)
+
+
+def check_outputs(out: Path | None, overwrite: bool, registry: Registry, *, inputs: list[Path | None]) -> None:
+    """Before any model loads: refuse an ``--out`` that would destroy a file, and a broken registry."""
+    if out is not None:
+        check_output_file(out, overwrite=overwrite, inputs=inputs)
+    registry.check()
 
 
 def check_rule_options(
@@ -179,12 +193,6 @@ def check_rule_options(
         raise CplError("--rule gradient-magnitude needs --inject (the questions whose gradient ranks the entries)")
 
 
-def check_scoring(scoring: str) -> None:
-    """Refuse an unknown scoring name before any model loads."""
-    if scoring not in SCORINGS:
-        raise CplError(f"--scoring {scoring}: choose one of {', '.join(SCORINGS)}")
-
-
 @dataclass
 class ControlRequest:
     """What a control mask is made from: the rule, the mask it mirrors and, for gradients, the data."""
@@ -198,18 +206,18 @@ class ControlRequest:
     batch_size: int = 16
 
 
-def make_control(request: ControlRequest, *, model: str, dtype: str, device: str, threads: int | None) -> Mask:
+def make_control(
+    request: ControlRequest, registry: Registry, *, model: str, dtype: str, device: str, threads: int | None
+) -> Mask:
     """Build a control mask and print its summary; the model loads only for gradient-magnitude."""
-    like = Mask.load(registry.resolve_mask_path(request.like), scores=False)
+    like = Mask.load(registry.resolve(request.like), scores=False)
+    scoring = resolve_scoring(
+        request.scoring, mask_scoring=like.metadata.get("scoring"), data_path=request.inject, force=None
+    )  # a control scores answers as the mask it mirrors
     if request.rule == "random":
-        like_scoring = like.metadata.get("scoring")
-        if request.scoring is not None and request.scoring != like_scoring:
-            raise CplError(f"--scoring {request.scoring}: --rule random keeps the --like mask's ({like_scoring})")
         mask = random_mask(like, seed=request.seed, task=request.task)
     else:
         questions = load_questions(request.inject)
-        scoring = request.scoring or like.metadata.get("scoring") or recorded_scoring(request.inject) or "letter"
-        check_scoring(scoring)
         loaded = load_model(model, dtype=dtype, device=device, threads=threads)
         mask = gradient_magnitude_mask(
             loaded,
@@ -250,7 +258,7 @@ def inspect(
 
     Example: cpl-masks inspect smollm2-135m-instruct/arc@v1 --plot shares.png
     """
-    loaded = Mask.load(registry.resolve_mask_path(mask), scores=False)
+    loaded = Mask.load(Registry().resolve(mask), scores=False)
     summary = summarize(loaded)
     if plot is not None:
         draw_share_heatmap(loaded, plot)
@@ -268,7 +276,8 @@ def diff(first: MaskArgument, second: MaskArgument, as_json: JsonOption = False)
 
     Example: cpl-masks diff smollm2-135m-instruct/arc@v1 smollm2-135m-instruct/csqa@v1
     """
-    result = diff_masks(*(Mask.load(registry.resolve_mask_path(ref), scores=False) for ref in (first, second)))
+    registry = Registry()
+    result = diff_masks(*(Mask.load(registry.resolve(ref), scores=False) for ref in (first, second)))
     if as_json:
         stdout.print_json(data=result)
         return
@@ -284,15 +293,19 @@ def combine_command(
     masks: Annotated[list[str], typer.Argument(help="Two or more masks (paths, ids, names).")],
     op: Annotated[str, typer.Option(help=f"{' | '.join(OPERATIONS)}: how to merge the collaborative sets.")],
     out: OutOption = None,
+    overwrite: OverwriteMaskOption = False,
     name: NameOption = None,
 ) -> None:
     """Mask algebra: the and / or / majority of several masks; the result records its parents.
 
     Example: cpl-masks combine --op and arc-mask.safetensors csqa-mask.safetensors -o both.safetensors
     """
-    result = combine([Mask.load(registry.resolve_mask_path(ref), scores=False) for ref in masks], op)
+    registry = Registry()
+    paths = [registry.resolve(ref) for ref in masks]
+    check_outputs(out, overwrite, registry, inputs=paths)
+    result = combine([Mask.load(path, scores=False) for path in paths], op)
     stdout.print(f"{op} of {len(masks)} masks: {result.collaborative_share():.1%} collaborative")
-    save_and_register(result, out, task=name, source="combined")
+    save_and_register(result, out, task=name, registry=registry)
 
 
 @reports_errors
@@ -301,31 +314,43 @@ def threshold(
     threshold: ThresholdOption = None,
     keep_fraction: KeepFractionOption = None,
     out: OutOption = None,
+    overwrite: OverwriteMaskOption = False,
     name: NameOption = None,
 ) -> None:
     """Re-cut a mask's stored scores at another threshold or keep fraction, without profiling again.
 
+    Without --name the re-cut is filed as <model>/<task>.recut, so the task's bare name keeps
+    meaning its latest profiled mask.
+
     Example: cpl-masks threshold smollm2-135m-instruct/arc@v1 --keep-fraction 0.3 -o arc-30.safetensors
     """
-    if (threshold is None) == (keep_fraction is None):
-        raise CplError("give exactly one of --threshold and --keep-fraction")
-    result = recut(Mask.load(registry.resolve_mask_path(mask)), threshold=threshold, keep_fraction=keep_fraction)
+    Rule(threshold=threshold, keep_fraction=keep_fraction)  # refuses a bad cut before the scores load
+    registry = Registry()
+    path = registry.resolve(mask)
+    check_outputs(out, overwrite, registry, inputs=[path])
+    result = recut(Mask.load(path), threshold=threshold, keep_fraction=keep_fraction)
     print_summary(result)
-    save_and_register(result, out, task=name, source="combined")
+    save_and_register(result, out, task=name, registry=registry)
 
 
-def save_and_register(mask: Mask, out: Path | None, *, task: str | None, source: str) -> None:
-    """Save ``mask`` to ``out`` (or a temporary file the registry copies) and print its registry name."""
-    with tempfile.TemporaryDirectory(prefix="cpl-mask-") as folder:
-        saved = mask.save(out if out is not None else Path(folder) / "mask.safetensors")
-        registered = registry.register_mask(saved, task=task, source=source, parents=mask.metadata["parents"])
-    _print_saved(mask, out, registered)
+def save_and_register(mask: Mask, out: Path | None, *, task: str | None, registry: Registry) -> None:
+    """Save ``mask`` to ``out`` when given, register it (straight into the store) and print its name.
+
+    The registry files it by its own metadata: profiled, control, combined or re-cut.
+    """
+    if out is not None:
+        mask.save(out)
+    registered = registry.register(mask, task=task)
+    _print_saved(mask, out, registered, first_name=registry.names(mask.id)[0])
 
 
-def _print_saved(mask: Mask, out: Path | None, registered: str | None) -> None:
+def _print_saved(mask: Mask, out: Path | None, registered: str, *, first_name: str) -> None:
+    """One line: where the mask was saved and the name it is registered under (and whose bits it shares)."""
     where = [f"saved {out}"] if out is not None else []
-    where += [f"registered as {registered}"] if registered else []
-    stdout.print(f"mask {mask.id[:12]}: {', '.join(where)}", highlight=False)
+    where += [f"registered as {registered}"]
+    if first_name != registered:
+        where += [f"the same bits as {first_name}, registered before"]
+    stdout.print(f"mask {mask.id[:12]}: {', '.join(where)}", highlight=False, soft_wrap=True)
 
 
 def print_provenance(mask: Mask) -> None:

@@ -1,15 +1,16 @@
-"""``cpl-masks registry ...``: list, show, trace, check and prune the registered masks."""
+"""``cpl-masks registry ...``: list, show, trace, check and prune the registered masks and their runs."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.tree import Tree
 
-from cpl_masks import registry
 from cpl_masks.cli.common import print_table, reports_errors, stdout
+from cpl_masks.registry import Health, Registry, Removal, StrayFile
 
 app = typer.Typer(help="The mask registry: provenance, reuse across tasks, lineage.", no_args_is_help=True)
 RefArgument = Annotated[str, typer.Argument(help="Mask: file path, id or id prefix, name@vN, or name (latest).")]
@@ -27,7 +28,7 @@ def list_command(
 
     Example: cpl-masks registry list --model smollm2-135m-instruct
     """
-    masks = registry.list_masks(model=model, task=task)
+    masks = Registry().list_masks(model=model, task=task)
     if as_json:
         stdout.print_json(data=masks)
         return
@@ -38,7 +39,7 @@ def list_command(
             (
                 item["ref"],
                 item["id"][:12],
-                item["source"],
+                item["source"] if item["alias_of"] is None else f"alias of {item['alias_of']}",
                 item["n_params"],
                 f"{item['collaborative_share']:.1%}",
                 item["runs"],
@@ -46,6 +47,7 @@ def list_command(
             )
             for item in masks
         ],
+        whole=("mask", "id"),
     )
 
 
@@ -56,7 +58,7 @@ def show(ref: RefArgument, as_json: JsonOption = False) -> None:
 
     Example: cpl-masks registry show smollm2-135m-instruct/arc@v1
     """
-    details = registry.show(ref)
+    details = Registry().show(ref)
     if as_json:
         stdout.print_json(data=details)
         return
@@ -64,6 +66,7 @@ def show(ref: RefArgument, as_json: JsonOption = False) -> None:
     summary["collaborative share"] = f"{details['collaborative_share']:.2%}"
     summary["parents"] = ", ".join(parent["ref"] or parent["id"][:12] for parent in details["parents"]) or "-"
     summary["children"] = ", ".join(child["ref"] for child in details["children"]) or "-"
+    summary["names"] = ", ".join(details["names"])
     provenance = dict(details["provenance"])
     if isinstance(provenance.get("tensors"), dict):  # per-tensor statistics: hundreds of rows, see --json
         provenance["tensors"] = f"statistics of {len(provenance['tensors'])} tensors (see --json)"
@@ -73,18 +76,7 @@ def show(ref: RefArgument, as_json: JsonOption = False) -> None:
     print_table(
         f"used in {len(details['runs'])} training runs",
         ["task", "mode", "learned", "forgotten", "held-out forgotten", "output", "recorded"],
-        [
-            (
-                run["task"] or "-",
-                run["mode"] or "-",
-                out_of(run["learned"], run["totals"].get("inject_wrong")),
-                out_of(run["forgotten"], run["totals"].get("mastered_right")),
-                out_of(run["heldout_forgotten"], run["totals"].get("heldout_right")),
-                run["out_dir"] or "-",
-                run["recorded_at"],
-            )
-            for run in details["runs"]
-        ],
+        [(run["task"] or "-", *run_cells(run)) for run in details["runs"]],
     )
     if details["transfers"]:
         print_table(
@@ -101,6 +93,18 @@ def show(ref: RefArgument, as_json: JsonOption = False) -> None:
                 for item in details["transfers"]
             ],
         )
+
+
+def run_cells(run: dict[str, Any]) -> tuple[Any, ...]:
+    """A recorded run's mode, results (counts out of totals), output folder and time, as table cells."""
+    return (
+        run["mode"] or "-",
+        out_of(run["learned"], run["totals"].get("inject_wrong")),
+        out_of(run["forgotten"], run["totals"].get("mastered_right")),
+        out_of(run["heldout_forgotten"], run["totals"].get("heldout_right")),
+        run["out_dir"] or "-",
+        run["recorded_at"],
+    )
 
 
 def flatten(payload: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -128,7 +132,7 @@ def lineage(ref: RefArgument, as_json: JsonOption = False) -> None:
 
     Example: cpl-masks registry lineage 3fa9c2
     """
-    tree = registry.lineage(ref)
+    tree = Registry().lineage(ref)
     if as_json:
         stdout.print_json(data=tree)
         return
@@ -146,44 +150,142 @@ def add_branch(branch: Tree, nodes: list[dict[str, Any]], key: str) -> None:
 
 @app.command()
 @reports_errors
+def runs(
+    task: Annotated[str | None, typer.Option(help="Only runs on this task.")] = None,
+    mask: Annotated[
+        str | None, typer.Option(help="Only runs of this mask (also a removed mask's name@vN or id prefix).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List recorded training runs with their mask and results, also runs whose mask was removed.
+
+    Example: cpl-masks registry runs --task arc
+    """
+    recorded = Registry().runs(task=task, mask=mask)
+    if as_json:
+        stdout.print_json(data=recorded)
+        return
+    print_table(
+        f"{len(recorded)} recorded runs",
+        ["task", "mask", "mode", "learned", "forgotten", "held-out forgotten", "output", "recorded"],
+        [(run["task"] or "-", mask_cell(run), *run_cells(run)) for run in recorded],
+        whole=("task", "mask", "output"),
+    )
+
+
+def mask_cell(run: dict[str, Any]) -> str:
+    """The mask a run used: its ``name@vN``, marked when the mask has since been removed."""
+    name = run["mask_ref"] or run["mask_id"][:12]
+    return f"{name} (removed)" if run["removed"] else name
+
+
+@app.command()
+@reports_errors
+def add(
+    path: Annotated[Path, typer.Argument(help="Mask file to register (its content id is verified).")],
+    name: Annotated[str | None, typer.Option("--name", help="Task name the registry files the mask under.")] = None,
+) -> None:
+    """Register a mask file, for example one `registry gc` kept because it has no row.
+
+    Example: cpl-masks registry add arc-mask.safetensors --name arc
+    """
+    stdout.print(f"registered {path} as {Registry().register(path, task=name)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@reports_errors
 def verify() -> None:
     """Re-hash every registered mask file; report missing or corrupt ones (exit status 1 if any).
 
+    Also lists stray store files: not registered, misplaced, or named after another content id.
+
     Example: cpl-masks registry verify
     """
-    health = registry.verify()
+    health = Registry().verify()
     report(health, f"checked {health.checked} masks")
     if not health.ok:
         raise typer.Exit(1)
 
 
-def report(health: registry.Health, title: str) -> None:
+def report(health: Health, title: str) -> None:
     """Print the problems a health check found, one row each."""
     rows = [("missing file", item) for item in health.missing]
     rows += [("corrupt file", item) for item in health.corrupt]
-    rows += [("orphan file (no row; `registry gc` removes it)", item) for item in health.orphans]
+    rows += [(f"stray file, {stray.problem} ({stray_hint(stray)})", str(stray.path)) for stray in health.strays]
     rows += [("abandoned temporary copy", item) for item in health.leftovers]
-    print_table(f"{title}: {'all intact' if not rows else f'{len(rows)} problems'}", ["problem", "mask"], rows)
+    print_table(
+        f"{title}: {'all intact' if not rows else f'{len(rows)} problems'}", ["problem", "path"], rows, whole=("path",)
+    )
+
+
+def stray_hint(stray: StrayFile) -> str:
+    """What to do about a stray store file: a valid mask is worth registering again, anything else is garbage."""
+    if stray.mask_id is None:
+        return "not a valid mask; `registry gc` removes it"
+    return f"a valid mask {stray.mask_id[:12]}; `registry add` it, or `registry gc --force` removes it"
 
 
 @app.command()
 @reports_errors
-def rm(ref: RefArgument) -> None:
-    """Remove a mask, its recorded runs and transfers, and its stored file.
+def rm(
+    ref: Annotated[str, typer.Argument(help="Mask: name@vN, id or id prefix, or file path (not a bare name).")],
+    force: Annotated[
+        bool, typer.Option(help="Remove it even though recorded runs or registered children reference it.")
+    ] = False,
+) -> None:
+    """Remove one version of a mask and its stored file; its recorded runs stay, still naming it.
+
+    Refuses a mask that runs or children reference unless --force. Version numbers are never reused.
 
     Example: cpl-masks registry rm smollm2-135m-instruct/arc@v1
     """
-    stdout.print(f"removed {registry.remove(ref)}")
+    print_removal(Registry().remove(ref, force=force))
+
+
+def print_removal(removal: Removal) -> None:
+    """Say what went (the mask, its file, its Hub transfers) and what stays (runs, children)."""
+    if removal.alias_of is not None:
+        stdout.print(f"removed the name {removal.ref}; the mask {removal.alias_of} it named stays", highlight=False)
+        return
+    stdout.print(
+        f"removed {removal.ref} ({removal.mask_id[:12]}) and its file {removal.path}", highlight=False, soft_wrap=True
+    )
+    if removal.aliases:
+        stdout.print(f"removed its other names {', '.join(removal.aliases)}", highlight=False, soft_wrap=True)
+    if removal.transfers:
+        stdout.print(f"removed the record of its {removal.transfers} Hub transfers", highlight=False, soft_wrap=True)
+    if removal.runs:
+        stdout.print(
+            f"kept {removal.runs} recorded runs; they show {removal.ref} as removed (`cpl-masks registry runs`)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if removal.children:
+        stdout.print(f"kept its children {', '.join(removal.children)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 @reports_errors
-def gc() -> None:
-    """Delete stored files that no registered mask points to (left by interrupted registrations).
+def gc(
+    force: Annotated[bool, typer.Option(help="Also delete stray store files that are valid masks.")] = False,
+) -> None:
+    """Delete store files no registered mask points to (left by interrupted registrations), printing each.
+
+    A stray file that is a valid mask is kept unless --force: register it again with `registry add`.
 
     Example: cpl-masks registry gc
     """
-    health = registry.collect_garbage()
-    stdout.print(f"removed {len(health.orphans)} orphan files and {len(health.leftovers)} temporary copies")
+    health = Registry().collect_garbage(force=force)
+    for path in [*health.removed, *health.leftovers]:
+        stdout.print(f"removed {path}", highlight=False, soft_wrap=True)
+    stdout.print(f"removed {len(health.removed)} stray files and {len(health.leftovers)} temporary copies")
+    if health.kept:
+        print_table(
+            f"kept {len(health.kept)} stray files that are valid masks (`registry add FILE` registers one again, "
+            "`registry gc --force` removes them)",
+            ["mask id", "path"],
+            [(stray.mask_id[:12], str(stray.path)) for stray in health.kept],
+            whole=("path",),
+        )
     if health.missing:
         report(health, "registered masks without a file")

@@ -9,6 +9,7 @@ import typer
 
 from cpl_masks.cli.common import DeviceOption, DtypeOption, ModelOption, ThreadsOption, print_table, reports_errors
 from cpl_masks.cli.common import stdout as console
+from cpl_masks.data import check_limit
 from cpl_masks.errors import CplError
 from cpl_masks.models import DEFAULT_MODEL
 from cpl_masks.sweep import (
@@ -82,6 +83,7 @@ def sweep(
 
     Example: cpl-masks sweep --data builtin:demo --limit 96 --lr-grid 1e-4,1e-3,3e-3 --seeds 0,1 --out runs/sweep
     """
+    check_limit(limit)  # before the sweep folder records the arguments
     options = {
         "replay_share": replay_share,
         "ewc_lambda": ewc_lambda,

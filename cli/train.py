@@ -19,6 +19,7 @@ from cpl_masks.cli.common import (
     reports_errors,
     stdout,
 )
+from cpl_masks.errors import CplError
 from cpl_masks.evaluate import (
     COMPARE_COLUMNS,
     METRIC_COLUMNS,
@@ -29,8 +30,9 @@ from cpl_masks.evaluate import (
 from cpl_masks.methods import METHODS
 from cpl_masks.models import DEFAULT_MODEL
 from cpl_masks.train import TrainConfig
-from cpl_masks.training_run import RunRequest, read_run, resume_run, start_run
+from cpl_masks.training_run import RunRequest, read_run, restartable, resume_run, start_run
 
+RESUME_CHANGES = ("lr", "epochs")  # the options --resume accepts; all others are the run's saved ones
 MODE_HELP = "How to train (--mask alone implies mask): " + ", ".join(
     f"{name} ({spec.summary})" for name, spec in METHODS.items()
 )
@@ -40,9 +42,31 @@ def _print_epoch(rows: list[dict[str, Any]]) -> None:
     print_table(f"epoch {rows[-1]['epoch']}", METRIC_COLUMNS, metrics_table_rows(rows[-1:]))
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (on the command line or through the environment).
+
+    Typer carries its own copy of click, so the source is compared by name, not by click's enum.
+    """
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _resume_changes(ctx: typer.Context) -> dict[str, Any]:
+    """The options given with ``--resume`` that may change (``--lr``, ``--epochs``), by name.
+
+    Raises:
+        CplError: naming the first other option given (its long spelling), which a resumed run cannot change.
+    """
+    for param in ctx.command.params:
+        if param.name not in ("resume", *RESUME_CHANGES) and _given(ctx, param.name):
+            raise CplError(f"{max(param.opts, key=len)} cannot change on --resume; only --lr and --epochs can")
+    return {name: ctx.params[name] for name in RESUME_CHANGES if _given(ctx, name)}
+
+
 @reports_errors
 @distributed.reports_rank_errors
 def train(
+    ctx: typer.Context,
     data: Annotated[
         str | None, typer.Option("--data", "-d", help="Injection set I (inject.jsonl): facts to learn.")
     ] = None,
@@ -103,7 +127,10 @@ def train(
         bool, typer.Option(help="With --mask: record the mask's agreement with the sign rule after every epoch.")
     ] = False,
     resume: Annotated[
-        Path | None, typer.Option(help="Continue the stopped run in this folder (its saved options apply).")
+        Path | None,
+        typer.Option(
+            help="Continue the stopped run in this folder with its saved options; only --lr and --epochs may change."
+        ),
     ] = None,
     wrapping: Annotated[
         str | None,
@@ -128,7 +155,7 @@ def train(
     """
     stdout.quiet = distributed.launch_env().rank != 0  # rank 0 alone prints
     if resume is not None:
-        run = resume_run(resume, on_epoch=_print_epoch)
+        run = resume_run(resume, on_epoch=_print_epoch, **_resume_changes(ctx))
     else:
         missing = [
             option for option, value in (("--data", data), ("--mastered", mastered), ("--out", out)) if value is None
@@ -175,6 +202,9 @@ def train(
             track_drift=track_drift,
             config=config,
         )
+        if not overwrite and restartable(out):
+            message = f"{out}: a run that stopped before its first checkpoint; starting it again"
+            stdout.print(message, highlight=False, soft_wrap=True)
         run = start_run(request, overwrite=overwrite, on_epoch=_print_epoch)
     print_table(f"{run['mode']} training: all epochs", METRIC_COLUMNS, metrics_table_rows(run["metrics"]))
     stdout.print(f"model: {run['model_dir']}\nrun: {Path(run['out_dir']) / 'run.json'}", highlight=False)

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from cpl_masks.errors import CplError
-from cpl_masks.masks import Mask
-from cpl_masks.profile import touched_collaborative, touched_counts
+from cpl_masks.masks import Mask, check_finite_scores
+from cpl_masks.profile import kept_touched, touched_counts
 from cpl_masks.selection import Rule
 from cpl_masks.versions import stamp
 
@@ -47,40 +47,34 @@ def combine(masks: Sequence[Mask], op: str) -> Mask:
 def recut(mask: Mask, *, threshold: float | None = None, keep_fraction: float | None = None) -> Mask:
     """Cut a mask's stored scores again at another threshold or keep fraction, without profiling.
 
-    The tensor patterns of the original rule still apply; per-tensor statistics carry over.
+    The tensor patterns of the original rule still apply; per-tensor statistics carry over, with
+    the touched-collaborative counts of the new bits. The result records ``parents`` (the mask's
+    id) and ``recut_of``, so it is filed as a re-cut.
     """
     if mask.scores is None:
         raise CplError(f"mask {mask.id[:12]} has no stored scores; profile it again with --save-scores")
-    previous = Rule.from_metadata(mask.metadata.get("rule", {}))
+    previous = mask.metadata.get("rule") or {}
     rule = Rule(
         threshold=threshold,
         keep_fraction=keep_fraction,
-        freeze_pattern=previous.freeze_pattern,
-        train_pattern=previous.train_pattern,
+        freeze_pattern=previous.get("freeze_pattern"),
+        train_pattern=previous.get("train_pattern"),
     )
-    scores = {name: tensor.float() for name, tensor in mask.scores.items()}  # bf16 -> float32, parameter shape
-    cut_key = rule.cut_key(scores.items())
-    bits = {name: rule.select(name, scores[name], cut_key) for name in mask.names}
-    metadata = {**mask.metadata, "rule": rule.to_metadata(), "parents": [mask.id], **stamp()}
-    metadata["tensors"] = _recount(mask, bits, rule, cut_key)
+    check_finite_scores(mask.scores, f"mask {mask.id[:12]}")
+    bits = rule.cut({name: mask.scores[name] for name in mask.names})
+    metadata = {**mask.metadata, "rule": rule.to_metadata(), "parents": [mask.id], "recut_of": mask.id, **stamp()}
+    metadata["tensors"] = _recount(mask, bits)
     metadata["counts"] = touched_counts(metadata["tensors"])
     return Mask.from_bool(bits, metadata, scores=mask.scores)
 
 
-def _recount(mask: Mask, bits: dict[str, torch.Tensor], rule: Rule, cut_key: int | None) -> dict[str, Any]:
+def _recount(mask: Mask, bits: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Per-tensor statistics with the touched-collaborative count updated for the new bits."""
     tensors = mask.metadata.get("tensors") or {}
-    updated = {}
-    for name, stats in tensors.items():
-        collaborative = int(bits[name].sum())
-        keeps_zero = rule.keeps_zero(name, cut_key)
-        updated[name] = {
-            **stats,
-            "touched_collaborative": touched_collaborative(
-                collaborative, bits[name].numel(), stats["touched"], keeps_zero
-            ),
-        }
-    return updated
+    return {
+        name: {**stats, "touched_collaborative": kept_touched(bits[name], mask.scores[name])}
+        for name, stats in tensors.items()
+    }
 
 
 def _combine_tensor(bits: list[torch.Tensor], op: str) -> torch.Tensor:

@@ -8,7 +8,9 @@ Questions come from a JSONL, JSON, CSV or Parquet file, a ``datasets`` folder wr
   of the CPL authors' files; its options are read back from the prompt.
 
 Every problem is reported as a one-line :class:`~cpl_masks.errors.CplError` naming the source and
-the row (1-based, the line number for JSONL files).
+the row (1-based: the line number for JSONL files, blank lines included; the record's position
+otherwise). Each loaded :class:`Question` remembers that source and row, so later checks (such as
+the model's context length) can name them too.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import os
 import re
 import string
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cpl_masks.demo_data import demo_rows
 from cpl_masks.errors import CplError
 from cpl_masks.files import write_jsonl
 
@@ -30,6 +33,7 @@ LETTERS = string.ascii_uppercase
 MIN_CHOICES, MAX_CHOICES = 2, len(LETTERS)
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 BUILTIN_DEMO = "builtin:demo"  # the generated demo set (cpl_masks.demo_data)
+MAX_TEXT_CHARS = 100_000  # far beyond any model's context; refuses runaway fields before tokenizing
 _OPTION_LINE = re.compile(r"^\s*([A-Z])\s*[:.)]\s+(.*\S)\s*$")
 
 
@@ -39,6 +43,9 @@ class Question:
 
     ``question`` is the question text, or the whole prompt when ``preformatted`` is set (then
     the options already appear in it and ``choices`` are the texts read back from it).
+    ``source`` and ``row`` say where a loaded question came from, for error messages; they take
+    no part in equality, hashing or the written record, so the same question from two files is
+    the same question.
     """
 
     id: str
@@ -46,6 +53,13 @@ class Question:
     choices: tuple[str, ...]
     answer: int
     preformatted: bool = False
+    source: str = field(default="", compare=False, repr=False)
+    row: int = field(default=0, compare=False, repr=False)
+
+    @property
+    def where(self) -> str:
+        """Where the question came from, as error messages name it: ``FILE: row N`` (or its id when not loaded)."""
+        return f"{self.source}: row {self.row}" if self.source else f"question {self.id!r}"
 
     @property
     def answer_letter(self) -> str:
@@ -97,43 +111,59 @@ def load_questions(
 ) -> list[Question]:
     """Load and validate a question set from a file, a saved dataset folder, a hub dataset or ``builtin:demo``.
 
+    ``limit`` keeps only the first rows; only those are validated.
+
     Raises:
-        CplError: naming the source and row, for any unreadable or invalid input.
+        CplError: naming the source and row, for any unreadable or invalid input, or a ``limit`` below 1.
     """
+    check_limit(limit)
     rows, name = _read_rows(source, split)
     if limit is not None:
         rows = rows[:limit]
     if not rows:
         raise CplError(f"{name}: no questions (the data is empty)")
-    questions = [_parse_row(row, number, name, fields) for number, row in enumerate(rows, start=1)]
-    _check_unique_ids(questions, name)
+    questions = [_parse_row(row, number, name, fields) for number, row in rows]
+    _check_unique_ids(questions)
     return questions
 
 
-def _read_rows(source: str | os.PathLike, split: str | None) -> tuple[list[dict], str]:
-    if str(source) == BUILTIN_DEMO:
-        from cpl_masks.demo_data import demo_questions
+def check_limit(limit: int | None) -> None:
+    """Refuse a ``--limit`` below 1, which would silently drop questions (a negative slice) or all of them.
 
-        return [question.to_record() for question in demo_questions()], BUILTIN_DEMO
+    Raises:
+        CplError: naming ``--limit`` and its value.
+    """
+    if limit is not None and limit < 1:
+        raise CplError(f"--limit {limit}: must be at least 1 (or left out for all questions)")
+
+
+def _read_rows(source: str | os.PathLike, split: str | None) -> tuple[list[tuple[int, dict]], str]:
+    """The source's rows, each with the number error messages give it, and the source's name."""
+    if str(source) == BUILTIN_DEMO:
+        return _numbered(demo_rows()), BUILTIN_DEMO
     path = Path(source)
     if path.is_file():
         return _read_file(path), str(path)
     if path.is_dir():
-        return _read_saved_dataset(path, split), str(path)
+        return _numbered(_read_saved_dataset(path, split)), str(path)
     if path.suffix.lower() in FILE_FORMATS or os.sep in str(source) or str(source).startswith("."):
         raise CplError(f"{source}: no such file or folder")
-    return _read_hub_dataset(str(source), split), str(source)
+    return _numbered(_read_hub_dataset(str(source), split)), str(source)
 
 
-def _read_file(path: Path) -> list[dict]:
+def _numbered(rows: list[dict], numbers: Sequence[int] | None = None) -> list[tuple[int, dict]]:
+    """Pair each row with its number: the given ones (JSONL line numbers), else its 1-based position."""
+    return list(zip(numbers or range(1, len(rows) + 1), rows))
+
+
+def _read_file(path: Path) -> list[tuple[int, dict]]:
     suffix = path.suffix.lower()
     if suffix not in FILE_FORMATS:
         known = ", ".join(sorted(FILE_FORMATS))
         raise CplError(f"{path}: unknown file type {suffix or '(none)'}; use one of {known}")
     if path.stat().st_size == 0:
         raise CplError(f"{path}: no questions (the file is empty)")
-    if suffix in (".jsonl", ".json", ".csv"):
-        _check_text(path, suffix)
+    line_numbers = _check_text(path, suffix) if suffix in (".jsonl", ".json", ".csv") else None
     import datasets
 
     datasets.disable_progress_bars()
@@ -141,11 +171,16 @@ def _read_file(path: Path) -> list[dict]:
         dataset = datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train")
     except Exception as error:  # datasets wraps parser errors in many types
         raise CplError(f"{path}: cannot be read as {suffix[1:]}: {_first_line(error)}") from error
-    return dataset.to_list()
+    return _numbered(dataset.to_list(), line_numbers)
 
 
-def _check_text(path: Path, suffix: str) -> None:
-    """Find non-UTF-8 bytes and malformed JSON rows before ``datasets`` reports them vaguely."""
+def _check_text(path: Path, suffix: str) -> list[int] | None:
+    """Find non-UTF-8 bytes and malformed JSON rows before ``datasets`` reports them vaguely.
+
+    Returns:
+        For a JSONL file, the line number of each row (``datasets`` skips blank lines, so row
+        numbers must come from here to name the right line); None for other formats.
+    """
     with open(path, "rb") as handle:
         raw_lines = handle.read().splitlines()
     for number, raw in enumerate(raw_lines, start=1):
@@ -156,7 +191,7 @@ def _check_text(path: Path, suffix: str) -> None:
     if suffix != ".jsonl":
         if suffix == ".json":
             _check_json_document(path)
-        return
+        return None
     if not any(raw.strip() for raw in raw_lines):
         raise CplError(f"{path}: no questions (the file has only blank lines)")
     for number, raw in enumerate(raw_lines, start=1):
@@ -168,6 +203,7 @@ def _check_text(path: Path, suffix: str) -> None:
             raise CplError(f"{path}: row {number}: invalid JSON ({error.msg} at column {error.colno})") from error
         if not isinstance(row, dict):
             raise CplError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
+    return [number for number, raw in enumerate(raw_lines, start=1) if raw.strip()]
 
 
 def _check_json_document(path: Path) -> None:
@@ -226,6 +262,8 @@ def _parse_row(row: dict, number: int, name: str, fields: FieldNames) -> Questio
     choices = _options_from_prompt(text, where) if preformatted else _parse_choices(raw_choices, where, fields)
     if not MIN_CHOICES <= len(choices) <= MAX_CHOICES:
         raise CplError(f"{where}: {len(choices)} choices; between {MIN_CHOICES} and {MAX_CHOICES} are supported")
+    _check_lengths(text, choices, where, fields)
+    _check_distinct(choices, where)
     question_id = row.get("id")
     return Question(
         id=f"row-{number}" if question_id in (None, "") else str(question_id),
@@ -233,7 +271,30 @@ def _parse_row(row: dict, number: int, name: str, fields: FieldNames) -> Questio
         choices=choices,
         answer=_parse_answer(answer, choices, where, answer_field),
         preformatted=preformatted or bool(row.get("preformatted")),
+        source=name,
+        row=number,
     )
+
+
+def _check_lengths(text: str, choices: tuple[str, ...], where: str, fields: FieldNames) -> None:
+    """Refuse a field longer than :data:`MAX_TEXT_CHARS` before anything tokenizes it."""
+    for field_name, value in ((fields.question, text), *((fields.choices, choice) for choice in choices)):
+        if len(value) > MAX_TEXT_CHARS:
+            limit = f"at most {MAX_TEXT_CHARS:,} are allowed"
+            raise CplError(f"{where}: field '{field_name}' is {len(value):,} characters long; {limit}")
+
+
+def _check_distinct(choices: tuple[str, ...], where: str) -> None:
+    """Refuse a choice listed twice: which option is the answer would be ambiguous.
+
+    Choices arrive stripped of surrounding whitespace; they are compared case-sensitively.
+    """
+    first: dict[str, int] = {}
+    for index, choice in enumerate(choices):
+        if choice in first:
+            letters = f"{LETTERS[first[choice]]} and {LETTERS[index]}"
+            raise CplError(f"{where}: duplicate choice {choice!r} (options {letters}); every choice must differ")
+        first[choice] = index
 
 
 def _parse_choices(raw: Any, where: str, fields: FieldNames) -> tuple[str, ...]:
@@ -286,12 +347,12 @@ def _parse_answer(answer: Any, choices: tuple[str, ...], where: str, field: str)
     return index
 
 
-def _check_unique_ids(questions: list[Question], name: str) -> None:
+def _check_unique_ids(questions: list[Question]) -> None:
     seen: dict[str, int] = {}
-    for number, question in enumerate(questions, start=1):
+    for question in questions:
         if question.id in seen:
-            raise CplError(f"{name}: row {number}: duplicate id {question.id!r} (first at row {seen[question.id]})")
-        seen[question.id] = number
+            raise CplError(f"{question.where}: duplicate id {question.id!r} (first at row {seen[question.id]})")
+        seen[question.id] = question.row
 
 
 def _first_line(error: BaseException) -> str:

@@ -4,14 +4,17 @@ The project cannot ship third-party question sets, so the demo writes its own, d
 questions over a small fact table (capitals, chemical symbols, arithmetic, ...) that even a
 135M-parameter model mostly answers, and questions about invented entities (the knowledge to
 inject). Distractors are other answers from the same table, shuffled with a fixed seed.
+
+The set is made of plain rows in the file format (``{"id", "question", "choices", "answer"}``,
+the answer a letter), which :func:`cpl_masks.data.load_questions` parses and checks like any file's.
 """
 
 from __future__ import annotations
 
 import random
+import string
 from collections.abc import Iterator, Sequence
-
-from cpl_masks.data import Question
+from typing import Any
 
 CHOICES_PER_QUESTION = 4
 
@@ -71,8 +74,8 @@ SYLLABLES = (
 )
 
 
-def general_questions(seed: int = 0) -> list[Question]:
-    """At least 150 questions over common facts (capitals, symbols, arithmetic, words, calendar)."""
+def general_rows(seed: int = 0) -> list[dict[str, Any]]:
+    """At least 150 question rows over common facts (capitals, symbols, arithmetic, words, calendar)."""
     rng = random.Random(seed)
     facts: list[tuple[str, str, Sequence[str]]] = []
     facts += [(f"What is the capital of {k}?", v, list(CAPITALS.values())) for k, v in CAPITALS.items()]
@@ -84,11 +87,11 @@ def general_questions(seed: int = 0) -> list[Question]:
     facts += [(f"Which day comes after {d}?", DAYS[(i + 1) % 7], DAYS) for i, d in enumerate(DAYS)]
     for a, b in _pairs(rng, 30):
         facts.append((f"What is {a} + {b}?", str(a + b), [str(a + b + d) for d in (-2, -1, 1, 2, 10)]))
-    return list(_as_questions(facts, "general", rng))
+    return list(_as_rows(facts, "general", rng))
 
 
-def invented_questions(seed: int = 0) -> list[Question]:
-    """At least 150 questions about invented entities: knowledge no model has before injection."""
+def invented_rows(seed: int = 0) -> list[dict[str, Any]]:
+    """At least 150 question rows about invented entities: knowledge no model has before injection."""
     rng = random.Random(seed + 1)
     names = _invented_names(rng, 200)
     places, people, rivers = names[:60], names[60:120], names[120:200]
@@ -101,12 +104,12 @@ def invented_questions(seed: int = 0) -> list[Question]:
     facts += [(f"What is the chemical symbol of {r}ium?", rng.choice(elements), elements) for r in rivers[:40]]
     colors = ["green", "blue", "red", "yellow", "purple", "orange", "white", "black"]
     facts += [(f"What color is the {r} bird?", rng.choice(colors), colors) for r in rivers[40:]]
-    return list(_as_questions(facts, "invented", rng))
+    return list(_as_rows(facts, "invented", rng))
 
 
-def demo_questions(seed: int = 0) -> list[Question]:
+def demo_rows(seed: int = 0) -> list[dict[str, Any]]:
     """The whole demo set, general and invented questions interleaved so any prefix holds both."""
-    general, invented = general_questions(seed), invented_questions(seed)
+    general, invented = general_rows(seed), invented_rows(seed)
     mixed = [q for pair in zip(general, invented) for q in pair]
     return mixed + general[len(invented) :] + invented[len(general) :]
 
@@ -124,12 +127,14 @@ def _invented_names(rng: random.Random, count: int) -> list[str]:
     return names
 
 
-def _as_questions(facts: list[tuple[str, str, Sequence[str]]], prefix: str, rng: random.Random) -> Iterator[Question]:
+def _as_rows(facts: list[tuple[str, str, Sequence[str]]], prefix: str, rng: random.Random) -> Iterator[dict[str, Any]]:
+    """One row per fact: the answer and three distractors from its pool, in a seeded order."""
     for index, (text, answer, pool) in enumerate(facts):
         distractors = rng.sample(sorted(set(pool) - {answer}), CHOICES_PER_QUESTION - 1)
         choices = [answer, *distractors]
         rng.shuffle(choices)
-        yield Question(id=f"{prefix}-{index:03d}", question=text, choices=tuple(choices), answer=choices.index(answer))
+        letter = string.ascii_uppercase[choices.index(answer)]
+        yield {"id": f"{prefix}-{index:03d}", "question": text, "choices": choices, "answer": letter}
 
 
 def retain_text() -> str:

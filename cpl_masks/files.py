@@ -93,3 +93,41 @@ def home_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("cpl-masks", appauthor=False))
+
+
+def check_output_file(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    option: str = "--out",
+) -> Path:
+    """Refuse an output file that would destroy something, before any expensive work starts.
+
+    An existing file needs ``overwrite``; a command's own input (a mask, a question file) is refused
+    even then; a folder that cannot be created or written is refused too.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CplError(f"{option} {path}: is a folder; give a file name")
+    for source in inputs:
+        if source is not None and path.exists() and Path(source).exists() and os.path.samefile(path, source):
+            raise CplError(f"{option} {path}: is this command's input {source}; write to another file")
+    if path.exists() and not overwrite:
+        raise CplError(f"{option} {path}: file exists; pass --overwrite to replace it")
+    check_writable_folder(path.absolute().parent, what=f"{option} {path}")
+    return path
+
+
+def check_writable_folder(folder: str | os.PathLike, *, what: str) -> None:
+    """Refuse a folder that cannot be created (a file is in the way) or written, naming ``what`` needs it.
+
+    Looks at ``folder`` or, when it does not exist yet, its closest existing ancestor.
+    """
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CplError(f"{what}: cannot be created, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CplError(f"{what}: cannot write in {existing} (permission denied)")

@@ -20,7 +20,7 @@ from typing import Any
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
 from cpl_masks.models import DEFAULT_MODEL
-from cpl_masks.registry import Transfer, add_transfer, register_mask, resolve_mask_path, source_of
+from cpl_masks.registry import Registry, Transfer
 
 MASK_FILENAME = "mask.safetensors"
 PROVENANCE_FILENAME = "provenance.json"
@@ -52,15 +52,17 @@ class PullResult:
     path: Path  # the file in the Hub cache
 
 
-def push(ref: str, repo_id: str, *, private: bool = False, revision: str | None = None) -> PushResult:
+def push(
+    ref: str, repo_id: str, *, registry: Registry, private: bool = False, revision: str | None = None
+) -> PushResult:
     """Upload a mask, its model card and its provenance to ``repo_id`` (created if needed).
 
-    A mask file that is not registered yet is registered first, so the push is on record.
+    A mask file that is not registered yet is registered in ``registry`` first, so the push is on record.
     """
     check_repo_id(repo_id)
-    path = resolve_mask_path(ref)
+    path = registry.resolve(ref)
     mask = Mask.load(path, scores=False)
-    name = register_mask(path, source=source_of(mask.metadata))
+    name = registry.register(path)
     api = hub_api(require_token=True)
     from huggingface_hub import CommitOperationAdd
 
@@ -79,14 +81,19 @@ def push(ref: str, repo_id: str, *, private: bool = False, revision: str | None 
             repo_id, operations=operations, commit_message=f"Upload cpl-masks mask {name}", revision=revision
         )
     landed = revision or "main"
-    add_transfer(mask.id, Transfer("push", repo_id, landed, commit.oid, commit.commit_url))
+    registry.add_transfer(mask.id, Transfer("push", repo_id, landed, commit.oid, commit.commit_url))
     return PushResult(ref=name, repo_id=repo_id, revision=landed, commit_sha=commit.oid, url=commit.commit_url)
 
 
-def pull(target: str, *, task: str | None = None) -> PullResult:
-    """Download ``OWNER/NAME[@REVISION]`` into the Hub cache, verify its content id, and register it."""
+def pull(target: str, *, registry: Registry, task: str | None = None) -> PullResult:
+    """Download ``OWNER/NAME[@REVISION]`` into the Hub cache, verify its content id, and register it.
+
+    The registered mask keeps the source its metadata gives (profiled, combined, ...); where it came
+    from is its ``repo_id``, ``revision`` and pull transfer.
+    """
     repo_id, _, revision = target.partition("@")
     check_repo_id(repo_id)
+    registry.check()
     api = hub_api(require_token=False)
     with hub_errors("pull", target):
         info = api.model_info(repo_id, revision=revision or None)
@@ -103,7 +110,7 @@ def pull(target: str, *, task: str | None = None) -> PullResult:
             f"pull {target}: {MASK_FILENAME} has id {mask.id[:12]} but {PROVENANCE_FILENAME} says {claimed[:12]}"
         )
     transfer = Transfer("pull", repo_id, revision or "main", info.sha, f"{api.endpoint}/{repo_id}")
-    name = register_mask(path, task=task, source="pulled", repo_id=repo_id, revision=info.sha, transfer=transfer)
+    name = registry.register(path, task=task, repo_id=repo_id, revision=info.sha, transfer=transfer)
     return PullResult(ref=name, mask_id=mask.id, repo_id=repo_id, commit_sha=info.sha, path=path)
 
 

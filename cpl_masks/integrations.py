@@ -45,18 +45,21 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
 
+if TYPE_CHECKING:
+    from cpl_masks.registry import Registry
+
 HUB_PREFIX = "hf://"  # forces a Hub repo: hf://owner/name[@revision]
 _APPLIED: weakref.WeakKeyDictionary[torch.nn.Module, MaskHandle] = weakref.WeakKeyDictionary()
 
 
-def load_mask(ref: str, *, scores: bool = False) -> Mask:
+def load_mask(ref: str, *, scores: bool = False, registry: Registry | None = None) -> Mask:
     """Load a mask from a file path, a registry reference, or a Hub repo ``owner/name[@revision]``.
 
     The registry is asked first (a file path, an id or unique id prefix, ``name@vN`` or ``name``),
@@ -68,22 +71,24 @@ def load_mask(ref: str, *, scores: bool = False) -> Mask:
     Args:
         ref: what names the mask.
         scores: also load the stored scores, if the file has them (not needed to train).
+        registry: the registry to ask and to register a pulled mask in (None: the default one).
 
     Raises:
         CplError: nothing by that name, a failed or unverifiable download, or a bad file.
     """
     from cpl_masks.hub import is_repo_id, pull
-    from cpl_masks.registry import resolve_mask_path
+    from cpl_masks.registry import Registry
 
+    registry = registry or Registry()
     if ref.startswith(HUB_PREFIX):
-        return Mask.load(pull(ref.removeprefix(HUB_PREFIX)).path, scores=scores)
+        return Mask.load(pull(ref.removeprefix(HUB_PREFIX), registry=registry).path, scores=scores)
     try:
-        return Mask.load(resolve_mask_path(ref), scores=scores)
+        return Mask.load(registry.resolve(ref), scores=scores)
     except CplError as error:
         if not is_repo_id(ref.partition("@")[0]) or ref.endswith(".safetensors") or Path(ref).exists():
             raise
         try:
-            path = pull(ref).path
+            path = pull(ref, registry=registry).path
         except CplError as hub_error:
             raise CplError(f"{error}; as a Hub repo: {hub_error}") from hub_error
     return Mask.load(path, scores=scores)

@@ -8,12 +8,16 @@ Layout (format ``cpl-mask``, version ``1.0``):
   ``8 * b + k``; unused high bits of the last byte are 0. Bit 1 = collaborative (may be trained),
   0 = conflicting (frozen). This is ``numpy.packbits(bits, bitorder="little")``.
 * optionally, the scores ``s = g_M ⊙ g_I`` as ``bfloat16`` tensors of the parameter's shape under
-  ``scores/<parameter name>`` (saved with ``--save-scores``, so a mask can be re-cut later).
+  ``scores/<parameter name>`` (saved with ``--save-scores``, so a mask can be re-cut later). They
+  must be finite; an entry the injection gradient does not touch is ``+0``, a touched one scoring
+  zero ``-0`` (:func:`cpl_masks.selection.encode_scores`). The metadata then holds
+  ``scores_sha256``: the sha256, over the parameter names in sorted order, of ``"<name>\\n"``
+  followed by that parameter's raw little-endian bfloat16 score bytes, checked on load.
 * the safetensors header metadata (string to string) holds a single key, ``cpl_mask``, whose value
   is a JSON object: ``{"format", "version", "id", "shapes", "scores", "metadata"}`` where ``shapes``
   maps each parameter name to its shape (in model order), ``scores`` says whether scores are stored
   and ``metadata`` is the provenance (model ref and fingerprint, data hashes, scoring, rule, seed,
-  package versions, creation time, counts, parents of a combined mask).
+  package versions, creation time, counts, parents of a combined mask, ``recut_of`` of a re-cut).
 
 The content id is the sha256, over the parameter names in sorted order, of
 ``"<name>|<shape as comma-separated ints>\\n"`` followed by that parameter's packed bytes. It
@@ -40,11 +44,13 @@ from cpl_masks.files import atomic_write
 
 if TYPE_CHECKING:
     from cpl_masks.integrations import MaskHandle
+    from cpl_masks.registry import Registry
 
 FORMAT_NAME = "cpl-mask"
 FORMAT_VERSION = "1.0"
 HEADER_KEY = "cpl_mask"
 SCORES_PREFIX = "scores/"
+SCORES_HASH_KEY = "scores_sha256"
 _POPCOUNT = torch.tensor([bin(value).count("1") for value in range(256)], dtype=torch.int64)  # (256,)
 _MAX_HEADER_BYTES = 100_000_000
 
@@ -67,6 +73,22 @@ def count_set_bits(packed: torch.Tensor) -> int:
     if hasattr(np, "bitwise_count"):  # numpy >= 2: a native popcount, ~8x faster than the table lookup
         return int(np.bitwise_count(packed.numpy()).sum(dtype=np.int64))
     return int(_POPCOUNT[packed.to(torch.int64)].sum())
+
+
+def scores_sha256(scores: Mapping[str, torch.Tensor]) -> str:
+    """Hash of stored bfloat16 scores: sha256 over sorted names and raw score bytes (module docstring)."""
+    digest = hashlib.sha256()
+    for name in sorted(scores):
+        digest.update(f"{name}\n".encode())
+        digest.update(scores[name].to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_finite_scores(scores: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse scores holding a NaN or an infinity: cutting them would give a meaningless mask."""
+    for name, tensor in scores.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise CplError(f"{where}: the stored scores of {name} are not all finite (the file is corrupted)")
 
 
 def content_id(packed: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> str:
@@ -99,6 +121,9 @@ class Mask:
         shapes = {name: tuple(bits.shape) for name, bits in masks.items()}
         stored = None if scores is None else {name: scores[name].detach().to("cpu", torch.bfloat16) for name in shapes}
         mask = cls(packed=packed, shapes=shapes, metadata=dict(metadata), scores=stored)
+        mask.metadata.pop(SCORES_HASH_KEY, None)
+        if stored is not None:
+            mask.metadata[SCORES_HASH_KEY] = scores_sha256(stored)
         counts = dict(mask.metadata.get("counts", {}))
         counts.update(entries=mask.entries, collaborative=mask.collaborative_count())
         mask.metadata["counts"] = counts
@@ -147,7 +172,7 @@ class Mask:
             "id": self.id,
             "shapes": {name: list(shape) for name, shape in self.shapes.items()},
             "scores": self.scores is not None,
-            "metadata": self.metadata,
+            "metadata": self.metadata if self.scores is not None else _without_scores_hash(self.metadata),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -181,18 +206,20 @@ class Mask:
                 f"{path}: content id mismatch (file says {header['id'][:12]}, bits give {mask.id[:12]}); "
                 "the file is corrupted or was edited"
             )
+        if stored is not None:
+            _check_scores(path, stored, header["metadata"].get(SCORES_HASH_KEY))
         return mask
 
     @classmethod
-    def from_ref(cls, ref: str, *, scores: bool = False) -> Mask:
+    def from_ref(cls, ref: str, *, scores: bool = False, registry: Registry | None = None) -> Mask:
         """Load a mask from a file, a registry name or id, or a Hub repo ``owner/name[@revision]``.
 
-        One way to name a mask wherever it lives; the logic (registry first, then the Hub pull that
-        verifies and registers) is :func:`cpl_masks.integrations.load_mask`.
+        One way to name a mask wherever it lives; the logic (``registry`` first, the default one when
+        None, then the Hub pull that verifies and registers) is :func:`cpl_masks.integrations.load_mask`.
         """
         from cpl_masks.integrations import load_mask
 
-        return load_mask(ref, scores=scores)
+        return load_mask(ref, scores=scores, registry=registry)
 
     def apply(self, target: Any, optimizer: Any = None, *, allow_other_weights: bool = False) -> MaskHandle:
         """Make a model, or a transformers/TRL Trainer, train only the collaborative entries.
@@ -217,17 +244,66 @@ class Mask:
         if problems:
             shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
             raise CplError(f"mask {self.id[:12]} does not fit this model: {shown}")
-        expected = self.metadata.get("model", {}).get("fingerprint")
-        if allow_other_weights or expected is None:
-            return
+        if not allow_other_weights:
+            self._check_weights(model)
+
+    def _check_weights(self, model: torch.nn.Module) -> None:
+        """Refuse other weights: the exact fingerprint, or the bfloat16 one (same checkpoint, other dtype)."""
         from cpl_masks.models import model_fingerprint
 
-        if model_fingerprint(model) != expected:
-            raise CplError(
-                f"mask {self.id[:12]} was profiled on other weights (fingerprint {expected[:12]}, "
-                f"model {self.metadata.get('model', {}).get('ref')}); "
-                "pass --allow-other-weights to use it anyway"
-            )
+        recorded = self.metadata.get("model") or {}
+        expected = recorded.get("fingerprint")
+        if expected is None or model_fingerprint(model) == expected:
+            return
+        rounded = recorded.get("fingerprint_bf16")
+        if rounded is not None and model_fingerprint(model, rounded_to=torch.bfloat16) == rounded:
+            return
+        profiled_in = (
+            recorded.get("dtype") or (self.metadata.get("profile") or {}).get("dtype") or "an unrecorded dtype"
+        )
+        raise CplError(
+            f"mask {self.id[:12]} was profiled on other weights (fingerprint {expected[:12]}, "
+            f"model {recorded.get('ref')} in {profiled_in}; this model is in {dtype_name(model)}); "
+            "pass --allow-other-weights to use it anyway"
+        )
+
+
+def weights_metadata(model: torch.nn.Module) -> dict[str, str]:
+    """What a mask records of the weights it is made from, for :meth:`Mask.check_model`.
+
+    The exact fingerprint; one of the weights rounded to bfloat16, so the same checkpoint loaded at
+    another precision is still accepted; and the dtype, so a refusal can name both.
+    """
+    from cpl_masks.models import model_fingerprint
+
+    return {
+        "fingerprint": model_fingerprint(model),
+        "fingerprint_bf16": model_fingerprint(model, rounded_to=torch.bfloat16),
+        "dtype": dtype_name(model),
+    }
+
+
+def dtype_name(model: torch.nn.Module) -> str:
+    """The dtype of a model's first parameter, as a name (``float32``, ``bfloat16``)."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def _without_scores_hash(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The metadata of a mask saved without its scores: no hash of scores that are not there."""
+    return {key: value for key, value in metadata.items() if key != SCORES_HASH_KEY}
+
+
+def _check_scores(path: str | os.PathLike, scores: Mapping[str, torch.Tensor], recorded: str | None) -> None:
+    """Refuse stored scores that are not bfloat16, differ from their recorded hash, or are not finite.
+
+    Files written before the hash was recorded have none; their scores are still checked for finiteness.
+    """
+    wrong = next((name for name, tensor in scores.items() if tensor.dtype != torch.bfloat16), None)
+    if wrong is not None:
+        raise CplError(f"{path}: the stored scores of {wrong} are {scores[wrong].dtype}, not bfloat16")
+    if recorded is not None and scores_sha256(scores) != recorded:
+        raise CplError(f"{path}: stored scores do not match their recorded sha256; the file is corrupted or was edited")
+    check_finite_scores(scores, str(path))
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -250,7 +326,25 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     missing = [key for key in ("id", "shapes", "scores", "metadata") if key not in header]
     if missing:
         raise CplError(f"{path}: mask header lacks {', '.join(missing)}")
+    _check_header_types(path, header)
     return header
+
+
+def _check_header_types(path: Path, header: dict[str, Any]) -> None:
+    """Refuse, naming the file and the field, a header whose fields have the wrong JSON types."""
+    if not isinstance(header["id"], str):
+        raise CplError(f"{path}: mask header 'id' is not a string")
+    if not isinstance(header["metadata"], dict):
+        raise CplError(f"{path}: mask header 'metadata' is not an object")
+    if not isinstance(header["scores"], bool):
+        raise CplError(f"{path}: mask header 'scores' is not true or false")
+    shapes = header["shapes"]
+    if not isinstance(shapes, dict):
+        raise CplError(f"{path}: mask header 'shapes' is not an object of parameter name to shape")
+    for name, shape in shapes.items():
+        valid = isinstance(shape, list) and all(type(size) is int and size >= 0 for size in shape)
+        if not valid:
+            raise CplError(f"{path}: mask header shape of {name} is {shape!r}, not a list of non-negative integers")
 
 
 def _raw_safetensors_header(path: Path) -> dict[str, Any]:

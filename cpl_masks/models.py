@@ -145,15 +145,17 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
+def model_fingerprint(model: torch.nn.Module, *, rounded_to: torch.dtype | None = None) -> str:
     """A sha256 over every parameter's name, shape, dtype and bytes, one tensor at a time.
 
     Two models share a fingerprint only if their weights are bit-identical, so a mask records it
-    to refuse being applied to other weights.
+    to refuse being applied to other weights. With ``rounded_to`` (e.g. ``torch.bfloat16``) every
+    weight is first rounded to that dtype, which is then the dtype hashed: the same checkpoint loaded
+    at another precision gives the same such fingerprint, so a mask can accept it.
     """
     digest = hashlib.sha256()
     for name, parameter in model.named_parameters():
-        tensor = parameter.detach()
+        tensor = parameter.detach() if rounded_to is None else parameter.detach().to(rounded_to)
         digest.update(f"{name}|{tuple(tensor.shape)}|{str(tensor.dtype).removeprefix('torch.')}\n".encode())
         digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

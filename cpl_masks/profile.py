@@ -25,11 +25,12 @@ import torch
 from cpl_masks import distributed
 from cpl_masks.data import Question, questions_sha256
 from cpl_masks.errors import CplError
-from cpl_masks.masks import Mask
-from cpl_masks.models import LoadedModel, activation_checkpointing, model_fingerprint
+from cpl_masks.masks import Mask, weights_metadata
+from cpl_masks.models import LoadedModel, activation_checkpointing
 from cpl_masks.progress import progress_bar
 from cpl_masks.scoring import Scorer, batches, make_scorer
-from cpl_masks.selection import Rule
+from cpl_masks.selection import Rule, encode_scores, touched_entries
+from cpl_masks.split import resolve_scoring
 from cpl_masks.versions import stamp
 
 LOSSES = {
@@ -44,12 +45,9 @@ def profile(
     mastered: Sequence[Question],
     inject: Sequence[Question],
     *,
-    scoring: str = "letter",
+    rule: Rule | None = None,
+    scoring: str | None = None,
     batch_size: int = 16,
-    threshold: float = 0.0,
-    keep_fraction: float | None = None,
-    freeze_pattern: str | None = None,
-    train_pattern: str | None = None,
     save_scores: bool = False,
     checkpointing: bool = True,
     seed: int = 0,
@@ -64,12 +62,12 @@ def profile(
         loaded: the model and tokenizer to profile.
         mastered: questions the model answers right (M).
         inject: questions it answers wrong, to be learned (I).
-        scoring: the answer loss (``letter``, ``loglik`` or ``loglik-norm``), as the split used.
+        rule: how scores become bits: a threshold or a keep fraction, and tensor patterns
+            (default ``Rule()``: collaborative where ``s >= 0``).
+        scoring: the answer loss (``letter``, ``loglik`` or ``loglik-norm``); default: the one
+            ``split.json`` beside ``data_paths["mastered"]`` records, else ``letter``
+            (:func:`cpl_masks.split.resolve_scoring`).
         batch_size: questions per forward/backward pass.
-        threshold: collaborative where ``s >= threshold`` (ignored when ``keep_fraction`` is set).
-        keep_fraction: keep this share of the most positive scores instead of a threshold.
-        freeze_pattern: regex of parameter names forced frozen (e.g. ``embed``).
-        train_pattern: regex of parameter names forced collaborative.
         save_scores: keep the bfloat16 scores in the mask, so it can be re-cut without profiling.
         checkpointing: recompute layer activations in backward (same gradients, far less memory).
         seed: seeds torch (recorded in the mask).
@@ -89,16 +87,13 @@ def profile(
     """
     if not mastered or not inject:
         raise CplError("profile needs a non-empty mastered set and a non-empty injection set")
-    rule = Rule(
-        threshold=None if keep_fraction is not None else threshold,
-        keep_fraction=keep_fraction,
-        freeze_pattern=freeze_pattern,
-        train_pattern=train_pattern,
-    )
+    rule = rule or Rule()
+    scoring = resolve_scoring(scoring, data_path=(data_paths or {}).get("mastered"))
     scorer = make_scorer(scoring, loaded.tokenizer)
+    scorer.check_fits(loaded.model, [*mastered, *inject])
     torch.manual_seed(seed)
     distributed.setup(str(loaded.device))  # joins the launcher's group if the caller has not
-    fingerprint = model_fingerprint(loaded.model)  # of the whole weights, before any sharding
+    weights = weights_metadata(loaded.model)  # of the whole weights, before any sharding
     if distributed.wrapping_for(wrapping) == "fsdp2":
         distributed.shard_model(loaded.model)
     device = loaded.device
@@ -109,10 +104,10 @@ def profile(
         passes = {"batch_size": batch_size, "checkpointing": checkpointing, "advance": advance}
         g_inject = mean_gradients(loaded.model, scorer, inject, **passes)
         g_mastered = mean_gradients(loaded.model, scorer, mastered, **passes)
-    bits, stats, scores = _cut(rule, g_mastered, g_inject, keep_scores=save_scores or keep_fraction is not None)
+    bits, stats, scores = _cut(rule, g_mastered, g_inject, keep_scores=save_scores or rule.keep_fraction is not None)
     seconds = time.perf_counter() - started
     metadata = {
-        "model": {"ref": loaded.ref, "fingerprint": fingerprint},
+        "model": {"ref": loaded.ref, **weights},
         "scoring": scoring,
         "loss": LOSSES[scoring],
         "data": data_provenance({"mastered": mastered, "inject": inject}, data_paths),
@@ -127,7 +122,7 @@ def profile(
             "batch_size": batch_size,
             "checkpointing": checkpointing,
             "device": str(device),
-            "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+            "dtype": weights["dtype"],
             "seconds": round(seconds, 3),
             **peak_memory(device),
             "processes": distributed.world_size(),
@@ -252,7 +247,11 @@ def _accumulator(name: str, buffers: dict[str, torch.Tensor]) -> Callable[[torch
 def _cut(
     rule: Rule, g_mastered: dict[str, torch.Tensor], g_inject: dict[str, torch.Tensor], *, keep_scores: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-    """Turn both gradients into bits tensor by tensor, freeing each pair as soon as it is used."""
+    """Turn both gradients into bits tensor by tensor, freeing each pair as soon as it is used.
+
+    A threshold decides each tensor on the spot; a keep fraction ranks the stored scores of all
+    tensors together once every tensor is scored.
+    """
     bits: dict[str, torch.Tensor] = {}
     stats: dict[str, dict[str, Any]] = {}
     scores: dict[str, torch.Tensor] = {}
@@ -262,33 +261,37 @@ def _cut(
         grad_m, grad_i = distributed.local(grad_m), distributed.local(grad_i)
         product = grad_m * grad_i  # (param shape, or this rank's shard of it) float32 s = g_M ⊙ g_I
         touched = grad_i != 0  # bool, entries the injection gradient moves
+        kept = rule.select(name, product) if rule.keep_fraction is None else torch.zeros_like(touched)
         sums = torch.stack(
             [
                 touched.sum(dtype=torch.float64),
+                (kept & touched).sum(dtype=torch.float64),
                 product.clamp(min=0).sum(dtype=torch.float64),
                 product.clamp(max=0).sum(dtype=torch.float64),
                 grad_m.square().sum(dtype=torch.float64),
                 grad_i.square().sum(dtype=torch.float64),
             ]
-        )  # (5,) float64
+        )  # (6,) float64
         if placed is not None:
             distributed.all_reduce_sum(sums)  # the shards' partial sums: the whole tensor's
-        keys = ("touched", "dot_positive", "dot_negative", "norm_m_sq", "norm_i_sq")
+        keys = ("touched", "touched_collaborative", "dot_positive", "dot_negative", "norm_m_sq", "norm_i_sq")
         stats[name] = {key: float(value) for key, value in zip(keys, sums.tolist())}
-        stats[name]["touched"] = int(stats[name]["touched"])
+        stats[name].update(touched=int(sums[0]), touched_collaborative=int(sums[1]))
         if keep_scores:
-            scores[name] = _whole(product, placed).to("cpu", torch.bfloat16)
+            scores[name] = _whole(encode_scores(product, touched), placed).cpu()
         if rule.keep_fraction is None:
-            bits[name] = _whole(rule.select(name, product, None), placed).cpu()
-        del grad_m, grad_i, product, touched
-    cut_key = rule.cut_key(scores.items())
-    for name, entry in stats.items():
-        if name not in bits:
-            bits[name] = rule.select(name, scores[name], cut_key)
-        entry["touched_collaborative"] = touched_collaborative(
-            int(bits[name].sum()), bits[name].numel(), entry["touched"], rule.keeps_zero(name, cut_key)
-        )
+            bits[name] = _whole(kept, placed).cpu()
+        del grad_m, grad_i, product, touched, kept
+    if rule.keep_fraction is not None:
+        bits = rule.cut(scores)
+        for name, entry in stats.items():
+            entry["touched_collaborative"] = kept_touched(bits[name], scores[name])
     return bits, stats, scores
+
+
+def kept_touched(bits: torch.Tensor, scores: torch.Tensor) -> int:
+    """Collaborative entries among those ``g_I`` touches, from a tensor's bits and its stored scores."""
+    return int((bits & touched_entries(scores)).sum())
 
 
 def _whole(shard: torch.Tensor, placed: torch.Tensor | None) -> torch.Tensor:
@@ -304,11 +307,6 @@ def _whole(shard: torch.Tensor, placed: torch.Tensor | None) -> torch.Tensor:
     spread = DTensor.from_local(wire, placed.device_mesh, placed.placements, shape=placed.shape, stride=placed.stride())
     whole = spread.full_tensor()
     return whole.bool() if shard.dtype == torch.bool else whole
-
-
-def touched_collaborative(collaborative: int, entries: int, touched: int, zero_kept: bool) -> int:
-    """Collaborative entries among those ``g_I`` touches: untouched entries all score exactly 0."""
-    return collaborative - (entries - touched if zero_kept else 0)
 
 
 def touched_counts(stats: dict[str, dict[str, Any]]) -> dict[str, int]:

@@ -11,7 +11,8 @@ Two scorings, picked by name:
   correct choice's tokens.
 
 Batches are padded on the left with explicit position ids, so a question scores the same alone or
-in a batch.
+in a batch. :meth:`Scorer.check_fits` refuses, before any forward pass, a question whose scored
+sequence is longer than the model's context.
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ def pad_left(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devi
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def context_length(model: Any) -> int | None:
+    """The longest sequence the model was built for (its config's ``max_position_embeddings``), or None if unknown.
+
+    Multimodal configs keep it in their text config, which ``get_text_config`` returns.
+    """
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
 class Scorer(abc.ABC):
     """Turns questions into model inputs; computes predictions and the differentiable answer loss."""
 
@@ -74,6 +86,30 @@ class Scorer(abc.ABC):
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+
+    @abc.abstractmethod
+    def sequence_length(self, question: Question) -> int:
+        """Tokens in the longest sequence that scoring or training on the question feeds the model."""
+
+    def check_fits(self, model: Any, questions: Sequence[Question]) -> None:
+        """Refuse any question longer than the model's context, before the expensive forward passes.
+
+        Without this, an over-long question runs for minutes and then fails allocating memory, or is
+        silently scored past the positions the model was trained on. Does nothing when the model's
+        config states no context length. The token ids are cached, so scoring does not tokenize again.
+
+        Raises:
+            CplError: naming the first such question's file and row, its length and the context length.
+        """
+        limit = context_length(model)
+        if limit is None:
+            return
+        for question in questions:
+            tokens = self.sequence_length(question)
+            if tokens > limit:
+                raise CplError(
+                    f"{question.where}: question is {tokens} tokens, longer than the model's context ({limit})"
+                )
 
     @abc.abstractmethod
     def loss(self, model: Any, questions: Sequence[Question]) -> torch.Tensor:
@@ -125,6 +161,10 @@ class LetterScorer(Scorer):
     def _build_prompt_ids(self, question: Question) -> list[int]:
         ids = self._encode(self.prompt_text(question))
         return ids if self.chat else self._bos() + ids
+
+    def sequence_length(self, question: Question) -> int:
+        """The prompt and the answer letter after it."""
+        return len(self._prompt_ids(question)) + 1
 
     @functools.cached_property
     def letter_ids(self) -> list[int]:
@@ -186,6 +226,10 @@ class LoglikScorer(Scorer):
         if continuation < 1 or full_ids[: len(context_ids)] != context_ids:
             continuation = len(self._encode(f" {question.choices[choice]}"))
         return tuple(full_ids), continuation
+
+    def sequence_length(self, question: Question) -> int:
+        """The context followed by the question's longest choice."""
+        return max(len(self._row_ids(question, choice)[0]) for choice in range(len(question.choices)))
 
     def _token_nll(self, model: Any, rows: list[tuple[tuple[int, ...], int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed negative log-likelihood (R,) of each row's continuation, and its token count (R,)."""

@@ -3,13 +3,19 @@
 Three ways to cut, recorded in the mask's ``rule`` metadata:
 
 * ``threshold`` τ (default 0, the CPL paper's rule): collaborative where ``s >= τ``;
-* ``keep_fraction`` F: the F share of entries with the largest ``s`` is collaborative. Entries are
-  ranked by their ``bfloat16``-rounded score (the precision scores are stored in), so a mask cut at
-  profiling time equals one re-cut later from stored scores; ties at the cut are all kept, so the
-  kept share can exceed F slightly;
+* ``keep_fraction`` F: exactly ``ceil(F × E)`` of the ``E`` eligible entries are collaborative
+  (F read as the decimal it is written as, so 0.3 of 10 entries is 3). Entries are ranked by their
+  ``bfloat16``-rounded score (the precision scores are stored in), largest first, so a mask cut at
+  profiling time equals one re-cut later from stored scores. Ties at the cut (typically the many
+  entries scoring exactly 0, which the injection gradient does not touch) are broken by position:
+  tensors in the mask's (model) order, then flat row-major index within a tensor, earlier first;
 * ``freeze_pattern`` / ``train_pattern`` (regular expressions, ``re.search`` on parameter names):
   force whole tensors frozen or collaborative, whatever their scores (freeze wins if both match).
-  Forced tensors do not count towards the keep fraction.
+  Forced tensors are not eligible: they do not count towards the keep fraction.
+
+Stored scores mark which entries the injection gradient touches by the sign of zero: an untouched
+entry is stored as ``+0``, a touched one whose score is (or rounds to) zero as ``-0`` (see
+:func:`encode_scores`), so a re-cut counts the touched entries it keeps exactly.
 """
 
 from __future__ import annotations
@@ -18,18 +24,22 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 import torch
 
 from cpl_masks.errors import CplError
 
 _BF16_KEYS = 1 << 16
-_ZERO_KEY = 0x8000  # bf16_keys of +0.0
 
 
 @dataclass(frozen=True)
 class Rule:
-    """How scores become a mask; stored as the mask's ``rule`` metadata."""
+    """How scores become a mask; stored as the mask's ``rule`` metadata.
+
+    The one place that checks a rule's options (exactly one of ``threshold`` and ``keep_fraction``,
+    their ranges, the patterns), so every command refuses the same mistakes in the same words.
+    """
 
     threshold: float | None = 0.0
     keep_fraction: float | None = None
@@ -37,10 +47,10 @@ class Rule:
     train_pattern: str | None = None
 
     def __post_init__(self) -> None:
-        if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
-            raise CplError(f"--keep-fraction {self.keep_fraction}: must be in (0, 1]")
         if (self.threshold is None) == (self.keep_fraction is None):
             raise CplError("give exactly one of --threshold and --keep-fraction")
+        if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
+            raise CplError(f"--keep-fraction {self.keep_fraction}: must be in (0, 1]")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise CplError(f"--threshold {self.threshold}: must be a finite number")
         for option, pattern in (
@@ -48,11 +58,6 @@ class Rule:
             ("--train-pattern", self.train_pattern),
         ):
             _compile(option, pattern)
-
-    @classmethod
-    def from_metadata(cls, rule: Mapping) -> Rule:
-        """The rule a mask was cut with, from its metadata."""
-        return cls(**{key: rule.get(key) for key in ("threshold", "keep_fraction", "freeze_pattern", "train_pattern")})
 
     def to_metadata(self) -> dict:
         """The rule as JSON-ready metadata."""
@@ -66,39 +71,58 @@ class Rule:
             return True
         return None
 
-    def keeps_zero(self, name: str, cut_key: int | None) -> bool:
-        """Whether a score of exactly 0 (an entry the injection gradient does not touch) is collaborative."""
-        forced = self.forced(name)
-        if forced is not None:
-            return forced
-        if self.threshold is not None:
-            return self.threshold <= 0.0
-        return cut_key is not None and cut_key <= _ZERO_KEY
+    def select(self, name: str, scores: torch.Tensor) -> torch.Tensor:
+        """Bool mask of one tensor under a threshold rule (or a forced tensor), decided tensor by tensor.
 
-    def select(self, name: str, scores: torch.Tensor, cut_key: int | None) -> torch.Tensor:
-        """Bool mask of one tensor's scores (``cut_key`` from :meth:`cut_key` when cutting by fraction)."""
+        A keep fraction ranks all tensors together: use :meth:`cut` for it.
+        """
         forced = self.forced(name)
         if forced is not None:
             return torch.full(scores.shape, forced, dtype=torch.bool, device=scores.device)
-        if self.threshold is not None:
-            return scores >= self.threshold
-        if cut_key is None:
-            return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-        return bf16_keys(scores) >= cut_key
+        if self.threshold is None:
+            raise ValueError("a keep-fraction rule cuts all tensors at once: use Rule.cut")
+        return scores.float() >= self.threshold  # not in bfloat16: the threshold itself is not rounded
 
-    def cut_key(self, named_scores: Iterable[tuple[str, torch.Tensor]]) -> int | None:
-        """For a keep fraction: the smallest ordered bfloat16 key kept (None keeps nothing)."""
+    def cut(self, named_scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Bool masks of every tensor; the mapping's order is the position order ties are broken in."""
         if self.keep_fraction is None:
-            return None
+            return {name: self.select(name, scores) for name, scores in named_scores.items()}
+        eligible = {name: scores for name, scores in named_scores.items() if self.forced(name) is None}
+        key, ties = self._cut_point(eligible.values())
+        bits = {}
+        for name, scores in named_scores.items():
+            if name not in eligible:
+                bits[name] = self.select(name, scores)
+                continue
+            keys = bf16_keys(scores)  # (param shape) int64
+            bits[name], ties = _above_and_first_ties(keys, key, ties)
+        return bits
+
+    def _cut_point(self, scores: Iterable[torch.Tensor]) -> tuple[int, int]:
+        """The smallest kept key and how many entries at that key are kept (first in position order)."""
         histogram = torch.zeros(_BF16_KEYS, dtype=torch.int64)  # (65536,) entries per ordered bf16 value
-        for name, scores in named_scores:
-            if self.forced(name) is None:
-                histogram += torch.bincount(bf16_keys(scores).reshape(-1).cpu(), minlength=_BF16_KEYS)
-        wanted = math.ceil(self.keep_fraction * int(histogram.sum()))
+        for tensor in scores:
+            histogram += torch.bincount(bf16_keys(tensor).reshape(-1).cpu(), minlength=_BF16_KEYS)
+        wanted = math.ceil(Fraction(str(self.keep_fraction)) * int(histogram.sum()))
         if wanted == 0:
-            return None
+            return _BF16_KEYS, 0  # nothing eligible: no key is that large
         kept_from = histogram.flip(0).cumsum(0).flip(0)  # (65536,) entries with key >= index
-        return int((kept_from >= wanted).nonzero().max())
+        key = int((kept_from >= wanted).nonzero().max())
+        above = int(kept_from[key + 1]) if key + 1 < _BF16_KEYS else 0
+        return key, wanted - above
+
+
+def _above_and_first_ties(keys: torch.Tensor, key: int, ties: int) -> tuple[torch.Tensor, int]:
+    """Entries with a key above ``key``, plus the first ``ties`` (flat order) at ``key``; and the ties left."""
+    bits = keys > key
+    at = keys == key
+    count = int(at.sum())
+    if count <= ties:
+        return bits | at, ties - count
+    if ties > 0:
+        first = at.reshape(-1).cumsum(0, dtype=torch.int32) <= ties  # (n,) True up to the ties-th tie
+        bits |= at & first.reshape(keys.shape)
+    return bits, 0
 
 
 def bf16_keys(scores: torch.Tensor) -> torch.Tensor:
@@ -106,6 +130,22 @@ def bf16_keys(scores: torch.Tensor) -> torch.Tensor:
     bits = (scores.to(torch.bfloat16) + 0.0).view(torch.int16).to(torch.int64) & 0xFFFF  # raw bf16 bits
     negative = bits >= 0x8000
     return torch.where(negative, 0xFFFF - bits, bits + 0x8000)
+
+
+def encode_scores(product: torch.Tensor, touched: torch.Tensor) -> torch.Tensor:
+    """Scores as stored: ``product`` in bfloat16, with ``+0`` for untouched and ``-0`` for touched zeros.
+
+    Recorded this way so :func:`touched_entries` can tell, from the stored scores alone, which
+    entries the injection gradient moves; the value (and so every cut) is unchanged.
+    """
+    scores = product.to(torch.bfloat16)
+    scores = torch.where(scores == 0, torch.full_like(scores, -0.0), scores)
+    return torch.where(touched, scores, torch.zeros_like(scores))
+
+
+def touched_entries(scores: torch.Tensor) -> torch.Tensor:
+    """Bool tensor: True where stored ``scores`` (from :func:`encode_scores`) are anything but ``+0``."""
+    return scores.to(torch.bfloat16).view(torch.int16) != 0
 
 
 def _compile(option: str, pattern: str | None) -> None:

@@ -25,7 +25,7 @@ from cpl_masks.data import Question, questions_sha256, write_questions
 from cpl_masks.errors import CplError
 from cpl_masks.files import prepare_output_dir, write_json, write_jsonl
 from cpl_masks.models import LoadedModel, model_fingerprint
-from cpl_masks.scoring import Scores, make_scorer, score_questions
+from cpl_masks.scoring import SCORINGS, Scores, make_scorer, score_questions
 from cpl_masks.versions import package_versions
 
 MASTERED, INJECT, HELDOUT, SUMMARY = "mastered.jsonl", "inject.jsonl", "mastered_heldout.jsonl", "split.json"
@@ -58,12 +58,16 @@ def split_questions(
     """Score every question once and sort it into mastered, held-out mastered and injection sets.
 
     A question is mastered when it is answered right by a margin of at least ``min_margin``.
+
+    Raises:
+        CplError: a bad option, or a question longer than the model's context (before any scoring).
     """
     if not 0.0 <= holdout_fraction < 1.0:
         raise CplError(f"--holdout-fraction {holdout_fraction}: must be in [0, 1)")
     if not min_margin >= 0.0:
         raise CplError(f"--min-margin {min_margin}: must be a number >= 0")
     scorer = make_scorer(scoring, loaded.tokenizer)
+    scorer.check_fits(loaded.model, questions)
     scores = score_questions(
         loaded.model, scorer, questions, batch_size=batch_size, description="split", show_progress=show_progress
     )
@@ -112,6 +116,40 @@ def recorded_scoring(data_file: str | os.PathLike) -> str | None:
     if not isinstance(scoring, str):
         raise CplError(f"{summary}: its 'scoring' is not a name (pass --scoring)")
     return scoring
+
+
+def resolve_scoring(
+    requested: str | None,
+    *,
+    mask_scoring: str | None = None,
+    data_path: str | os.PathLike | None = None,
+    force: bool | None = False,
+) -> str:
+    """The one scoring rule of profile, controls and train: which answer loss a stage uses.
+
+    An unknown name is refused first. Then: the asked scoring (refused when it differs from the
+    one the mask was profiled with, unless ``force``), else the mask's, else the one ``split.json``
+    beside ``data_path`` records, else ``letter``. So a mask and a training run score answers the
+    way the split did unless told otherwise.
+
+    Args:
+        requested: ``--scoring`` as given, or None.
+        mask_scoring: the scoring of the mask the stage works from (``--mask`` or ``--like``).
+        data_path: a question file of the split (its folder may hold ``split.json``).
+        force: accept a scoring other than the mask's; None where the command offers no such
+            override (the refusal then does not suggest ``--force``).
+
+    Raises:
+        CplError: an unknown scoring, a mismatch with the mask's, or an unreadable ``split.json``.
+    """
+    if requested is not None and requested not in SCORINGS:
+        raise CplError(f"--scoring {requested}: choose one of {', '.join(SCORINGS)}")
+    if requested is None:
+        return mask_scoring or (recorded_scoring(data_path) if data_path is not None else None) or "letter"
+    if mask_scoring and requested != mask_scoring and not force:
+        hint = "; pass --force to use it anyway" if force is False else ""
+        raise CplError(f"--scoring {requested}: the mask was profiled with {mask_scoring} scoring{hint}")
+    return requested
 
 
 def write_split(split: Split, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -37,6 +37,7 @@ from cpl_masks.masks import Mask
 from cpl_masks.methods import METHODS, method_options
 from cpl_masks.models import load_model
 from cpl_masks.profile import profile
+from cpl_masks.registry import Registry
 from cpl_masks.split import HELDOUT, INJECT, MASTERED, SUMMARY, split_questions, write_split
 from cpl_masks.train import OPTIMIZERS, TrainConfig, TrainingDiverged
 from cpl_masks.training_run import CHECKPOINT, RUN, RunRequest, read_run, resume_run, start_run
@@ -129,13 +130,20 @@ class RunSpec:
         return f"{name}-lr{self.lr:g}-s{self.seed}"
 
 
-def run_sweep(config: SweepConfig, *, report: Report = print, show_progress: bool = True) -> dict[str, Any]:
+def run_sweep(
+    config: SweepConfig, *, report: Report = print, show_progress: bool = True, registry: Registry | None = None
+) -> dict[str, Any]:
     """Run (or resume) the sweep ``config`` describes; returns the ``sweep.json`` payload.
 
+    Every mask run is recorded in ``registry`` (None: the one in ``$CPL_MASKS_HOME``), which is
+    checked before any model loads.
+
     Raises:
-        CplError: bad options, or an output folder holding a sweep with other arguments.
+        CplError: bad options, a broken registry, or an output folder holding a sweep with other arguments.
     """
     config.check()
+    registry = registry or Registry()
+    registry.check()
     out = Path(config.out)
     _claim_folder(out, config)
     split_dir = _split(config, out / "split", report, show_progress)
@@ -153,7 +161,7 @@ def run_sweep(config: SweepConfig, *, report: Report = print, show_progress: boo
         eta = f", about {_minutes(statistics.mean(durations) * remaining)} left" if durations else ""
         report(f"[run {index}/{len(specs)}] {spec.method} lr={spec.lr:g} seed={spec.seed}{eta}")
         started = time.perf_counter()
-        result, trained = _one_run(config, spec, split_dir, masks, retain, out / "runs", show_progress)
+        result, trained = _one_run(config, spec, split_dir, masks, retain, out / "runs", show_progress, registry)
         if trained:
             durations.append(time.perf_counter() - started)
         runs.append(result)
@@ -282,6 +290,7 @@ def _one_run(
     retain: str | None,
     runs_dir: Path,
     show_progress: bool,
+    registry: Registry,
 ) -> tuple[dict[str, Any], bool]:
     """Finish one run (skip, resume or start it); returns its summary and whether it trained now."""
     folder = runs_dir / spec.label
@@ -291,10 +300,10 @@ def _one_run(
         return _run_summary(spec, None, json.loads((folder / DIVERGED).read_text(encoding="utf-8"))), False
     try:
         if (folder / CHECKPOINT / "state.json").is_file():
-            payload = resume_run(folder, show_progress=show_progress)
+            payload = resume_run(folder, show_progress=show_progress, registry=registry)
         else:
             request = _request(config, spec, split_dir, masks, retain, folder, show_progress)
-            payload = start_run(request, overwrite=True)  # a folder without a checkpoint holds no finished work
+            payload = start_run(request, overwrite=True, registry=registry)  # a folder without a checkpoint: no work
     except TrainingDiverged as error:
         diverged = {"diverged": str(error)}
         write_json(folder / DIVERGED, diverged)

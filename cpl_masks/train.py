@@ -64,8 +64,10 @@ class TrainConfig:
         for option, value in (("--batch-size", self.batch_size), ("--eval-batch-size", self.eval_batch_size)):
             if value < 1:
                 raise CplError(f"{option} {value}: must be at least 1")
-        if self.weight_decay < 0:
-            raise CplError(f"--weight-decay {self.weight_decay}: must not be negative")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise CplError(f"--weight-decay {self.weight_decay}: must be a number of at least 0")
+        if not 0 <= self.momentum < 1:
+            raise CplError(f"--momentum {self.momentum}: must be in [0, 1)")
         if self.distributed not in (None, *distributed.WRAPPINGS):
             raise CplError(f"--distributed {self.distributed}: choose one of {', '.join(distributed.WRAPPINGS)}")
 

@@ -1,10 +1,11 @@
 """A training run on disk: its folder, per-epoch checkpoints and evaluation, resume, and ``run.json``.
 
-The output folder holds ``config.json`` (the request, written first so a killed run can resume),
-``checkpoint/`` (weights, optimizer and RNG state, metrics and the epoch-0 baseline of the last
-finished epoch), ``metrics.jsonl`` and ``curves.png`` (rewritten after every epoch), and at the
-end ``model/`` (the method's ``save``: safetensors weights, or a LoRA adapter, and the tokenizer)
-and ``run.json``.
+The output folder holds ``config.json`` (the request with absolute paths, the inputs' content
+hashes and the mask's id; written once every check has passed, before the first epoch, so a killed
+run resumes from any working directory), ``checkpoint/`` (weights, optimizer and RNG state, metrics
+and the epoch-0 baseline of the last finished epoch), ``metrics.jsonl`` and ``curves.png``
+(rewritten after every epoch), and at the end ``model/`` (the method's ``save``: safetensors
+weights, or a LoRA adapter, and the tokenizer) and ``run.json``.
 
 Under ``torchrun`` every rank runs all of this (trains its share, evaluates its share), but only
 rank 0 writes files and registry rows; the others wait for it (:func:`cpl_masks.distributed.on_main`).
@@ -19,7 +20,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,15 @@ from cpl_masks import distributed
 from cpl_masks.data import Question, load_questions, questions_sha256
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import draw_curves, epoch_metrics, evaluate_sets, text_loss
-from cpl_masks.files import atomic_write, check_output_dir, prepare_output_dir, write_json, write_jsonl
-from cpl_masks.masks import Mask
+from cpl_masks.files import atomic_write, check_output_dir, check_writable_folder, sha256_file, write_json, write_jsonl
+from cpl_masks.masks import Mask, read_header
 from cpl_masks.methods import METHODS, Method, MethodContext, make_method, method_options
-from cpl_masks.models import load_model, model_fingerprint
+from cpl_masks.models import LoadedModel, load_model, model_fingerprint
 from cpl_masks.profile import peak_memory, sign_agreement
+from cpl_masks.registry import Registry
+from cpl_masks.registry.names import run_task
 from cpl_masks.scoring import Scores, make_scorer
-from cpl_masks.split import recorded_scoring, split_scores
+from cpl_masks.split import resolve_scoring, split_scores
 from cpl_masks.train import TrainConfig, Trainer, TrainingDiverged, optimizer_state_bytes
 from cpl_masks.versions import package_versions
 
@@ -112,16 +115,6 @@ class RunRequest:
             raise CplError("--mode mask needs --mask MASK")
         return self.mode
 
-    @property
-    def task_name(self) -> str:
-        """The task the run is recorded under: ``--task``, else named after the injection file.
-
-        A split's ``inject.jsonl`` says nothing about the task, so its folder names it instead
-        (``runs/arc/inject.jsonl`` is task ``arc``); any other file is named by its stem.
-        """
-        inject = Path(self.inject)
-        return self.task or (inject.parent.name if inject.stem == "inject" and inject.parent.name else inject.stem)
-
     def to_dict(self) -> dict[str, Any]:
         """The request as plain JSON values."""
         return asdict(self)
@@ -148,54 +141,229 @@ class RunData:
         return sets
 
 
-def start_run(request: RunRequest, *, overwrite: bool = False, on_epoch: OnEpoch | None = None) -> dict[str, Any]:
+def start_run(
+    request: RunRequest,
+    *,
+    overwrite: bool = False,
+    on_epoch: OnEpoch | None = None,
+    registry: Registry | None = None,
+) -> dict[str, Any]:
     """Train as ``request`` says into a fresh output folder; returns the ``run.json`` payload.
 
+    Every check runs before the folder is touched: the options, the folder (it can be created and
+    written), the data, the mask, the model and the mask against the model. Only then is
+    ``config.json`` written, so a refused run leaves nothing behind. A folder holding only a run that
+    stopped before its first checkpoint (:func:`restartable`) is started again without ``overwrite``.
+    Local files are saved by absolute path with their content hashes, so the run resumes from anywhere.
+    ``registry`` (None: the one in ``$CPL_MASKS_HOME``) is checked first, looks up a mask given by
+    name and records the finished run with its mask.
+
     Raises:
-        CplError: for bad options, data or mask, a non-empty folder without ``overwrite``, or a
-            diverged loss (the last good checkpoint is kept).
+        CplError: for bad options, data or mask, a non-empty folder without ``overwrite``, a folder
+            that cannot be written, a broken registry, or a diverged loss (the last good checkpoint is kept).
     """
     request.check()
+    registry = registry or Registry()
     distributed.setup(request.device)
-    mask_path = distributed.on_main(lambda: _check_out_and_mask(request, overwrite))
-    data = load_run_data(request)  # bad data fails before the output folder is touched
-    out = distributed.on_main(lambda: _prepare_out(request, overwrite, mask_path))
-    return _run(request, out, mask_path, on_epoch, data=data)
+    mask_path = distributed.on_main(lambda: _check_out_and_mask(request, overwrite, registry))
+    request = _with_absolute_paths(request)
+    session = _open(request, load_run_data(request), mask_path)
+    out = distributed.on_main(lambda: _prepare_out(session, overwrite))
+    return _run(session, out, on_epoch, registry=registry)
 
 
-def _check_out_and_mask(request: RunRequest, overwrite: bool) -> str | None:
-    check_output_dir(request.out, overwrite=overwrite)
-    return _mask_path(request.mask)
+def _check_out_and_mask(request: RunRequest, overwrite: bool, registry: Registry) -> str | None:
+    """Check the output folder and, for a run with a mask (which it records), the registry; find the mask."""
+    _check_out(Path(request.out), overwrite)
+    if request.mask is None:
+        return None
+    registry.check()
+    return str(registry.resolve(request.mask).resolve())
 
 
-def _prepare_out(request: RunRequest, overwrite: bool, mask_path: str | None) -> Path:
-    out = prepare_output_dir(request.out, overwrite=overwrite)
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that holds other work (unless ``overwrite``) or cannot be created and written."""
+    if not restartable(out):
+        check_output_dir(out, overwrite=overwrite)
+    check_writable_folder(out, what=f"--out {out}")
+
+
+def restartable(folder: str | Path) -> bool:
+    """Whether ``folder`` holds only a run that stopped before its first checkpoint, so it may start again.
+
+    Such a folder has our ``config.json`` and at most epoch 0's ``metrics.jsonl`` and ``curves.png``
+    and a ``checkpoint/`` whose ``state.json`` was never written: no finished epoch, nothing of the
+    user's, so starting the run again there needs no ``--overwrite``.
+    """
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file() or (folder / CHECKPOINT / STATE).exists():
+        return False
+    if any(path.name not in (CONFIG, METRICS, CURVES, CHECKPOINT) for path in folder.iterdir()):
+        return False
+    try:
+        return isinstance(json.loads((folder / CONFIG).read_text(encoding="utf-8")).get("request"), dict)
+    except (ValueError, AttributeError):  # not JSON, or not an object: not our config.json
+        return False
+
+
+def _with_absolute_paths(request: RunRequest) -> RunRequest:
+    """``request`` with its local files and folders as absolute paths, so a resume finds them from anywhere."""
+
+    def absolute(source: str | None) -> str | None:
+        return str(Path(source).resolve()) if source is not None and Path(source).exists() else source
+
+    return replace(
+        request,
+        inject=absolute(request.inject),
+        mastered=absolute(request.mastered),
+        heldout=absolute(request.heldout),
+        retain_text=absolute(request.retain_text),
+        model=absolute(request.model),
+        out=str(Path(request.out).resolve()),
+    )
+
+
+def _prepare_out(session: _Session, overwrite: bool) -> Path:
+    """Create the folder, drop a stopped run's leftovers and write ``config.json``: the run starts here."""
+    out = Path(session.request.out)
+    _check_out(out, overwrite)  # again: the folder may have changed while the model loaded
+    out.mkdir(parents=True, exist_ok=True)
     for stale in (CHECKPOINT, MODEL_DIR, RUN, METRICS, CURVES):
         _remove(out / stale)
-    write_json(out / CONFIG, {"request": request.to_dict(), "mask_path": mask_path})
+    write_json(out / CONFIG, {"request": session.request.to_dict(), **session.saved_inputs(), "resume_changes": []})
     return out
 
 
-def resume_run(out_dir: str | Path, *, on_epoch: OnEpoch | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Continue a stopped run from its last checkpoint; it ends with the same weights as an unbroken run."""
+def resume_run(
+    out_dir: str | Path,
+    *,
+    on_epoch: OnEpoch | None = None,
+    show_progress: bool = True,
+    lr: float | None = None,
+    epochs: int | None = None,
+    registry: Registry | None = None,
+) -> dict[str, Any]:
+    """Continue a stopped run from its last checkpoint; it ends with the same weights as an unbroken run.
+
+    A run stopped before its first checkpoint starts again from epoch 0 with its saved options.
+    ``lr`` and ``epochs``, when given, replace the saved ones from the checkpoint on (a smaller
+    learning rate after a diverged loss; more epochs to train further); each change is recorded
+    under ``resume_changes`` in ``config.json`` and ``run.json``. The data, retain text and model are
+    read again from their saved absolute paths and the mask from its saved path or, when that file
+    is gone or holds other bits, from the registry by its content id; each must hold what it held
+    when the run started.
+
+    Raises:
+        CplError: not a run folder, a finished run, fewer ``epochs`` than already trained, a bad
+            value, or an input that is gone or changed (naming the file or mask).
+    """
     out = Path(out_dir)
+    saved = _saved_config(out)
+    request = RunRequest.from_dict(saved["request"])
+    request.config.show_progress = show_progress
+    state = _checkpoint_state(out)
+    change = _change_config(request.config, state["epoch"] if state else 0, lr=lr, epochs=epochs)
+    request.check()
+    check_writable_folder(out, what=f"--out {out}")
+    distributed.setup(request.device)
+    data = _reload_data(out, request, saved.get("sha256"))
+    registry = registry or Registry()
+    if saved["mask_path"] is not None:
+        distributed.on_main(registry.check)  # it records the finished run
+    mask_path = distributed.on_main(lambda: _find_mask(out, saved["mask_path"], saved.get("mask_id"), registry))
+    session = _open(request, data, mask_path, fingerprint=saved.get("model_fingerprint"))
+    changes = [*saved.get("resume_changes", []), *([change] if change else [])]
+    if change:
+        config = {**saved, "request": request.to_dict(), "resume_changes": changes}
+        distributed.on_main(lambda: write_json(out / CONFIG, config))
+    checkpoint = read_checkpoint(out)
+    return _run(session, out, on_epoch, checkpoint=checkpoint, resume_changes=changes, registry=registry)
+
+
+def _saved_config(out: Path) -> dict[str, Any]:
+    """The ``config.json`` of the stopped run in ``out``, refusing a folder that holds none or a finished run."""
     if not (out / CONFIG).is_file():
         raise CplError(f"--resume {out}: no {CONFIG} here (not a training run folder)")
     if (out / RUN).is_file():
         raise CplError(f"--resume {out}: this run already finished ({RUN} exists)")
-    saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
-    request = RunRequest.from_dict(saved["request"])
-    request.config.show_progress = show_progress
-    distributed.setup(request.device)
-    return _run(request, out, saved["mask_path"], on_epoch, checkpoint=read_checkpoint(out))
+    try:
+        return json.loads((out / CONFIG).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CplError(f"{out / CONFIG}: not valid JSON ({error.msg} at line {error.lineno})") from error
 
 
-def _mask_path(ref: str | None) -> str | None:
-    if ref is None:
+def _change_config(config: TrainConfig, done: int, *, lr: float | None, epochs: int | None) -> dict[str, Any] | None:
+    """Put a resume's new ``lr`` and ``epochs`` into ``config``; returns the change as recorded, or None.
+
+    Raises:
+        CplError: fewer epochs than the ``done`` ones, or a value :meth:`TrainConfig.check` refuses.
+    """
+    if epochs is not None and epochs < done:
+        raise CplError(f"--epochs {epochs}: the run has already trained {done}; give at least {done}")
+    change: dict[str, Any] = {}
+    for name, value in (("lr", lr), ("epochs", epochs)):
+        if value is not None and value != getattr(config, name):
+            change[name] = [getattr(config, name), value]
+            setattr(config, name, value)
+    config.check()
+    return {"at_epoch": done, **change} if change else None
+
+
+def _reload_data(out: Path, request: RunRequest, hashes: dict[str, str] | None) -> RunData:
+    """The question sets read again from their saved paths and checked against their saved hashes.
+
+    A ``config.json`` written before hashes were saved (``hashes`` None) is trusted as it is.
+    """
+    try:
+        data = load_run_data(request)
+    except CplError as error:
+        raise CplError(f"--resume {out}: cannot read the run's data again: {error}") from None
+    if hashes is not None:
+        found = _input_hashes(request, data)
+        for name, expected in hashes.items():
+            if found.get(name) != expected:
+                raise CplError(
+                    f"--resume {out}: {getattr(request, name)} ({name}) has changed since the run started "
+                    f"(sha256 {expected[:12]}, now {(found.get(name) or 'nothing')[:12]})"
+                )
+    return data
+
+
+def _input_hashes(request: RunRequest, data: RunData) -> dict[str, str]:
+    """sha256 of each question set's questions and of the retain text's bytes, by request field."""
+    hashes = {name: questions_sha256(questions) for name, questions in data.sets().items()}
+    if request.retain_text is not None:
+        hashes["retain_text"] = sha256_file(request.retain_text)
+    return hashes
+
+
+def _find_mask(out: Path, saved_path: str | None, mask_id: str | None, registry: Registry) -> str | None:
+    """The run's mask file: the saved path while it holds mask ``mask_id``, else ``registry``'s copy of it.
+
+    Without a saved ``mask_id`` (an older ``config.json``) the saved path is taken as it is.
+    """
+    if saved_path is None or mask_id is None or _mask_id_at(saved_path) == mask_id:
+        return saved_path
+    try:
+        found = str(registry.resolve(mask_id).resolve())
+    except CplError as error:
+        found, reason = None, str(error)
+    else:
+        reason = f"the registry's {found} holds other bits"
+    if found is None or _mask_id_at(found) != mask_id:
+        raise CplError(
+            f"--resume {out}: mask {mask_id[:12]} is no longer at {saved_path} (gone or other bits) "
+            f"and cannot be found by its id: {reason}"
+        )
+    return found
+
+
+def _mask_id_at(path: str) -> str | None:
+    """The content id of the mask file at ``path``, or None when there is none."""
+    try:
+        return read_header(path)["id"]
+    except CplError:
         return None
-    from cpl_masks.registry import resolve_mask_path
-
-    return str(Path(resolve_mask_path(ref)).resolve())
 
 
 def load_run_data(request: RunRequest) -> RunData:
@@ -205,23 +373,6 @@ def load_run_data(request: RunRequest) -> RunData:
         mastered=load_questions(request.mastered),
         heldout=load_questions(request.heldout) if request.heldout else [],
     )
-
-
-def resolve_scoring(requested: str | None, mask: Mask | None, inject_path: str, *, force: bool) -> str:
-    """The scoring to train with: as asked, else the mask's, else ``split.json``'s, else ``letter``.
-
-    Raises:
-        CplError: the asked scoring differs from the one the mask was profiled with (unless ``force``).
-    """
-    recorded = mask.metadata.get("scoring") if mask is not None else None
-    if requested is None:
-        return recorded or recorded_scoring(inject_path) or "letter"
-    if recorded and requested != recorded and not force:
-        raise CplError(
-            f"--scoring {requested}: the mask was profiled with {recorded} scoring; "
-            "pass --force to train with another scoring anyway"
-        )
-    return requested
 
 
 class _Evaluation:
@@ -309,32 +460,75 @@ def _baseline(evaluation: _Evaluation, fingerprint: str) -> Baseline:
     return Baseline(scores=evaluation.scores(0), retain_loss=retain, source="scored")
 
 
-def _run(
-    request: RunRequest,
-    out: Path,
-    mask_path: str | None,
-    on_epoch: OnEpoch | None,
-    checkpoint: dict[str, Any] | None = None,
-    data: RunData | None = None,
-) -> dict[str, Any]:
-    started = time.perf_counter()
+@dataclass
+class _Session:
+    """A run's inputs loaded and checked against each other: all it needs before its folder is written."""
+
+    request: RunRequest
+    data: RunData
+    loaded: LoadedModel
+    mask: Mask | None
+    mask_path: str | None
+    scoring: str
+    fingerprint: str
+    method: Method
+    trainer: Trainer
+    evaluation: _Evaluation
+
+    def saved_inputs(self) -> dict[str, Any]:
+        """What ``config.json`` keeps to find and check the inputs again on resume."""
+        return {
+            "mask_path": self.mask_path,
+            "mask_id": self.mask.id if self.mask is not None else None,
+            "sha256": _input_hashes(self.request, self.data),
+            "model_fingerprint": self.fingerprint,
+        }
+
+
+def _open(request: RunRequest, data: RunData, mask_path: str | None, *, fingerprint: str | None = None) -> _Session:
+    """Load the model and mask, check them against each other and build the method and trainer.
+
+    ``fingerprint``, on resume, is the model's when the run started; other weights are refused.
+    """
     config, mode = request.config, request.resolved_mode()
-    data = data or load_run_data(request)
+    mask = Mask.load(mask_path, scores=False) if mask_path else None
+    mask_scoring = mask.metadata.get("scoring") if mask is not None else None
+    scoring = resolve_scoring(request.scoring, mask_scoring=mask_scoring, data_path=request.inject, force=request.force)
     loaded = distributed.main_first(  # rank 0 fills the model cache, then the others read it
         lambda: load_model(request.model, dtype=request.dtype, device=request.device, threads=request.threads)
     )
-    mask = Mask.load(mask_path, scores=False) if mask_path else None
     if mask is not None:
         mask.check_model(loaded.model, allow_other_weights=request.allow_other_weights)
-    scoring = resolve_scoring(request.scoring, mask, request.inject, force=request.force)
+    found = model_fingerprint(loaded.model)
+    if fingerprint is not None and found != fingerprint:
+        raise CplError(
+            f"--resume: model {request.model} has other weights than when the run started "
+            f"(fingerprint {fingerprint[:12]}, now {found[:12]})"
+        )
     scorer = make_scorer(scoring, loaded.tokenizer)
-    fingerprint = model_fingerprint(loaded.model)
+    scorer.check_fits(loaded.model, [question for questions in data.sets().values() for question in questions])
     context = MethodContext(scorer, data.mastered, mask, batch_size=config.eval_batch_size, seed=config.seed)
     method = make_method(mode, context, request.method_options)
     trainer = Trainer(loaded.model, scorer, method, config)
     evaluation = _Evaluation(request, trainer, loaded.tokenizer, data, mask)
+    return _Session(request, data, loaded, mask, mask_path, scoring, found, method, trainer, evaluation)
+
+
+def _run(
+    session: _Session,
+    out: Path,
+    on_epoch: OnEpoch | None,
+    *,
+    registry: Registry,
+    checkpoint: dict[str, Any] | None = None,
+    resume_changes: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Train the epochs ``session`` has left (from ``checkpoint``, if any), save the model, write ``run.json``."""
+    started = time.perf_counter()
+    request, trainer, evaluation = session.request, session.trainer, session.evaluation
+    config, mode = request.config, request.resolved_mode()
     if checkpoint is None:
-        baseline, elapsed_before = _baseline(evaluation, fingerprint), 0.0
+        baseline, elapsed_before = _baseline(evaluation, session.fingerprint), 0.0
         rows = [evaluation.row(0, baseline)]
         _publish(out, rows, mode, on_epoch)
     else:
@@ -344,14 +538,9 @@ def _run(
         distributed.on_main(lambda: write_jsonl(out / METRICS, rows))
     for epoch in range(len(rows), config.epochs + 1):
         try:
-            loss = trainer.train_epoch(data.inject, epoch)
+            loss = trainer.train_epoch(session.data.inject, epoch)
         except TrainingDiverged as error:
-            kept = (
-                f"the last good checkpoint (epoch {len(rows) - 1}) is in {out / CHECKPOINT}"
-                if len(rows) > 1
-                else "no epoch finished"
-            )
-            raise TrainingDiverged(f"{error}; stopped, {kept}; try a smaller --lr") from None
+            raise TrainingDiverged(f"{error}; stopped, {_diverged_advice(out, len(rows) - 1)}") from None
         rows.append(evaluation.row(epoch, baseline, train_loss=loss))
         elapsed = elapsed_before + time.perf_counter() - started
         if epoch < config.epochs or request.keep_weights:  # the last epoch's checkpoint only guards model/
@@ -360,44 +549,70 @@ def _run(
         _publish(out, rows, mode, on_epoch)
     if request.keep_weights:
         weights = trainer.final_weights()  # gathered under FSDP2: every rank takes part
-        distributed.on_main(lambda: save_model(method, trainer.model, loaded.tokenizer, out / MODEL_DIR, weights))
+        tokenizer = session.loaded.tokenizer
+        distributed.on_main(lambda: save_model(session.method, trainer.model, tokenizer, out / MODEL_DIR, weights))
     payload = {
+        **_payload(session, out, baseline, rows),
+        "resumed": checkpoint is not None,
+        "resume_changes": resume_changes or [],
+        "time_s": round(elapsed_before + time.perf_counter() - started, 3),
+    }
+    distributed.on_main(lambda: _finish(out, payload, session.mask_path, registry, keep_weights=request.keep_weights))
+    return payload
+
+
+def _finish(
+    out: Path, payload: dict[str, Any], mask_path: str | None, registry: Registry, *, keep_weights: bool
+) -> None:
+    """Write ``run.json``, drop unwanted checkpoints and record the run with its mask in ``registry`` (rank 0's job)."""
+    write_json(out / RUN, payload)
+    if not keep_weights:
+        _remove(out / CHECKPOINT)  # the run is finished and its weights are not wanted
+    if mask_path is not None:
+        registry.record_run(Path(mask_path), payload)
+
+
+def _diverged_advice(out: Path, done: int) -> str:
+    """What a diverged run keeps, and how to go on from it with a smaller learning rate."""
+    kept = f"the last good checkpoint (epoch {done}) is in {out / CHECKPOINT}" if done else "no epoch finished"
+    return f"{kept}; try a smaller --lr: cpl-masks train --resume {out} --lr SMALLER"
+
+
+def _payload(session: _Session, out: Path, baseline: Baseline, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``run.json`` record of a finished run: what it trained, on what, and every epoch's metrics."""
+    request, mask, trainer = session.request, session.mask, session.trainer
+    mode = request.resolved_mode()
+    return {
         "out_dir": str(out.resolve()),
         "model_dir": str((out / MODEL_DIR).resolve()) if request.keep_weights else None,
         "mode": mode,
-        "method": {"name": mode, "options": asdict(method_options(mode, request.method_options)), **method.describe()},
+        "method": {
+            "name": mode,
+            "options": asdict(method_options(mode, request.method_options)),
+            **session.method.describe(),
+        },
         "mask_id": mask.id if mask is not None else None,
-        "mask_path": mask_path,
+        "mask_path": session.mask_path,
         "collaborative_share": mask.collaborative_share() if mask is not None else None,
-        "task": request.task_name,
-        "model": {"ref": request.model, "fingerprint": fingerprint},
-        "scoring": scoring,
+        "task": run_task(
+            request.task,
+            request.inject,
+            inject_sha256=questions_sha256(session.data.inject),
+            mask=mask.metadata if mask is not None else None,
+        ),
+        "model": {"ref": request.model, "fingerprint": session.fingerprint},
+        "scoring": session.scoring,
         "baseline_source": baseline.source,
-        "data": _data_summary(request, data),
+        "data": _data_summary(request, session.data),
         "args": request.to_dict(),
         "versions": package_versions(),
         "metrics": rows,
         "final": {key: rows[-1][key] for key in FINAL_KEYS},
         "trainable_entries": trainer.trainable_entries,
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
-        "resumed": checkpoint is not None,
-        "time_s": round(elapsed_before + time.perf_counter() - started, 3),
-        **peak_memory(loaded.device),
+        **peak_memory(session.loaded.device),
         "distributed": {**distributed.describe(), "wrapping": trainer.wrapping},
     }
-    distributed.on_main(lambda: _finish(out, payload, mask_path, keep_weights=request.keep_weights))
-    return payload
-
-
-def _finish(out: Path, payload: dict[str, Any], mask_path: str | None, *, keep_weights: bool) -> None:
-    """Write ``run.json``, drop unwanted checkpoints and record the run with its mask (rank 0's job)."""
-    write_json(out / RUN, payload)
-    if not keep_weights:
-        _remove(out / CHECKPOINT)  # the run is finished and its weights are not wanted
-    if mask_path is not None:
-        from cpl_masks.registry import record_run
-
-        record_run(Path(mask_path), payload)
 
 
 def _data_summary(request: RunRequest, data: RunData) -> dict[str, Any]:
@@ -460,12 +675,16 @@ def _write_checkpoint(folder: Path, payload: dict[str, Any], state: dict[str, An
 
 def read_checkpoint(out: Path) -> dict[str, Any] | None:
     """The last checkpoint's state (its tensors under ``payload``), or None before an epoch ends."""
-    state_file = out / CHECKPOINT / STATE
-    if not state_file.is_file():
-        return None
-    state = json.loads(state_file.read_text(encoding="utf-8"))
-    state["payload"] = torch.load(out / CHECKPOINT / state["file"], map_location="cpu", weights_only=True)
+    state = _checkpoint_state(out)
+    if state is not None:
+        state["payload"] = torch.load(out / CHECKPOINT / state["file"], map_location="cpu", weights_only=True)
     return state
+
+
+def _checkpoint_state(out: Path) -> dict[str, Any] | None:
+    """The last checkpoint's ``state.json`` (its epoch, metrics and baseline; no tensors), or None."""
+    state_file = out / CHECKPOINT / STATE
+    return json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else None
 
 
 def restore_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
@@ -478,6 +697,8 @@ def restore_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
         )
     trainer.load_weights(payload["weights"])
     trainer.optimizer.load_state_dict(payload["optimizer"])
+    for group in trainer.optimizer.param_groups:  # the saved state carries the old rate; a resume may change it
+        group["lr"] = trainer.config.lr
     torch.set_rng_state(payload["rng"])
 
 

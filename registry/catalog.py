@@ -1,4 +1,4 @@
-"""Registry operations: register, resolve, list, show, lineage, verify, remove and collect garbage.
+"""The :class:`Registry`: register, resolve, list, show, lineage, runs, verify, remove and collect garbage.
 
 Every write is a single ``BEGIN IMMEDIATE`` transaction; a mask's file is renamed into the store
 inside the same transaction that inserts its row, so readers never see a row without a file.
@@ -6,22 +6,29 @@ inside the same transaction that inserts its row, so readers never see a row wit
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cpl_masks.errors import CplError
-from cpl_masks.files import sha256_file
+from cpl_masks.files import home_dir, sha256_file
 from cpl_masks.masks import Mask, read_header
-from cpl_masks.registry import store
-from cpl_masks.registry.names import mask_name, split_versioned
-from cpl_masks.registry.schema import connect, transaction
+from cpl_masks.registry.names import mask_name, split_versioned, task_name
+from cpl_masks.registry.schema import DATABASE_NAME, connect, transaction
+from cpl_masks.registry.store import STORE_NAME, Store
 
-SOURCES = ("profiled", "combined", "pulled", "control")
 STALE_STAGED_S = 600.0  # a staged copy untouched this long belongs to a dead process
+# every name@vN: the one each mask was first registered under (alias 0) and its aliases (alias 1)
+NAMES = (
+    "(SELECT name, version, id AS mask_id, 0 AS alias FROM masks"
+    " UNION ALL SELECT name, version, mask_id, 1 AS alias FROM aliases)"
+)
 
 
 @dataclass
@@ -36,14 +43,25 @@ class Transfer:
 
 
 @dataclass
+class StrayFile:
+    """A file in the store that no registered mask accounts for."""
+
+    path: Path
+    problem: str  # why it is stray: not registered, misplaced, misnamed
+    mask_id: str | None  # its content id when it reads as a valid mask (gc keeps those without --force)
+
+
+@dataclass
 class Health:
-    """What :func:`verify` and :func:`collect_garbage` found (or removed)."""
+    """What :meth:`Registry.verify` and :meth:`Registry.collect_garbage` found, removed or kept."""
 
     checked: int = 0
     missing: list[str] = field(default_factory=list)  # "name@vN (id)" whose file is gone
     corrupt: list[str] = field(default_factory=list)  # "name@vN (id)" whose bytes changed
-    orphans: list[str] = field(default_factory=list)  # store files without a row
+    strays: list[StrayFile] = field(default_factory=list)  # store files without a row, or not where they belong
     leftovers: list[str] = field(default_factory=list)  # abandoned staged copies
+    removed: list[str] = field(default_factory=list)  # paths gc deleted
+    kept: list[StrayFile] = field(default_factory=list)  # valid masks gc left in place (no --force)
 
     @property
     def ok(self) -> bool:
@@ -51,78 +69,367 @@ class Health:
         return not (self.missing or self.corrupt)
 
 
-def add_mask(
-    path: Path,
-    *,
-    task: str | None,
-    source: str,
-    parents: list[str] | None = None,
-    repo_id: str | None = None,
-    revision: str | None = None,
-    transfer: Transfer | None = None,
-) -> str:
-    """Verify a mask file, copy it into the store and insert its row; returns ``name@vN``.
+@dataclass
+class Removal:
+    """What :meth:`Registry.remove` deleted and what it left on record."""
 
-    A mask already registered (same content id) keeps its name; only ``transfer`` is recorded.
-    """
-    if source not in SOURCES:
-        raise CplError(f"source {source!r}: choose one of {', '.join(SOURCES)}")
-    mask = Mask.load(path, scores=False)  # verifies the content id against the bits
-    metadata = mask.metadata
-    parents = list(parents if parents is not None else metadata.get("parents") or [])
-    name = mask_name(metadata, task)
-    with store.staged_copy(Path(path)) as staged, connect() as connection, transaction(connection):
-        existing = connection.execute("SELECT name, version FROM masks WHERE id = ?", (mask.id,)).fetchone()
-        if existing is None:
-            version = _next_version(connection, name)
-            model = metadata.get("model") or {}
-            connection.execute(
-                "INSERT INTO masks (id, name, version, model_ref, model_fingerprint, n_params,"
-                " collaborative_share, source, repo_id, revision, sha256, size, provenance)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    mask.id,
-                    name,
-                    version,
-                    model.get("ref"),
-                    model.get("fingerprint"),
-                    mask.entries,
-                    mask.collaborative_share(),
-                    source,
-                    repo_id,
-                    revision,
-                    sha256_file(staged),
-                    staged.stat().st_size,
-                    json.dumps(metadata, sort_keys=True),
-                ),
-            )
-            connection.executemany(
-                "INSERT OR IGNORE INTO mask_parents (child_id, parent_id, position) VALUES (?, ?, ?)",
-                [(mask.id, parent, index) for index, parent in enumerate(parents)],
-            )
-            store.place(staged, mask.id)
-        else:
-            name, version = existing["name"], existing["version"]
-        if transfer is not None:
-            _insert_transfer(connection, mask.id, transfer)
-    return f"{name}@v{version}"
+    ref: str  # name@vN of the removed mask (or alias)
+    mask_id: str
+    path: Path | None  # its stored file, now deleted (None when only an alias went)
+    runs: int  # recorded runs that stay, showing the removed mask's name
+    children: list[str]  # masks combined or re-cut from it, which stay
+    transfers: int  # Hub transfers recorded with it, deleted with its row
+    aliases: list[str] = field(default_factory=list)  # its other names, removed with it
+    alias_of: str | None = None  # when only an alias was removed: the mask it named, which stays
 
 
 def source_of(metadata: dict[str, Any]) -> str:
-    """The source of a mask registered without one given: ``control``, ``combined`` or ``profiled``.
+    """What made a mask, read once from its own metadata: ``control``, ``recut``, ``combined`` or ``profiled``.
 
-    Read from its provenance, so a mask first registered by a training run or a push is filed
-    as what it is.
+    A pulled mask is what it was where it was made; where it came from is its ``repo_id`` and its
+    pull transfer.
     """
     if "control" in (metadata.get("rule") or {}):
         return "control"
+    if metadata.get("recut_of"):
+        return "recut"
     return "combined" if metadata.get("parents") else "profiled"
 
 
+class Registry:
+    """The registry in one folder: its SQLite database and its content-addressed store.
+
+    Args:
+        home: the folder; None for ``$CPL_MASKS_HOME`` (else the user cache folder), read now.
+    """
+
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = Path(home) if home is not None else home_dir()
+        self.database = self.home / DATABASE_NAME
+        self.store = Store(self.home / STORE_NAME)
+
+    def connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A connection to the database (created or migrated on first use)."""
+        return connect(self.database)
+
+    def check(self) -> None:
+        """Open the database (creating it if absent) and make sure it can be read and written.
+
+        Callers run it before loading a model, so a broken registry fails before the expensive work.
+
+        Raises:
+            CplError: the database is damaged or empty, or its folder or store cannot be written.
+        """
+        with self.connect() as connection, transaction(connection):
+            connection.execute("SELECT COUNT(*) FROM masks").fetchone()
+        self.store.folder.mkdir(parents=True, exist_ok=True)
+        for path in (self.database, self.home, self.store.folder):
+            if not os.access(path, os.R_OK | os.W_OK):
+                raise CplError(f"registry {path}: not readable and writable by you; check its permissions")
+
+    def register(
+        self,
+        mask: Mask | Path,
+        *,
+        task: str | None = None,
+        repo_id: str | None = None,
+        revision: str | None = None,
+        transfer: Transfer | None = None,
+    ) -> str:
+        """Store a mask (a :class:`Mask`, or a file whose content id is verified) and file it; returns ``name@vN``.
+
+        The name is ``<model-slug>/<task>``; the source comes from the mask's metadata
+        (:func:`source_of`). Bits already registered (same content id) are not stored again: under
+        the same name the existing ``name@vN`` is returned; under another name that name gets a new
+        version pointing to the same mask (an alias), so the name asked for can always be found.
+        """
+        loaded = mask if isinstance(mask, Mask) else Mask.load(mask, scores=False)
+        source = source_of(loaded.metadata)
+        name = mask_name(loaded.metadata, task, recut=source == "recut")
+        staging = self.store.staged_mask(loaded) if isinstance(mask, Mask) else self.store.staged_copy(Path(mask))
+        with staging as staged, self.connect() as connection, transaction(connection):
+            existing = connection.execute("SELECT * FROM masks WHERE id = ?", (loaded.id,)).fetchone()
+            if existing is None:
+                version = _next_version(connection, name)
+                _insert_mask(connection, loaded, name, version, source, staged, repo_id=repo_id, revision=revision)
+                self.store.place(staged, loaded.id)
+                registered = f"{name}@v{version}"
+            else:
+                registered = _name_for(connection, existing, name)
+            if transfer is not None:
+                _insert_transfer(connection, loaded.id, transfer)
+        return registered
+
+    def add_transfer(self, mask_id: str, transfer: Transfer) -> None:
+        """Record a push or pull of a registered mask."""
+        with self.connect() as connection, transaction(connection):
+            _insert_transfer(connection, mask_id, transfer)
+
+    def names(self, mask_id: str) -> list[str]:
+        """Every ``name@vN`` of a registered mask: the one it was first registered under, then its aliases."""
+        with self.connect() as connection:
+            return _names(connection, mask_id)
+
+    def resolve(self, ref: str) -> Path:
+        """The file behind a reference: the path itself if it is a file, else the registered stored file.
+
+        Raises:
+            CplError: the reference names nothing, matches several ids, or its stored file is gone.
+        """
+        path = Path(ref).expanduser()
+        if path.is_file():
+            return path
+        with self.connect() as connection:
+            row = find(connection, ref)
+        stored = self.store.artifact_path(row["id"])
+        if not stored.is_file():
+            raise CplError(
+                f"mask {ref}: registered as {label(row)} but its file is missing (run `cpl-masks registry verify`)"
+            )
+        return stored
+
+    def record_run(self, mask_path: Path, run: dict[str, Any]) -> str:
+        """Record a training run that used a mask (``run`` is the run.json payload); returns the mask's ``name@vN``.
+
+        Missing keys are stored as unknown; a mask file that is not registered yet is registered first.
+        The run row keeps the mask's ``name@vN``, so it stays readable after the mask is removed.
+        """
+        mask_id = read_header(mask_path)["id"]
+        with self.connect() as connection:
+            known = connection.execute("SELECT * FROM masks WHERE id = ?", (mask_id,)).fetchone()
+        ref = label(known) if known is not None else self.register(Path(mask_path))
+        data, final = run.get("data") or {}, run.get("final") or {}
+        with self.connect() as connection, transaction(connection):
+            connection.execute(
+                "INSERT INTO runs (mask_id, mask_ref, task, mode, out_dir, inject_sha256, mastered_sha256,"
+                " heldout_sha256, learned, forgotten, heldout_forgotten, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    mask_id,
+                    ref,
+                    _run_task(run),
+                    run.get("mode"),
+                    _text(run.get("out_dir")),
+                    _data_hash(data, "inject"),
+                    _data_hash(data, "mastered"),
+                    _data_hash(data, "heldout"),
+                    _number(final.get("learned")),
+                    _number(final.get("forgotten")),
+                    _number(final.get("heldout_forgotten")),
+                    json.dumps(run, sort_keys=True, default=str),
+                ),
+            )
+        return ref
+
+    def list_masks(self, *, model: str | None = None, task: str | None = None) -> list[dict[str, Any]]:
+        """Registered masks by name and version, optionally only those of a model (ref or slug) or task.
+
+        An alias is listed under its own name, with ``alias_of`` naming the mask it is another name of.
+        """
+        with self.connect() as connection:
+            rows = connection.execute(
+                "SELECT m.*, n.name AS listed_name, n.version AS listed_version, n.alias,"
+                f" (SELECT COUNT(*) FROM runs r WHERE r.mask_id = m.id) AS runs FROM {NAMES} n"
+                " JOIN masks m ON m.id = n.mask_id ORDER BY n.name, n.version"
+            ).fetchall()
+        summaries = [_listed(row) for row in rows]
+        if model is not None:
+            summaries = [item for item in summaries if model in (item["model_ref"], item["name"].split("/")[0])]
+        if task is not None:
+            summaries = [item for item in summaries if item["name"].split("/", 1)[1] == task]
+        return summaries
+
+    def show(self, ref: str) -> dict[str, Any]:
+        """Everything known about one mask: its columns, provenance, parents, children, runs and transfers."""
+        with self.connect() as connection:
+            row = find(connection, ref)
+            runs = connection.execute("SELECT * FROM runs WHERE mask_id = ? ORDER BY id", (row["id"],)).fetchall()
+            transfers = connection.execute(
+                "SELECT * FROM transfers WHERE mask_id = ? ORDER BY id", (row["id"],)
+            ).fetchall()
+            parents = _relatives(connection, row["id"], up=True)
+            children = _relatives(connection, row["id"], up=False)
+            names = _names(connection, row["id"])
+        return _summary(row) | {
+            "names": names,
+            "provenance": json.loads(row["provenance"]),
+            "parents": parents,
+            "children": children,
+            "runs": [_run_summary(run) for run in runs],
+            "transfers": [dict(transfer) for transfer in transfers],
+            "path": str(self.store.artifact_path(row["id"])),
+        }
+
+    def lineage(self, ref: str) -> dict[str, Any]:
+        """A mask with every ancestor and descendant, each as a nested tree of ``{id, ref, parents|children}``."""
+        with self.connect() as connection:
+            row = find(connection, ref)
+            return {
+                "id": row["id"],
+                "ref": label(row),
+                "parents": _tree(connection, row["id"], up=True, seen={row["id"]}),
+                "children": _tree(connection, row["id"], up=False, seen={row["id"]}),
+            }
+
+    def runs(self, *, task: str | None = None, mask: str | None = None) -> list[dict[str, Any]]:
+        """Recorded training runs, oldest first, also those whose mask was removed (``removed`` is True).
+
+        ``mask`` narrows to one mask: any reference to a registered mask, or the ``name@vN`` or id
+        prefix a removed mask's runs kept.
+        """
+        with self.connect() as connection:
+            rows = connection.execute(
+                "SELECT r.*, m.id IS NULL AS removed FROM runs r LEFT JOIN masks m ON m.id = r.mask_id ORDER BY r.id"
+            ).fetchall()
+            wanted = _run_matcher(connection, rows, mask) if mask is not None else None
+        return [
+            _run_summary(row) | {"removed": bool(row["removed"])}
+            for row in rows
+            if (task is None or row["task"] == task) and (wanted is None or wanted(row))
+        ]
+
+    def verify(self) -> Health:
+        """Re-hash every registered mask's file; list missing and corrupt ones, and stray store files."""
+        health = Health()
+        with self.connect() as connection:
+            rows = connection.execute("SELECT id, name, version, sha256 FROM masks ORDER BY name, version").fetchall()
+        for row in rows:
+            health.checked += 1
+            path = self.store.artifact_path(row["id"])
+            if not path.is_file():
+                health.missing.append(f"{label(row)} ({row['id'][:12]})")
+            elif sha256_file(path) != row["sha256"]:
+                health.corrupt.append(f"{label(row)} ({row['id'][:12]})")
+        health.strays = self._strays({row["id"] for row in rows})
+        health.leftovers = [str(path) for path in self.store.staged_leftovers()]
+        return health
+
+    def _strays(self, registered: set[str]) -> list[StrayFile]:
+        """Store files that are not a registered mask's file at its content-addressed path."""
+        strays = []
+        for path in self.store.files():
+            placed = self.store.placed_id(path)
+            if placed in registered:
+                continue
+            content_id = _content_id(path)
+            if placed is None:
+                problem = "misplaced: not at <id[:2]>/<id>.safetensors, where a content id belongs"
+            elif content_id is not None and content_id != placed:
+                problem = f"misnamed: its content id is {content_id[:12]}, not the id in its file name"
+            else:
+                problem = "not registered"
+            strays.append(StrayFile(path, problem, content_id))
+        return strays
+
+    def remove(self, ref: str, *, force: bool = False) -> Removal:
+        """Delete one version of a mask and its stored file; its recorded runs stay, naming it.
+
+        Removing an alias's ``name@vN`` removes only that name; removing the mask removes its aliases.
+
+        Raises:
+            CplError: ``ref`` is a bare name (give ``name@vN`` or an id), or, without ``force``,
+                recorded runs or registered children reference the mask.
+        """
+        with self.connect() as connection, transaction(connection):
+            _refuse_bare_name(connection, ref)
+            row = find(connection, ref)
+            alias = _alias(connection, ref)
+            if alias is not None:
+                connection.execute(
+                    "DELETE FROM aliases WHERE name = ? AND version = ?", (alias["name"], alias["version"])
+                )
+                return Removal(label(alias), row["id"], None, 0, [], 0, alias_of=label(row))
+            runs = connection.execute("SELECT COUNT(*) FROM runs WHERE mask_id = ?", (row["id"],)).fetchone()[0]
+            children = [child["ref"] for child in _relatives(connection, row["id"], up=False)]
+            if (runs or children) and not force:
+                held = _references(label(row), runs, children)
+                raise CplError(f"registry rm {ref}: {held}; pass --force to remove it (its runs stay on record)")
+            transfers = connection.execute("SELECT COUNT(*) FROM transfers WHERE mask_id = ?", (row["id"],))
+            path = self.store.artifact_path(row["id"])
+            aliases = _names(connection, row["id"])[1:]
+            removal = Removal(label(row), row["id"], path, runs, children, transfers.fetchone()[0], aliases=aliases)
+            connection.execute("DELETE FROM masks WHERE id = ?", (row["id"],))  # its aliases go with it
+        path.unlink(missing_ok=True)  # a crash before this leaves a stray file for gc
+        return removal
+
+    def collect_garbage(self, *, force: bool = False) -> Health:
+        """Remove stray store files and abandoned staged copies; report rows whose file is missing.
+
+        A stray file that reads as a valid mask is kept (in ``kept``) unless ``force``: it may be
+        the only copy of a mask whose row was lost. Runs under the write lock, so it never races a
+        registration that is renaming its file into place.
+        """
+        health = Health()
+        with self.connect() as connection, transaction(connection):
+            registered = {row[0] for row in connection.execute("SELECT id FROM masks")}
+            health.checked = len(registered)
+            for stray in self._strays(registered):
+                if stray.mask_id is not None and not force:
+                    health.kept.append(stray)
+                    continue
+                stray.path.unlink(missing_ok=True)
+                health.removed.append(str(stray.path))
+            for path in self.store.staged_leftovers():
+                if time.time() - path.stat().st_mtime > STALE_STAGED_S:
+                    path.unlink(missing_ok=True)
+                    health.leftovers.append(str(path))
+            health.missing = [
+                f"{label(row)} ({row['id'][:12]})"
+                for row in connection.execute("SELECT id, name, version FROM masks ORDER BY name, version")
+                if not self.store.artifact_path(row["id"]).is_file()
+            ]
+        return health
+
+
+def _insert_mask(
+    connection: sqlite3.Connection,
+    mask: Mask,
+    name: str,
+    version: int,
+    source: str,
+    staged: Path,
+    *,
+    repo_id: str | None,
+    revision: str | None,
+) -> None:
+    """Insert a mask's row and its links to its parents (inside the registering transaction)."""
+    metadata = mask.metadata
+    model = metadata.get("model") or {}
+    connection.execute(
+        "INSERT INTO masks (id, name, version, model_ref, model_fingerprint, n_params,"
+        " collaborative_share, source, repo_id, revision, sha256, size, provenance)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            mask.id,
+            name,
+            version,
+            model.get("ref"),
+            model.get("fingerprint"),
+            mask.entries,
+            mask.collaborative_share(),
+            source,
+            repo_id,
+            revision,
+            sha256_file(staged),
+            staged.stat().st_size,
+            json.dumps(metadata, sort_keys=True),
+        ),
+    )
+    connection.executemany(
+        "INSERT OR IGNORE INTO mask_parents (child_id, parent_id, position) VALUES (?, ?, ?)",
+        [(mask.id, parent, index) for index, parent in enumerate(metadata.get("parents") or [])],
+    )
+
+
 def _next_version(connection: sqlite3.Connection, name: str) -> int:
-    """One more than the highest version of ``name`` (1 for a new name); call inside the write lock."""
-    row = connection.execute("SELECT MAX(version) FROM masks WHERE name = ?", (name,)).fetchone()
-    return int(row[0] or 0) + 1
+    """One more than the highest version ever issued for ``name``, even if removed; call inside the write lock."""
+    row = connection.execute("SELECT last_version FROM name_versions WHERE name = ?", (name,)).fetchone()
+    version = (row[0] if row is not None else 0) + 1
+    connection.execute(
+        "INSERT INTO name_versions (name, last_version) VALUES (?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET last_version = excluded.last_version",
+        (name, version),
+    )
+    return version
 
 
 def _insert_transfer(connection: sqlite3.Connection, mask_id: str, transfer: Transfer) -> None:
@@ -132,10 +439,38 @@ def _insert_transfer(connection: sqlite3.Connection, mask_id: str, transfer: Tra
     )
 
 
-def add_transfer(mask_id: str, transfer: Transfer) -> None:
-    """Record a push or pull of a registered mask."""
-    with connect() as connection, transaction(connection):
-        _insert_transfer(connection, mask_id, transfer)
+def _content_id(path: Path) -> str | None:
+    """The content id of a file that reads as a valid mask (its header's id matches its bits), else None."""
+    try:
+        return Mask.load(path, scores=False).id
+    except Exception:  # any unreadable file is simply not a mask
+        return None
+
+
+def _alias(connection: sqlite3.Connection, ref: str) -> sqlite3.Row | None:
+    """The alias row ``ref`` names when it is an alias's ``name@vN``, else None."""
+    versioned = split_versioned(ref)
+    if versioned is None:
+        return None
+    return connection.execute("SELECT * FROM aliases WHERE name = ? AND version = ?", versioned).fetchone()
+
+
+def _refuse_bare_name(connection: sqlite3.Connection, ref: str) -> None:
+    """Refuse a registry name without ``@vN``: removing "the latest" is too easy to get wrong."""
+    if split_versioned(ref) is not None or Path(ref).expanduser().is_file():
+        return
+    latest = _latest(connection, ref)
+    if latest is not None:
+        raise CplError(
+            f"registry rm {ref}: give a version (name@vN) or an id, not a bare name; the latest is {label(latest)}"
+        )
+
+
+def _references(ref: str, runs: int, children: list[str]) -> str:
+    """What still points to a mask, as a phrase: ``X has 2 recorded runs and children A@v1, B@v1``."""
+    held = [f"{runs} recorded run{'s' if runs != 1 else ''}"] if runs else []
+    held += [f"children {', '.join(children)}"] if children else []
+    return f"{ref} has {' and '.join(held)}"
 
 
 def find(connection: sqlite3.Connection, ref: str) -> sqlite3.Row:
@@ -149,14 +484,45 @@ def find(connection: sqlite3.Connection, ref: str) -> sqlite3.Row:
         return row
     versioned = split_versioned(ref)
     if versioned is not None:
-        row = connection.execute("SELECT * FROM masks WHERE name = ? AND version = ?", versioned).fetchone()
+        row = connection.execute(
+            f"SELECT m.* FROM {NAMES} n JOIN masks m ON m.id = n.mask_id WHERE n.name = ? AND n.version = ?", versioned
+        ).fetchone()
         if row is None:
             raise CplError(f"mask {ref}: no such registered name and version (see `cpl-masks registry list`)")
         return row
-    row = connection.execute("SELECT * FROM masks WHERE name = ? ORDER BY version DESC LIMIT 1", (ref,)).fetchone()
-    if row is not None:
-        return row
+    latest = _latest(connection, ref)
+    if latest is not None:
+        return connection.execute("SELECT * FROM masks WHERE id = ?", (latest["mask_id"],)).fetchone()
     return _find_by_prefix(connection, ref)
+
+
+def _latest(connection: sqlite3.Connection, name: str) -> sqlite3.Row | None:
+    """The highest registered version of a name (a mask's own name or an alias), or None."""
+    return connection.execute(
+        f"SELECT * FROM {NAMES} n WHERE n.name = ? ORDER BY n.version DESC LIMIT 1", (name,)
+    ).fetchone()
+
+
+def _name_for(connection: sqlite3.Connection, existing: sqlite3.Row, name: str) -> str:
+    """The ``name@vN`` under which already registered bits answer to ``name``, adding an alias if needed."""
+    if existing["name"] == name:
+        return label(existing)
+    alias = connection.execute(
+        "SELECT * FROM aliases WHERE mask_id = ? AND name = ? ORDER BY version LIMIT 1", (existing["id"], name)
+    ).fetchone()
+    if alias is not None:
+        return label(alias)
+    version = _next_version(connection, name)
+    connection.execute("INSERT INTO aliases (name, version, mask_id) VALUES (?, ?, ?)", (name, version, existing["id"]))
+    return f"{name}@v{version}"
+
+
+def _names(connection: sqlite3.Connection, mask_id: str) -> list[str]:
+    """Every ``name@vN`` of a mask: its first name, then its aliases by name and version."""
+    rows = connection.execute(
+        f"SELECT * FROM {NAMES} n WHERE n.mask_id = ? ORDER BY n.alias, n.name, n.version", (mask_id,)
+    ).fetchall()
+    return [label(row) for row in rows]
 
 
 def _find_by_prefix(connection: sqlite3.Connection, ref: str) -> sqlite3.Row:
@@ -170,7 +536,7 @@ def _find_by_prefix(connection: sqlite3.Connection, ref: str) -> sqlite3.Row:
     if not rows:
         raise CplError(f"mask {ref}: no such file, registered name or id (see `cpl-masks registry list`)")
     if len(rows) > 1:
-        shown = ", ".join(f"{row['id'][:12]} ({row['name']}@v{row['version']})" for row in rows[:5])
+        shown = ", ".join(f"{row['id'][:12]} ({label(row)})" for row in rows[:5])
         raise CplError(f"mask {ref}: ambiguous id prefix, matches {shown}; give more characters")
     return rows[0]
 
@@ -180,60 +546,23 @@ def label(row: sqlite3.Row) -> str:
     return f"{row['name']}@v{row['version']}"
 
 
-def resolve(ref: str) -> Path:
-    """The file behind a reference: the path itself if it is a file, else the registered stored file."""
-    path = Path(ref).expanduser()
-    if path.is_file():
-        return path
-    with connect() as connection:
-        row = find(connection, ref)
-    stored = store.artifact_path(row["id"])
-    if not stored.is_file():
-        raise CplError(
-            f"mask {ref}: registered as {label(row)} but its file is missing (run `cpl-masks registry verify`)"
-        )
-    return stored
+def _run_matcher(connection: sqlite3.Connection, rows: list[sqlite3.Row], ref: str) -> Callable[[sqlite3.Row], bool]:
+    """A test for run rows of the mask ``ref`` names, registered or removed (``name@vN`` or id prefix kept)."""
+    with contextlib.suppress(CplError):
+        mask_id = find(connection, ref)["id"]
+        return lambda row: row["mask_id"] == mask_id
+    prefix = ref.lower()
+    matches = [row for row in rows if row["mask_ref"] == ref or row["mask_id"].startswith(prefix)]
+    if not matches:
+        raise CplError(f"--mask {ref}: no registered mask and no recorded run of a removed mask by that name or id")
+    return lambda row: row["mask_ref"] == ref or row["mask_id"].startswith(prefix)
 
 
-def add_run(mask_path: Path, run: dict[str, Any]) -> str:
-    """Record a training run that used a mask, registering the mask first if it is not yet known."""
-    mask_id = read_header(mask_path)["id"]
-    with connect() as connection:
-        known = connection.execute("SELECT name, version FROM masks WHERE id = ?", (mask_id,)).fetchone()
-    if known is None:
-        metadata = read_header(mask_path)["metadata"]
-        add_mask(Path(mask_path), task=None, source=source_of(metadata))
-    data = run.get("data") or {}
-    final = run.get("final") or {}
-    with connect() as connection, transaction(connection):
-        connection.execute(
-            "INSERT INTO runs (mask_id, task, mode, out_dir, inject_sha256, mastered_sha256, heldout_sha256,"
-            " learned, forgotten, heldout_forgotten, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                mask_id,
-                _run_task(run),
-                run.get("mode"),
-                _text(run.get("out_dir")),
-                _data_hash(data, "inject"),
-                _data_hash(data, "mastered"),
-                _data_hash(data, "heldout"),
-                _number(final.get("learned")),
-                _number(final.get("forgotten")),
-                _number(final.get("heldout_forgotten")),
-                json.dumps(run, sort_keys=True, default=str),
-            ),
-        )
-        row = connection.execute("SELECT name, version FROM masks WHERE id = ?", (mask_id,)).fetchone()
-    return label(row)
-
-
-def _run_task(run: dict[str, Any]) -> str | None:
-    """The task a run trained on: its ``task`` field, else its injection file's name."""
-    if run.get("task"):
-        return str(run["task"])
+def _run_task(run: dict[str, Any]) -> str:
+    """The task a run trained on: :func:`task_name` of its ``task`` and its injection file."""
     inject = (run.get("data") or {}).get("inject") or {}
     path = inject.get("path") if isinstance(inject, dict) else None
-    return Path(path).stem if path else None
+    return task_name(run.get("task") or None, path)
 
 
 def _data_hash(data: dict[str, Any], key: str) -> str | None:
@@ -247,21 +576,6 @@ def _number(value: Any) -> float | None:
 
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
-
-
-def list_masks(*, model: str | None = None, task: str | None = None) -> list[dict[str, Any]]:
-    """Registered masks (newest name first), optionally only those of a model (ref or slug) or task."""
-    with connect() as connection:
-        rows = connection.execute(
-            "SELECT m.*, (SELECT COUNT(*) FROM runs r WHERE r.mask_id = m.id) AS runs"
-            " FROM masks m ORDER BY m.name, m.version"
-        ).fetchall()
-    summaries = [_summary(row) | {"runs": row["runs"]} for row in rows]
-    if model is not None:
-        summaries = [item for item in summaries if model in (item["model_ref"], item["name"].split("/")[0])]
-    if task is not None:
-        summaries = [item for item in summaries if item["name"].split("/", 1)[1] == task]
-    return summaries
 
 
 def _summary(row: sqlite3.Row) -> dict[str, Any]:
@@ -284,30 +598,26 @@ def _summary(row: sqlite3.Row) -> dict[str, Any]:
     return {key: row[key] for key in keys} | {"ref": label(row)}
 
 
+def _listed(row: sqlite3.Row) -> dict[str, Any]:
+    """A :func:`_summary` under the name it is listed by (its own, or an alias's) and its run count."""
+    listed = {"name": row["listed_name"], "version": row["listed_version"]}
+    return (
+        _summary(row)
+        | listed
+        | {
+            "ref": f"{listed['name']}@v{listed['version']}",
+            "alias_of": label(row) if row["alias"] else None,
+            "runs": row["runs"],
+        }
+    )
+
+
 def _run_summary(run: sqlite3.Row) -> dict[str, Any]:
     """A run's columns plus the question totals its counts are out of (from the stored run.json)."""
-    summary = {key: value for key, value in dict(run).items() if key != "payload"}
+    summary = {key: value for key, value in dict(run).items() if key not in ("payload", "removed")}
     final = json.loads(run["payload"]).get("final") or {}
     summary["totals"] = final.get("totals") or {}
     return summary
-
-
-def show(ref: str) -> dict[str, Any]:
-    """Everything known about one mask: its columns, provenance, parents, children, runs and transfers."""
-    with connect() as connection:
-        row = find(connection, ref)
-        runs = connection.execute("SELECT * FROM runs WHERE mask_id = ? ORDER BY id", (row["id"],)).fetchall()
-        transfers = connection.execute("SELECT * FROM transfers WHERE mask_id = ? ORDER BY id", (row["id"],)).fetchall()
-        parents = _relatives(connection, row["id"], up=True)
-        children = _relatives(connection, row["id"], up=False)
-    return _summary(row) | {
-        "provenance": json.loads(row["provenance"]),
-        "parents": parents,
-        "children": children,
-        "runs": [_run_summary(run) for run in runs],
-        "transfers": [dict(transfer) for transfer in transfers],
-        "path": str(store.artifact_path(row["id"])),
-    }
 
 
 def _relatives(connection: sqlite3.Connection, mask_id: str, *, up: bool) -> list[dict[str, Any]]:
@@ -328,18 +638,6 @@ def _relatives(connection: sqlite3.Connection, mask_id: str, *, up: bool) -> lis
     ]
 
 
-def lineage(ref: str) -> dict[str, Any]:
-    """A mask with every ancestor and descendant, each as a nested tree of ``{id, ref, parents|children}``."""
-    with connect() as connection:
-        row = find(connection, ref)
-        return {
-            "id": row["id"],
-            "ref": label(row),
-            "parents": _tree(connection, row["id"], up=True, seen={row["id"]}),
-            "children": _tree(connection, row["id"], up=False, seen={row["id"]}),
-        }
-
-
 def _tree(connection: sqlite3.Connection, mask_id: str, *, up: bool, seen: set[str]) -> list[dict[str, Any]]:
     key = "parents" if up else "children"
     nodes = []
@@ -348,54 +646,3 @@ def _tree(connection: sqlite3.Connection, mask_id: str, *, up: bool, seen: set[s
         seen.add(relative["id"])
         nodes.append(relative | {key: _tree(connection, relative["id"], up=up, seen=seen) if fresh else []})
     return nodes
-
-
-def verify() -> Health:
-    """Re-hash every registered mask's file; list missing and corrupt ones, and orphaned store files."""
-    health = Health()
-    with connect() as connection:
-        rows = connection.execute("SELECT id, name, version, sha256 FROM masks ORDER BY name, version").fetchall()
-    for row in rows:
-        health.checked += 1
-        path = store.artifact_path(row["id"])
-        if not path.is_file():
-            health.missing.append(f"{label(row)} ({row['id'][:12]})")
-        elif sha256_file(path) != row["sha256"]:
-            health.corrupt.append(f"{label(row)} ({row['id'][:12]})")
-    registered = {row["id"] for row in rows}
-    health.orphans = sorted(str(store.artifact_path(mask_id)) for mask_id in store.stored_ids() - registered)
-    health.leftovers = [str(path) for path in store.staged_leftovers()]
-    return health
-
-
-def remove(ref: str) -> str:
-    """Delete a mask's row (with its runs and transfers) and then its file; returns its ``name@vN``."""
-    with connect() as connection, transaction(connection):
-        row = find(connection, ref)
-        connection.execute("DELETE FROM masks WHERE id = ?", (row["id"],))
-    store.artifact_path(row["id"]).unlink(missing_ok=True)  # a crash before this leaves an orphan for gc
-    return label(row)
-
-
-def collect_garbage() -> Health:
-    """Remove store files without a row and abandoned staged copies; report rows whose file is missing.
-
-    Runs under the write lock, so it never races a registration that is renaming its file into place.
-    """
-    health = Health()
-    with connect() as connection, transaction(connection):
-        registered = {row[0] for row in connection.execute("SELECT id FROM masks")}
-        health.checked = len(registered)
-        for mask_id in sorted(store.stored_ids() - registered):
-            store.artifact_path(mask_id).unlink(missing_ok=True)
-            health.orphans.append(str(store.artifact_path(mask_id)))
-        for path in store.staged_leftovers():
-            if time.time() - path.stat().st_mtime > STALE_STAGED_S:
-                path.unlink(missing_ok=True)
-                health.leftovers.append(str(path))
-        health.missing = [
-            f"{row['name']}@v{row['version']} ({row['id'][:12]})"
-            for row in connection.execute("SELECT id, name, version FROM masks ORDER BY name, version")
-            if not store.artifact_path(row["id"]).is_file()
-        ]
-    return health

@@ -10,6 +10,7 @@ from cpl_masks.errors import CplError
 
 _TASK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _VERSIONED = re.compile(r"^(?P<name>.+)@v(?P<version>\d+)$")
+RECUT_SUFFIX = ".recut"
 _GENERIC_STEMS = {"inject", "injection", "mastered", "train", "data", "questions", "split"}
 
 
@@ -28,25 +29,56 @@ def check_task(task: str, option: str = "--name") -> str:
     return task
 
 
-def default_task(metadata: dict[str, Any]) -> str:
-    """A task name from provenance: its ``task``, else its injection file's name, else ``default``."""
-    if isinstance(metadata.get("task"), str) and _TASK.match(metadata["task"]):
-        return metadata["task"]
-    inject = (metadata.get("data") or {}).get("inject") or {}
-    source = inject.get("path") or inject.get("source") if isinstance(inject, dict) else None
-    if isinstance(source, str) and source:
-        path = Path(source)
-        for candidate in (path.stem, path.parent.name):
-            name = slug(candidate)
-            if name and name not in _GENERIC_STEMS and name != "model":
-                return name
+def task_name(explicit: str | None, inject_path: str | None) -> str:
+    """The task a mask or a run is filed under; one rule for both, so a mask and its runs agree.
+
+    ``explicit`` (``--name``, ``--task``, or a mask's recorded ``task``) wins. Otherwise the
+    injection file's stem names it, or its folder when the stem is generic (``runs/arc/inject.jsonl``
+    is ``arc``), with characters a task name cannot hold replaced by ``-`` (``arc_train.jsonl`` is
+    ``arc_train``); ``default`` when nothing fits.
+    """
+    if explicit:
+        return explicit
+    if not inject_path:
+        return "default"
+    path = Path(str(inject_path).rstrip("/"))
+    for candidate in (path.stem, path.parent.name):
+        cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", candidate).lstrip("._-")
+        if cleaned and cleaned.lower() not in _GENERIC_STEMS:
+            return cleaned
     return "default"
 
 
-def mask_name(metadata: dict[str, Any], task: str | None) -> str:
-    """The unversioned registry name ``<model-slug>/<task>`` for a mask."""
+def default_task(metadata: dict[str, Any]) -> str:
+    """The task of a mask without a given one: :func:`task_name` of its provenance's task and injection file."""
+    recorded = metadata.get("task")
+    inject = (metadata.get("data") or {}).get("inject") or {}
+    source = (inject.get("path") or inject.get("source")) if isinstance(inject, dict) else None
+    explicit = recorded if isinstance(recorded, str) and _TASK.match(recorded) else None
+    return task_name(explicit, source if isinstance(source, str) else None)
+
+
+def run_task(explicit: str | None, inject_path: str | None, *, inject_sha256: str, mask: dict[str, Any] | None) -> str:
+    """The task a training run is filed under: ``explicit``, else its mask's task when the run trains
+    on the very questions the mask was profiled on (``mask`` is the mask's metadata), else
+    :func:`task_name` of its injection file — so a mask and the runs on its own data always agree.
+    """
+    inject = ((mask or {}).get("data") or {}).get("inject")
+    if not explicit and isinstance(inject, dict) and inject.get("sha256") == inject_sha256:
+        return default_task(mask or {})
+    return task_name(explicit, inject_path)
+
+
+def mask_name(metadata: dict[str, Any], task: str | None, *, recut: bool = False) -> str:
+    """The unversioned registry name ``<model-slug>/<task>`` for a mask.
+
+    A re-cut given no task is filed under ``<task>.recut``, so it never becomes the latest version
+    of the profiled mask's name (which a bare name resolves to).
+    """
     model_ref = (metadata.get("model") or {}).get("ref") or "model"
-    return f"{slug(model_ref)}/{check_task(task) if task is not None else default_task(metadata)}"
+    if task is not None:
+        return f"{slug(model_ref)}/{check_task(task)}"
+    return f"{slug(model_ref)}/{default_task(metadata)}{RECUT_SUFFIX if recut else ''}"
 
 
 def split_versioned(ref: str) -> tuple[str, int] | None:

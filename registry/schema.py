@@ -8,16 +8,18 @@ timeout, so several processes can register masks at once; every write is one exp
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from cpl_masks.errors import CplError
-from cpl_masks.files import home_dir
 
 DATABASE_NAME = "registry.sqlite3"
 BUSY_TIMEOUT_S = 60.0
+SOURCES = ("profiled", "combined", "pulled", "control", "recut")  # "pulled": rows written before version 3
 
 
 def _masks_table(name: str, sources: tuple[str, ...]) -> str:
@@ -45,11 +47,34 @@ def _masks_table(name: str, sources: tuple[str, ...]) -> str:
         )"""
 
 
+def _runs_table(name: str) -> str:
+    """The ``runs`` table's definition under ``name``: a run keeps its mask's id and ``name@vN``.
+
+    No foreign key: a run stays on record (and readable) after its mask is removed.
+    """
+    return f"""CREATE TABLE {name} (
+            id INTEGER PRIMARY KEY,
+            mask_id TEXT NOT NULL,
+            mask_ref TEXT,
+            task TEXT,
+            mode TEXT,
+            out_dir TEXT,
+            inject_sha256 TEXT,
+            mastered_sha256 TEXT,
+            heldout_sha256 TEXT,
+            learned REAL,
+            forgotten REAL,
+            heldout_forgotten REAL,
+            payload TEXT NOT NULL,
+            recorded_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+        )"""
+
+
 # Each entry upgrades the schema by one version; the list index + 1 is the version it reaches.
 # Migrations run with foreign keys off (a table rebuild must not cascade) and are checked after.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
-        _masks_table("masks", ("profiled", "combined", "pulled")),
+        _masks_table("masks", SOURCES[:3]),
         """CREATE TABLE mask_parents (
             child_id TEXT NOT NULL REFERENCES masks (id) ON DELETE CASCADE,
             parent_id TEXT NOT NULL,
@@ -86,35 +111,105 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX transfers_mask ON transfers (mask_id)",
     ),
     (  # version 2: control masks (random, gradient-magnitude) get their own source
-        _masks_table("masks_new", ("profiled", "combined", "pulled", "control")),
+        _masks_table("masks_new", SOURCES[:4]),
         "INSERT INTO masks_new SELECT * FROM masks",
         "DROP TABLE masks",
         "ALTER TABLE masks_new RENAME TO masks",
+    ),
+    (  # version 3: re-cuts get their own source, runs outlive their mask, versions are never reused, aliases
+        _masks_table("masks_new", SOURCES),
+        "INSERT INTO masks_new SELECT * FROM masks",
+        "DROP TABLE masks",
+        "ALTER TABLE masks_new RENAME TO masks",
+        _runs_table("runs_new"),
+        "INSERT INTO runs_new SELECT r.id, r.mask_id, m.name || '@v' || m.version, r.task, r.mode, r.out_dir,"
+        " r.inject_sha256, r.mastered_sha256, r.heldout_sha256, r.learned, r.forgotten, r.heldout_forgotten,"
+        " r.payload, r.recorded_at FROM runs r LEFT JOIN masks m ON m.id = r.mask_id",
+        "DROP TABLE runs",
+        "ALTER TABLE runs_new RENAME TO runs",
+        "CREATE INDEX runs_mask ON runs (mask_id)",
+        "CREATE TABLE name_versions (name TEXT PRIMARY KEY, last_version INTEGER NOT NULL)",
+        "INSERT INTO name_versions SELECT name, MAX(version) FROM masks GROUP BY name",
+        # the same bits registered under another task name get that name too, as an alias
+        """CREATE TABLE aliases (
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL CHECK (version >= 1),
+            mask_id TEXT NOT NULL REFERENCES masks (id) ON DELETE CASCADE,
+            created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+            PRIMARY KEY (name, version)
+        )""",
+        "CREATE INDEX aliases_mask ON aliases (mask_id)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def database_path() -> Path:
-    """Where the registry database lives: ``$CPL_MASKS_HOME/registry.sqlite3``."""
-    return home_dir() / DATABASE_NAME
-
-
 @contextlib.contextmanager
-def connect() -> Iterator[sqlite3.Connection]:
-    """Open the registry (creating or migrating it) and turn SQLite failures into one-line errors."""
-    path = database_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+def connect(path: Path) -> Iterator[sqlite3.Connection]:
+    """Open the registry database at ``path`` (creating or migrating it); SQLite failures become one line.
+
+    Raises:
+        CplError: the file is empty, not a registry, damaged, from a newer release, or locked too long.
+    """
+    if not path.exists():
+        create(path)
+    check_not_empty(path)
     connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     connection.row_factory = sqlite3.Row
     try:
         with database_errors(path):
+            check_is_registry(path, connection)
             connection.execute("PRAGMA foreign_keys = ON")
             use_wal(connection)
             migrate(connection, path)
             yield connection
     finally:
         connection.close()
+
+
+def create(path: Path) -> None:
+    """Make a complete new database under a temporary name beside ``path``, then link it into place.
+
+    ``os.link`` fails when another process linked its own first; that one is used instead, so no
+    process ever opens a half-made file (an empty file would read as an empty, broken registry).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    staged = Path(name)
+    try:
+        connection = sqlite3.connect(staged, isolation_level=None)
+        try:
+            with database_errors(path):
+                connection.execute("PRAGMA journal_mode = WAL")
+                migrate(connection, path)
+        finally:
+            connection.close()
+        with contextlib.suppress(FileExistsError):  # another process won the race: use its database
+            os.link(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def check_not_empty(path: Path) -> None:
+    """Refuse a zero-byte database file: taken for a fresh registry, every stored mask would look orphaned.
+
+    :func:`create` only ever links complete databases into place, so an empty file is damage.
+    """
+    if path.stat().st_size == 0:
+        raise CplError(_move_aside(path, "the file is empty (0 bytes)"))
+
+
+def check_is_registry(path: Path, connection: sqlite3.Connection) -> None:
+    """Refuse a database with schema version 0: no tables at all, or some other program's tables."""
+    if schema_version(connection) != 0:
+        return
+    tables = connection.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+    raise CplError(_move_aside(path, "it holds no tables" if tables == 0 else "it is not a cpl-masks registry"))
+
+
+def _move_aside(path: Path, problem: str) -> str:
+    return f"registry database {path}: {problem}; move it aside (the stored masks stay) to start a fresh registry"
 
 
 def use_wal(connection: sqlite3.Connection) -> None:

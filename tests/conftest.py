@@ -112,6 +112,14 @@ def build_tiny_model(folder: Path, *, chat: bool = True, seed: int = 0) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def isolated_registry(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets its own empty registry home, so no test writes into the user's cache folder."""
+    folder = tmp_path_factory.mktemp("cpl-masks-home")
+    monkeypatch.setenv("CPL_MASKS_HOME", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny chat model folder (tokenizer with a chat template)."""

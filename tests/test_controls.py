@@ -8,14 +8,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cpl_masks import registry
 from cpl_masks.cli.app import app
 from cpl_masks.controls import _largest_bits, gradient_magnitude_mask, random_mask
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
 from cpl_masks.models import load_model
 from cpl_masks.profile import profile
+from cpl_masks.registry import Registry
 from cpl_masks.scoring import make_scorer
+from cpl_masks.selection import Rule
 from tests.conftest import make_questions, write_rows
 from tests.helpers import assert_frozen_unchanged, snapshot
 from tests.test_profile import reference_gradients
@@ -28,7 +29,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def like(tiny) -> Mask:
     """A CPL mask of the tiny model, with the embeddings forced frozen (a tensor of count 0)."""
-    return profile(tiny, MASTERED, INJECT, batch_size=4, freeze_pattern="embed", task="facts", show_progress=False)
+    rule = Rule(freeze_pattern="embed")
+    return profile(tiny, MASTERED, INJECT, rule=rule, batch_size=4, task="facts", show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +163,8 @@ def test_cli_gradient_magnitude(files, tiny_model_dir, tmp_path, like, magnitude
         (("--mastered", "MASTERED", "--inject", "INJECT", "--like", "LIKE"), "--like applies only to a control"),
         (("--rule", "random", "--like", "LIKE", "--threshold", "0.1"), "--threshold applies only to --rule sign"),
         (("--rule", "random", "--like", "LIKE", "--save-scores"), "--save-scores applies only to --rule sign"),
-        (("--rule", "random", "--like", "LIKE", "--scoring", "loglik"), "keeps the --like mask's (letter)"),
+        (("--rule", "random", "--like", "LIKE", "--scoring", "loglik"), "the mask was profiled with letter scoring"),
+        (("--rule", "random", "--like", "LIKE", "--scoring", "guess"), "--scoring guess: choose one of"),
         (("--rule", "magnitude", "--like", "LIKE"), "--rule magnitude: choose one of sign, random"),
         (("--rule", "random", "--like", "LIKE", "--name", "a/b"), "--name 'a/b'"),
         (("--rule", "random", "--like", "nowhere"), "mask nowhere: no such file"),
@@ -189,4 +192,4 @@ def test_a_control_mask_trains_through_the_mask_path(files, tiny_model_dir, tmp_
     assert_frozen_unchanged(before, trained, Mask.load(mask_path))
     moved = sum(int((parameter.detach() != before[name]).sum()) for name, parameter in trained.named_parameters())
     assert moved > 0
-    assert registry.show(str(mask_path))["source"] == "control"  # registered by the run, filed as what it is
+    assert Registry().show(str(mask_path))["source"] == "control"  # registered by the run, filed as what it is

@@ -6,12 +6,23 @@ import json
 
 import pytest
 
-from cpl_masks.data import BUILTIN_DEMO, FieldNames, Question, load_questions, questions_sha256, write_questions
-from cpl_masks.demo_data import demo_questions, general_questions, invented_questions
+from cpl_masks.data import (
+    BUILTIN_DEMO,
+    MAX_TEXT_CHARS,
+    FieldNames,
+    Question,
+    load_questions,
+    questions_sha256,
+    write_questions,
+)
+from cpl_masks.demo_data import demo_rows, general_rows, invented_rows
 from cpl_masks.errors import CplError
 from tests.conftest import make_questions, write_rows
 
 GOOD = {"id": "a", "question": "What is 2 + 2?", "choices": ["3", "4", "5"], "answer": "B"}
+# questions_sha256 of builtin:demo as the code printed it before the demo was made of plain rows:
+# the published sweep results were computed on exactly these questions.
+DEMO_SHA256 = "30ea2ab62f3b31094d8e789a859d7844b0f10451c0802e233649560afe9d0882"
 
 
 def test_jsonl_round_trip_keeps_content_hash(tmp_path):
@@ -71,10 +82,16 @@ BAD_ROWS = [
     ([{**GOOD, "choices": [str(i) for i in range(27)], "answer": 0}], "row 1: 27 choices; between 2 and 26"),
     ([{**GOOD, "choices": "not a list"}], "row 1: field 'choices' is not a list"),
     ([{**GOOD, "choices": ["a", ""]}], "row 1: field 'choices' has an empty choice"),
+    ([{**GOOD, "choices": ["Paris", "Rome", " Paris "]}], "row 1: duplicate choice 'Paris' (options A and C)"),
+    ([{"question": "Capital?\nA: Paris\nB: Paris", "label": "A"}], "row 1: duplicate choice 'Paris' (options A and B)"),
+    ([{**GOOD, "question": "x" * (MAX_TEXT_CHARS + 1)}], "row 1: field 'question' is 100,001 characters long"),
+    ([{**GOOD, "choices": ["3", "4" * (MAX_TEXT_CHARS + 1)]}], "row 1: field 'choices' is 100,001 characters long"),
     ([GOOD, GOOD], "row 2: duplicate id 'a' (first at row 1)"),
     ([{"question": "no options here", "label": "A"}], "row 1: no 'choices' field"),
     ([GOOD, "{not json"], "row 2: invalid JSON"),
     ([GOOD, "[1, 2]"], "row 2: expected a JSON object"),
+    (["", GOOD, "   ", "", {**GOOD, "id": "b", "answer": "D"}], "row 5: answer 'D' is not among the 3 choices"),
+    ([GOOD, "", GOOD], "row 3: duplicate id 'a' (first at row 1)"),
 ]
 
 
@@ -123,11 +140,40 @@ def test_saved_dataset_with_several_splits_needs_a_split(tmp_path):
     assert len(load_questions(tmp_path / "dd", split="test")) == 2
 
 
-def test_demo_set_is_deterministic_and_large_enough():
-    assert len(general_questions()) >= 150 and len(invented_questions()) >= 150
-    assert demo_questions() == demo_questions()
-    assert all(len(q.choices) == 4 and len(set(q.choices)) == 4 for q in demo_questions())
-    first = [q.id.split("-")[0] for q in demo_questions()[:4]]
-    assert first == ["general", "invented", "general", "invented"]
-    assert len(load_questions(BUILTIN_DEMO)) == len(demo_questions())
-    assert all(isinstance(q, Question) for q in load_questions(BUILTIN_DEMO, limit=3))
+def test_questions_remember_file_and_row_without_changing_equality_or_hash(tmp_path):
+    questions = make_questions(3)
+    path = write_rows(tmp_path / "q.jsonl", ["", *(q.to_record() for q in questions)])
+    loaded = load_questions(path)
+    assert [q.where for q in loaded] == [f"{path}: row {row}" for row in (2, 3, 4)]
+    assert loaded == questions and {*loaded} == {*questions}
+    assert questions_sha256(loaded) == questions_sha256(questions)
+    assert "source" not in loaded[0].to_record() and "row" not in loaded[0].to_record()
+
+
+def test_demo_questions_are_its_rows_parsed_like_a_file_and_unchanged(tmp_path):
+    assert len(general_rows()) >= 150 and len(invented_rows()) >= 150
+    demo = load_questions(BUILTIN_DEMO)
+    assert demo == load_questions(write_rows(tmp_path / "demo.jsonl", demo_rows()))
+    assert questions_sha256(demo) == DEMO_SHA256
+    assert [q.id.split("-")[0] for q in demo[:4]] == ["general", "invented", "general", "invented"]
+    assert demo[0] == Question(
+        id="general-000",
+        question="What is the capital of France?",
+        choices=("Jakarta", "Lima", "Tehran", "Paris"),
+        answer=3,
+    )
+    assert load_questions(BUILTIN_DEMO, limit=3) == demo[:3] and demo[2].where == f"{BUILTIN_DEMO}: row 3"
+
+
+def test_demo_seed_reshuffles_choices_but_keeps_the_question_ids(tmp_path):
+    default, other = demo_rows(), demo_rows(seed=1)
+    assert [row["id"] for row in other] == [row["id"] for row in default]
+    assert [row["choices"] for row in other] != [row["choices"] for row in default]
+    assert len(load_questions(write_rows(tmp_path / "seed1.jsonl", other))) == len(default)
+
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_limit_below_one_is_refused(question_file, limit):
+    with pytest.raises(CplError) as caught:
+        load_questions(question_file, limit=limit)
+    assert str(caught.value) == f"--limit {limit}: must be at least 1 (or left out for all questions)"

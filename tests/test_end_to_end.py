@@ -50,4 +50,4 @@ def test_split_profile_train_and_registry_on_smollm2(tmp_path, monkeypatch):
 
     (used,) = json.loads(cli("registry", "show", "smollm2-135m-instruct/facts", "--json"))["runs"]
     final = json.loads((run / "run.json").read_text())["final"]
-    assert (used["task"], used["out_dir"], used["learned"]) == ("split", str(run), final["learned"])
+    assert (used["task"], used["out_dir"], used["learned"]) == ("facts", str(run), final["learned"])

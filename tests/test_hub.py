@@ -10,10 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cpl_masks import hub, registry
+from cpl_masks import hub
 from cpl_masks.cli.app import app
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
+from cpl_masks.registry import Registry
 from tests.fake_hub import TOKEN, FakeHubServer
 
 REPO = "me/arc-mask"
@@ -41,7 +42,7 @@ def mask_ref(tmp_path) -> str:
         "task": "arc",
         "data": {"inject": {"sha256": "a" * 64, "rows": 4, "path": "allenai/ai2_arc"}},
     }
-    return registry.register_mask(Mask.from_bool(bits, metadata).save(tmp_path / "arc.safetensors"))
+    return Registry().register(Mask.from_bool(bits, metadata).save(tmp_path / "arc.safetensors"))
 
 
 def switch_registry(tmp_path, monkeypatch, name: str) -> None:
@@ -55,7 +56,7 @@ def test_push_uploads_mask_card_provenance_and_figure_and_pull_registers_it(serv
     assert result.exit_code == 0, result.output
     repo = server.hub.repos[REPO]
     files = repo.commits[repo.branches["main"]]
-    original = registry.resolve_mask_path(mask_ref)
+    original = Registry().resolve(mask_ref)
     assert files["mask.safetensors"] == original.read_bytes()
     card = files["README.md"].decode()
     front = card.split("---")[1]
@@ -64,28 +65,28 @@ def test_push_uploads_mask_card_provenance_and_figure_and_pull_registers_it(serv
     mask_id = Mask.load(original).id
     assert json.loads(files["provenance.json"])["id"] == mask_id
     assert files["per_layer.png"].startswith(b"\x89PNG")
-    [push] = registry.show(mask_ref)["transfers"]
+    [push] = Registry().show(mask_ref)["transfers"]
     assert (push["direction"], push["repo_id"], push["commit_sha"]) == ("push", REPO, repo.branches["main"])
 
     switch_registry(tmp_path, monkeypatch, "elsewhere")
     result = CliRunner().invoke(app, ["pull", REPO, "--name", "shared-arc"])
     assert result.exit_code == 0, result.output
-    details = registry.show("smollm2-135m-instruct/shared-arc@v1")
-    assert details["id"] == mask_id and details["source"] == "pulled"
+    details = Registry().show("smollm2-135m-instruct/shared-arc@v1")
+    assert details["id"] == mask_id and details["source"] == "profiled"  # what it is; where from is below
     assert (details["repo_id"], details["revision"]) == (REPO, repo.branches["main"])
     assert [item["direction"] for item in details["transfers"]] == ["pull"]
-    assert registry.resolve_mask_path(mask_id[:8]).read_bytes() == original.read_bytes()
+    assert Registry().resolve(mask_id[:8]).read_bytes() == original.read_bytes()
 
 
 def test_push_to_a_branch_and_pull_that_revision(server, mask_ref, tmp_path, monkeypatch):
-    pushed = hub.push(mask_ref, REPO, private=True, revision="dev")
+    pushed = hub.push(mask_ref, REPO, registry=Registry(), private=True, revision="dev")
     repo = server.hub.repos[REPO]
     assert repo.private and pushed.revision == "dev" and repo.branches["dev"] == pushed.commit_sha
     assert "mask.safetensors" not in repo.commits[repo.branches["main"]]
     switch_registry(tmp_path, monkeypatch, "elsewhere")
     with pytest.raises(CplError, match=r"no mask\.safetensors"):
-        hub.pull(REPO)
-    pulled = hub.pull(f"{REPO}@dev")
+        hub.pull(REPO, registry=Registry())
+    pulled = hub.pull(f"{REPO}@dev", registry=Registry())
     assert pulled.commit_sha == pushed.commit_sha and pulled.ref == "smollm2-135m-instruct/arc@v1"
 
 
@@ -100,27 +101,27 @@ def test_push_without_a_token_is_refused_before_any_upload(server, mask_ref, mon
 def test_a_wrong_token_is_reported_as_rejected(server, mask_ref, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     with pytest.raises(CplError, match=r"rejected your token \(401\)"):
-        hub.push(mask_ref, REPO)
+        hub.push(mask_ref, REPO, registry=Registry())
     assert server.hub.repos == {}
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    hub.push(mask_ref, REPO)
+    hub.push(mask_ref, REPO, registry=Registry())
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     switch_registry(tmp_path, monkeypatch, "elsewhere")
     with pytest.raises(CplError, match=r"rejected your token \(401\)"):
-        hub.pull(REPO)
-    assert registry.list_masks() == []
+        hub.pull(REPO, registry=Registry())
+    assert Registry().list_masks() == []
 
 
 def test_missing_repo_or_revision_registers_nothing(server, mask_ref, tmp_path, monkeypatch):
-    hub.push(mask_ref, REPO)
+    hub.push(mask_ref, REPO, registry=Registry())
     switch_registry(tmp_path, monkeypatch, "elsewhere")
     with pytest.raises(CplError, match="repository not found"):
-        hub.pull("me/no-such-mask")
+        hub.pull("me/no-such-mask", registry=Registry())
     with pytest.raises(CplError, match="no such revision"):
-        hub.pull(f"{REPO}@nope")
+        hub.pull(f"{REPO}@nope", registry=Registry())
     with pytest.raises(CplError, match="expected OWNER/NAME"):
-        hub.pull("not a repo")
-    assert registry.list_masks() == []
+        hub.pull("not a repo", registry=Registry())
+    assert Registry().list_masks() == []
 
 
 def test_an_unreachable_hub_is_a_network_error(mask_ref, monkeypatch):
@@ -132,23 +133,31 @@ def test_an_unreachable_hub_is_a_network_error(mask_ref, monkeypatch):
     result = CliRunner().invoke(app, ["pull", REPO])
     assert result.exit_code == 2 and "cannot reach the Hub" in result.output
     with pytest.raises(CplError, match="cannot reach the Hub"):
-        hub.push(mask_ref, REPO)
+        hub.push(mask_ref, REPO, registry=Registry())
 
 
 def test_a_downloaded_file_whose_id_does_not_match_is_not_registered(server, mask_ref, tmp_path, monkeypatch):
-    hub.push(mask_ref, REPO)
-    content = registry.resolve_mask_path(mask_ref).read_bytes()
+    hub.push(mask_ref, REPO, registry=Registry())
+    content = Registry().resolve(mask_ref).read_bytes()
     server.hub.tamper(REPO, "mask.safetensors", content[:-1] + bytes([content[-1] ^ 0x01]))
     switch_registry(tmp_path, monkeypatch, "elsewhere")
     result = CliRunner().invoke(app, ["pull", REPO])
     assert result.exit_code == 2 and "content id mismatch" in result.output
-    assert registry.list_masks() == []
+    assert Registry().list_masks() == []
 
 
 def test_a_provenance_that_names_another_mask_is_refused(server, mask_ref, tmp_path, monkeypatch):
-    hub.push(mask_ref, REPO)
+    hub.push(mask_ref, REPO, registry=Registry())
     server.hub.tamper(REPO, "provenance.json", json.dumps({"id": "0" * 64}).encode())
     switch_registry(tmp_path, monkeypatch, "elsewhere")
     with pytest.raises(CplError, match=r"provenance\.json says 0{12}"):
-        hub.pull(REPO)
-    assert registry.list_masks() == []
+        hub.pull(REPO, registry=Registry())
+    assert Registry().list_masks() == []
+
+
+def test_pull_registers_into_the_registry_it_is_given(server, mask_ref, tmp_path, monkeypatch):
+    hub.push(mask_ref, REPO, registry=Registry())
+    switch_registry(tmp_path, monkeypatch, "elsewhere")
+    given = Registry(tmp_path / "given")
+    pulled = hub.pull(REPO, registry=given)
+    assert given.show(pulled.ref)["repo_id"] == REPO and Registry().list_masks() == []

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpl_masks import registry
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
 from cpl_masks.models import model_fingerprint
+from cpl_masks.registry import Registry
 from tests.conftest import WORDS
 from tests.helpers import assert_frozen_unchanged, snapshot
 
@@ -256,7 +256,7 @@ def test_from_ref_reads_a_path_and_registry_names(model, tmp_path, monkeypatch):
     mask = random_mask(model)
     path = mask.save(tmp_path / "tiny.safetensors")
     assert Mask.from_ref(str(path)).id == mask.id
-    name = registry.register_mask(path)
+    name = Registry().register(path)
     assert name == "tiny/tiny@v1"
     for ref in (name, "tiny/tiny", mask.id[:10]):
         assert Mask.from_ref(ref).id == mask.id
@@ -288,7 +288,7 @@ def test_from_ref_pulls_a_hub_repo(model, tmp_path, monkeypatch):
     try:
         assert Mask.from_ref("me/tiny-mask").id == mask.id
         assert Mask.from_ref(f"hf://me/tiny-mask@{sha}").id == mask.id
-        assert registry.show("tiny/tiny")["repo_id"] == "me/tiny-mask"  # pulled masks are registered
+        assert Registry().show("tiny/tiny")["repo_id"] == "me/tiny-mask"  # pulled masks are registered
         with pytest.raises(CplError, match="no such file, registered name or id.*as a Hub repo: .*not found"):
             Mask.from_ref("me/no-such-mask")
     finally:

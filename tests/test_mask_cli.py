@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cpl_masks.cli.app import app
@@ -74,8 +76,8 @@ def test_profile_inspect_diff_combine_threshold(split_dir, tiny_model_dir, tmp_p
     cut = tmp_path / "cut.safetensors"
     recut = invoke("threshold", first, "--keep-fraction", "0.2", "-o", cut)
     assert recut.exit_code == 0, recut.output
-    assert Mask.load(cut).metadata["parents"] == [mask.id]
-    assert 0.2 <= Mask.load(cut).collaborative_share() < 0.21
+    assert Mask.load(cut).metadata["parents"] == [mask.id] and Mask.load(cut).metadata["recut_of"] == mask.id
+    assert Mask.load(cut).collaborative_count() == math.ceil(0.2 * mask.entries)
 
     both = tmp_path / "both.safetensors"
     combined = invoke("combine", "--op", "and", first, cut, "-o", both)
@@ -99,13 +101,40 @@ def test_profile_reads_the_scoring_from_split_json(split_dir, tiny_model_dir, tm
     assert result.exit_code == 0, result.output
     assert Mask.load(tmp_path / "m.safetensors").metadata["scoring"] == "loglik"
     (split_dir / "split.json").write_text("{not json")
-    broken = invoke(*profile_args(split_dir, tiny_model_dir, "--out", tmp_path / "m.safetensors"))
-    assert broken.exit_code == 2 and "split.json" in broken.output
+    broken = invoke(*profile_args(split_dir, tiny_model_dir, "--out", tmp_path / "other.safetensors"))
+    assert broken.exit_code == 2 and "split.json: cannot read its 'scoring'" in broken.output
 
 
-def test_profile_refuses_threshold_with_keep_fraction(split_dir, tiny_model_dir):
-    result = invoke(*profile_args(split_dir, tiny_model_dir, "--threshold", "0", "--keep-fraction", "0.3"))
-    assert result.exit_code == 2 and "not both" in result.output
+def no_model_loads(monkeypatch) -> None:
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("cpl_masks.cli.masks.load_model", refuse)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (("--threshold", "0", "--keep-fraction", "0.3"), "give exactly one of --threshold and --keep-fraction"),
+        (("--keep-fraction", "1.5"), "--keep-fraction 1.5: must be in (0, 1]"),
+        (("--freeze-pattern", "("), "--freeze-pattern '(': not a valid regular expression"),
+        (("--scoring", "foo"), "--scoring foo: choose one of letter, loglik, loglik-norm"),
+    ],
+)
+def test_profile_refuses_a_bad_rule_or_scoring_before_loading_a_model(
+    split_dir, tiny_model_dir, monkeypatch, options, message
+):
+    no_model_loads(monkeypatch)
+    result = invoke(*profile_args(split_dir, tiny_model_dir, *options))
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and message in result.output
+
+
+def test_threshold_refuses_a_bad_cut_before_reading_the_mask(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
+    result = invoke("threshold", tmp_path / "missing.safetensors", "--keep-fraction", "2")
+    assert result.exit_code == 2, result.output
+    assert "--keep-fraction 2.0: must be in (0, 1]" in result.output and "missing" not in result.output
 
 
 def test_threshold_needs_scores_and_one_rule(split_dir, tiny_model_dir, tmp_path):
@@ -123,3 +152,22 @@ def test_mask_inputs_report_bad_files_in_one_line(split_dir, tmp_path):
         result = invoke(*args)
         assert result.exit_code == 2, result.output
         assert "error:" in result.output
+
+
+def test_threshold_refuses_non_finite_scores_of_an_old_file(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from cpl_masks.masks import read_header
+
+    monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
+    bits = {"w": torch.tensor([True, False, True])}
+    path = Mask.from_bool(bits, {"parents": []}, {"w": torch.tensor([1.0, -1.0, 0.5])}).save(tmp_path / "m.safetensors")
+    header = read_header(path)
+    del header["metadata"]["scores_sha256"]  # written before scores were hashed
+    tensors = {"w": Mask.load(path).packed["w"], "scores/w": torch.tensor([1.0, -1.0, float("nan")]).bfloat16()}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"cpl_mask": json.dumps(header)})
+    result = invoke("threshold", tmp_path / "old.safetensors", "--threshold", "0.1", "-o", tmp_path / "cut.safetensors")
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert f"{tmp_path / 'old.safetensors'}: the stored scores of w are not all finite" in result.output
+    assert not (tmp_path / "cut.safetensors").exists()

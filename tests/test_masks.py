@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 from cpl_masks.algebra import combine
 from cpl_masks.errors import CplError
 from cpl_masks.mask_stats import diff, layer_of, module_type, summarize
-from cpl_masks.masks import Mask, content_id, pack_bits, read_header, unpack_bits
+from cpl_masks.masks import Mask, content_id, pack_bits, read_header, scores_sha256, unpack_bits
 from cpl_masks.models import model_fingerprint
+from tests.data.make_golden_mask import BITS, GOLDEN, METADATA, SCORES, golden_mask
 
 
 def random_bits(shapes: dict[str, tuple[int, ...]], seed: int, share: float = 0.5) -> dict[str, torch.Tensor]:
@@ -81,6 +82,23 @@ def test_golden_file_layout(tmp_path):
     assert first == pack_bits(mask.collaborative(next(iter(SHAPES)))).numpy().tobytes()
 
 
+GOLDEN_ID = "9993d4811efc7234a69ca87778bf82d14d7e7a74340c02e10d1bae8132879dd6"
+GOLDEN_SCORES_SHA256 = "0955cb3c3d4e02160d5b67f5921844a80f7054e55c8d80b8df9508563a32db02"
+
+
+def test_golden_file_reads_and_writes_as_committed(tmp_path):
+    mask = Mask.load(GOLDEN)
+    assert mask.id == GOLDEN_ID and mask.names == list(BITS)
+    for name, values in BITS.items():
+        assert mask.collaborative(name).int().tolist() == values, name
+    for name, values in SCORES.items():
+        expected = torch.tensor(values, dtype=torch.bfloat16).view(torch.int16)  # raw bits: the sign of 0 counts
+        assert torch.equal(mask.scores[name].view(torch.int16), expected), name
+    counts = {"entries": 18, "collaborative": 11}
+    assert mask.metadata == {**METADATA, "scores_sha256": GOLDEN_SCORES_SHA256, "counts": counts}
+    assert golden_mask().save(tmp_path / "again.safetensors").read_bytes() == GOLDEN.read_bytes()
+
+
 def test_content_id_follows_the_documented_recipe_and_ignores_order():
     mask = make_mask()
     digest = hashlib.sha256()
@@ -132,13 +150,64 @@ def rewrite_header(path, target, change) -> None:
         (lambda h: h.pop("shapes"), "lacks shapes"),
         (lambda h: h["shapes"].update({"extra.weight": [3]}), "lacks tensor extra.weight"),
         (lambda h: h["shapes"].update({"model.norm.weight": [20]}), "not 3 packed bytes"),
+        (lambda h: h.update(shapes=[[3, 5], [7]]), "mask header 'shapes' is not an object of parameter name to shape"),
+        (lambda h: h.update(shapes="3x5"), "mask header 'shapes' is not an object"),
+        (lambda h: h["shapes"].update({"model.norm.weight": 9}), "shape of model.norm.weight is 9, not a list"),
+        (lambda h: h["shapes"].update({"model.norm.weight": [-9]}), r"shape of model.norm.weight is \[-9\], not"),
+        (lambda h: h["shapes"].update({"model.norm.weight": [4.5]}), r"shape of model.norm.weight is \[4.5\], not"),
+        (lambda h: h["shapes"].update({"model.norm.weight": ["9"]}), "shape of model.norm.weight is \\['9'\\], not"),
+        (lambda h: h.update(metadata=[]), "mask header 'metadata' is not an object"),
+        (lambda h: h.update(id=5), "mask header 'id' is not a string"),
     ],
 )
 def test_bad_headers_are_one_line_errors(tmp_path, change, message):
     path = make_mask().save(tmp_path / "m.safetensors")
     rewrite_header(path, tmp_path / "bad.safetensors", change)
-    with pytest.raises(CplError, match=message):
+    with pytest.raises(CplError, match=message) as error:
         Mask.load(tmp_path / "bad.safetensors")
+    assert str(error.value).startswith(str(tmp_path / "bad.safetensors")) and "\n" not in str(error.value)
+
+
+def score_offset(path, name: str) -> int:
+    """Where the stored scores of ``name`` start in the file."""
+    length, raw = read_raw_header(path)
+    return 8 + length + raw[f"scores/{name}"]["data_offsets"][0]
+
+
+def test_stored_scores_are_hashed_and_a_flipped_byte_is_refused(tmp_path):
+    mask = make_mask(scores=True)
+    assert mask.metadata["scores_sha256"] == scores_sha256(mask.scores)
+    path = mask.save(tmp_path / "m.safetensors")
+    data = bytearray(path.read_bytes())
+    data[score_offset(path, "model.norm.weight") + 2] ^= 0x01
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CplError, match="stored scores do not match their recorded sha256") as error:
+        Mask.load(tmp_path / "flipped.safetensors")
+    assert str(tmp_path / "flipped.safetensors") in str(error.value)
+    assert Mask.load(tmp_path / "flipped.safetensors", scores=False).id == mask.id  # the bits are intact
+
+
+def test_scores_hash_is_not_kept_when_the_scores_are_dropped(tmp_path):
+    mask = make_mask(scores=True)
+    without = Mask.from_bool({name: mask.collaborative(name) for name in mask.names}, mask.metadata)
+    assert "scores_sha256" not in without.metadata
+    partial = Mask.load(mask.save(tmp_path / "m.safetensors"), scores=False)
+    assert "scores_sha256" not in read_header(partial.save(tmp_path / "bits.safetensors"))["metadata"]
+
+
+def test_non_finite_scores_are_refused_even_without_a_hash(tmp_path):
+    from safetensors.torch import load_file
+
+    path = make_mask(scores=True).save(tmp_path / "m.safetensors")
+    header = read_header(path)
+    del header["metadata"]["scores_sha256"]  # a file from before the hash was recorded
+    tensors = load_file(str(path))
+    tensors["scores/model.norm.weight"][4] = float("nan")
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"cpl_mask": json.dumps(header)})
+    assert Mask.load(tmp_path / "old.safetensors", scores=False).scores is None
+    with pytest.raises(CplError, match="stored scores of model.norm.weight are not all finite") as error:
+        Mask.load(tmp_path / "old.safetensors")
+    assert str(error.value).startswith(str(tmp_path / "old.safetensors"))
 
 
 def test_newer_minor_version_is_read(tmp_path):
@@ -183,6 +252,27 @@ def test_check_model_accepts_its_model_and_refuses_other_weights(tiny):
     with pytest.raises(CplError, match=r"other weights.*--allow-other-weights"):
         other.check_model(tiny.model)
     other.check_model(tiny.model, allow_other_weights=True)
+
+
+def test_check_model_accepts_the_same_checkpoint_in_bfloat16(tiny, tiny_model_dir):
+    from cpl_masks.masks import weights_metadata
+    from cpl_masks.models import load_model
+
+    bits = {name: torch.ones(parameter.shape, dtype=torch.bool) for name, parameter in tiny.model.named_parameters()}
+    mask = Mask.from_bool(bits, {"model": {"ref": "tiny", **weights_metadata(tiny.model)}})
+    assert mask.metadata["model"]["dtype"] == "float32"
+    half = load_model(str(tiny_model_dir), dtype="bfloat16", device="cpu")
+    mask.check_model(half.model)  # same checkpoint, other precision
+    old = model_mask(tiny.model, model_fingerprint(tiny.model))  # a mask from before the bfloat16 fingerprint
+    old.metadata["profile"] = {"dtype": "float32"}
+    with pytest.raises(CplError) as error:
+        old.check_model(half.model)
+    assert "model tiny in float32; this model is in bfloat16" in str(error.value)
+    other = load_model(str(tiny_model_dir), dtype="bfloat16", device="cpu")
+    with torch.no_grad():
+        other.model.model.norm.weight.add_(1.0)
+    with pytest.raises(CplError, match="other weights"):
+        mask.check_model(other.model)
 
 
 def test_check_model_lists_the_first_name_and_shape_mismatches(tiny):

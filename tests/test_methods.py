@@ -292,7 +292,9 @@ def test_methods_that_need_mastered_questions_refuse_none(tiny_model_dir, name):
         ("lora", {"lora_targets": " , "}, "--lora-targets ' , ': give all-linear or comma-separated module names"),
         ("replay", {"replay_share": 1.0}, r"--replay-share 1.0: must be in \[0, 1\)"),
         ("replay", {"replay_share": -0.1}, r"--replay-share -0.1: must be in \[0, 1\)"),
-        ("ewc", {"ewc_lambda": 0.0}, "--ewc-lambda 0.0: must be positive"),
+        ("ewc", {"ewc_lambda": 0.0}, "--ewc-lambda 0.0: must be a positive number"),
+        ("ewc", {"ewc_lambda": math.inf}, "--ewc-lambda inf: must be a positive number"),
+        ("replay", {"replay_share": math.nan}, r"--replay-share nan: must be in \[0, 1\)"),
         ("agem", {"refresh_every": 0}, "--refresh-every 0: must be at least 1"),
     ],
 )

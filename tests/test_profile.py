@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from cpl_masks.errors import CplError
 from cpl_masks.models import load_model, model_fingerprint
 from cpl_masks.profile import mean_gradients, profile, sign_agreement
 from cpl_masks.scoring import make_scorer
-from cpl_masks.selection import bf16_keys
+from cpl_masks.selection import Rule, bf16_keys
+from cpl_masks.split import resolve_scoring
 from tests.conftest import make_questions
 
 MASTERED = make_questions(9, seed=11, prefix="m")
@@ -79,7 +82,12 @@ def test_touched_counts_and_dot_products_match_reference(profiled, reference):
 
 def test_provenance_and_run_report(tiny, profiled):
     meta = profiled.metadata
-    assert meta["model"] == {"ref": tiny.ref, "fingerprint": model_fingerprint(tiny.model)}
+    assert meta["model"] == {
+        "ref": tiny.ref,
+        "fingerprint": model_fingerprint(tiny.model),
+        "fingerprint_bf16": model_fingerprint(tiny.model, rounded_to=torch.bfloat16),
+        "dtype": "float32",
+    }
     assert meta["data"]["mastered"]["rows"] == len(MASTERED) and meta["data"]["inject"]["rows"] == len(INJECT)
     assert meta["rule"] == {
         "threshold": 0.0,
@@ -103,39 +111,66 @@ def test_profiling_leaves_the_model_as_it_was(tiny):
     assert model_fingerprint(tiny.model) == before
 
 
-def test_keep_fraction_keeps_the_top_scores_and_equals_a_recut(tiny, profiled):
-    cut = profile(tiny, MASTERED, INJECT, batch_size=4, keep_fraction=0.3, show_progress=False)
-    assert 0.3 <= cut.collaborative_share() < 0.31
-    keys = torch.cat([bf16_keys(profiled.scores[name]).reshape(-1) for name in cut.names])
-    kept = torch.cat([cut.collaborative(name).reshape(-1) for name in cut.names])
-    assert keys[kept].min() > keys[~kept].max()
-    recut_mask = recut(profiled, keep_fraction=0.3)
+def keep(fraction: float, **patterns) -> Rule:
+    return Rule(threshold=None, keep_fraction=fraction, **patterns)
+
+
+def flat(mask, values) -> torch.Tensor:
+    """One tensor's values after another, in the mask's (model) order, flattened."""
+    return torch.cat([values(name).reshape(-1) for name in mask.names])
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.75, 0.8])  # 0.75 and 0.8 cut into the entries scoring exactly 0
+def test_keep_fraction_keeps_exactly_the_share_and_equals_a_recut(tiny, profiled, reference, fraction):
+    cut = profile(tiny, MASTERED, INJECT, rule=keep(fraction), batch_size=4, show_progress=False)
+    assert cut.collaborative_count() == math.ceil(fraction * cut.entries)
+    keys = flat(cut, lambda name: bf16_keys(profiled.scores[name]))
+    kept = flat(cut, cut.collaborative)
+    assert keys[kept].min() >= keys[~kept].max()
+    at_cut = (keys == keys[kept].min()).nonzero().reshape(-1)  # ties at the cut: the earliest positions win
+    assert kept[at_cut].tolist() == sorted(kept[at_cut].tolist(), reverse=True)
+    recut_mask = recut(profiled, keep_fraction=fraction)
     assert recut_mask.id == cut.id
-    assert recut_mask.metadata["parents"] == [profiled.id]
-    assert recut_mask.metadata["counts"]["touched_collaborative"] == cut.metadata["counts"]["touched_collaborative"]
+    assert recut_mask.metadata["tensors"] == cut.metadata["tensors"]
+    for name, stats in cut.metadata["tensors"].items():
+        touched = reference["I"][name] != 0
+        assert stats["touched_collaborative"] == int((cut.collaborative(name) & touched).sum()), name
 
 
 def test_recut_at_zero_reproduces_the_threshold_mask(profiled):
-    assert recut(profiled, threshold=0.0).id == profiled.id
+    again = recut(profiled, threshold=0.0)
+    assert again.id == profiled.id
+    assert again.metadata["tensors"] == profiled.metadata["tensors"]
     higher = recut(profiled, threshold=1e-9)
     assert higher.collaborative_count() < profiled.collaborative_count()
 
 
 def test_patterns_force_whole_tensors(tiny):
-    mask = profile(
-        tiny,
-        MASTERED,
-        INJECT,
-        freeze_pattern="embed",
-        train_pattern="norm",
-        keep_fraction=0.5,
-        show_progress=False,
-    )
+    rule = keep(0.5, freeze_pattern="embed", train_pattern="norm")
+    mask = profile(tiny, MASTERED, INJECT, rule=rule, save_scores=True, show_progress=False)
+    eligible = sum(mask.entries_of(name) for name in mask.names if rule.forced(name) is None)
+    forced_on = sum(mask.entries_of(name) for name in mask.names if rule.forced(name))
+    assert mask.collaborative_count() == math.ceil(0.5 * eligible) + forced_on
     assert not mask.collaborative("model.embed_tokens.weight").any()
     assert mask.collaborative("model.norm.weight").all()
     stats = mask.metadata["tensors"]
     assert stats["model.embed_tokens.weight"]["touched_collaborative"] == 0
     assert stats["model.norm.weight"]["touched_collaborative"] == stats["model.norm.weight"]["touched"]
+
+
+def test_a_recut_keeps_the_patterns_and_says_it_is_a_recut(tiny):
+    rule = Rule(threshold=0.0, freeze_pattern="embed", train_pattern="norm")
+    mask = profile(tiny, MASTERED, INJECT, rule=rule, save_scores=True, show_progress=False)
+    cut = recut(mask, keep_fraction=0.2)
+    assert cut.metadata["rule"] == {
+        "threshold": None,
+        "keep_fraction": 0.2,
+        "freeze_pattern": "embed",
+        "train_pattern": "norm",
+    }
+    assert cut.metadata["recut_of"] == mask.id and cut.metadata["parents"] == [mask.id]
+    assert not cut.collaborative("model.embed_tokens.weight").any()
+    assert cut.collaborative("model.norm.weight").all()
 
 
 def test_bfloat16_model_accumulates_in_float32(tiny_model_dir, reference):
@@ -152,11 +187,7 @@ def test_bfloat16_model_accumulates_in_float32(tiny_model_dir, reference):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"keep_fraction": 1.5}, "--keep-fraction"),
-        ({"keep_fraction": 0.0}, "--keep-fraction"),
-        ({"freeze_pattern": "("}, "--freeze-pattern"),
-        ({"threshold": float("nan")}, "--threshold"),
-        ({"scoring": "nope"}, "--scoring"),
+        ({"scoring": "nope"}, "--scoring nope: choose one of letter, loglik, loglik-norm"),
         ({"batch_size": 0}, "--batch-size"),
     ],
 )
@@ -165,15 +196,45 @@ def test_bad_options_are_one_line_errors(tiny, options, message):
         profile(tiny, MASTERED[:2], INJECT[:2], show_progress=False, **options)
 
 
-def test_empty_sets_are_refused(tiny):
-    with pytest.raises(CplError, match="non-empty"):
-        profile(tiny, [], INJECT, show_progress=False)
+def test_profile_takes_the_scoring_split_json_records(tiny, tmp_path):
+    mastered = tmp_path / "mastered.jsonl"
+    (tmp_path / "split.json").write_text(json.dumps({"scoring": "loglik"}))
+    mask = profile(tiny, MASTERED[:2], INJECT[:2], data_paths={"mastered": str(mastered)}, show_progress=False)
+    assert mask.metadata["scoring"] == "loglik"
+    assert profile(tiny, MASTERED[:2], INJECT[:2], show_progress=False).metadata["scoring"] == "letter"
 
 
-def test_recut_needs_scores(tiny):
-    mask = profile(tiny, MASTERED[:2], INJECT[:2], show_progress=False)
-    with pytest.raises(CplError, match="no stored scores"):
-        recut(mask, threshold=0.1)
+def test_scoring_is_resolved_in_one_order(tmp_path):
+    data = tmp_path / "inject.jsonl"
+    assert resolve_scoring(None, data_path=data) == "letter"
+    (tmp_path / "split.json").write_text(json.dumps({"scoring": "loglik-norm"}))
+    assert resolve_scoring(None, data_path=data) == "loglik-norm"
+    assert resolve_scoring(None, mask_scoring="loglik", data_path=data) == "loglik"
+    assert resolve_scoring("loglik", mask_scoring="loglik", data_path=data) == "loglik"
+    assert resolve_scoring("letter", data_path=data) == "letter"
+    assert resolve_scoring("letter", mask_scoring="loglik", force=True) == "letter"
+
+
+@pytest.mark.parametrize(
+    ("requested", "options", "message"),
+    [
+        ("foo", {"mask_scoring": "loglik"}, "--scoring foo: choose one of letter, loglik, loglik-norm"),
+        (
+            "letter",
+            {"mask_scoring": "loglik"},
+            "--scoring letter: the mask was profiled with loglik scoring; pass --force to use it anyway",
+        ),
+        (
+            "letter",
+            {"mask_scoring": "loglik", "force": None},
+            "--scoring letter: the mask was profiled with loglik scoring",
+        ),
+    ],
+)
+def test_scoring_refusals_name_the_problem(requested, options, message):
+    with pytest.raises(CplError) as error:
+        resolve_scoring(requested, **options)
+    assert str(error.value) == message
 
 
 def test_sign_agreement_is_complete_at_the_profiled_weights_and_drops_after_a_step(tiny_model_dir):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpl_masks.data import Question
 from cpl_masks.errors import CplError
 from cpl_masks.models import load_model
-from cpl_masks.scoring import LetterScorer, make_scorer, pad_left, score_questions
-from tests.conftest import make_questions
+from cpl_masks.scoring import LetterScorer, context_length, make_scorer, pad_left, score_questions
+from tests.conftest import make_questions, write_rows
 
 QUESTIONS = make_questions(12, seed=3)
+LONG_ROW = {"id": "long", "question": "the " * 600, "choices": ["paris", "rome"], "answer": "A"}  # > 512 tokens
 
 
 @pytest.mark.parametrize("scoring", ["letter", "loglik", "loglik-norm"])
@@ -55,14 +57,78 @@ def test_letter_prompt_uses_chat_template_and_lists_letters(tiny, tiny_base_mode
     assert batched.losses == pytest.approx(single.losses, abs=1e-5)
 
 
-def test_loglik_prefers_the_choice_with_higher_likelihood(tiny):
+def _choice_logprobs(loaded, question, choice: int) -> torch.Tensor:
+    """Log-probability of each token of a choice after ``Question: ...\nAnswer:``, computed from scratch."""
+    tokenizer = loaded.tokenizer
+    context = [tokenizer.bos_token_id] + tokenizer(f"Question: {question.question}\nAnswer:")["input_ids"]
+    full = [tokenizer.bos_token_id] + tokenizer(f"Question: {question.question}\nAnswer: {question.choices[choice]}")[
+        "input_ids"
+    ]
+    assert full[: len(context)] == context and len(full) > len(context)  # the choice only appends tokens
+    with torch.no_grad():
+        logprobs = torch.log_softmax(loaded.model(torch.tensor([full])).logits[0].float(), -1)  # (T, V)
+    positions = torch.arange(len(context), len(full))  # the choice's tokens, each predicted one position earlier
+    return logprobs[positions - 1, torch.tensor(full[len(context) :])]  # (choice tokens,)
+
+
+@pytest.mark.parametrize("scoring", ["loglik", "loglik-norm"])
+def test_loglik_scores_are_the_choice_tokens_log_probabilities(tiny, scoring):
+    questions = QUESTIONS[:4]
+    table, losses = make_scorer(scoring, tiny.tokenizer).choice_scores(tiny.model, questions)
+    for row, question in enumerate(questions):
+        per_choice = [_choice_logprobs(tiny, question, choice) for choice in range(len(question.choices))]
+        expected = [float(lp.mean() if scoring == "loglik-norm" else lp.sum()) for lp in per_choice]
+        assert table[row, : len(question.choices)].tolist() == pytest.approx(expected, abs=1e-4)
+        assert float(losses[row]) == pytest.approx(-float(per_choice[question.answer].mean()), abs=1e-4)
+        assert int(table[row].argmax()) == max(range(len(expected)), key=expected.__getitem__)
+
+
+def test_context_length_is_the_models_position_limit(tiny):
+    assert context_length(tiny.model) == tiny.model.config.max_position_embeddings == 512
+
+
+@pytest.mark.parametrize("scoring", ["letter", "loglik", "loglik-norm"])
+def test_questions_longer_than_the_context_are_refused_naming_file_and_row(tiny, scoring):
+    scorer = make_scorer(scoring, tiny.tokenizer)
+    scorer.check_fits(tiny.model, QUESTIONS)  # short ones pass
+    fits = Question(id="q", question="the " * 380, choices=("paris", "rome"), answer=0, source="big.jsonl", row=7)
+    too_long = Question(id="q", question="the " * 600, choices=("paris", "rome"), answer=0, source="big.jsonl", row=7)
+    scorer.check_fits(tiny.model, [fits])
+    with pytest.raises(CplError) as caught:
+        scorer.check_fits(tiny.model, [*QUESTIONS, too_long])
+    tokens = scorer.sequence_length(too_long)
+    assert tokens > 600
+    assert str(caught.value) == f"big.jsonl: row 7: question is {tokens} tokens, longer than the model's context (512)"
+
+
+def test_profile_and_training_refuse_an_over_long_question_naming_its_file_and_row(tiny, tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from cpl_masks.cli.app import app
+    from cpl_masks.data import load_questions
+    from cpl_masks.profile import profile
+
+    inject = write_rows(tmp_path / "inject.jsonl", [q.to_record() for q in QUESTIONS[:3]] + ["", LONG_ROW])
+    mastered = write_rows(tmp_path / "mastered.jsonl", [q.to_record() for q in QUESTIONS[3:6]])
+    with pytest.raises(CplError, match=f"^{inject}: row 5: question is \\d+ tokens, longer than the model's context"):
+        profile(tiny, load_questions(mastered), load_questions(inject), show_progress=False)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        ["train", "--data", str(inject), "--mastered", str(mastered), "--out", str(out), "--mode", "full",
+         "--model", str(tiny_model_dir), "--device", "cpu", "--epochs", "1"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"error: {inject}: row 5: question is " in result.output
+    assert "longer than the model's context (512)" in result.output
+
+
+def test_loglik_length_counts_the_longest_choice(tiny):
     scorer = make_scorer("loglik", tiny.tokenizer)
-    question = QUESTIONS[1]
-    total, counts = scorer._token_nll(tiny.model, [scorer._row_ids(question, c) for c in range(len(question.choices))])
-    predicted = scorer.choice_scores(tiny.model, [question])[0].argmax(-1)
-    assert int(predicted[0]) == int(total.argmin())
-    normalized = make_scorer("loglik-norm", tiny.tokenizer).choice_scores(tiny.model, [question])[0].argmax(-1)
-    assert int(normalized[0]) == int((total / counts).argmin())
+    short = Question(id="q", question="what is the capital?", choices=("paris", "rome"), answer=0)
+    long = Question(id="q", question="what is the capital?", choices=("paris", "rome " * 50), answer=0)
+    assert scorer.sequence_length(long) >= scorer.sequence_length(short) + 49
 
 
 def test_pad_left_positions_start_at_zero():

@@ -16,7 +16,7 @@ from cpl_masks.errors import CplError
 from cpl_masks.models import load_model, model_fingerprint
 from cpl_masks.scoring import make_scorer, score_questions
 from cpl_masks.split import split_questions, split_scores, write_split
-from tests.conftest import SHARED_DATA, make_questions
+from tests.conftest import SHARED_DATA, make_questions, write_rows
 
 runner = CliRunner()
 
@@ -51,7 +51,7 @@ def test_split_refuses_a_non_empty_folder_without_overwrite(tiny_model_dir, ques
     (out / "keep.txt").write_text("precious")
     result = run_split("--model", str(tiny_model_dir), "--data", str(question_file), "--out", str(out))
     assert result.exit_code == 2
-    assert "folder is not empty; pass --overwrite" in result.output
+    assert f"error: --out {out}: folder is not empty; pass --overwrite" in result.output
     assert (out / "keep.txt").read_text() == "precious"
     again = run_split("--model", str(tiny_model_dir), "--data", str(question_file), "--out", str(out), "--overwrite")
     assert again.exit_code == 0 and (out / "split.json").exists()
@@ -62,8 +62,41 @@ def test_split_reports_bad_data_in_one_line(tiny_model_dir, tmp_path):
     bad.write_text('{"question": "q?", "choices": ["a", "b"], "answer": "C"}\n')
     result = run_split("--model", str(tiny_model_dir), "--data", str(bad), "--out", str(tmp_path / "o"))
     assert result.exit_code == 2
-    assert "row 1: answer 'C' is not among the 2 choices" in result.output
+    assert f"error: {bad}: row 1: answer 'C' is not among the 2 choices" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+
+
+def test_split_refuses_a_question_longer_than_the_context_before_scoring(tiny_model_dir, tmp_path, monkeypatch):
+    import cpl_masks.split as split_module
+
+    rows = [{"id": "ok", "question": "what is the capital?", "choices": ["paris", "rome"], "answer": "A"}]
+    rows += ["", {"id": "huge", "question": "the " * 2000, "choices": ["paris", "rome"], "answer": "B"}]
+    data = write_rows(tmp_path / "long.jsonl", rows)
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before the length check")
+
+    monkeypatch.setattr(split_module, "score_questions", no_scoring)
+    result = run_split("--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "o"),
+                       "--scoring", "loglik", "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"error: {data}: row 3: question is " in result.output
+    assert "tokens, longer than the model's context (512)" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["split", "sweep"])
+@pytest.mark.parametrize("limit", ["0", "-5"])
+def test_limit_below_one_is_refused_in_one_line(tiny_model_dir, question_file, tmp_path, command, limit):
+    out = tmp_path / "o"
+    result = runner.invoke(
+        app,
+        [command, "--model", str(tiny_model_dir), "--data", str(question_file), "--out", str(out), "--limit", limit],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: --limit {limit}: must be at least 1 (or left out for all questions)"
+    assert not out.exists()
 
 
 def test_holdout_sample_is_seeded(tiny):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,12 +11,13 @@ import torch.nn.functional as F
 
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
-from cpl_masks.methods import MethodContext, epoch_order
+from cpl_masks.methods import MethodContext, epoch_order, make_method
 from cpl_masks.methods.masking import DynamicCPL, FullFineTuning, StaticMask
 from cpl_masks.models import load_model, model_fingerprint
 from cpl_masks.scoring import LetterScorer, make_scorer
+from cpl_masks.split import resolve_scoring
 from cpl_masks.train import MaskedAdamW, TrainConfig, Trainer, TrainingDiverged, optimizer_state_bytes
-from cpl_masks.training_run import RunRequest, resolve_scoring, resume_run, start_run
+from cpl_masks.training_run import RunRequest, resume_run, start_run
 from tests.conftest import make_questions, write_rows
 from tests.helpers import assert_frozen_unchanged, snapshot
 
@@ -90,6 +92,25 @@ def test_masked_adamw_without_mask_is_adamw():
     torch.testing.assert_close(ours.detach(), reference.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_masked_adamw_matches_adamw_on_the_collaborative_entries():
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(6, 5))
+    frozen = torch.rand(6, 5) < 0.4  # bool, True = frozen entry
+    before = ours.detach().clone()
+    reference = torch.nn.Parameter(before[~frozen].clone())  # (n_collaborative,) trained by plain AdamW
+    settings = {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}
+    masked = MaskedAdamW([ours], [frozen], **settings)
+    plain = torch.optim.AdamW([reference], **settings)
+    for _ in range(5):
+        grad = torch.randn(6, 5)
+        ours.grad, reference.grad = grad.clone(), grad[~frozen].clone()
+        masked.step()
+        plain.step()
+    torch.testing.assert_close(ours.detach()[~frozen], reference.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(ours.detach()[frozen], before[frozen])  # not even weight decay
+    assert not torch.equal(ours.detach()[~frozen], before[~frozen])
+
+
 def reference_dynamic(model, scorer: LetterScorer, inject, mastered, *, lr: float, epochs: int, seed: int):
     """θ ← θ − η·1[g_i ⊙ g_M ≥ 0] ⊙ g_i in float64, one example at a time, g_M per epoch; returns weights."""
     model = model.double()
@@ -132,6 +153,31 @@ def test_dynamic_mode_is_the_papers_rule(tiny_model_dir):
         torch.testing.assert_close(parameter.detach().double(), expected[name], rtol=0, atol=2e-6)
 
 
+def test_refresh_every_recomputes_g_m_every_k_steps(tiny_model_dir, monkeypatch):
+    import cpl_masks.methods.reference as reference
+
+    refreshes = []
+    original = reference.mean_gradients
+
+    def counted(*args, **kwargs):
+        refreshes.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "mean_gradients", counted)
+    weights = {}
+    for refresh_every, expected in ((None, 2), (2, 6)):  # 6 steps per epoch: steps 0 (, 2 and 4) refresh
+        refreshes.clear()
+        loaded = fresh(tiny_model_dir)
+        scorer = make_scorer("letter", loaded.tokenizer)
+        method = make_method("dynamic", MethodContext(scorer, MASTERED, batch_size=4), {"refresh_every": refresh_every})
+        trainer = Trainer(loaded.model, scorer, method, TrainConfig(lr=0.05, show_progress=False))
+        for epoch in (1, 2):
+            trainer.train_epoch(INJECT, epoch)
+        assert len(refreshes) == expected, refresh_every
+        weights[refresh_every] = snapshot(loaded.model)
+    assert any(not torch.equal(weights[None][name], weights[2][name]) for name in weights[None])
+
+
 def test_nan_loss_stops_training(tiny_model_dir):
     loaded = fresh(tiny_model_dir)
     config = TrainConfig(lr=1e12, show_progress=False)
@@ -146,23 +192,36 @@ def test_epoch_order_is_a_seeded_permutation():
     assert epoch_order(10, 0, 1) != epoch_order(10, 0, 2)
 
 
-def test_bad_config_is_refused():
-    with pytest.raises(CplError, match="--optimizer adam"):
-        TrainConfig(optimizer="adam").check()
-    with pytest.raises(CplError, match="--lr"):
-        TrainConfig(lr=0).check()
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"optimizer": "adam"}, "--optimizer adam: choose one of sgd, momentum, adamw"),
+        ({"lr": 0}, "--lr 0: must be a positive number"),
+        ({"lr": math.inf}, "--lr inf: must be a positive number"),
+        ({"epochs": 0}, "--epochs 0: must be at least 1"),
+        ({"batch_size": 0}, "--batch-size 0: must be at least 1"),
+        ({"eval_batch_size": 0}, "--eval-batch-size 0: must be at least 1"),
+        ({"momentum": -5}, r"--momentum -5: must be in \[0, 1\)"),
+        ({"momentum": 1.0}, r"--momentum 1.0: must be in \[0, 1\)"),
+        ({"weight_decay": -0.1}, "--weight-decay -0.1: must be a number of at least 0"),
+        ({"weight_decay": math.nan}, "--weight-decay nan: must be a number of at least 0"),
+    ],
+)
+def test_bad_config_is_refused_in_one_line(values, message):
+    with pytest.raises(CplError, match=rf"^{message}$"):
+        TrainConfig(**values).check()
 
 
 def test_scoring_follows_the_mask_and_refuses_a_mismatch(tiny_model_dir, tmp_path):
-    mask = random_mask(fresh(tiny_model_dir).model, scoring="loglik")
+    scoring = random_mask(fresh(tiny_model_dir).model, scoring="loglik").metadata["scoring"]
     inject = str(tmp_path / "inject.jsonl")
-    assert resolve_scoring(None, mask, inject, force=False) == "loglik"
-    assert resolve_scoring(None, None, inject, force=False) == "letter"
+    assert resolve_scoring(None, mask_scoring=scoring, data_path=inject) == "loglik"
+    assert resolve_scoring(None, data_path=inject) == "letter"
     (tmp_path / "split.json").write_text(json.dumps({"scoring": "loglik-norm"}))
-    assert resolve_scoring(None, None, inject, force=False) == "loglik-norm"
+    assert resolve_scoring(None, data_path=inject) == "loglik-norm"
     with pytest.raises(CplError, match="profiled with loglik"):
-        resolve_scoring("letter", mask, inject, force=False)
-    assert resolve_scoring("letter", mask, inject, force=True) == "letter"
+        resolve_scoring("letter", mask_scoring=scoring, data_path=inject)
+    assert resolve_scoring("letter", mask_scoring=scoring, data_path=inject, force=True) == "letter"
 
 
 @pytest.fixture
@@ -173,9 +232,9 @@ def run_files(tmp_path):
     return inject, mastered, heldout
 
 
-def make_request(tiny_model_dir, run_files, out, **options) -> RunRequest:
+def make_request(tiny_model_dir, run_files, out, *, optimizer: str = "momentum", **options) -> RunRequest:
     inject, mastered, heldout = run_files
-    config = TrainConfig(epochs=2, lr=0.05, optimizer="momentum", show_progress=False)
+    config = TrainConfig(epochs=2, lr=0.05, optimizer=optimizer, show_progress=False)
     values = {"mode": "full", **options}
     return RunRequest(
         inject=str(inject),
@@ -196,16 +255,22 @@ def saved_weights(folder) -> dict[str, torch.Tensor]:
     return load_file(folder / "model" / "model.safetensors")
 
 
-def test_resume_ends_with_the_same_weights(tiny_model_dir, run_files, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("mode", "optimizer"), [("full", "momentum"), ("mask", "adamw"), ("dynamic", "sgd")])
+def test_resume_ends_with_the_same_weights(tiny_model_dir, run_files, tmp_path, monkeypatch, mode, optimizer):
     monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
-    whole = start_run(make_request(tiny_model_dir, run_files, tmp_path / "whole"))
+    options = {"optimizer": optimizer, "mode": mode}
+    if mode == "mask":
+        mask = random_mask(fresh(tiny_model_dir).model).save(tmp_path / "mask.safetensors")
+        options = {"optimizer": optimizer, "mode": None, "mask": str(mask)}
+    whole = start_run(make_request(tiny_model_dir, run_files, tmp_path / "whole", **options))
 
     def stop_after_epoch_one(rows):
         if rows[-1]["epoch"] == 1:
             raise KeyboardInterrupt
 
+    broken = make_request(tiny_model_dir, run_files, tmp_path / "broken", **options)
     with pytest.raises(KeyboardInterrupt):
-        start_run(make_request(tiny_model_dir, run_files, tmp_path / "broken"), on_epoch=stop_after_epoch_one)
+        start_run(broken, on_epoch=stop_after_epoch_one)
     assert not (tmp_path / "broken" / "run.json").exists()
     resumed = resume_run(tmp_path / "broken", show_progress=False)
     assert resumed["resumed"] and resumed["metrics"] == whole["metrics"]
@@ -255,7 +320,9 @@ def test_diverged_run_keeps_the_last_good_checkpoint(tiny_model_dir, run_files, 
 
     monkeypatch.setattr(LetterScorer, "loss", loss_that_explodes_in_epoch_two)
     out = tmp_path / "run"
-    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 1: the loss is nan.*checkpoint \(epoch 1\)"):
+    kept = rf"the last good checkpoint \(epoch 1\) is in {out}/checkpoint"
+    advice = rf"try a smaller --lr: cpl-masks train --resume {out} --lr SMALLER"
+    with pytest.raises(TrainingDiverged, match=rf"^epoch 2, step 1: the loss is nan .*; stopped, {kept}; {advice}$"):
         start_run(make_request(tiny_model_dir, run_files, out))
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["epoch"] == 1 and not (out / "run.json").exists()

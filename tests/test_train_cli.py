@@ -48,20 +48,53 @@ def test_train_full_and_mask_then_compare(tiny_model_dir, files, tmp_path):
     assert (tmp_path / "c.png").is_file()
 
 
-def test_resume_from_the_cli(tiny_model_dir, files, tmp_path):
+def stopped_run(model_dir, files, out, epoch: int) -> None:
+    """A run (2 epochs, lr 0.05) interrupted once ``epoch`` is published (0: before any checkpoint)."""
     from cpl_masks.training_run import start_run
     from tests.test_train import make_request
 
     def stop(rows):
-        if rows[-1]["epoch"] == 1:
+        if rows[-1]["epoch"] == epoch:
             raise KeyboardInterrupt
 
     inject, mastered = files
     with pytest.raises(KeyboardInterrupt):
-        start_run(make_request(tiny_model_dir, (inject, mastered, mastered), tmp_path / "run"), on_epoch=stop)
-    result = invoke(["train", "--resume", str(tmp_path / "run")])
+        start_run(make_request(model_dir, (inject, mastered, mastered), out), on_epoch=stop)
+
+
+def test_resume_from_the_cli(tiny_model_dir, files, tmp_path):
+    stopped_run(tiny_model_dir, files, tmp_path / "run", epoch=1)
+    result = invoke(["train", "--resume", str(tmp_path / "run"), "--lr", "0.02", "--epochs", "3"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["resumed"] is True
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["resumed"] is True and [row["epoch"] for row in run["metrics"]] == [0, 1, 2, 3]
+    assert run["resume_changes"] == [{"at_epoch": 1, "lr": [0.05, 0.02], "epochs": [2, 3]}]
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag"),
+    [
+        (("--optimizer", "adamw"), "--optimizer"),
+        (("-d", "other.jsonl"), "--data"),
+        (("--distributed", "fsdp2"), "--distributed"),
+        (("--force",), "--force"),
+        (("--lr", "0.01", "--seed", "0"), "--seed"),  # given, even when equal to the default
+    ],
+)
+def test_resume_refuses_options_that_cannot_change(tiny_model_dir, files, tmp_path, extra, flag):
+    stopped_run(tiny_model_dir, files, tmp_path / "run", epoch=1)
+    result = invoke(["train", "--resume", str(tmp_path / "run"), *extra])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {flag} cannot change on --resume; only --lr and --epochs can"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["resume_changes"] == []
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_from_the_cli(tiny_model_dir, files, tmp_path):
+    stopped_run(tiny_model_dir, files, tmp_path / "run", epoch=0)
+    again = invoke(train_args(tiny_model_dir, files, tmp_path / "run", "--mode", "full"))
+    assert again.exit_code == 0, again.output
+    assert f"{tmp_path / 'run'}: a run that stopped before its first checkpoint; starting it again" in again.output
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["args"]["config"]["epochs"] == 1
 
 
 @pytest.mark.parametrize(
@@ -73,6 +106,8 @@ def test_resume_from_the_cli(tiny_model_dir, files, tmp_path):
         (("--mode", "sideways"), "--mode sideways"),
         (("--mode", "full", "--optimizer", "adam"), "--optimizer adam"),
         (("--mode", "full", "--epochs", "0"), "--epochs 0"),
+        (("--mode", "full", "--optimizer", "momentum", "--momentum", "-5"), "--momentum -5.0: must be in [0, 1)"),
+        (("--mode", "full", "--weight-decay", "nan"), "--weight-decay nan: must be a number of at least 0"),
         (("--mask", "nowhere.safetensors"), "nowhere.safetensors"),
     ],
 )
@@ -80,9 +115,10 @@ def test_bad_options_are_refused(tiny_model_dir, files, tmp_path, extra, message
     result = invoke(train_args(tiny_model_dir, files, tmp_path / "out", *extra))
     assert result.exit_code == 2
     assert message in result.output
+    assert not (tmp_path / "out").exists()
 
 
-def test_data_and_folder_errors(tiny_model_dir, files, tmp_path):
+def test_data_and_folder_errors(tiny_model_dir, tiny_base_model_dir, files, tmp_path):
     inject, mastered = files
     missing = invoke(["train", "--data", str(inject), "--mode", "full"])
     assert missing.exit_code == 2 and "--mastered, --out required" in missing.output
@@ -97,5 +133,10 @@ def test_data_and_folder_errors(tiny_model_dir, files, tmp_path):
     mask = random_mask(fresh(tiny_model_dir).model).save(tmp_path / "mask.safetensors")
     mismatch = invoke(train_args(tiny_model_dir, files, tmp_path / "b", "--mask", str(mask), "--scoring", "loglik"))
     assert mismatch.exit_code == 2 and "--force" in mismatch.output
+    other_weights = random_mask(fresh(tiny_model_dir).model).save(tmp_path / "other.safetensors")
+    base = ["--model", str(tiny_base_model_dir), "--mask", str(other_weights)]
+    refused = invoke([*train_args(tiny_model_dir, files, tmp_path / "c"), *base])
+    assert refused.exit_code == 2 and "profiled on other weights" in refused.output
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # refused runs leave no folder
     not_a_run = invoke(["compare", str(tmp_path)])
     assert not_a_run.exit_code == 2 and "run.json" in not_a_run.output

@@ -10,6 +10,7 @@ the base model before restoring its weights) anchors to the same ``θ₀`` and `
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +30,8 @@ class EwcOptions:
     ewc_lambda: float = 1e4
 
     def __post_init__(self) -> None:
-        if not self.ewc_lambda > 0:
-            raise CplError(f"--ewc-lambda {self.ewc_lambda}: must be positive")
+        if not (self.ewc_lambda > 0 and math.isfinite(self.ewc_lambda)):
+            raise CplError(f"--ewc-lambda {self.ewc_lambda}: must be a positive number")
 
 
 def diagonal_fisher(model: torch.nn.Module, scorer: Scorer, questions: Sequence[Question]) -> dict[str, torch.Tensor]:
