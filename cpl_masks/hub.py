@@ -62,7 +62,8 @@ def push(
     check_repo_id(repo_id)
     path = registry.resolve(ref)
     mask = Mask.load(path, scores=False)
-    name = registry.register(path)
+    known = registry.names(mask.id)
+    name = known[0] if known else registry.register(path)  # a push never adds a name to a registered mask
     api = hub_api(require_token=True)
     from huggingface_hub import CommitOperationAdd
 

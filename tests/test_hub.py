@@ -161,3 +161,14 @@ def test_pull_registers_into_the_registry_it_is_given(server, mask_ref, tmp_path
     given = Registry(tmp_path / "given")
     pulled = hub.pull(REPO, registry=given)
     assert given.show(pulled.ref)["repo_id"] == REPO and Registry().list_masks() == []
+
+
+def test_pushing_a_mask_registered_under_another_name_adds_no_name(server, tmp_path):
+    bits = {"model.layers.0.mlp.up_proj.weight": torch.arange(32).reshape(8, 4) % 3 == 0}
+    metadata = {"model": {"ref": "smollm2-135m-instruct", "fingerprint": "f" * 64}, "task": "arc"}
+    mask = Mask.from_bool(bits, metadata)
+    registry = Registry()
+    renamed = registry.register(mask, task="renamed")
+    pushed = hub.push(renamed, REPO, registry=registry)
+    assert pushed.ref == renamed == "smollm2-135m-instruct/renamed@v1"
+    assert registry.names(mask.id) == [renamed]  # no "arc" alias appeared
