@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,13 @@ def test_check_output_file_accepts_a_new_file_in_a_folder_still_to_create(tmp_pa
     assert check_output_file(target, overwrite=False, inputs=[tmp_path / "missing.jsonl", None]) == target
     with pytest.raises(CplError, match="is a folder"):
         check_output_file(tmp_path, overwrite=True)
+
+
+def test_check_output_file_refuses_a_folder_it_cannot_write_in(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    real_access = os.access  # root may write anywhere, so the folder also reads as unwritable to the check
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    target = locked / "new" / "mask.safetensors"
+    with pytest.raises(CplError, match=rf"^--out {target}: cannot write in {locked} \(permission denied\)$"):
+        check_output_file(target, overwrite=False)
