@@ -116,7 +116,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP TABLE masks",
         "ALTER TABLE masks_new RENAME TO masks",
     ),
-    (  # version 3: re-cuts get their own source, runs outlive their mask, versions are never reused, aliases
+    (  # version 3: re-cuts get their own source, runs outlive their mask, versions are never reused
         _masks_table("masks_new", SOURCES),
         "INSERT INTO masks_new SELECT * FROM masks",
         "DROP TABLE masks",
@@ -130,7 +130,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX runs_mask ON runs (mask_id)",
         "CREATE TABLE name_versions (name TEXT PRIMARY KEY, last_version INTEGER NOT NULL)",
         "INSERT INTO name_versions SELECT name, MAX(version) FROM masks GROUP BY name",
-        # the same bits registered under another task name get that name too, as an alias
+    ),
+    (  # version 4: the same bits registered under another task name get that name too, as an alias
         """CREATE TABLE aliases (
             name TEXT NOT NULL,
             version INTEGER NOT NULL CHECK (version >= 1),

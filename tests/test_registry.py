@@ -328,6 +328,9 @@ def fill_old_registry(registry: Registry, version: int, parent: Path, child: Pat
             "INSERT INTO runs (mask_id, task, learned, payload) VALUES (?, 'arc', 4, ?)",
             (parent_id, json.dumps(run_payload("arc", 4))),
         )
+        if version >= 3:  # what registering wrote from version 3 on
+            connection.execute("UPDATE runs SET mask_ref = 'tiny-model/arc@v1'")
+            connection.execute("INSERT INTO name_versions SELECT name, MAX(version) FROM masks GROUP BY name")
 
 
 def masks_table_sql(registry: Registry) -> str:
@@ -335,7 +338,7 @@ def masks_table_sql(registry: Registry) -> str:
         return connection.execute("SELECT sql FROM sqlite_master WHERE name = 'masks'").fetchone()[0]
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_an_older_database_migrates_keeping_masks_parents_and_runs(tmp_path, registry, version):
     parent = make_mask(tmp_path, 1)
     child = make_mask(tmp_path, 2, parents=[Mask.load(parent).id])
@@ -351,6 +354,7 @@ def test_an_older_database_migrates_keeping_masks_parents_and_runs(tmp_path, reg
     [run] = registry.runs()  # the old run outlived its mask, with the name@vN the migration gave it
     assert (run["mask_ref"], run["removed"], run["learned"]) == ("tiny-model/arc@v1", True, 4)
     assert registry.register(make_mask(tmp_path, 3)) == "tiny-model/arc@v2"  # v1 is never issued again
+    assert registry.register(child, task="csqa") == "tiny-model/csqa@v1"  # aliases work after the migration
 
 
 def test_an_empty_database_file_is_an_error_and_gc_deletes_nothing(tmp_path, registry):
