@@ -77,6 +77,7 @@ def show(ref: RefArgument, as_json: JsonOption = False) -> None:
         f"used in {len(details['runs'])} training runs",
         ["task", "mode", "learned", "forgotten", "held-out forgotten", "output", "recorded"],
         [(run["task"] or "-", *run_cells(run)) for run in details["runs"]],
+        whole=("task", "output", "recorded"),
     )
     if details["transfers"]:
         print_table(

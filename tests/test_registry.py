@@ -108,12 +108,14 @@ def test_runs_on_other_tasks_show_up_with_their_results(tmp_path, registry):
     registry.register(path)
     registry.record_run(registry.resolve("tiny-model/arc"), run_payload("arc", 9))
     registry.record_run(path, run_payload("csqa", 7))
-    registry.record_run(path, {"out_dir": "runs/bare"})  # tolerant of missing keys
+    long_out = "runs/" + "a-rather-long-folder-name/" * 3 + "bare"
+    registry.record_run(path, {"out_dir": long_out})  # tolerant of missing keys
     runs = registry.show("tiny-model/arc@v1")["runs"]
     assert [(run["task"], run["learned"]) for run in runs] == [("arc", 9), ("csqa", 7), ("default", None)]
     result = cli("registry", "show", "tiny-model/arc@v1")
     assert result.exit_code == 0, result.output
     assert "used in 3 training runs" in result.output and "csqa" in result.output and "7/10" in result.output
+    assert long_out in result.output  # an output folder is never cut short, even in 80 columns
     assert registry.list_masks()[0]["runs"] == 3
 
 
