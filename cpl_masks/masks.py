@@ -231,8 +231,14 @@ class Mask:
 
         return apply_mask(self, target, optimizer, allow_other_weights=allow_other_weights)
 
-    def check_model(self, model: torch.nn.Module, *, allow_other_weights: bool = False) -> None:
-        """Refuse a model whose parameter names or shapes differ, or (unless allowed) whose weights differ."""
+    def check_model(
+        self, model: torch.nn.Module, *, allow_other_weights: bool = False, fingerprint: str | None = None
+    ) -> None:
+        """Refuse a model whose parameter names or shapes differ, or (unless allowed) whose weights differ.
+
+        ``fingerprint`` is the model's :func:`~cpl_masks.models.model_fingerprint` when the caller has
+        it already, so the weights are not hashed twice.
+        """
         actual = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
         problems = [f"{name} missing from the model" for name in self.shapes if name not in actual]
         problems += [f"{name} not in the mask" for name in actual if name not in self.shapes]
@@ -245,15 +251,15 @@ class Mask:
             shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
             raise CplError(f"mask {self.id[:12]} does not fit this model: {shown}")
         if not allow_other_weights:
-            self._check_weights(model)
+            self._check_weights(model, fingerprint)
 
-    def _check_weights(self, model: torch.nn.Module) -> None:
+    def _check_weights(self, model: torch.nn.Module, fingerprint: str | None) -> None:
         """Refuse other weights: the exact fingerprint, or the bfloat16 one (same checkpoint, other dtype)."""
         from cpl_masks.models import model_fingerprint
 
         recorded = self.metadata.get("model") or {}
         expected = recorded.get("fingerprint")
-        if expected is None or model_fingerprint(model) == expected:
+        if expected is None or (fingerprint or model_fingerprint(model)) == expected:
             return
         rounded = recorded.get("fingerprint_bf16")
         if rounded is not None and model_fingerprint(model, rounded_to=torch.bfloat16) == rounded:

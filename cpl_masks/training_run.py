@@ -497,9 +497,9 @@ def _open(request: RunRequest, data: RunData, mask_path: str | None, *, fingerpr
     loaded = distributed.main_first(  # rank 0 fills the model cache, then the others read it
         lambda: load_model(request.model, dtype=request.dtype, device=request.device, threads=request.threads)
     )
-    if mask is not None:
-        mask.check_model(loaded.model, allow_other_weights=request.allow_other_weights)
     found = model_fingerprint(loaded.model)
+    if mask is not None:
+        mask.check_model(loaded.model, allow_other_weights=request.allow_other_weights, fingerprint=found)
     if fingerprint is not None and found != fingerprint:
         raise CplError(
             f"--resume: model {request.model} has other weights than when the run started "
