@@ -582,6 +582,7 @@ def _payload(session: _Session, out: Path, baseline: Baseline, rows: list[dict[s
     """The ``run.json`` record of a finished run: what it trained, on what, and every epoch's metrics."""
     request, mask, trainer = session.request, session.mask, session.trainer
     mode = request.resolved_mode()
+    data = _data_summary(request, session.data)
     return {
         "out_dir": str(out.resolve()),
         "model_dir": str((out / MODEL_DIR).resolve()) if request.keep_weights else None,
@@ -597,13 +598,13 @@ def _payload(session: _Session, out: Path, baseline: Baseline, rows: list[dict[s
         "task": run_task(
             request.task,
             request.inject,
-            inject_sha256=questions_sha256(session.data.inject),
+            inject_sha256=data["inject"]["sha256"],
             mask=mask.metadata if mask is not None else None,
         ),
         "model": {"ref": request.model, "fingerprint": session.fingerprint},
         "scoring": session.scoring,
         "baseline_source": baseline.source,
-        "data": _data_summary(request, session.data),
+        "data": data,
         "args": request.to_dict(),
         "versions": package_versions(),
         "metrics": rows,
