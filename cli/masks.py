@@ -21,7 +21,7 @@ from cpl_masks.cli.common import (
     reports_errors,
     stdout,
 )
-from cpl_masks.controls import CONTROLS, gradient_magnitude_mask, random_mask
+from cpl_masks.controls import CONTROLS, control_mask
 from cpl_masks.data import load_questions
 from cpl_masks.errors import CplError
 from cpl_masks.files import check_output_file
@@ -214,20 +214,16 @@ def make_control(
     scoring = resolve_scoring(
         request.scoring, mask_scoring=like.metadata.get("scoring"), data_path=request.inject, force=None
     )  # a control scores answers as the mask it mirrors
-    if request.rule == "random":
-        mask = random_mask(like, seed=request.seed, task=request.task)
-    else:
-        questions = load_questions(request.inject)
-        loaded = load_model(model, dtype=dtype, device=device, threads=threads)
-        mask = gradient_magnitude_mask(
-            loaded,
-            questions,
-            like,
-            scoring=scoring,
-            batch_size=request.batch_size,
-            task=request.task,
-            data_paths={"inject": str(request.inject)},
-        )
+    mask = control_mask(
+        request.rule,
+        like,
+        seed=request.seed,
+        task=request.task,
+        model=lambda: load_model(model, dtype=dtype, device=device, threads=threads),
+        inject_path=request.inject,
+        scoring=scoring,
+        batch_size=request.batch_size,
+    )
     print_summary(mask)
     stdout.print(
         f"{request.rule} control of mask {like.id[:12]}: {mask.collaborative_share():.1%} collaborative, "
@@ -357,16 +353,14 @@ def print_provenance(mask: Mask) -> None:
     """Print where a mask came from: model, data, scoring, rule, parents."""
     meta = mask.metadata
     data = meta.get("data") or {}
+    model = meta.get("model") or {}
     rows: list[tuple[str, Any]] = [
         ("id", mask.id),
-        (
-            "model",
-            f"{meta.get('model', {}).get('ref')} ({str(meta.get('model', {}).get('fingerprint'))[:12]})",
-        ),
+        ("model", f"{model.get('ref')} ({str(model.get('fingerprint'))[:12]})"),
         ("scoring", meta.get("scoring")),
         ("rule", json.dumps(meta.get("rule"))),
         *(
-            (f"{key} data", f"{value.get('rows')} rows, sha256 {value.get('sha256', '')[:12]}")
+            (f"{key} data", f"{value.get('rows')} rows, sha256 {(value.get('sha256') or '')[:12]}")
             for key, value in data.items()
         ),
         ("parents", ", ".join(parent[:12] for parent in meta.get("parents") or []) or "-"),
