@@ -17,13 +17,14 @@ parent is the mask they mirror.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cpl_masks.data import Question
+from cpl_masks.data import Question, load_questions
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
 from cpl_masks.models import LoadedModel, model_fingerprint
@@ -41,6 +42,50 @@ from cpl_masks.scoring import make_scorer
 from cpl_masks.versions import stamp
 
 CONTROLS = ("random", "gradient-magnitude")
+
+
+def control_mask(
+    rule: str,
+    like: Mask,
+    *,
+    seed: int = 0,
+    task: str | None = None,
+    model: Callable[[], LoadedModel] | None = None,
+    inject_path: str | Path | None = None,
+    scoring: str | None = None,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> Mask:
+    """The control mask ``rule`` makes of ``like``: the one builder the CLI and the sweep share.
+
+    Args:
+        rule: one of :data:`CONTROLS`.
+        like: the mask whose per-tensor collaborative counts the control copies.
+        seed: seeds the random control's positions.
+        task: the task recorded in the control; by default ``like``'s task plus ``-<rule>``, so a
+            control never takes the name of the mask it mirrors.
+        model: loads the model ``like`` was profiled on (called only for gradient-magnitude).
+        inject_path: the injection questions whose gradient ranks entries (gradient-magnitude).
+        scoring: the answer loss (gradient-magnitude); defaults to ``like``'s.
+        batch_size: questions per forward/backward pass (gradient-magnitude).
+        show_progress: show a progress bar over the injection set.
+    """
+    if rule == "random":
+        return random_mask(like, seed=seed, task=task)
+    if rule != "gradient-magnitude":
+        raise CplError(f"--rule {rule}: choose one of {', '.join(CONTROLS)}")
+    if model is None or inject_path is None:
+        raise CplError("the gradient-magnitude control needs the model and --inject")
+    return gradient_magnitude_mask(
+        model(),
+        load_questions(inject_path),
+        like,
+        scoring=scoring or like.metadata.get("scoring") or "letter",
+        batch_size=batch_size,
+        show_progress=show_progress,
+        task=task,
+        data_paths={"inject": str(inject_path)},
+    )
 
 
 def random_mask(like: Mask, *, seed: int = 0, task: str | None = None) -> Mask:

@@ -28,16 +28,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpl_masks.controls import gradient_magnitude_mask, random_mask
+from cpl_masks.controls import CONTROLS, control_mask
 from cpl_masks.data import BUILTIN_DEMO, load_questions
 from cpl_masks.demo_data import retain_text
 from cpl_masks.errors import CplError
 from cpl_masks.files import atomic_write, write_json
 from cpl_masks.masks import Mask
 from cpl_masks.methods import METHODS, method_options
-from cpl_masks.models import load_model
+from cpl_masks.models import LoadedModel, load_model
 from cpl_masks.profile import profile
 from cpl_masks.registry import Registry
+from cpl_masks.registry.names import task_name
 from cpl_masks.split import HELDOUT, INJECT, MASTERED, SUMMARY, split_questions, write_split
 from cpl_masks.train import OPTIMIZERS, TrainConfig, TrainingDiverged
 from cpl_masks.training_run import CHECKPOINT, RUN, RunRequest, read_run, resume_run, start_run
@@ -202,7 +203,7 @@ def _split(config: SweepConfig, folder: Path, report: Report, show_progress: boo
         return folder
     report(f"splitting {config.data} with {config.model} ({config.scoring} scoring)")
     questions = load_questions(config.data, limit=config.limit)
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device, threads=config.threads)
+    loaded = _load(config)
     split = split_questions(
         loaded,
         questions,
@@ -232,26 +233,26 @@ def _masks(config: SweepConfig, split_dir: Path, folder: Path, report: Report, s
     if "mask" in wanted:
         paths["mask"] = cpl
     like = Mask.load(cpl, scores=False)
-    if "random" in wanted:
-        for seed in config.seeds:
-            path = paths[f"random-s{seed}"] = folder / f"random-s{seed}.safetensors"
+    for rule in CONTROLS:
+        for seed in config.seeds if rule in wanted else ():
+            path = paths[_control_key(rule, seed)] = folder / f"{_control_key(rule, seed)}.safetensors"
             if not path.is_file():
-                random_mask(like, seed=seed, task=f"{_task(config)}-random").save(path)
-    if "gradient-magnitude" in wanted:
-        path = paths["gradient-magnitude"] = folder / "gradient-magnitude.safetensors"
-        if not path.is_file():
-            report("making the gradient-magnitude control mask")
-            loaded = load_model(config.model, dtype=config.dtype, device=config.device, threads=config.threads)
-            inject = load_questions(split_dir / INJECT)
-            control = gradient_magnitude_mask(
-                loaded, inject, like, scoring=config.scoring, show_progress=show_progress, task=_task(config)
-            )
-            control.save(path)
+                report(f"making the {rule} control mask")
+                control_mask(
+                    rule,
+                    like,
+                    seed=seed,
+                    model=lambda: _load(config),
+                    inject_path=split_dir / INJECT,
+                    scoring=config.scoring,
+                    batch_size=config.eval_batch_size,
+                    show_progress=show_progress,
+                ).save(path)  # the control's task is the CPL mask's task + "-<rule>", never the task itself
     return paths
 
 
 def _profile(config: SweepConfig, split_dir: Path, show_progress: bool) -> Mask:
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device, threads=config.threads)
+    loaded = _load(config)
     return profile(
         loaded,
         load_questions(split_dir / MASTERED),
@@ -264,9 +265,13 @@ def _profile(config: SweepConfig, split_dir: Path, show_progress: bool) -> Mask:
     )
 
 
+def _load(config: SweepConfig) -> LoadedModel:
+    return load_model(config.model, dtype=config.dtype, device=config.device, threads=config.threads)
+
+
 def _task(config: SweepConfig) -> str:
     """The task name masks and runs are recorded under: the data's name."""
-    return "demo" if config.data == BUILTIN_DEMO else Path(config.data).stem
+    return task_name(None, config.data)
 
 
 def _retain_text(config: SweepConfig, out: Path) -> str | None:
@@ -361,9 +366,12 @@ def _method_label(method: str) -> str:
 
 
 def _mask_for(spec: RunSpec, masks: dict[str, Path]) -> Path | None:
-    if spec.method == "random":
-        return masks[f"random-s{spec.seed}"]
-    return masks.get(spec.method)
+    return masks.get(_control_key(spec.method, spec.seed) if spec.method in CONTROLS else spec.method)
+
+
+def _control_key(rule: str, seed: int) -> str:
+    """A control mask's key and file stem: the random control is drawn per seed, the others once."""
+    return f"{rule}-s{seed}" if rule == "random" else rule
 
 
 def _option_names(mode: str) -> set[str]:

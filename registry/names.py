@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from cpl_masks.data import BUILTIN_DEMO
 from cpl_masks.errors import CplError
 
 _TASK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -35,12 +36,14 @@ def task_name(explicit: str | None, inject_path: str | None) -> str:
     ``explicit`` (``--name``, ``--task``, or a mask's recorded ``task``) wins. Otherwise the
     injection file's stem names it, or its folder when the stem is generic (``runs/arc/inject.jsonl``
     is ``arc``), with characters a task name cannot hold replaced by ``-`` (``arc_train.jsonl`` is
-    ``arc_train``); ``default`` when nothing fits.
+    ``arc_train``); the built-in demo set is ``demo``; ``default`` when nothing fits.
     """
     if explicit:
         return explicit
     if not inject_path:
         return "default"
+    if str(inject_path) == BUILTIN_DEMO:
+        return "demo"
     path = Path(str(inject_path).rstrip("/"))
     for candidate in (path.stem, path.parent.name):
         cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", candidate).lstrip("._-")

@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 from cpl_masks.cli.app import app
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
+from cpl_masks.registry import Registry
+from cpl_masks.registry.names import mask_name
 from cpl_masks.sweep import (
     DEFAULT_METHODS,
     SweepConfig,
@@ -214,3 +216,18 @@ def test_control_masks_in_a_sweep_keep_the_cpl_share_per_tensor(tiny_model_dir, 
     assert randoms[0].id != randoms[1].id
     for name in cpl.names:
         assert all(mask.collaborative_count(name) == cpl.collaborative_count(name) for mask in randoms)
+
+
+def test_control_masks_never_take_the_cpl_masks_name(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "sweep"
+    methods = ["mask", "random", "gradient-magnitude"]
+    run_sweep(config_for(tiny_model_dir, data_file, out, methods=methods, lr_grid=[1e-3]), show_progress=False)
+    cpl = Mask.load(out / "masks" / "cpl.safetensors", scores=False)
+    cpl_name = mask_name(cpl.metadata, None)
+    assert cpl_name.endswith("/quiz")
+    registry = Registry()
+    for control in ("random-s0", "gradient-magnitude"):
+        mask = Mask.load(out / "masks" / f"{control}.safetensors", scores=False)
+        assert mask_name(mask.metadata, None) == f"{cpl_name}-{control.removesuffix('-s0')}"
+        assert registry.resolve(mask.id) is not None  # its run registered it
+    assert Mask.load(registry.resolve(cpl_name), scores=False).id == cpl.id  # `train --mask <model>/<task>` gets CPL's
