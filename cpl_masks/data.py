@@ -34,6 +34,7 @@ MIN_CHOICES, MAX_CHOICES = 2, len(LETTERS)
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 BUILTIN_DEMO = "builtin:demo"  # the generated demo set (cpl_masks.demo_data)
 MAX_TEXT_CHARS = 100_000  # far beyond any model's context; refuses runaway fields before tokenizing
+_INDEX = re.compile(r"^-?[0-9]+$")
 _OPTION_LINE = re.compile(r"^\s*([A-Z])\s*[:.)]\s+(.*\S)\s*$")
 
 
@@ -127,14 +128,14 @@ def load_questions(
     return questions
 
 
-def check_limit(limit: int | None) -> None:
+def check_limit(limit: int | None, option: str = "--limit") -> None:
     """Refuse a ``--limit`` below 1, which would silently drop questions (a negative slice) or all of them.
 
     Raises:
-        CplError: naming ``--limit`` and its value.
+        CplError: naming ``option`` and its value.
     """
     if limit is not None and limit < 1:
-        raise CplError(f"--limit {limit}: must be at least 1 (or left out for all questions)")
+        raise CplError(f"{option} {limit}: must be at least 1 (or left out for all questions)")
 
 
 def _read_rows(source: str | os.PathLike, split: str | None) -> tuple[list[tuple[int, dict]], str]:
@@ -157,30 +158,24 @@ def _numbered(rows: list[dict], numbers: Sequence[int] | None = None) -> list[tu
 
 
 def _read_file(path: Path) -> list[tuple[int, dict]]:
+    """A local file's rows: JSON and JSONL parsed here (every row checked), CSV and Parquet by ``datasets``."""
     suffix = path.suffix.lower()
     if suffix not in FILE_FORMATS:
         known = ", ".join(sorted(FILE_FORMATS))
         raise CplError(f"{path}: unknown file type {suffix or '(none)'}; use one of {known}")
     if path.stat().st_size == 0:
         raise CplError(f"{path}: no questions (the file is empty)")
-    line_numbers = _check_text(path, suffix) if suffix in (".jsonl", ".json", ".csv") else None
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        dataset = datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train")
-    except Exception as error:  # datasets wraps parser errors in many types
-        raise CplError(f"{path}: cannot be read as {suffix[1:]}: {_first_line(error)}") from error
-    return _numbered(dataset.to_list(), line_numbers)
+    if suffix in (".jsonl", ".json", ".csv"):
+        raw_lines = _utf8_lines(path)
+        if suffix == ".jsonl":
+            return _read_jsonl(path, raw_lines)
+        if suffix == ".json":
+            return _numbered(_read_json_document(path))
+    return _numbered(_read_with_datasets(path, suffix))
 
 
-def _check_text(path: Path, suffix: str) -> list[int] | None:
-    """Find non-UTF-8 bytes and malformed JSON rows before ``datasets`` reports them vaguely.
-
-    Returns:
-        For a JSONL file, the line number of each row (``datasets`` skips blank lines, so row
-        numbers must come from here to name the right line); None for other formats.
-    """
+def _utf8_lines(path: Path) -> list[bytes]:
+    """The file's lines, after finding non-UTF-8 bytes (``datasets`` would report them vaguely)."""
     with open(path, "rb") as handle:
         raw_lines = handle.read().splitlines()
     for number, raw in enumerate(raw_lines, start=1):
@@ -188,31 +183,86 @@ def _check_text(path: Path, suffix: str) -> list[int] | None:
             raw.decode("utf-8")
         except UnicodeDecodeError as error:
             raise CplError(f"{path}: row {number}: not valid UTF-8 (byte {error.start + 1})") from error
-    if suffix != ".jsonl":
-        if suffix == ".json":
-            _check_json_document(path)
-        return None
-    if not any(raw.strip() for raw in raw_lines):
-        raise CplError(f"{path}: no questions (the file has only blank lines)")
+    return raw_lines
+
+
+def _read_jsonl(path: Path, raw_lines: list[bytes]) -> list[tuple[int, dict]]:
+    """Each non-blank line as a JSON object, numbered by its line (blank lines count, as editors show)."""
+    rows = []
     for number, raw in enumerate(raw_lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise CplError(f"{path}: row {number}: invalid JSON ({error.msg} at column {error.colno})") from error
-        if not isinstance(row, dict):
-            raise CplError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
-    return [number for number, raw in enumerate(raw_lines, start=1) if raw.strip()]
+        if raw.strip():
+            rows.append((number, _json_object(raw, f"{path}: row {number}")))
+    if not rows:
+        raise CplError(f"{path}: no questions (the file has only blank lines)")
+    return rows
 
 
-def _check_json_document(path: Path) -> None:
+def _json_object(text: str | bytes, where: str) -> dict:
+    """One JSON object of a question file: valid JSON, not nested absurdly deep, valid Unicode throughout."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CplError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from error
+    except RecursionError as error:
+        raise CplError(f"{where}: JSON nested too deeply") from error
+    if not isinstance(row, dict):
+        raise CplError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    _check_unicode(row, where)
+    return row
+
+
+def _check_unicode(row: dict, where: str) -> None:
+    """Refuse a string holding a lone surrogate (JSON lets ``\\ud800`` through; no text can contain it)."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = ord(error.object[error.start])
+        raise CplError(f"{where}: a string holds a lone surrogate (\\u{bad:04x}), which is not valid Unicode") from None
+    except (RecursionError, ValueError) as error:
+        raise CplError(f"{where}: JSON nested too deeply") from error
+
+
+def _read_json_document(path: Path) -> list[dict]:
+    """A ``.json`` file: a list of question objects, or an object of equal-length columns."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise CplError(f"{path}: invalid JSON ({error.msg} at line {error.lineno})") from error
-    if isinstance(document, list) and not document:
+    except RecursionError as error:
+        raise CplError(f"{path}: JSON nested too deeply") from error
+    if isinstance(document, dict) and document and all(isinstance(column, list) for column in document.values()):
+        lengths = {len(column) for column in document.values()}
+        if len(lengths) != 1:
+            raise CplError(f"{path}: the columns of the JSON object differ in length ({sorted(lengths)})")
+        document = [dict(zip(document, values)) for values in zip(*document.values())]
+    if not isinstance(document, list):
+        raise CplError(f"{path}: expected a list of question objects (or an object of columns)")
+    if not document:
         raise CplError(f"{path}: no questions (the file is empty)")
+    for number, row in enumerate(document, start=1):
+        if not isinstance(row, dict):
+            raise CplError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
+        _check_unicode(row, f"{path}: row {number}")
+    return document
+
+
+def _read_with_datasets(path: Path, suffix: str) -> list[dict]:
+    """A CSV or Parquet file's rows through ``datasets``, with a cache that lives only for this read.
+
+    ``datasets`` keys its cache of a local file by path and modification time, so a file rewritten
+    with the same size and an old mtime would give the old rows; a fresh cache cannot be stale.
+    """
+    import tempfile
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory(prefix="cpl-masks-datasets-") as cache:
+        try:
+            dataset = datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train", cache_dir=cache)
+            return dataset.to_list()
+        except Exception as error:  # datasets wraps parser errors in many types
+            raise CplError(f"{path}: cannot be read as {suffix[1:]}: {_first_line(error)}") from error
 
 
 def _read_saved_dataset(path: Path, split: str | None) -> list[dict]:
@@ -301,7 +351,7 @@ def _parse_choices(raw: Any, where: str, fields: FieldNames) -> tuple[str, ...]:
     if isinstance(raw, str):  # CSV cells hold the list as JSON text
         try:
             raw = json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise CplError(f"{where}: field '{fields.choices}' is not a list (nor a JSON list)") from None
     if isinstance(raw, dict) and "text" in raw:  # the hub's {"label": [...], "text": [...]} shape
         raw = raw["text"]
@@ -331,7 +381,7 @@ def _parse_answer(answer: Any, choices: tuple[str, ...], where: str, field: str)
         key = answer.strip()
         if len(key) == 1 and key.upper() in LETTERS:
             index = LETTERS.index(key.upper())
-        elif key.lstrip("-").isdigit():
+        elif _INDEX.match(key):
             index = int(key)
         elif key in choices:
             index = choices.index(key)
