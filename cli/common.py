@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Collection, Sequence
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.segment import Segments
 from rich.table import Table
@@ -18,6 +20,9 @@ from cpl_masks.errors import CplError
 stdout = Console()
 stderr = Console(stderr=True)
 Command = TypeVar("Command", bound=Callable[..., Any])
+# C0 and C1 control characters (ESC, CSI, BEL, newlines ...) and the bidirectional overrides that
+# can make text read in another order than it is stored
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 ModelOption = Annotated[
     str,
@@ -59,9 +64,34 @@ def reports_errors(command: Command) -> Command:
     return wrapper  # type: ignore[return-value]
 
 
+def untrusted(value: Any) -> str:
+    """Text for rich from anything that came from a file, the Hub or the user: shown, never obeyed.
+
+    Control characters become visible escapes (``\\x1b``), so no escape sequence reaches the
+    terminal; rich markup is escaped, so ``[link=...]`` or ``[/]`` prints as it is written. Every
+    string the commands print goes through here (tables, trees, messages, errors).
+    """
+    return escape(_CONTROL.sub(_visible, str(value)))
+
+
+def _visible(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def say(message: str) -> None:
+    """Print a line on stdout that holds names, paths or metadata: through :func:`untrusted`, never cut."""
+    stdout.print(untrusted(message), highlight=False, soft_wrap=True)
+
+
+def print_json(data: Any) -> None:
+    """Print ``data`` as JSON on stdout; non-ASCII characters as ``\\u`` escapes, so no control character passes."""
+    stdout.print_json(data=data, ensure_ascii=True)
+
+
 def fail(message: str) -> None:
-    """Stop the command with a one-line error."""
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Stop the command with a one-line error (its text through :func:`untrusted`)."""
+    stderr.print(f"[bold red]error:[/] {untrusted(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(CplError.exit_code)
 
 
@@ -71,14 +101,15 @@ def print_table(
     """Print a small rich table on stdout.
 
     Cells of the ``whole`` columns (names, ids, paths a user copies) are never cut with "…": the
-    table is printed as wide as they need, even wider than a narrow terminal or a pipe's 80 columns.
+    table is printed as wide as they need, even wider than a narrow terminal. Printed to a file or a
+    pipe (no terminal to fit), every table is printed whole, as wide as its widest row.
     """
-    table = Table(title=title, title_justify="left")
+    table = Table(title=untrusted(title), title_justify="left")
     for index, column in enumerate(columns):
         table.add_column(column, justify="left" if index == 0 else "right", no_wrap=index == 0 or column in whole)
     for row in rows:
         table.add_row(*(format_cell(cell) for cell in row))
-    if not whole:
+    if not whole and stdout.is_terminal:
         stdout.print(table)
         return
     width = max(stdout.width, Measurement.get(stdout, stdout.options.update(max_width=10**6), table).maximum)
@@ -86,7 +117,7 @@ def print_table(
 
 
 def format_cell(value: Any) -> str:
-    """Numbers for humans: shares as percentages are the caller's job, floats get 4 significant digits."""
+    """Numbers for humans (floats get 4 significant digits; percentages are the caller's job), text untrusted."""
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    return untrusted(value)

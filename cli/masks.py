@@ -17,8 +17,10 @@ from cpl_masks.cli.common import (
     DtypeOption,
     ModelOption,
     ThreadsOption,
+    print_json,
     print_table,
     reports_errors,
+    say,
     stdout,
 )
 from cpl_masks.controls import CONTROLS, control_mask
@@ -225,10 +227,9 @@ def make_control(
         batch_size=request.batch_size,
     )
     print_summary(mask)
-    stdout.print(
+    say(
         f"{request.rule} control of mask {like.id[:12]}: {mask.collaborative_share():.1%} collaborative, "
-        "its count in every tensor",
-        highlight=False,
+        "its count in every tensor"
     )
     if "profile" in mask.metadata:
         print_run(mask)
@@ -238,7 +239,7 @@ def make_control(
 def print_run(mask: Mask) -> None:
     """Print how long measuring the gradients took and the peak memory it used."""
     run = mask.metadata["profile"]
-    stdout.print(
+    say(
         f"profiled in {run['seconds']:.1f} s, peak memory {run['peak_memory_bytes'] / 2**20:.0f} MiB "
         f"({run['peak_memory_kind']})"
     )
@@ -260,7 +261,7 @@ def inspect(
         draw_share_heatmap(loaded, plot)
     if as_json:
         metadata = {key: value for key, value in loaded.metadata.items() if key != "tensors"}
-        stdout.print_json(data={"id": loaded.id, "metadata": metadata, "summary": summary})
+        print_json({"id": loaded.id, "metadata": metadata, "summary": summary})
         return
     print_provenance(loaded)
     print_summary(loaded, summary)
@@ -275,7 +276,7 @@ def diff(first: MaskArgument, second: MaskArgument, as_json: JsonOption = False)
     registry = Registry()
     result = diff_masks(*(Mask.load(registry.resolve(ref), scores=False) for ref in (first, second)))
     if as_json:
-        stdout.print_json(data=result)
+        print_json(result)
         return
     columns = ["entries", "agreement", "jaccard"]
     rows = [("overall", *_agreement_cells(result["overall"]))]
@@ -300,7 +301,7 @@ def combine_command(
     paths = [registry.resolve(ref) for ref in masks]
     check_outputs(out, overwrite, registry, inputs=paths)
     result = combine([Mask.load(path, scores=False) for path in paths], op)
-    stdout.print(f"{op} of {len(masks)} masks: {result.collaborative_share():.1%} collaborative")
+    say(f"{op} of {len(masks)} masks: {result.collaborative_share():.1%} collaborative")
     save_and_register(result, out, task=name, registry=registry)
 
 
@@ -346,7 +347,7 @@ def _print_saved(mask: Mask, out: Path | None, registered: str, *, first_name: s
     where += [f"registered as {registered}"]
     if first_name != registered:
         where += [f"the same bits as {first_name}, registered before"]
-    stdout.print(f"mask {mask.id[:12]}: {', '.join(where)}", highlight=False, soft_wrap=True)
+    say(f"mask {mask.id[:12]}: {', '.join(where)}")
 
 
 def print_provenance(mask: Mask) -> None:

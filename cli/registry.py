@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.tree import Tree
 
-from cpl_masks.cli.common import print_table, reports_errors, stdout
+from cpl_masks.cli.common import print_json, print_table, reports_errors, say, stdout, untrusted
 from cpl_masks.registry import Health, Registry, Removal, StrayFile
 
 app = typer.Typer(help="The mask registry: provenance, reuse across tasks, lineage.", no_args_is_help=True)
@@ -30,7 +30,7 @@ def list_command(
     """
     masks = Registry().list_masks(model=model, task=task)
     if as_json:
-        stdout.print_json(data=masks)
+        print_json(masks)
         return
     print_table(
         f"{len(masks)} registered masks",
@@ -60,7 +60,7 @@ def show(ref: RefArgument, as_json: JsonOption = False) -> None:
     """
     details = Registry().show(ref)
     if as_json:
-        stdout.print_json(data=details)
+        print_json(details)
         return
     summary = {key: details[key] for key in ("id", "source", "repo_id", "revision", "n_params", "path")}
     summary["collaborative share"] = f"{details['collaborative_share']:.2%}"
@@ -135,9 +135,9 @@ def lineage(ref: RefArgument, as_json: JsonOption = False) -> None:
     """
     tree = Registry().lineage(ref)
     if as_json:
-        stdout.print_json(data=tree)
+        print_json(tree)
         return
-    root = Tree(f"[bold]{tree['ref']}[/] ({tree['id'][:12]})")
+    root = Tree(f"[bold]{untrusted(tree['ref'])}[/] ({untrusted(tree['id'][:12])})")
     for key in ("parents", "children"):
         add_branch(root.add(key), tree[key], key)
     stdout.print(root)
@@ -146,7 +146,7 @@ def lineage(ref: RefArgument, as_json: JsonOption = False) -> None:
 def add_branch(branch: Tree, nodes: list[dict[str, Any]], key: str) -> None:
     """Add lineage nodes (and their own parents or children) under a tree branch."""
     for node in nodes:
-        add_branch(branch.add(f"{node['ref'] or 'not registered'} ({node['id'][:12]})"), node[key], key)
+        add_branch(branch.add(untrusted(f"{node['ref'] or 'not registered'} ({node['id'][:12]})")), node[key], key)
 
 
 @app.command()
@@ -164,7 +164,7 @@ def runs(
     """
     recorded = Registry().runs(task=task, mask=mask)
     if as_json:
-        stdout.print_json(data=recorded)
+        print_json(recorded)
         return
     print_table(
         f"{len(recorded)} recorded runs",
@@ -190,7 +190,7 @@ def add(
 
     Example: cpl-masks registry add arc-mask.safetensors --name arc
     """
-    stdout.print(f"registered {path} as {Registry().register(path, task=name)}", highlight=False, soft_wrap=True)
+    say(f"registered {path} as {Registry().register(path, task=name)}")
 
 
 @app.command()
@@ -246,23 +246,17 @@ def rm(
 def print_removal(removal: Removal) -> None:
     """Say what went (the mask, its file, its Hub transfers) and what stays (runs, children)."""
     if removal.alias_of is not None:
-        stdout.print(f"removed the name {removal.ref}; the mask {removal.alias_of} it named stays", highlight=False)
+        say(f"removed the name {removal.ref}; the mask {removal.alias_of} it named stays")
         return
-    stdout.print(
-        f"removed {removal.ref} ({removal.mask_id[:12]}) and its file {removal.path}", highlight=False, soft_wrap=True
-    )
+    say(f"removed {removal.ref} ({removal.mask_id[:12]}) and its file {removal.path}")
     if removal.aliases:
-        stdout.print(f"removed its other names {', '.join(removal.aliases)}", highlight=False, soft_wrap=True)
+        say(f"removed its other names {', '.join(removal.aliases)}")
     if removal.transfers:
-        stdout.print(f"removed the record of its {removal.transfers} Hub transfers", highlight=False, soft_wrap=True)
+        say(f"removed the record of its {removal.transfers} Hub transfers")
     if removal.runs:
-        stdout.print(
-            f"kept {removal.runs} recorded runs; they show {removal.ref} as removed (`cpl-masks registry runs`)",
-            highlight=False,
-            soft_wrap=True,
-        )
+        say(f"kept {removal.runs} recorded runs; they show {removal.ref} as removed (`cpl-masks registry runs`)")
     if removal.children:
-        stdout.print(f"kept its children {', '.join(removal.children)}", highlight=False, soft_wrap=True)
+        say(f"kept its children {', '.join(removal.children)}")
 
 
 @app.command()
@@ -278,8 +272,8 @@ def gc(
     """
     health = Registry().collect_garbage(force=force)
     for path in [*health.removed, *health.leftovers]:
-        stdout.print(f"removed {path}", highlight=False, soft_wrap=True)
-    stdout.print(f"removed {len(health.removed)} stray files and {len(health.leftovers)} temporary copies")
+        say(f"removed {path}")
+    say(f"removed {len(health.removed)} stray files and {len(health.leftovers)} temporary copies")
     if health.kept:
         print_table(
             f"kept {len(health.kept)} stray files that are valid masks (`registry add FILE` registers one again, "

@@ -9,6 +9,8 @@ from typing import Any
 from cpl_masks.data import BUILTIN_DEMO
 from cpl_masks.errors import CplError
 
+MAX_TASK_CHARS = 64  # a task name is a word or two, not a paragraph
+MAX_SLUG_CHARS = 96  # the longest Hub repo name
 _TASK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _VERSIONED = re.compile(r"^(?P<name>.+)@v(?P<version>\d+)$")
 RECUT_SUFFIX = ".recut"
@@ -19,15 +21,21 @@ def slug(text: str) -> str:
     """Lower-case letters, digits, dots and dashes: ``HuggingFaceTB/SmolLM2-135M`` -> ``smollm2-135m``."""
     last = Path(str(text).rstrip("/")).name or str(text)
     last = last.removesuffix(".gguf")
-    cleaned = re.sub(r"[^a-z0-9.]+", "-", last.lower()).strip("-.")
+    cleaned = re.sub(r"[^a-z0-9.]+", "-", last.lower())[:MAX_SLUG_CHARS].strip("-.")
     return cleaned or "model"
 
 
 def check_task(task: str, option: str = "--name") -> str:
-    """Accept a task name made of letters, digits, dots, dashes and underscores."""
+    """Accept a task name of at most 64 letters, digits, dots, dashes and underscores."""
+    if len(task) > MAX_TASK_CHARS:
+        raise CplError(f"{option} {task[:20]!r}...: {len(task):,} characters; a task name has at most {MAX_TASK_CHARS}")
     if not _TASK.match(task):
         raise CplError(f"{option} {task!r}: use letters, digits, '.', '-' and '_' only (no '/' or '@')")
     return task
+
+
+def _is_task(text: str) -> bool:
+    return len(text) <= MAX_TASK_CHARS and bool(_TASK.match(text))
 
 
 def task_name(explicit: str | None, inject_path: str | None) -> str:
@@ -46,7 +54,7 @@ def task_name(explicit: str | None, inject_path: str | None) -> str:
         return "demo"
     path = Path(str(inject_path).rstrip("/"))
     for candidate in (path.stem, path.parent.name):
-        cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", candidate).lstrip("._-")
+        cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", candidate).lstrip("._-")[:MAX_TASK_CHARS]
         if cleaned and cleaned.lower() not in _GENERIC_STEMS:
             return cleaned
     return "default"
@@ -57,7 +65,7 @@ def default_task(metadata: dict[str, Any]) -> str:
     recorded = metadata.get("task")
     inject = (metadata.get("data") or {}).get("inject") or {}
     source = (inject.get("path") or inject.get("source")) if isinstance(inject, dict) else None
-    explicit = recorded if isinstance(recorded, str) and _TASK.match(recorded) else None
+    explicit = recorded if isinstance(recorded, str) and _is_task(recorded) else None
     return task_name(explicit, source if isinstance(source, str) else None)
 
 
