@@ -23,7 +23,7 @@ from cpl_masks.cli.common import (
     print_table,
     reports_errors,
 )
-from cpl_masks.data import load_questions
+from cpl_masks.data import check_limit, load_questions
 from cpl_masks.files import check_output_dir
 from cpl_masks.models import DEFAULT_MODEL, load_model
 from cpl_masks.split import split_questions, write_split
@@ -42,6 +42,11 @@ def split(
         float, typer.Option(help="Mastered only when right by at least this score margin (keeps out lucky guesses).")
     ] = 0.0,
     limit: Annotated[int | None, typer.Option(help="Use only the first N questions.")] = None,
+    heldout_data: Annotated[
+        str | None,
+        typer.Option(help="A second question set whose confidently right questions join the held-out file (a pool)."),
+    ] = None,
+    heldout_limit: Annotated[int | None, typer.Option(help="Keep at most N pool questions.")] = None,
     batch_size: BatchSizeOption = 16,
     seed: Annotated[int, typer.Option(help="Seed for the held-out sample.")] = 0,
     data_split: SplitOption = None,
@@ -59,9 +64,10 @@ def split(
         cpl-masks split --data questions.jsonl --out runs/split --holdout-fraction 0.2
     """
     check_output_dir(out, overwrite=overwrite)  # fail before the slow model load
-    questions = load_questions(
-        data, split=data_split, fields=fields(question_field, choices_field, answer_field), limit=limit
-    )
+    check_limit(heldout_limit, "--heldout-limit")
+    names = fields(question_field, choices_field, answer_field)
+    questions = load_questions(data, split=data_split, fields=names, limit=limit)
+    pool = load_questions(heldout_data, fields=names) if heldout_data is not None else []
     loaded = load_model(model, dtype=dtype, device=device, threads=threads)
     result = split_questions(
         loaded,
@@ -71,6 +77,8 @@ def split(
         min_margin=min_margin,
         seed=seed,
         batch_size=batch_size,
+        pool=pool,
+        pool_limit=heldout_limit,
     )
     folder = write_split(result, out, overwrite=overwrite)
     counts = result.summary["counts"]
@@ -78,10 +86,11 @@ def split(
         f"split of {len(questions)} questions ({scoring} scoring) -> {folder}",
         ["set", "questions", "share"],
         [
-            (name, counts[key], f"{counts[key] / len(questions):.1%}")
+            (name, counts[key], "-" if key == "pool" else f"{counts[key] / len(questions):.1%}")
             for name, key in (
                 ("mastered (M)", "mastered"),
                 ("held-out mastered", "heldout"),
+                ("forgetting pool (held out, from --heldout-data)", "pool"),
                 ("to inject (I)", "inject"),
                 ("uncertain (right by < --min-margin)", "uncertain"),
             )

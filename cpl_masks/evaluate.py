@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from cpl_masks import distributed
 from cpl_masks.data import Question
+from cpl_masks.errors import CplError
 from cpl_masks.files import atomic_write
 from cpl_masks.scoring import Scorer, Scores, batches, pad_left, score_questions
 
@@ -142,6 +143,53 @@ def epoch_metrics(
         "retain_loss": None if retain_loss is None else retain_loss[1],
         "retain_loss_delta": None if retain_loss is None else retain_loss[1] - retain_loss[0],
     }
+
+
+OUTCOMES = {"learned": "inject", "forgotten": "mastered", "heldout_forgotten": "heldout"}  # outcome -> its set
+
+
+def question_records(
+    epoch: int, sets: Mapping[str, Sequence[Question]], scores: Mapping[str, Scores]
+) -> list[dict[str, Any]]:
+    """One record per evaluated set: every question's id, whether it is right, its correct choice's score
+    and margin, in the set's order. These make paired comparisons possible: which questions, not how many."""
+    return [
+        {
+            "epoch": epoch,
+            "set": name,
+            "id": [question.id for question in sets[name]],
+            "correct": [int(ok) for ok in result.correct],
+            "logprob": [round(value, 5) for value in result.logprobs],
+            "margin": [round(value, 5) for value in result.margins],
+        }
+        for name, result in scores.items()
+    ]
+
+
+def question_outcomes(records: Sequence[Mapping[str, Any]], epoch: int | None = None) -> dict[str, dict[str, bool]]:
+    """Per question, whether it was learned or forgotten by ``epoch`` (None: the last evaluated one).
+
+    Returns ``{"learned": {id: bool}, "forgotten": {...}, "heldout_forgotten": {...}}`` over every
+    question of the set (False where the transition cannot happen: a question right at epoch 0 is
+    never learned), so two runs from the same split align question by question.
+    """
+    by_epoch: dict[int, dict[str, Mapping[str, Any]]] = {}
+    for record in records:
+        by_epoch.setdefault(record["epoch"], {})[record["set"]] = record
+    if 0 not in by_epoch:
+        raise CplError("the per-question records hold no epoch 0 to compare against")
+    epoch = max(by_epoch) if epoch is None else epoch
+    if epoch not in by_epoch:
+        raise CplError(f"epoch {epoch} was not evaluated (evaluated: {', '.join(map(str, sorted(by_epoch)))})")
+    outcomes: dict[str, dict[str, bool]] = {}
+    for outcome, name in OUTCOMES.items():
+        if name not in by_epoch[0]:
+            continue
+        before, after = by_epoch[0][name], by_epoch[epoch][name]
+        pairs = zip(before["id"], before["correct"], after["correct"], strict=True)
+        gained = outcome == "learned"
+        outcomes[outcome] = {key: bool(now and not was) if gained else bool(was and not now) for key, was, now in pairs}
+    return outcomes
 
 
 def mean_change(before: Sequence[float], after: Sequence[float]) -> float:

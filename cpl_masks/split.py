@@ -7,6 +7,12 @@ it is right by at least δ (the correct choice's score over the best wrong one),
 of a model near chance stay out of M; such questions go to neither set and are counted as
 ``uncertain``.
 
+A second question set can add a **forgetting pool** to the held-out file: questions of another set
+(``pool``) that the untouched model answers right by at least δ, none of them one of the split's
+own questions. Forgetting costs only forward passes, so a pool of hundreds of questions measures it
+far more finely than the few held-out questions of a small split. Pool questions are filed under
+ids ``pool:<id>`` so they never collide with the split's own.
+
 Every question's score is kept in ``scores.jsonl``: a training run on the split's own files takes
 its epoch-0 evaluation from there instead of scoring the untouched model again.
 """
@@ -17,19 +23,21 @@ import json
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cpl_masks.data import Question, questions_sha256, write_questions
+from cpl_masks.data import Question, check_limit, questions_sha256, write_questions
 from cpl_masks.errors import CplError
 from cpl_masks.files import prepare_output_dir, write_json, write_jsonl
 from cpl_masks.models import LoadedModel, model_fingerprint
-from cpl_masks.scoring import SCORINGS, Scores, make_scorer, score_questions
+from cpl_masks.progress import progress_bar
+from cpl_masks.scoring import SCORINGS, Scorer, Scores, make_scorer, score_questions
 from cpl_masks.versions import package_versions
 
 MASTERED, INJECT, HELDOUT, SUMMARY = "mastered.jsonl", "inject.jsonl", "mastered_heldout.jsonl", "split.json"
 SCORES = "scores.jsonl"
+POOL_PREFIX = "pool:"
 _SCORE_FIELDS = ("predictions", "correct", "losses", "logprobs", "margins")
 
 
@@ -54,10 +62,14 @@ def split_questions(
     seed: int = 0,
     batch_size: int = 16,
     show_progress: bool = True,
+    pool: Sequence[Question] = (),
+    pool_limit: int | None = None,
 ) -> Split:
     """Score every question once and sort it into mastered, held-out mastered and injection sets.
 
     A question is mastered when it is answered right by a margin of at least ``min_margin``.
+    ``pool`` candidates (see the module's docstring) are scored in order until ``pool_limit`` are
+    kept; the kept ones join the held-out set after the held-out share of M.
 
     Raises:
         CplError: a bad option, or a question longer than the model's context (before any scoring).
@@ -66,6 +78,7 @@ def split_questions(
         raise CplError(f"--holdout-fraction {holdout_fraction}: must be in [0, 1)")
     if not min_margin >= 0.0:
         raise CplError(f"--min-margin {min_margin}: must be a number >= 0")
+    check_limit(pool_limit, "--heldout-limit")
     scorer = make_scorer(scoring, loaded.tokenizer)
     scorer.check_fits(loaded.model, questions)
     scores = score_questions(
@@ -75,7 +88,17 @@ def split_questions(
     wrong = [q for q, ok in zip(questions, scores.correct) if not ok]
     held_ids = set(q.id for q in random.Random(seed).sample(right, round(len(right) * holdout_fraction)))
     mastered = [q for q in right if q.id not in held_ids]
-    heldout = [q for q in right if q.id in held_ids]
+    kept, pool_scores = forgetting_pool(
+        loaded.model,
+        scorer,
+        pool,
+        exclude=questions,
+        min_margin=min_margin,
+        limit=pool_limit,
+        batch_size=batch_size,
+        show_progress=show_progress,
+    )
+    heldout = [q for q in right if q.id in held_ids] + kept
     summary = {
         "model": {"ref": loaded.ref, "fingerprint": model_fingerprint(loaded.model)},
         "data": {"sha256": questions_sha256(questions), "rows": len(questions)},
@@ -83,11 +106,15 @@ def split_questions(
         "accuracy": scores.accuracy,
         "counts": {
             "mastered": len(mastered),
-            "heldout": len(heldout),
+            "heldout": len(heldout) - len(kept),
+            "pool": len(kept),
             "inject": len(wrong),
             "uncertain": len(questions) - len(right) - len(wrong),
         },
         "holdout_fraction": holdout_fraction,
+        "pool": {"candidates": len(pool), "candidates_sha256": questions_sha256(pool), "limit": pool_limit}
+        if pool
+        else None,
         "min_margin": min_margin,
         "seed": seed,
         "versions": package_versions(),
@@ -95,7 +122,47 @@ def split_questions(
     per_question = {
         q.id: {key: getattr(scores, key)[index] for key in _SCORE_FIELDS} for index, q in enumerate(questions)
     }
+    per_question.update(pool_scores)
     return Split(mastered=mastered, inject=wrong, heldout=heldout, summary=summary, scores=per_question)
+
+
+def forgetting_pool(
+    model: Any,
+    scorer: Scorer,
+    candidates: Sequence[Question],
+    *,
+    exclude: Sequence[Question] = (),
+    min_margin: float = 0.0,
+    limit: int | None = None,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> tuple[list[Question], dict[str, dict[str, Any]]]:
+    """The candidates the model answers right by at least ``min_margin``, in order, at most ``limit`` of them.
+
+    Candidates whose content (question and choices) is one of ``exclude`` are skipped, so the pool
+    never overlaps the split. Candidates are scored a few batches at a time and scoring stops once
+    ``limit`` are kept. Returns the kept questions under ids ``pool:<id>`` and their scores by that id.
+    """
+    check_limit(limit, "--heldout-limit")
+    taken = {(q.question, q.choices) for q in exclude}
+    fresh = [q for q in candidates if (q.question, q.choices) not in taken]
+    scorer.check_fits(model, fresh)
+    kept: list[Question] = []
+    scores: dict[str, dict[str, Any]] = {}
+    chunk = 4 * batch_size
+    with progress_bar("forgetting pool", len(fresh), show_progress) as advance:
+        for start in range(0, len(fresh), chunk):
+            batch = fresh[start : start + chunk]
+            result = score_questions(model, scorer, batch, batch_size=batch_size, show_progress=False)
+            for index, question in enumerate(batch):
+                if result.correct[index] and result.margins[index] >= min_margin and len(kept) != limit:
+                    renamed = replace(question, id=f"{POOL_PREFIX}{question.id}")
+                    kept.append(renamed)
+                    scores[renamed.id] = {key: getattr(result, key)[index] for key in _SCORE_FIELDS}
+            advance(len(batch))
+            if len(kept) == limit:
+                break
+    return kept, scores
 
 
 def recorded_scoring(data_file: str | os.PathLike) -> str | None:

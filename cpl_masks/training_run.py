@@ -3,8 +3,9 @@
 The output folder holds ``config.json`` (the request with absolute paths, the inputs' content
 hashes and the mask's id; written once every check has passed, before the first epoch, so a killed
 run resumes from any working directory), ``checkpoint/`` (weights, optimizer and RNG state, metrics
-and the epoch-0 baseline of the last finished epoch), ``metrics.jsonl`` and ``curves.png``
-(rewritten after every epoch), and at the end ``model/`` (the method's ``save``: safetensors
+and the epoch-0 baseline of the last finished epoch), ``metrics.jsonl``, ``questions.jsonl`` (each
+question's correctness, score and margin at every evaluated epoch) and ``curves.png`` (rewritten
+after every evaluated epoch), and at the end ``model/`` (the method's ``save``: safetensors
 weights, or a LoRA adapter, and the tokenizer) and ``run.json``.
 
 Under ``torchrun`` every rank runs all of this (trains its share, evaluates its share), but only
@@ -29,7 +30,7 @@ import torch
 from cpl_masks import distributed
 from cpl_masks.data import Question, load_questions, questions_sha256
 from cpl_masks.errors import CplError
-from cpl_masks.evaluate import draw_curves, epoch_metrics, evaluate_sets, text_loss
+from cpl_masks.evaluate import draw_curves, epoch_metrics, evaluate_sets, question_records, text_loss
 from cpl_masks.files import atomic_write, check_output_dir, check_writable_folder, sha256_file, write_json, write_jsonl
 from cpl_masks.masks import Mask, read_header
 from cpl_masks.methods import METHODS, Method, MethodContext, make_method, method_options
@@ -51,6 +52,7 @@ CONFIG, METRICS, CURVES, RUN, MODEL_DIR, CHECKPOINT = (
     "checkpoint",
 )
 STATE = "state.json"
+QUESTIONS = "questions.jsonl"  # per-question records of every evaluated epoch
 FINAL_KEYS = (
     "learned",
     "forgotten",
@@ -87,6 +89,7 @@ class RunRequest:
     retain_text: str | None = None  # a general text whose loss is tracked as a measure of forgetting
     track_drift: bool = False  # with a mask: record its agreement with the sign rule after every epoch
     keep_weights: bool = True  # write model/ at the end (a sweep keeps only the metrics)
+    eval_every: int = 1  # evaluate after every K-th epoch (and always after the last)
     config: TrainConfig = field(default_factory=TrainConfig)
 
     def check(self) -> None:
@@ -98,6 +101,8 @@ class RunRequest:
             raise CplError(f"--retain-text {self.retain_text}: no such file")
         if self.track_drift and mode != "mask":
             raise CplError("--track-drift needs --mask (it measures how a static mask drifts from the sign rule)")
+        if not (isinstance(self.eval_every, int) and self.eval_every >= 1):
+            raise CplError(f"--eval-every {self.eval_every}: must be a whole number of epochs, at least 1")
         if self.track_drift and self.config.distributed == "fsdp2":
             raise CplError("--track-drift needs whole gradients: use --distributed ddp with it, not fsdp2")
 
@@ -123,6 +128,10 @@ class RunRequest:
     def from_dict(cls, values: dict[str, Any]) -> RunRequest:
         """Rebuild a request saved by :meth:`to_dict`."""
         return cls(**{**values, "config": TrainConfig(**values["config"])})
+
+    def evaluates_after(self, epoch: int) -> bool:
+        """Whether ``epoch`` is evaluated: every ``eval_every``-th epoch and the last one."""
+        return epoch % self.eval_every == 0 or epoch == self.config.epochs
 
 
 @dataclass
@@ -191,14 +200,14 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def restartable(folder: str | Path) -> bool:
     """Whether ``folder`` holds only a run that stopped before its first checkpoint, so it may start again.
 
-    Such a folder has our ``config.json`` and at most epoch 0's ``metrics.jsonl`` and ``curves.png``
-    and a ``checkpoint/`` whose ``state.json`` was never written: no finished epoch, nothing of the
+    Such a folder has our ``config.json``, at most epoch 0's ``metrics.jsonl``, ``questions.jsonl`` and
+    ``curves.png``, and a ``checkpoint/`` whose ``state.json`` was never written: no finished epoch, nothing of the
     user's, so starting the run again there needs no ``--overwrite``.
     """
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or (folder / CHECKPOINT / STATE).exists():
         return False
-    if any(path.name not in (CONFIG, METRICS, CURVES, CHECKPOINT) for path in folder.iterdir()):
+    if any(path.name not in (CONFIG, METRICS, QUESTIONS, CURVES, CHECKPOINT) for path in folder.iterdir()):
         return False
     try:
         return isinstance(json.loads((folder / CONFIG).read_text(encoding="utf-8")).get("request"), dict)
@@ -228,7 +237,7 @@ def _prepare_out(session: _Session, overwrite: bool) -> Path:
     out = Path(session.request.out)
     _check_out(out, overwrite)  # again: the folder may have changed while the model loaded
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (CHECKPOINT, MODEL_DIR, RUN, METRICS, CURVES):
+    for stale in (CHECKPOINT, MODEL_DIR, RUN, METRICS, QUESTIONS, CURVES):
         _remove(out / stale)
     write_json(out / CONFIG, {"request": session.request.to_dict(), **session.saved_inputs(), "resume_changes": []})
     return out
@@ -378,8 +387,11 @@ def load_run_data(request: RunRequest) -> RunData:
 class _Evaluation:
     """Scores a run's question sets (and its retain text, and a mask's drift) at the current weights."""
 
-    def __init__(self, request: RunRequest, trainer: Trainer, tokenizer: Any, data: RunData, mask: Mask | None):
+    def __init__(
+        self, request: RunRequest, trainer: Trainer, tokenizer: Any, data: RunData, mask: Mask | None, fingerprint: str
+    ):
         self.request, self.trainer, self.tokenizer, self.data, self.mask = request, trainer, tokenizer, data, mask
+        self.fingerprint = fingerprint
         self.retain_text = Path(request.retain_text).read_text(encoding="utf-8") if request.retain_text else None
 
     def scores(self, epoch: int) -> dict[str, Scores]:
@@ -402,10 +414,16 @@ class _Evaluation:
         with self.trainer.autocast():
             return text_loss(self.trainer.model, self.tokenizer, self.retain_text)
 
-    def drift(self) -> dict[str, float] | None:
-        """Agreement of the static mask with the sign rule at the current weights (``--track-drift``)."""
+    def drift(self, epoch: int) -> dict[str, Any] | None:
+        """Agreement of the static mask with the sign rule at the current weights (``--track-drift``).
+
+        At epoch 0 a mask cut by the plain sign rule from these very weights and questions agrees by
+        construction: that is recorded without profiling again (two gradient passes).
+        """
         if not self.request.track_drift or self.mask is None:
             return None
+        if epoch == 0 and self.profiled_here():
+            return {"all": 1.0, "touched": 1.0, "by_construction": True}
         data, trainer = self.data, self.trainer
         return sign_agreement(
             trainer.model,
@@ -416,8 +434,25 @@ class _Evaluation:
             batch_size=trainer.config.eval_batch_size,
         )
 
-    def row(self, epoch: int, baseline: Baseline, train_loss: float | None = None) -> dict[str, Any]:
-        """The metrics row after ``epoch`` against the epoch-0 ``baseline`` (epoch 0 is the baseline itself)."""
+    def profiled_here(self) -> bool:
+        """Whether the mask was cut by the plain sign rule from this run's weights, scoring and questions."""
+        metadata = (self.mask.metadata if self.mask is not None else None) or {}
+        rule, data = metadata.get("rule") or {}, metadata.get("data") or {}
+        plain = rule.get("threshold") == 0.0 and not any(
+            rule.get(key) for key in ("keep_fraction", "freeze_pattern", "train_pattern")
+        )
+        same_data = all(
+            isinstance(data.get(name), dict) and data[name].get("sha256") == questions_sha256(questions)
+            for name, questions in (("mastered", self.data.mastered), ("inject", self.data.inject))
+        )
+        same_model = (metadata.get("model") or {}).get("fingerprint") == self.fingerprint
+        return plain and same_data and same_model and metadata.get("scoring") == self.trainer.scorer.name
+
+    def evaluate(
+        self, epoch: int, baseline: Baseline, train_loss: float | None = None
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The metrics row after ``epoch`` against the epoch-0 ``baseline`` (epoch 0 is the baseline itself),
+        and the per-question records of that evaluation."""
         retain = baseline.retain_loss if epoch == 0 else self.retain_loss()
         current = baseline.scores if epoch == 0 else self.scores(epoch)
         row = epoch_metrics(
@@ -427,8 +462,8 @@ class _Evaluation:
             train_loss=train_loss,
             retain_loss=None if retain is None else (baseline.retain_loss, retain),
         )
-        row["mask_agreement"] = self.drift()
-        return row
+        row["mask_agreement"] = self.drift(epoch)
+        return row, question_records(epoch, self.data.sets(), current)
 
 
 @dataclass
@@ -510,7 +545,7 @@ def _open(request: RunRequest, data: RunData, mask_path: str | None, *, fingerpr
     context = MethodContext(scorer, data.mastered, mask, batch_size=config.eval_batch_size, seed=config.seed)
     method = make_method(mode, context, request.method_options)
     trainer = Trainer(loaded.model, scorer, method, config)
-    evaluation = _Evaluation(request, trainer, loaded.tokenizer, data, mask)
+    evaluation = _Evaluation(request, trainer, loaded.tokenizer, data, mask, found)
     return _Session(request, data, loaded, mask, mask_path, scoring, found, method, trainer, evaluation)
 
 
@@ -528,25 +563,38 @@ def _run(
     request, trainer, evaluation = session.request, session.trainer, session.evaluation
     config, mode = request.config, request.resolved_mode()
     if checkpoint is None:
-        baseline, elapsed_before = _baseline(evaluation, session.fingerprint), 0.0
-        rows = [evaluation.row(0, baseline)]
-        _publish(out, rows, mode, on_epoch)
+        baseline, elapsed_before, done = _baseline(evaluation, session.fingerprint), 0.0, 0
+        row, records = evaluation.evaluate(0, baseline)
+        rows = [row]
+        _publish(out, rows, records, mode, on_epoch)
     else:
         baseline, rows = Baseline.from_dict(checkpoint["baseline"]), checkpoint["metrics"]
+        records, done = checkpoint.get("records", []), checkpoint["epoch"]
         elapsed_before = checkpoint["elapsed_s"]
         restore_checkpoint(trainer, checkpoint)
-        distributed.on_main(lambda: write_jsonl(out / METRICS, rows))
-    for epoch in range(len(rows), config.epochs + 1):
+        distributed.on_main(lambda: (write_jsonl(out / METRICS, rows), write_jsonl(out / QUESTIONS, records)))
+    for epoch in range(done + 1, config.epochs + 1):
         try:
             loss = trainer.train_epoch(session.data.inject, epoch)
         except TrainingDiverged as error:
-            raise TrainingDiverged(f"{error}; stopped, {_diverged_advice(out, len(rows) - 1)}") from None
-        rows.append(evaluation.row(epoch, baseline, train_loss=loss))
+            raise TrainingDiverged(f"{error}; stopped, {_diverged_advice(out, epoch - 1)}") from None
+        evaluated = request.evaluates_after(epoch)
+        if evaluated:
+            row, new_records = evaluation.evaluate(epoch, baseline, train_loss=loss)
+            rows.append(row)
+            records.extend(new_records)
         elapsed = elapsed_before + time.perf_counter() - started
         if epoch < config.epochs or request.keep_weights:  # the last epoch's checkpoint only guards model/
-            state = {"epoch": epoch, "metrics": rows, "baseline": baseline.to_dict(), "elapsed_s": elapsed}
+            state = {
+                "epoch": epoch,
+                "metrics": rows,
+                "records": records,
+                "baseline": baseline.to_dict(),
+                "elapsed_s": elapsed,
+            }
             save_checkpoint(out, trainer, state)
-        _publish(out, rows, mode, on_epoch)
+        if evaluated:
+            _publish(out, rows, records, mode, on_epoch)
     if request.keep_weights:
         weights = trainer.final_weights()  # gathered under FSDP2: every rank takes part
         tokenizer = session.loaded.tokenizer
@@ -629,11 +677,15 @@ def _data_summary(request: RunRequest, data: RunData) -> dict[str, Any]:
     }
 
 
-def _publish(out: Path, rows: list[dict[str, Any]], mode: str, on_epoch: OnEpoch | None) -> None:
-    """Rewrite ``metrics.jsonl`` and ``curves.png`` with every epoch so far, then report (rank 0 only)."""
+def _publish(
+    out: Path, rows: list[dict[str, Any]], records: list[dict[str, Any]], mode: str, on_epoch: OnEpoch | None
+) -> None:
+    """Rewrite ``metrics.jsonl``, ``questions.jsonl`` and ``curves.png`` with every evaluated epoch so far,
+    then report (rank 0 only)."""
 
     def publish() -> None:
         write_jsonl(out / METRICS, rows)
+        write_jsonl(out / QUESTIONS, records)
         draw_curves(rows, out / CURVES, title=f"{mode}: learned and forgotten per epoch")
         if on_epoch is not None:
             on_epoch(rows)

@@ -34,7 +34,7 @@ def test_split_writes_sets_that_match_the_model(tiny_model_dir, question_file, t
     mastered, inject = load_questions(out / "mastered.jsonl"), load_questions(out / "inject.jsonl")
     heldout = load_questions(out / "mastered_heldout.jsonl") if (out / "mastered_heldout.jsonl").exists() else []
     summary = json.loads((out / "split.json").read_text())
-    counts = {"mastered": len(mastered), "heldout": len(heldout), "inject": len(inject), "uncertain": 0}
+    counts = {"mastered": len(mastered), "heldout": len(heldout), "pool": 0, "inject": len(inject), "uncertain": 0}
     assert summary["counts"] == counts
     assert len(mastered) + len(heldout) + len(inject) == 24 and abs(len(heldout) - len(mastered)) <= 1
     loaded = load_model(str(tiny_model_dir), device="cpu")
