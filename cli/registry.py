@@ -39,7 +39,7 @@ def list_command(
             (
                 item["ref"],
                 item["id"][:12],
-                item["source"] if item["alias_of"] is None else f"alias of {item['alias_of']}",
+                source_cell(item),
                 item["n_params"],
                 f"{item['collaborative_share']:.1%}",
                 item["runs"],
@@ -47,8 +47,14 @@ def list_command(
             )
             for item in masks
         ],
-        whole=("mask", "id"),
+        whole=("mask", "id", "source"),
     )
+
+
+def source_cell(item: dict[str, Any]) -> str:
+    """What made a listed mask, where it came from when pulled (its repo), and what it is an alias of."""
+    source = item["source"] if item["alias_of"] is None else f"alias of {item['alias_of']}"
+    return f"{source}, pulled from {item['repo_id']}" if item["repo_id"] else source
 
 
 @app.command()

@@ -8,6 +8,7 @@ time, so a changed environment takes effect without re-importing). Hub failures 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -21,13 +22,14 @@ from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
 from cpl_masks.models import DEFAULT_MODEL
 from cpl_masks.registry import Registry, Transfer
+from cpl_masks.registry.names import MAX_TASK_CHARS
 
 MASK_FILENAME = "mask.safetensors"
 PROVENANCE_FILENAME = "provenance.json"
 FIGURE_FILENAME = "per_layer.png"
 TAGS = ["cpl-masks", "freeze-mask", "collaborative-parameter-learning", "knowledge-injection"]
 _HUB_MODELS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", re.ASCII)
 
 
 @dataclass
@@ -90,7 +92,9 @@ def pull(target: str, *, registry: Registry, task: str | None = None) -> PullRes
     """Download ``OWNER/NAME[@REVISION]`` into the Hub cache, verify its content id, and register it.
 
     The registered mask keeps the source its metadata gives (profiled, combined, ...); where it came
-    from is its ``repo_id``, ``revision`` and pull transfer.
+    from is its ``repo_id``, ``revision`` and pull transfer. Its name is ``<model>/hub.<owner>.<name>``
+    (:func:`pulled_task`), never one of the user's own names, unless ``task`` asks for one: the
+    repo's metadata is untrusted, so a pull must not become the latest version of ``tiny/base``.
     """
     repo_id, _, revision = target.partition("@")
     check_repo_id(repo_id)
@@ -104,15 +108,43 @@ def pull(target: str, *, registry: Registry, task: str | None = None) -> PullRes
         path = Path(download(api, repo_id, MASK_FILENAME, info.sha))
         claimed = None
         if PROVENANCE_FILENAME in files:
-            claimed = json.loads(Path(download(api, repo_id, PROVENANCE_FILENAME, info.sha)).read_text()).get("id")
+            claimed = _claimed_id(Path(download(api, repo_id, PROVENANCE_FILENAME, info.sha)), target)
     mask = Mask.load(path, scores=False)  # raises when the bits do not give the id in the header
     if claimed is not None and claimed != mask.id:
         raise CplError(
             f"pull {target}: {MASK_FILENAME} has id {mask.id[:12]} but {PROVENANCE_FILENAME} says {claimed[:12]}"
         )
     transfer = Transfer("pull", repo_id, revision or "main", info.sha, f"{api.endpoint}/{repo_id}")
+    task = task if task is not None else pulled_task(repo_id)
     name = registry.register(path, task=task, repo_id=repo_id, revision=info.sha, transfer=transfer)
     return PullResult(ref=name, mask_id=mask.id, repo_id=repo_id, commit_sha=info.sha, path=path)
+
+
+def pulled_task(repo_id: str) -> str:
+    """The task part of a pulled mask's registry name: ``hub.<owner>.<name>``, at most 64 characters.
+
+    It names where the mask came from, so a pull without ``--name`` never files itself under a
+    task the user profiled (the repo's metadata may claim any model and task).
+    """
+    task = "hub." + re.sub(r"[^A-Za-z0-9._-]+", "-", repo_id.replace("/", "."))
+    if len(task) <= MAX_TASK_CHARS:
+        return task
+    digest = hashlib.sha256(repo_id.encode()).hexdigest()[:8]
+    return f"{task[: MAX_TASK_CHARS - 9]}-{digest}"
+
+
+def _claimed_id(path: Path, target: str) -> str | None:
+    """The id a downloaded ``provenance.json`` claims, refusing a file that is not such an object."""
+    try:
+        provenance = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:
+        raise CplError(f"pull {target}: {PROVENANCE_FILENAME} is not valid JSON") from error
+    if not isinstance(provenance, dict):
+        raise CplError(f"pull {target}: {PROVENANCE_FILENAME} is not a JSON object")
+    claimed = provenance.get("id")
+    if claimed is not None and (not isinstance(claimed, str) or not re.fullmatch(r"[0-9a-f]{64}", claimed)):
+        raise CplError(f"pull {target}: {PROVENANCE_FILENAME} 'id' is not a mask id (64 hex digits)")
+    return claimed
 
 
 def is_repo_id(text: str) -> bool:
@@ -265,7 +297,7 @@ Full provenance: [`{PROVENANCE_FILENAME}`]({PROVENANCE_FILENAME}).
 ## How to use it
 
 ```bash
-cpl-masks pull {repo_id}
+cpl-masks pull {repo_id} --name {name.split("@")[0].split("/")[-1]}
 cpl-masks train --mask {name.split("@")[0]} --model {model.get("ref")} --data new_facts.jsonl --out runs/new
 ```
 """

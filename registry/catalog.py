@@ -173,8 +173,11 @@ class Registry:
     def resolve(self, ref: str) -> Path:
         """The file behind a reference: the path itself if it is a file, else the registered stored file.
 
+        A stored file is verified against the sha256 recorded at registration on every resolve, so
+        no command (``train --mask NAME`` included) uses a store file that changed since.
+
         Raises:
-            CplError: the reference names nothing, matches several ids, or its stored file is gone.
+            CplError: the reference names nothing, matches several ids, or its stored file is gone or changed.
         """
         path = Path(ref).expanduser()
         if path.is_file():
@@ -185,6 +188,11 @@ class Registry:
         if not stored.is_file():
             raise CplError(
                 f"mask {ref}: registered as {label(row)} but its file is missing (run `cpl-masks registry verify`)"
+            )
+        if sha256_file(stored) != row["sha256"]:
+            raise CplError(
+                f"mask {ref}: the stored file of {label(row)} ({stored}) differs from the sha256 recorded when it was"
+                " registered (changed on disk); run `cpl-masks registry verify`"
             )
         return stored
 

@@ -87,7 +87,7 @@ def test_push_to_a_branch_and_pull_that_revision(server, mask_ref, tmp_path, mon
     with pytest.raises(CplError, match=r"no mask\.safetensors"):
         hub.pull(REPO, registry=Registry())
     pulled = hub.pull(f"{REPO}@dev", registry=Registry())
-    assert pulled.commit_sha == pushed.commit_sha and pulled.ref == "smollm2-135m-instruct/arc@v1"
+    assert pulled.commit_sha == pushed.commit_sha and pulled.ref == "smollm2-135m-instruct/hub.me.arc-mask@v1"
 
 
 def test_push_without_a_token_is_refused_before_any_upload(server, mask_ref, monkeypatch):
@@ -172,3 +172,53 @@ def test_pushing_a_mask_registered_under_another_name_adds_no_name(server, tmp_p
     pushed = hub.push(renamed, REPO, registry=registry)
     assert pushed.ref == renamed == "smollm2-135m-instruct/renamed@v1"
     assert registry.names(mask.id) == [renamed]  # no "arc" alias appeared
+
+
+def tiny_base_mask(seed: int) -> Mask:
+    """A mask whose metadata says model ``tiny``, task ``base``: what a stranger's repo may claim."""
+    bits = {"model.layers.0.mlp.up_proj.weight": torch.rand(8, 4, generator=torch.Generator().manual_seed(seed)) > 0.5}
+    return Mask.from_bool(bits, {"model": {"ref": "tiny", "fingerprint": "f" * 64}, "task": "base"})
+
+
+def test_a_pull_never_becomes_a_version_of_a_local_name(server, tmp_path, monkeypatch):
+    mine = Registry().register(tiny_base_mask(1))
+    assert mine == "tiny/base@v1"
+    switch_registry(tmp_path, monkeypatch, "stranger")
+    Registry().register(tiny_base_mask(2))
+    hub.push("tiny/base", "evil/shadow", registry=Registry())
+    switch_registry(tmp_path, monkeypatch, "home")
+    assert Registry().register(tiny_base_mask(1)) == "tiny/base@v1"
+    result = CliRunner().invoke(app, ["pull", "evil/shadow"])
+    assert result.exit_code == 0, result.output
+    pulled = tiny_base_mask(2).id
+    assert Registry().names(pulled) == ["tiny/hub.evil.shadow@v1"]
+    assert Mask.load(Registry().resolve("tiny/base")).id == tiny_base_mask(1).id  # train --mask tiny/base: mine
+    listing = CliRunner().invoke(app, ["registry", "list"])
+    assert "pulled from evil/shadow" in listing.output
+    asked = CliRunner().invoke(app, ["pull", "evil/shadow", "--name", "base"])  # the user asks: it joins the name
+    assert asked.exit_code == 0, asked.output
+    assert Mask.load(Registry().resolve("tiny/base")).id == pulled
+
+
+def test_pulled_task_names_the_repo_within_the_length_limit():
+    assert hub.pulled_task("me/arc-mask") == "hub.me.arc-mask"
+    long = hub.pulled_task("owner/" + "x" * 96)
+    assert len(long) == 64 and long.startswith("hub.owner.xxx")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"[1, 2]", "provenance.json is not a JSON object"),
+        (b'{"id": 5}', "provenance.json 'id' is not a mask id"),
+        (b"not json", "provenance.json is not valid JSON"),
+        (b"[" * 5000, "provenance.json is not valid JSON"),
+    ],
+)
+def test_a_malformed_provenance_is_a_one_line_error(server, mask_ref, tmp_path, monkeypatch, content, message):
+    hub.push(mask_ref, REPO, registry=Registry())
+    server.hub.tamper(REPO, "provenance.json", content)
+    switch_registry(tmp_path, monkeypatch, "elsewhere")
+    result = CliRunner().invoke(app, ["pull", REPO])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert Registry().list_masks() == []

@@ -565,3 +565,24 @@ def test_profile_cli_reports_bits_it_shares_with_a_registered_mask(tmp_path, reg
     with stdout.capture() as captured:
         save_and_register(mask, None, task="csqa", registry=registry)
     assert "registered as tiny-model/csqa@v1, the same bits as tiny-model/arc@v1" in captured.get()
+
+
+def test_every_load_from_the_registry_verifies_the_stored_sha256(tmp_path, registry, tiny_model_dir):
+    name = registry.register(make_mask(tmp_path, 1))
+    stored = registry.resolve(name)
+    original = Mask.load(stored)
+    swapped = Mask(original.packed, original.shapes, {**original.metadata, "task": "other"})
+    assert swapped.id == original.id  # same bits: the content id alone cannot tell
+    stored.chmod(0o644)
+    swapped.save(stored)
+    with pytest.raises(CplError, match="differs from the sha256 recorded when it was registered"):
+        registry.resolve("tiny-model/arc")
+    refused = cli("inspect", "tiny-model/arc")
+    assert refused.exit_code == 2 and "differs from the sha256" in " ".join(refused.output.split())
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "one two?", "choices": ["one", "two"], "answer": "A"}\n')
+    train = cli(
+        "train", "--mask", "tiny-model/arc", "--model", str(tiny_model_dir), "--data", str(questions),
+        "--mastered", str(questions), "--out", str(tmp_path / "run"), "--device", "cpu", "--epochs", "1",
+    )  # fmt: skip
+    assert train.exit_code == 2 and "differs from the sha256" in " ".join(train.output.split()), train.output
