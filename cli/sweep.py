@@ -12,16 +12,8 @@ from cpl_masks.cli.common import stdout as console
 from cpl_masks.data import check_limit
 from cpl_masks.errors import CplError
 from cpl_masks.models import DEFAULT_MODEL
-from cpl_masks.sweep import (
-    DEFAULT_LR_GRID,
-    DEFAULT_METHODS,
-    PLOT_FILE,
-    RESULT_FILE,
-    SWEEP_COLUMNS,
-    SweepConfig,
-    run_sweep,
-    sweep_table_rows,
-)
+from cpl_masks.sweep import DEFAULT_LR_GRID, DEFAULT_METHODS, PLOT_FILE, RESULT_FILE, SweepConfig, run_sweep
+from cpl_masks.sweep_report import PAIRED_COLUMNS, SWEEP_COLUMNS, paired_table_rows, sweep_table_rows
 
 
 def _list(option: str, text: str, kind: type) -> list:
@@ -66,6 +58,15 @@ def sweep(
     holdout_fraction: Annotated[float, typer.Option(help="Share of mastered questions held out.")] = 0.25,
     min_margin: Annotated[float, typer.Option(help="Mastered only when right by at least this margin.")] = 0.0,
     limit: Annotated[int | None, typer.Option(help="Use only the first N questions.")] = None,
+    heldout_data: Annotated[
+        str | None,
+        typer.Option(
+            help="Questions whose confidently right ones join the held-out set: a forgetting pool "
+            "(default for builtin:demo: its general questions the split does not use)."
+        ),
+    ] = None,
+    heldout_limit: Annotated[int | None, typer.Option(help="Keep at most N pool questions.")] = None,
+    eval_every: Annotated[int, typer.Option(help="Evaluate every K epochs (and the last); each is a point.")] = 1,
     retain_text: Annotated[
         str | None, typer.Option(help="General text whose loss tracks forgetting (builtin:demo writes its own).")
     ] = None,
@@ -105,6 +106,9 @@ def sweep(
         holdout_fraction=holdout_fraction,
         min_margin=min_margin,
         limit=limit,
+        heldout_data=heldout_data,
+        heldout_limit=heldout_limit,
+        eval_every=eval_every,
         retain_text=retain_text,
         method_options={key: value for key, value in options.items() if value is not None},
         track_drift=track_drift,
@@ -116,8 +120,15 @@ def sweep(
     payload = run_sweep(config, report=lambda line: console.print(line, highlight=False, markup=False))
     budget = f"{config.forgetting_budget:.0%}"
     print_table(
-        f"each method at its best learning rate (held-out forgetting ≤ {budget})",
+        f"each method at its best learning rate and epoch (held-out forgetting ≤ {budget} "
+        f"of {payload['heldout_questions']} questions)",
         SWEEP_COLUMNS,
         sweep_table_rows(payload),
     )
+    if payload["paired"]:
+        print_table(
+            "paired differences (method − reference, each at its best point; 95 % interval, exact McNemar p)",
+            PAIRED_COLUMNS,
+            paired_table_rows(payload),
+        )
     console.print(f"results: {out / RESULT_FILE}\nplot: {out / PLOT_FILE}", highlight=False)

@@ -19,13 +19,20 @@ from cpl_masks.cli.common import (
     reports_errors,
     stdout,
 )
+from cpl_masks.data import load_questions
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import (
     COMPARE_COLUMNS,
     METRIC_COLUMNS,
+    OUTCOMES,
+    compare_outcomes,
     comparison_rows,
+    describe_difference,
     draw_comparison,
     metrics_table_rows,
+    outcome_differences,
+    question_outcomes,
+    read_question_records,
 )
 from cpl_masks.methods import METHODS
 from cpl_masks.models import DEFAULT_MODEL
@@ -126,6 +133,7 @@ def train(
     track_drift: Annotated[
         bool, typer.Option(help="With --mask: record the mask's agreement with the sign rule after every epoch.")
     ] = False,
+    eval_every: Annotated[int, typer.Option(help="Evaluate every K epochs (and always the last).")] = 1,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -145,7 +153,8 @@ def train(
     threads: ThreadsOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Fine-tune on the injection set, evaluating learned and forgotten questions after every epoch.
+    """Fine-tune on the injection set, evaluating learned and forgotten questions after every epoch
+    (or every --eval-every epochs); questions.jsonl keeps each question's result at every evaluation.
 
     Under torchrun (or accelerate launch) each rank trains and evaluates its share; rank 0 writes.
 
@@ -200,6 +209,7 @@ def train(
             threads=threads,
             retain_text=retain_text,
             track_drift=track_drift,
+            eval_every=eval_every,
             config=config,
         )
         if not overwrite and restartable(out):
@@ -214,15 +224,72 @@ def train(
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Finished run folders (each with run.json).")],
     plot: Annotated[Path | None, typer.Option(help="Also draw learned vs forgotten per run to this PNG.")] = None,
+    questions: Annotated[
+        bool, typer.Option("--questions", help="List the questions two runs disagree on (learned, forgotten).")
+    ] = False,
 ) -> None:
     """Compare finished runs: learned, forgotten, held-out forgotten, time and peak memory.
 
-    Example: cpl-masks compare runs/cpl runs/full --plot runs/compare.png
+    Runs of one split are also compared question by question with the first run: each difference
+    with its 95 % bootstrap interval and exact McNemar p ("no detectable difference" when the
+    interval holds 0).
+
+    Example: cpl-masks compare runs/cpl runs/full --questions --plot runs/compare.png
     """
+    if questions and len(runs) != 2:
+        raise CplError(f"--questions compares two runs; {len(runs)} were given")
     names = [folder.name for folder in runs]
     unique = len(set(names)) == len(names)
     payloads = {(folder.name if unique else str(folder)): read_run(folder) for folder in runs}
     print_table("runs compared", COMPARE_COLUMNS, comparison_rows(payloads))
+    labels = list(payloads)
+    outcomes = {label: _final_outcomes(folder) for label, folder in zip(labels, runs)}
+    if len(runs) > 1 and all(found is not None for found in outcomes.values()):
+        reference = labels[0]
+        rows = [
+            (label, *_paired_cells(compare_outcomes([(outcomes[reference], outcomes[label])]))) for label in labels[1:]
+        ]
+        print_table(f"paired by question against {reference} (run − {reference})", PAIRED_COLUMNS, rows)
+    if questions:
+        _print_question_differences(labels, [outcomes[label] for label in labels], payloads)
     if plot is not None:
         draw_comparison(payloads, plot)
         stdout.print(f"plot: {plot}", highlight=False)
+
+
+PAIRED_COLUMNS = ("run", "learned", "forgotten (M)", "held-out forgotten")
+
+
+def _final_outcomes(folder: Path) -> dict[str, dict[str, bool]] | None:
+    records = read_question_records(folder, missing_ok=True)
+    return None if records is None else question_outcomes(records)
+
+
+def _paired_cells(comparison: dict[str, dict]) -> list[str]:
+    return [describe_difference(comparison[name]) if name in comparison else "-" for name in OUTCOMES]
+
+
+def _print_question_differences(labels: list[str], outcomes: list, payloads: dict[str, dict]) -> None:
+    """One row per question the two runs disagree on, with its text from the run's question files."""
+    if any(found is None for found in outcomes):
+        raise CplError("--questions: a run has no questions.jsonl (made before per-question records were kept)")
+    texts = _question_texts(payloads[labels[0]])
+    differences = outcome_differences(outcomes[0], outcomes[1])
+    rows = [
+        (outcome.replace("_", " "), key, "yes" if first else "no", "yes" if second else "no", texts.get(key, ""))
+        for outcome, key, first, second in differences
+    ]
+    print_table(f"questions the runs disagree on ({len(rows)})", ["outcome", "question id", *labels, "question"], rows)
+
+
+def _question_texts(run: dict) -> dict[str, str]:
+    """Question id -> text, from the run's question files where they are still readable."""
+    texts: dict[str, str] = {}
+    for entry in (run.get("data") or {}).values():
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if path and Path(path).is_file():
+            try:
+                texts.update((question.id, question.question) for question in load_questions(path))
+            except CplError:
+                continue
+    return texts

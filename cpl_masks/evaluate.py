@@ -15,9 +15,11 @@ the correct choice's score (``delta_logprob``) and in its margin over the best w
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import astuple, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ from cpl_masks.data import Question
 from cpl_masks.errors import CplError
 from cpl_masks.files import atomic_write
 from cpl_masks.scoring import Scorer, Scores, batches, pad_left, score_questions
+from cpl_masks.stats import compare_paired
 
 EVAL_SETS = ("inject", "mastered", "heldout")
 METRIC_COLUMNS = (
@@ -145,6 +148,7 @@ def epoch_metrics(
     }
 
 
+QUESTIONS = "questions.jsonl"  # a run folder's per-question records of every evaluated epoch
 OUTCOMES = {"learned": "inject", "forgotten": "mastered", "heldout_forgotten": "heldout"}  # outcome -> its set
 
 
@@ -190,6 +194,67 @@ def question_outcomes(records: Sequence[Mapping[str, Any]], epoch: int | None = 
         gained = outcome == "learned"
         outcomes[outcome] = {key: bool(now and not was) if gained else bool(was and not now) for key, was, now in pairs}
     return outcomes
+
+
+def read_question_records(folder: str | Path, *, missing_ok: bool = False) -> list[dict[str, Any]] | None:
+    """A run folder's per-question records (``questions.jsonl``); None when absent and ``missing_ok``.
+
+    Raises:
+        CplError: the file is missing (unless ``missing_ok``) or not valid JSON lines.
+    """
+    path = Path(folder) / QUESTIONS
+    if not path.is_file():
+        if missing_ok:
+            return None
+        raise CplError(f"{folder}: no {QUESTIONS} (a run made before per-question records were kept)")
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise CplError(f"{path}: not valid JSON lines ({error.msg} at line {error.lineno})") from error
+
+
+def describe_difference(entry: Mapping[str, Any]) -> str:
+    """``+3 [−1, +7] p=0.25`` or ``… no detectable difference`` for one paired comparison's ``to_dict``."""
+    text = f"{entry['difference']:+d} [{entry['low']:+d}, {entry['high']:+d}] p={entry['p_value']:.2g}"
+    return f"{text}, no detectable difference" if entry["contains_zero"] else text
+
+
+def compare_outcomes(
+    pairs: Sequence[tuple[Mapping[str, Mapping[str, bool]], Mapping[str, Mapping[str, bool]]]],
+) -> dict[str, dict[str, Any]]:
+    """Per outcome, run B against run A over pairs of runs (one pair per seed), paired by question.
+
+    Returns the :func:`cpl_masks.stats.compare_paired` record of ``B − A`` for each outcome both
+    runs of every pair measured.
+
+    Raises:
+        CplError: a pair's runs did not evaluate the same questions (not one split).
+    """
+    groups: dict[str, tuple[list[list[bool]], list[list[bool]]]] = {name: ([], []) for name in OUTCOMES}
+    for a, b in pairs:
+        for name in OUTCOMES:
+            if name not in a or name not in b:
+                continue
+            if a[name].keys() != b[name].keys():
+                raise CplError(f"the runs did not evaluate the same {OUTCOMES[name]} questions (not one split)")
+            keys = list(a[name])
+            groups[name][0].append([a[name][key] for key in keys])
+            groups[name][1].append([b[name][key] for key in keys])
+    return {name: compare_paired(a, b).to_dict() for name, (a, b) in groups.items() if a}
+
+
+def outcome_differences(
+    a: Mapping[str, Mapping[str, bool]], b: Mapping[str, Mapping[str, bool]]
+) -> list[tuple[str, str, bool, bool]]:
+    """The questions two runs of one split disagree on: ``(outcome, id, a's, b's)`` for every outcome
+    (learned, forgotten, held-out forgotten) one run had and the other did not."""
+    return [
+        (outcome, key, happened, b[outcome][key])
+        for outcome in OUTCOMES
+        if outcome in a and outcome in b
+        for key, happened in a[outcome].items()
+        if key in b[outcome] and happened != b[outcome][key]
+    ]
 
 
 def mean_change(before: Sequence[float], after: Sequence[float]) -> float:

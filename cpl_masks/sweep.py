@@ -1,15 +1,19 @@
 """The paper's comparison in one call: every method at every learning rate, judged under a forgetting budget.
 
-A sweep splits the data once (holding out a share of the mastered questions), profiles the CPL
-mask, makes the two control masks (random and gradient-magnitude, at the CPL mask's share in every
-tensor), then trains every method at every learning rate of the grid for every seed. Each run is
-an ordinary training-run folder under ``runs/``, so ``cpl-masks compare`` reads it; epoch 0 of
-every run comes from the split's own scores, so no question is scored twice for the same weights.
+A sweep splits the data once (holding out a share of the mastered questions, plus a forgetting
+pool of confidently known questions from ``heldout_data``; for ``builtin:demo`` its general
+questions the split does not use), profiles the CPL mask, makes the two control masks (random and
+gradient-magnitude, at the CPL mask's share in every tensor), then trains every method at every
+learning rate of the grid for every seed. Each run is an ordinary training-run folder under
+``runs/``, so ``cpl-masks compare`` reads it; epoch 0 of every run comes from the split's own
+scores, so no question is scored twice for the same weights.
 
-A method is reported at its best learning rate: the one with the most questions learned (mean
-over seeds) whose held-out forgetting stays within the budget, so no method is judged at a bad
-learning rate. ``sweep.json`` holds every run and that choice; ``sweep.png`` draws learned against
-held-out forgotten with the Pareto front.
+Every evaluated epoch (``eval_every``) of every run is a point; a method is reported at its best
+point: the most questions learned (mean over seeds) whose held-out forgetting stays within the
+budget, over learning rate × epoch. ``sweep.json`` holds every run, the points, that choice, the
+area under each method's learned-vs-forgotten curve and the paired comparisons with full
+fine-tuning and with the random mask (:mod:`cpl_masks.sweep_report`); ``sweep.png`` draws the
+curves.
 
 Re-running with the same arguments resumes: finished runs are skipped, an interrupted run goes on
 from its last checkpoint, and a run that diverged stays recorded as diverged. Re-running with only
@@ -29,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from cpl_masks.controls import CONTROLS, control_mask
-from cpl_masks.data import BUILTIN_DEMO, load_questions
+from cpl_masks.data import BUILTIN_DEMO, Question, check_limit, load_questions
 from cpl_masks.demo_data import retain_text
 from cpl_masks.errors import CplError
 from cpl_masks.files import atomic_write, write_json
@@ -40,6 +44,15 @@ from cpl_masks.profile import profile
 from cpl_masks.registry import Registry
 from cpl_masks.registry.names import task_name
 from cpl_masks.split import HELDOUT, INJECT, MASTERED, SUMMARY, split_questions, write_split
+from cpl_masks.sweep_report import (
+    aggregate,
+    best_per_method,
+    draw_sweep,
+    epoch_figures,
+    learned_forgotten_auc,
+    paired_comparisons,
+    pareto_front,
+)
 from cpl_masks.train import OPTIMIZERS, TrainConfig, TrainingDiverged
 from cpl_masks.training_run import CHECKPOINT, RUN, RunRequest, read_run, resume_run, start_run
 
@@ -69,6 +82,9 @@ class SweepConfig:
     holdout_fraction: float = 0.25
     min_margin: float = 0.0
     limit: int | None = None
+    heldout_data: str | None = None  # a forgetting pool's candidates (builtin:demo: its unused general questions)
+    heldout_limit: int | None = None
+    eval_every: int = 1
     retain_text: str | None = None
     method_options: dict[str, Any] = field(default_factory=dict)  # e.g. replay_share, ewc_lambda, lora_rank
     track_drift: bool = True  # record the CPL mask's agreement with the sign rule after every epoch
@@ -107,6 +123,9 @@ class SweepConfig:
             raise CplError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
         if self.retain_text is not None and not Path(self.retain_text).is_file():
             raise CplError(f"--retain-text {self.retain_text}: no such file")
+        check_limit(self.heldout_limit, "--heldout-limit")
+        if not (isinstance(self.eval_every, int) and self.eval_every >= 1):
+            raise CplError(f"--eval-every {self.eval_every}: must be a whole number of epochs, at least 1")
         modes = {_mode(method) for method in self.methods}
         for name in modes:
             method_options(name, _applicable_options(name, self.method_options))
@@ -185,7 +204,10 @@ def _claim_folder(out: Path, config: SweepConfig) -> None:
     wanted = asdict(config)
     if saved.is_file():
         previous = json.loads(saved.read_text(encoding="utf-8"))
-        changed = sorted(key for key in wanted if key not in _SUMMARY_ONLY and previous.get(key) != wanted[key])
+        defaults = asdict(SweepConfig(model="", data="", out=""))  # keys an older sweep did not record yet
+        changed = sorted(
+            key for key in wanted if key not in _SUMMARY_ONLY and previous.get(key, defaults[key]) != wanted[key]
+        )
         if changed:
             raise CplError(
                 f"--out {out}: holds a sweep with other arguments ({', '.join(changed)}); "
@@ -203,6 +225,7 @@ def _split(config: SweepConfig, folder: Path, report: Report, show_progress: boo
         return folder
     report(f"splitting {config.data} with {config.model} ({config.scoring} scoring)")
     questions = load_questions(config.data, limit=config.limit)
+    pool = _pool_candidates(config)
     loaded = _load(config)
     split = split_questions(
         loaded,
@@ -212,6 +235,14 @@ def _split(config: SweepConfig, folder: Path, report: Report, show_progress: boo
         min_margin=config.min_margin,
         batch_size=config.eval_batch_size,
         show_progress=show_progress,
+        pool=pool,
+        pool_limit=config.heldout_limit,
+    )
+    counts = split.summary["counts"]
+    held = counts["heldout"] + counts["pool"]
+    report(
+        f"held out: {held} mastered questions ({counts['heldout']} of the split, {counts['pool']} from the pool); "
+        f"one question is {1 / max(held, 1):.1%} of them"
     )
     for name, rows in (("mastered", split.mastered), ("held-out", split.heldout), ("injection", split.inject)):
         if not rows:
@@ -265,6 +296,16 @@ def _profile(config: SweepConfig, split_dir: Path, show_progress: bool) -> Mask:
     )
 
 
+def _pool_candidates(config: SweepConfig) -> list[Question]:
+    """The forgetting pool's candidates: ``--heldout-data``, else for ``builtin:demo`` its general questions
+    (those in the split are dropped when the pool is made), else none."""
+    if config.heldout_data is not None:
+        return load_questions(config.heldout_data)
+    if config.data == BUILTIN_DEMO:
+        return [question for question in load_questions(BUILTIN_DEMO) if question.id.startswith("general-")]
+    return []
+
+
 def _load(config: SweepConfig) -> LoadedModel:
     return load_model(config.model, dtype=config.dtype, device=config.device, threads=config.threads)
 
@@ -298,11 +339,12 @@ def _one_run(
     registry: Registry,
 ) -> tuple[dict[str, Any], bool]:
     """Finish one run (skip, resume or start it); returns its summary and whether it trained now."""
-    folder = runs_dir / spec.label
+    folder, sweep_dir = runs_dir / spec.label, runs_dir.parent
     if (folder / RUN).is_file():
-        return _run_summary(spec, read_run(folder)), False
+        return _run_summary(spec, read_run(folder), sweep_dir), False
     if (folder / DIVERGED).is_file():
-        return _run_summary(spec, None, json.loads((folder / DIVERGED).read_text(encoding="utf-8"))), False
+        diverged = json.loads((folder / DIVERGED).read_text(encoding="utf-8"))
+        return _run_summary(spec, None, sweep_dir, diverged), False
     try:
         if (folder / CHECKPOINT / "state.json").is_file():
             payload = resume_run(folder, show_progress=show_progress, registry=registry)
@@ -312,8 +354,8 @@ def _one_run(
     except TrainingDiverged as error:
         diverged = {"diverged": str(error)}
         write_json(folder / DIVERGED, diverged)
-        return _run_summary(spec, None, diverged), True
-    return _run_summary(spec, payload), True
+        return _run_summary(spec, None, sweep_dir, diverged), True
+    return _run_summary(spec, payload, sweep_dir), True
 
 
 def _request(
@@ -345,6 +387,7 @@ def _request(
         retain_text=retain,
         track_drift=config.track_drift and spec.method == "mask",
         keep_weights=False,
+        eval_every=config.eval_every,
         config=TrainConfig(
             epochs=config.epochs,
             lr=spec.lr,
@@ -384,35 +427,31 @@ def _applicable_options(mode: str, options: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in options.items() if key in names}
 
 
-def _run_summary(spec: RunSpec, run: dict[str, Any] | None, diverged: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The figures of one run that the comparison needs (None where the run diverged)."""
+def _run_summary(
+    spec: RunSpec, run: dict[str, Any] | None, sweep_dir: Path, diverged: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The figures of one run that the comparison needs: its last evaluated epoch's, and under ``epochs``
+    every evaluated epoch's after 0 (None figures where the run diverged)."""
     summary: dict[str, Any] = {"method": _method_label(spec.method), "lr": spec.lr, "seed": spec.seed}
     if run is None:
         return {**summary, **(diverged or {}), "learned_share": None, "heldout_forgotten_share": None}
-    final, totals = run["final"], run["final"]["totals"]
+    rows = run["metrics"]
     return {
         **summary,
-        "run_dir": run["out_dir"],
-        "learned": final["learned"],
-        "inject_wrong": totals["inject_wrong"],
-        "forgotten": final["forgotten"],
-        "mastered_right": totals["mastered_right"],
-        "heldout_forgotten": final["heldout_forgotten"],
-        "heldout_right": totals["heldout_right"],
-        "learned_share": _share(final["learned"], totals["inject_wrong"]),
-        "forgotten_share": _share(final["forgotten"], totals["mastered_right"]),
-        "heldout_forgotten_share": _share(final["heldout_forgotten"], totals["heldout_right"]),
-        "delta_logprob": final.get("delta_logprob"),
-        "delta_margin": final.get("delta_margin"),
-        "retain_loss_delta": final.get("retain_loss_delta"),
-        "mask_agreement": final.get("mask_agreement"),
+        "run_dir": _relative(Path(run["out_dir"]), sweep_dir),
+        **epoch_figures(rows[-1]),
+        "epochs": [epoch_figures(row) for row in rows if row["epoch"] > 0],
         "collaborative_share": run.get("collaborative_share"),
         "time_s": run["time_s"],
     }
 
 
-def _share(count: int | None, total: int | None) -> float | None:
-    return None if count is None or not total else count / total
+def _relative(folder: Path, sweep_dir: Path) -> str:
+    """``folder`` relative to the sweep folder, so ``sweep.json`` reads the same on any machine."""
+    try:
+        return str(folder.resolve().relative_to(sweep_dir.resolve()))
+    except ValueError:
+        return str(folder)
 
 
 def summarize_sweep(
@@ -423,20 +462,27 @@ def summarize_sweep(
     *,
     complete: bool = True,
 ) -> dict[str, Any]:
-    """The ``sweep.json`` payload: every run, per (method, lr) means over seeds, each method's best, the front.
+    """The ``sweep.json`` payload: every run, per (method, lr, epoch) means over seeds, each method's best
+    within the budget, the front, the area under each method's curve, and the paired comparisons.
 
     ``complete`` is False while runs of the sweep are still to come.
     """
     points = aggregate(runs)
+    best = best_per_method(points, config.forgetting_budget)
+    alive = [point["heldout_forgotten_share"] for point in points if not point["diverged"]]
+    split = json.loads((split_dir / SUMMARY).read_text(encoding="utf-8"))
     return {
         "complete": complete,
         "config": asdict(config),
-        "split": json.loads((split_dir / SUMMARY).read_text(encoding="utf-8")),
+        "split": split,
+        "heldout_questions": split["counts"]["heldout"] + split["counts"].get("pool", 0),
         "masks": {name: _mask_summary(path) for name, path in masks.items()},
         "runs": list(runs),
         "points": points,
-        "best": best_per_method(points, config.forgetting_budget),
+        "best": best,
         "pareto": pareto_front(points),
+        "auc": learned_forgotten_auc(points, max(alive, default=0.0)),
+        "paired": paired_comparisons(runs, best, split_dir.parent),
     }
 
 
@@ -445,163 +491,5 @@ def _mask_summary(path: Path) -> dict[str, Any]:
     return {"path": str(path), "id": mask.id, "collaborative_share": mask.collaborative_share()}
 
 
-_MEAN_KEYS = ("learned_share", "heldout_forgotten_share", "forgotten_share", "retain_loss_delta", "time_s")
-
-
-def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One point per (method, learning rate): means and spreads over seeds; diverged seeds make it diverged."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
-    for run in runs:
-        groups.setdefault((run["method"], run["lr"]), []).append(run)
-    points = []
-    for (method, lr), members in groups.items():
-        point: dict[str, Any] = {"method": method, "lr": lr, "seeds": len(members)}
-        if any(member.get("learned_share") is None for member in members):
-            points.append({**point, "diverged": True})
-            continue
-        for key in _MEAN_KEYS:
-            values = [member[key] for member in members if member.get(key) is not None]
-            point[key] = statistics.mean(values) if values else None
-            point[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        for key in ("delta_logprob", "delta_margin"):
-            point[key] = {
-                name: statistics.mean(member[key][name] for member in members) for name in members[0][key] or {}
-            }
-        agreement = [member["mask_agreement"]["touched"] for member in members if member.get("mask_agreement")]
-        point["mask_agreement_touched"] = statistics.mean(agreement) if agreement else None
-        points.append({**point, "diverged": False})
-    return points
-
-
-def best_per_method(points: Sequence[dict[str, Any]], budget: float) -> dict[str, dict[str, Any] | None]:
-    """Each method at its most-learning learning rate whose held-out forgetting stays within ``budget``.
-
-    Ties in learning go to less forgetting, then the smaller learning rate. ``None``: no learning
-    rate of the grid stayed within the budget.
-    """
-    best: dict[str, dict[str, Any] | None] = {}
-    for point in points:
-        best.setdefault(point["method"], None)
-        if point["diverged"] or point["heldout_forgotten_share"] > budget + 1e-12:
-            continue
-        current = best[point["method"]]
-        key = (point["learned_share"], -point["heldout_forgotten_share"], -point["lr"])
-        if current is None or key > (current["learned_share"], -current["heldout_forgotten_share"], -current["lr"]):
-            best[point["method"]] = point
-    return best
-
-
-def pareto_front(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Points no other point beats on both axes (learns at least as much, forgets at most as much, one strictly)."""
-    alive = [point for point in points if not point["diverged"]]
-
-    def dominated(point: dict[str, Any]) -> bool:
-        return any(
-            other["learned_share"] >= point["learned_share"]
-            and other["heldout_forgotten_share"] <= point["heldout_forgotten_share"]
-            and (
-                other["learned_share"] > point["learned_share"]
-                or other["heldout_forgotten_share"] < point["heldout_forgotten_share"]
-            )
-            for other in alive
-        )
-
-    front = [point for point in alive if not dominated(point)]
-    return sorted(front, key=lambda point: point["heldout_forgotten_share"])
-
-
-SWEEP_COLUMNS = (
-    "method",
-    "best lr",
-    "learned",
-    "held-out forgotten",
-    "forgotten",
-    "Δ margin held-out",
-    "Δ retain loss",
-    "seeds",
-)
-
-
-def sweep_table_rows(payload: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """One row per method at its best learning rate within the budget (``-`` where none qualified)."""
-    rows = []
-    for method, point in payload["best"].items():
-        if point is None:
-            rows.append((method, "none within budget", "-", "-", "-", "-", "-", "-"))
-            continue
-        retain = point.get("retain_loss_delta")
-        rows.append(
-            (
-                method,
-                f"{point['lr']:g}",
-                _percent(point, "learned_share"),
-                _percent(point, "heldout_forgotten_share"),
-                _percent(point, "forgotten_share"),
-                f"{point['delta_margin'].get('heldout', 0.0):+.3f}",
-                "-" if retain is None else f"{retain:+.4f}",
-                point["seeds"],
-            )
-        )
-    return rows
-
-
-def _percent(point: dict[str, Any], key: str) -> str:
-    spread = point.get(f"{key}_sd") or 0.0
-    return f"{point[key]:.1%}" + (f" ± {spread:.1%}" if point["seeds"] > 1 else "")
-
-
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
-def draw_sweep(payload: dict[str, Any], path: str | Path) -> None:
-    """Learned against held-out forgotten (one point per method and learning rate, the Pareto front drawn),
-    and learned against the held-out change in the correct choice's margin, as a PNG (written atomically).
-
-    The margin, not the raw score, is the continuous measure of forgetting: training on answers in
-    one format raises every choice's score, so the correct one's score alone can rise while the
-    model forgets which choice is right.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [point for point in payload["points"] if not point["diverged"]]
-    methods = list(dict.fromkeys(point["method"] for point in points))
-    colors = {method: plt.get_cmap("tab10")(index % 10) for index, method in enumerate(methods)}
-    figure, (counts, continuous) = plt.subplots(1, 2, figsize=(12, 5))
-    for point in points:
-        x_share = 100 * point["heldout_forgotten_share"]
-        x_margin = point["delta_margin"].get("heldout", 0.0)
-        y = 100 * point["learned_share"]
-        for axis, x in ((counts, x_share), (continuous, x_margin)):
-            axis.scatter(x, y, color=colors[point["method"]], s=40)
-            axis.annotate(f"{point['lr']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    front = payload["pareto"]
-    counts.plot(
-        [100 * p["heldout_forgotten_share"] for p in front],
-        [100 * p["learned_share"] for p in front],
-        color="black",
-        linestyle="--",
-        linewidth=1,
-        label="Pareto front",
-    )
-    budget = 100 * payload["config"]["forgetting_budget"]
-    counts.axvline(budget, color="grey", linewidth=0.8, linestyle=":", label=f"budget {budget:g}%")
-    for method in methods:
-        counts.scatter([], [], color=colors[method], label=method)
-    counts.set_xlabel("held-out forgotten (% of held-out mastered)")
-    counts.set_ylabel("learned (% of injection questions)")
-    counts.set_title("learned vs forgotten (labels: learning rate)")
-    counts.legend(fontsize=7)
-    continuous.axvline(0, color="grey", linewidth=0.8)
-    continuous.set_xlabel("mean change in the correct choice's margin, held-out mastered")
-    continuous.set_ylabel("learned (% of injection questions)")
-    continuous.set_title("learned vs continuous forgetting")
-    for axis in (counts, continuous):
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    with atomic_write(path, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=100)
-    plt.close(figure)

@@ -30,7 +30,7 @@ import torch
 from cpl_masks import distributed
 from cpl_masks.data import Question, load_questions, questions_sha256
 from cpl_masks.errors import CplError
-from cpl_masks.evaluate import draw_curves, epoch_metrics, evaluate_sets, question_records, text_loss
+from cpl_masks.evaluate import QUESTIONS, draw_curves, epoch_metrics, evaluate_sets, question_records, text_loss
 from cpl_masks.files import atomic_write, check_output_dir, check_writable_folder, sha256_file, write_json, write_jsonl
 from cpl_masks.masks import Mask, read_header
 from cpl_masks.methods import METHODS, Method, MethodContext, make_method, method_options
@@ -52,7 +52,6 @@ CONFIG, METRICS, CURVES, RUN, MODEL_DIR, CHECKPOINT = (
     "checkpoint",
 )
 STATE = "state.json"
-QUESTIONS = "questions.jsonl"  # per-question records of every evaluated epoch
 FINAL_KEYS = (
     "learned",
     "forgotten",
