@@ -26,7 +26,7 @@ from cpl_masks.cli.common import (
 from cpl_masks.controls import CONTROLS, control_mask
 from cpl_masks.data import load_questions
 from cpl_masks.errors import CplError
-from cpl_masks.files import check_output_file
+from cpl_masks.files import atomic_write, check_output_file
 from cpl_masks.mask_stats import diff as diff_masks
 from cpl_masks.mask_stats import draw_share_heatmap, summarize
 from cpl_masks.masks import Mask
@@ -123,7 +123,7 @@ def profile(
     if rule != "sign":
         control = ControlRequest(rule, like, inject, scoring, seed=seed, task=name, batch_size=batch_size)
         mask = make_control(control, registry, model=model, dtype=dtype, device=device, threads=threads)
-        distributed.on_main(lambda: save_and_register(mask, out, task=name, registry=registry))
+        distributed.on_main(lambda: save_and_register(mask, out, task=name, registry=registry, overwrite=overwrite))
         return
     cut = Rule(
         threshold=0.0 if threshold is None and keep_fraction is None else threshold,
@@ -148,13 +148,13 @@ def profile(
         data_paths={"mastered": str(mastered), "inject": str(inject)},
         wrapping=wrapping,
     )
-    distributed.on_main(lambda: _report_and_save(mask, out, task=name, registry=registry))
+    distributed.on_main(lambda: _report_and_save(mask, out, task=name, registry=registry, overwrite=overwrite))
 
 
-def _report_and_save(mask: Mask, out: Path | None, *, task: str | None, registry: Registry) -> None:
+def _report_and_save(mask: Mask, out: Path | None, *, task: str | None, registry: Registry, overwrite: bool) -> None:
     print_summary(mask)
     print_run(mask)
-    save_and_register(mask, out, task=task, registry=registry)
+    save_and_register(mask, out, task=task, registry=registry, overwrite=overwrite)
 
 
 def check_outputs(out: Path | None, overwrite: bool, registry: Registry, *, inputs: list[Path | None]) -> None:
@@ -250,15 +250,20 @@ def inspect(
     mask: MaskArgument,
     as_json: JsonOption = False,
     plot: Annotated[Path | None, typer.Option(help="Write a heatmap (layers x module types) to this PNG.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --plot file (never the mask itself).")] = False,
 ) -> None:
     """Show a mask's provenance and collaborative shares by module type and layer.
 
     Example: cpl-masks inspect smollm2-135m-instruct/arc@v1 --plot shares.png
     """
-    loaded = Mask.load(Registry().resolve(mask), scores=False)
+    path = Registry().resolve(mask)
+    if plot is not None:
+        check_output_file(plot, overwrite=overwrite, inputs=[path], option="--plot")
+    loaded = Mask.load(path, scores=False)
     summary = summarize(loaded)
     if plot is not None:
-        draw_share_heatmap(loaded, plot)
+        with atomic_write(plot, "wb", replace=overwrite) as handle:
+            draw_share_heatmap(loaded, handle)
     if as_json:
         metadata = {key: value for key, value in loaded.metadata.items() if key != "tensors"}
         print_json({"id": loaded.id, "metadata": metadata, "summary": summary})
@@ -302,7 +307,7 @@ def combine_command(
     check_outputs(out, overwrite, registry, inputs=paths)
     result = combine([Mask.load(path, scores=False) for path in paths], op)
     say(f"{op} of {len(masks)} masks: {result.collaborative_share():.1%} collaborative")
-    save_and_register(result, out, task=name, registry=registry)
+    save_and_register(result, out, task=name, registry=registry, overwrite=overwrite)
 
 
 @reports_errors
@@ -327,16 +332,19 @@ def threshold(
     check_outputs(out, overwrite, registry, inputs=[path])
     result = recut(Mask.load(path), threshold=threshold, keep_fraction=keep_fraction)
     print_summary(result)
-    save_and_register(result, out, task=name, registry=registry)
+    save_and_register(result, out, task=name, registry=registry, overwrite=overwrite)
 
 
-def save_and_register(mask: Mask, out: Path | None, *, task: str | None, registry: Registry) -> None:
+def save_and_register(
+    mask: Mask, out: Path | None, *, task: str | None, registry: Registry, overwrite: bool = False
+) -> None:
     """Save ``mask`` to ``out`` when given, register it (straight into the store) and print its name.
 
-    The registry files it by its own metadata: profiled, control, combined or re-cut.
+    The registry files it by its own metadata: profiled, control, combined or re-cut. Without
+    ``overwrite`` a file created at ``out`` while the command ran is not replaced.
     """
     if out is not None:
-        mask.save(out)
+        mask.save(out, overwrite=overwrite)
     registered = registry.register(mask, task=task)
     _print_saved(mask, out, registered, first_name=registry.names(mask.id)[0])
 

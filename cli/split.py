@@ -26,7 +26,9 @@ from cpl_masks.cli.common import (
 from cpl_masks.data import check_limit, load_questions
 from cpl_masks.files import check_output_dir
 from cpl_masks.models import DEFAULT_MODEL, load_model
-from cpl_masks.split import split_questions, write_split
+from cpl_masks.split import HELDOUT, INJECT, MASTERED, SCORES, SUMMARY, split_questions, write_split
+
+SPLIT_FILES = (MASTERED, INJECT, HELDOUT, SCORES, SUMMARY)  # what split writes into --out
 
 
 @reports_errors
@@ -63,7 +65,8 @@ def split(
     Example:
         cpl-masks split --data questions.jsonl --out runs/split --holdout-fraction 0.2
     """
-    check_output_dir(out, overwrite=overwrite)  # fail before the slow model load
+    # before the slow model load: a non-empty folder, the registry's, or one whose files are the inputs
+    check_output_dir(out, overwrite=overwrite, inputs=[data, heldout_data], writes=SPLIT_FILES)
     check_limit(heldout_limit, "--heldout-limit")
     names = fields(question_field, choices_field, answer_field)
     questions = load_questions(data, split=data_split, fields=names, limit=limit)

@@ -7,6 +7,8 @@ renamed into place, so a crash or a bad input never leaves a half-written file b
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -17,24 +19,93 @@ from typing import IO, Any
 
 from cpl_masks.errors import CplError
 
+LOCK_NAME = ".lock"  # the lock file lock_folder keeps in a folder a process is writing
+
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Open a temporary sibling of ``path`` for writing and rename it over ``path`` on success."""
+def atomic_write(path: str | os.PathLike, mode: str = "w", *, replace: bool = True) -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing and publish it as ``path`` on success.
+
+    The file gets the mode a plain ``open`` would give (``0o666`` less the umask), not the
+    temporary file's ``0o600``. With ``replace`` False the file is published by a hard link, which
+    fails when ``path`` exists: a file someone created after the command's checks (a run that
+    began before it was there) is never replaced without ``--overwrite``.
+
+    Raises:
+        CplError: ``replace`` is False and ``path`` appeared meanwhile, or the disk is full.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_file_mode())
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _publish_new(Path(tmp), path)
+    except OSError as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        converted = disk_error(error, path)
+        if converted is error:
+            raise
+        raise converted from error
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _publish_new(tmp: Path, path: Path) -> None:
+    """Give ``tmp`` the name ``path`` only if nothing has it yet (a hard link cannot replace a file)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise CplError(
+            f"{path}: appeared while this command ran; not replaced (pass --overwrite to replace it)"
+        ) from None
+    except OSError as error:  # a filesystem without hard links: claim the name exclusively, then fill it
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, default_file_mode()))
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def default_file_mode() -> int:
+    """The mode ``open`` gives a new file: ``0o666`` less the process's umask (``0o644`` usually)."""
+    # Linux says it without changing it
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status", encoding="ascii") as status:
+        return 0o666 & ~int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the filesystem",
+    errno.EROFS: "read-only filesystem",
+    errno.EIO: "input/output error",
+}
+
+
+def disk_error(error: OSError, path: str | os.PathLike) -> Exception:
+    """A write that failed for lack of room (full disk, quota) or a broken disk, as one line naming ``path``.
+
+    Any other ``OSError`` is returned as it is.
+    """
+    reason = _DISK_ERRORS.get(error.errno or 0)
+    if reason is None:
+        return error
+    return CplError(f"{path}: cannot write ({reason}); nothing was replaced")
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
@@ -60,12 +131,34 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def check_output_dir(path: str | os.PathLike, *, overwrite: bool, option: str = "--out") -> Path:
-    """Refuse a file, or a non-empty folder unless ``overwrite`` is set, as an output folder."""
+def check_output_dir(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool,
+    option: str = "--out",
+    inputs: Iterable[str | os.PathLike | None] = (),
+    writes: Iterable[str] | None = None,
+) -> Path:
+    """Refuse an output folder that would destroy something, before any expensive work starts.
+
+    A file, or a non-empty folder unless ``overwrite`` is set; a folder in the registry's home
+    (:func:`check_outside_registry`); and, even with ``overwrite``, one that would write over an
+    input: with ``writes`` (the file names the command writes there) an input that is one of
+    those files, without it any input inside the folder or a folder that is, or lies in, an
+    input folder (a model folder given as ``--out``).
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CplError(f"{option} {path}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    check_outside_registry(path, option)
+    for source in (Path(item) for item in inputs if item is not None):
+        if writes is not None:
+            clash = next((path / name for name in writes if _same_file(path / name, source)), None)
+            if clash is not None:
+                raise CplError(f"{option} {path}: would write {clash.name} over this command's input {source}")
+        elif source.exists() and (_inside(source, path) or (source.is_dir() and _inside(path, source))):
+            raise CplError(f"{option} {path}: holds or is this command's input {source}; write to another folder")
+    if path.is_dir() and any(child.name != LOCK_NAME for child in path.iterdir()) and not overwrite:
         raise CplError(f"{option} {path}: folder is not empty; pass --overwrite to write into it")
     return path
 
@@ -75,6 +168,24 @@ def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool, option: str 
     path = check_output_dir(path, overwrite=overwrite, option=option)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    return first.exists() and second.exists() and os.path.samefile(first, second)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies in it, links resolved."""
+    return path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents
+
+
+def check_outside_registry(path: str | os.PathLike, option: str = "--out") -> None:
+    """Refuse an output in the registry's home: only the registry writes its database and store there."""
+    home = home_dir()
+    if _inside(Path(path), home):
+        raise CplError(
+            f"{option} {path}: lies in the registry's folder {home}; only the registry writes there (write elsewhere)"
+        )
 
 
 def home_dir() -> Path:
@@ -97,13 +208,16 @@ def check_output_file(
     """Refuse an output file that would destroy something, before any expensive work starts.
 
     An existing file needs ``overwrite``; a command's own input (a mask, a question file) is refused
-    even then; a folder that cannot be created or written is refused too.
+    even then, and so is a file in the registry's home; a folder that cannot be created or written
+    is refused too. Plots are output files like any other. Write the file with
+    ``atomic_write(path, replace=overwrite)``, so one created after this check is not replaced.
     """
     path = Path(path)
     if path.is_dir():
         raise CplError(f"{option} {path}: is a folder; give a file name")
+    check_outside_registry(path, option)
     for source in inputs:
-        if source is not None and path.exists() and Path(source).exists() and os.path.samefile(path, source):
+        if source is not None and _same_file(path, Path(source)):
             raise CplError(f"{option} {path}: is this command's input {source}; write to another file")
     if path.exists() and not overwrite:
         raise CplError(f"{option} {path}: file exists; pass --overwrite to replace it")
@@ -123,3 +237,32 @@ def check_writable_folder(folder: str | os.PathLike, *, what: str) -> None:
         raise CplError(f"{what}: cannot be created, {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CplError(f"{what}: cannot write in {existing} (permission denied)")
+
+
+@contextlib.contextmanager
+def lock_folder(path: str | os.PathLike, *, what: str = "run folder") -> Iterator[Path]:
+    """Hold an exclusive lock on a folder while this process writes it; a second writer is refused.
+
+    An OS file lock (``flock`` on ``<folder>/.lock``, which holds the owner's pid) dies with its
+    process, so a killed run never leaves a stale lock behind. Creates the folder if needed.
+
+    Raises:
+        CplError: another live process holds the lock (its pid is named).
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_path = folder / LOCK_NAME
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, default_file_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise CplError(
+                f"{folder}: another process (pid {owner}) is writing this {what}; wait for it or stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race a waiting locker)

@@ -179,15 +179,19 @@ class Mask:
             "metadata": self.metadata if self.scores is not None else _without_scores_hash(self.metadata),
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the mask (and its scores, if any) as one safetensors file, atomically."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+        """Write the mask (and its scores, if any) as one safetensors file, atomically.
+
+        With ``overwrite`` False an existing file at ``path`` (one created since the caller checked)
+        is not replaced: :class:`CplError`.
+        """
         from safetensors.torch import save
 
         tensors = dict(self.packed)
         if self.scores is not None:
             tensors.update({SCORES_PREFIX + name: tensor.contiguous() for name, tensor in self.scores.items()})
         payload = save(tensors, metadata={HEADER_KEY: json.dumps(self.header(), ensure_ascii=False)})
-        with atomic_write(path, "wb") as handle:
+        with atomic_write(path, "wb", replace=overwrite) as handle:
             handle.write(payload)
         return Path(path)
 

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from cpl_masks.files import default_file_mode
 from cpl_masks.masks import Mask
 
 STORE_NAME = "masks"
@@ -39,6 +40,7 @@ class Store:
         """A fresh temporary file name inside the store, removed on exit unless it was renamed away."""
         self.folder.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=SUFFIX, dir=self.folder)
+        os.fchmod(fd, default_file_mode())  # the user's umask, not mkstemp's 0o600
         os.close(fd)
         staged = Path(name)
         try:
