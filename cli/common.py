@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from typing import Annotated, Any, TypeVar
 
@@ -13,9 +14,11 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.segment import Segments
 from rich.table import Table
+from safetensors import SafetensorError
 
 from cpl_masks.data import FieldNames
 from cpl_masks.errors import CplError
+from cpl_masks.files import describe_os_error
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -50,7 +53,7 @@ def fields(question: str, choices: str, answer: str) -> FieldNames:
 
 
 def reports_errors(command: Command) -> Command:
-    """Print a :class:`CplError` (or a missing file) as one line on stderr and exit with status 2."""
+    """Print a :class:`CplError` (or an ``OSError``: a missing file, a full disk) as one line on stderr, exit 2."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -58,8 +61,12 @@ def reports_errors(command: Command) -> Command:
             return command(*args, **kwargs)
         except CplError as error:
             fail(str(error))
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as error:
-            fail(f"{error.filename}: {error.strerror}")
+        except OSError as error:  # a missing file, a full disk, a folder in the way: one line naming it
+            fail(describe_os_error(error))
+        except SafetensorError as error:  # e.g. weights written to a full disk
+            fail(f"cannot read or write a safetensors file: {str(error).splitlines()[0][:200]}")
+        except sqlite3.Error as error:  # the registry reports its own; this is the net under it
+            fail(f"registry database: {error}")
 
     return wrapper  # type: ignore[return-value]
 

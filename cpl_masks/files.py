@@ -97,6 +97,12 @@ _DISK_ERRORS = {
 }
 
 
+def describe_os_error(error: OSError) -> str:
+    """An ``OSError`` as one line: the file it names and what went wrong, a full disk said plainly."""
+    reason = _DISK_ERRORS.get(error.errno or 0) or error.strerror or str(error) or type(error).__name__
+    return f"{error.filename}: {reason}" if error.filename else reason
+
+
 def disk_error(error: OSError, path: str | os.PathLike) -> Exception:
     """A write that failed for lack of room (full disk, quota) or a broken disk, as one line naming ``path``.
 

@@ -131,10 +131,20 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
-    except OSError as error:
-        raise CplError(f"--model {ref}: cannot load it ({str(error).splitlines()[0][:200]})") from error
+    except Exception as error:  # a broken folder surfaces as OSError, ValueError, SafetensorError, KeyError, ...
+        raise CplError(f"--model {ref}: cannot load it ({_load_failure(error)})") from error
     model.to(resolve_device(device)).eval()
     return LoadedModel(model=model, tokenizer=prepare_tokenizer(tokenizer), ref=ref)
+
+
+def _load_failure(error: Exception) -> str:
+    """Why ``from_pretrained`` failed, in a few words: the first line of its message, named by kind."""
+    text = (str(error).strip() or type(error).__name__).splitlines()[0][:200]
+    if type(error).__name__ == "SafetensorError":
+        return f"a weights file is truncated or damaged: {text}"
+    if isinstance(error, KeyError):
+        return f"its config.json lacks {text}"
+    return text
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:

@@ -20,7 +20,7 @@ from cpl_masks.errors import CplError
 from cpl_masks.files import home_dir, sha256_file
 from cpl_masks.masks import Mask, read_header
 from cpl_masks.registry.names import mask_name, split_versioned, task_name
-from cpl_masks.registry.schema import DATABASE_NAME, connect, transaction
+from cpl_masks.registry.schema import DATABASE_NAME, check_home, connect, transaction
 from cpl_masks.registry.store import STORE_NAME, Store
 
 STALE_STAGED_S = 600.0  # a staged copy untouched this long belongs to a dead process
@@ -143,6 +143,7 @@ class Registry:
         the same name the existing ``name@vN`` is returned; under another name that name gets a new
         version pointing to the same mask (an alias), so the name asked for can always be found.
         """
+        check_home(self.home)  # before the store folder is made in it
         loaded = mask if isinstance(mask, Mask) else Mask.load(mask, scores=False)
         source = source_of(loaded.metadata)
         name = mask_name(loaded.metadata, task, recut=source == "recut")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
 import tempfile
 import time
@@ -152,10 +153,14 @@ def connect(path: Path) -> Iterator[sqlite3.Connection]:
     Raises:
         CplError: the file is empty, not a registry, damaged, from a newer release, or locked too long.
     """
+    check_home(path.parent)
+    if path.is_dir():
+        raise CplError(_move_aside(path, "it is a folder, not a database file"))
     if not path.exists():
         create(path)
     check_not_empty(path)
-    connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    with database_errors(path):
+        connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     connection.row_factory = sqlite3.Row
     try:
         with database_errors(path):
@@ -190,6 +195,16 @@ def create(path: Path) -> None:
             os.link(staged, path)
     finally:
         staged.unlink(missing_ok=True)
+
+
+def check_home(home: Path) -> None:
+    """Refuse a registry folder that is a file, or lies under one (``$CPL_MASKS_HOME`` set to a file)."""
+    existing = home.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == home.absolute() else f"cannot be created, {existing} is a file"
+        raise CplError(f"registry folder {home} (CPL_MASKS_HOME): {where}, not a folder")
 
 
 def check_not_empty(path: Path) -> None:
@@ -238,11 +253,25 @@ def database_errors(path: Path) -> Iterator[None]:
     except sqlite3.OperationalError as error:
         if "locked" in str(error) or "busy" in str(error):
             raise CplError(f"registry database {path}: still locked by another process ({error})") from error
+        if "disk" in str(error) or "full" in str(error):
+            raise CplError(f"registry database {path}: cannot write ({error}; {_free_space(path)})") from error
         raise CplError(f"registry database {path}: {error}") from error
     except sqlite3.DatabaseError as error:
         raise CplError(
             f"registry database {path}: unreadable ({error}); move it aside to start a fresh registry"
         ) from error
+
+
+def _free_space(path: Path) -> str:
+    """How much room the disk holding ``path`` has left, as a hint to why a write failed."""
+    existing = path.absolute().parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return "check the disk holding it"
+    return f"{free / 2**20:.1f} MiB free on its disk" + (": the disk is full" if free < 2**20 else "")
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from cpl_masks.files import default_file_mode
+from cpl_masks.files import default_file_mode, disk_error
 from cpl_masks.masks import Mask
 
 STORE_NAME = "masks"
@@ -52,10 +52,16 @@ class Store:
     def staged_copy(self, source: Path) -> Iterator[Path]:
         """A fsynced copy of the file ``source`` inside the store (see :meth:`staging`)."""
         with self.staging() as staged:
-            with open(staged, "wb") as target, open(source, "rb") as origin:
-                shutil.copyfileobj(origin, target, 1 << 20)
-                target.flush()
-                os.fsync(target.fileno())
+            try:
+                with open(staged, "wb") as target, open(source, "rb") as origin:
+                    shutil.copyfileobj(origin, target, 1 << 20)
+                    target.flush()
+                    os.fsync(target.fileno())
+            except OSError as error:
+                converted = disk_error(error, staged)
+                if converted is error:
+                    raise
+                raise converted from error
             yield staged
 
     @contextlib.contextmanager

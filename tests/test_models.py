@@ -120,3 +120,36 @@ def test_a_failed_assembly_is_one_line_and_leaves_nothing(tmp_path, monkeypatch)
     with pytest.raises(CplError, match="cannot assemble its GGUF .*sha256 did not match.*reinstall"):
         load_model("gemma3-270m")
     assert not any((tmp_path / "home" / "models").iterdir())
+
+
+def broken_copy(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_a_config_without_model_type_and_truncated_weights_are_one_line_errors(tiny_model_dir, tmp_path):
+    import json
+
+    untyped = broken_copy(tiny_model_dir, tmp_path / "untyped")
+    config = json.loads((untyped / "config.json").read_text())
+    del config["model_type"]
+    (untyped / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CplError, match=rf"^--model {untyped}: cannot load it \(.*model_type") as error:
+        load_model(str(untyped), device="cpu")
+    assert "\n" not in str(error.value)
+    truncated = broken_copy(tiny_model_dir, tmp_path / "truncated")
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CplError, match=rf"^--model {truncated}: cannot load it \(a weights file is truncated"):
+        load_model(str(truncated), device="cpu")
+    from typer.testing import CliRunner
+
+    from cpl_masks.cli.app import app
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "one two?", "choices": ["one", "two"], "answer": "A"}\n')
+    args = ["split", "--data", str(questions), "--out", str(tmp_path / "out"), "--model", str(truncated)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "a weights file is truncated" in result.output, result.output

@@ -586,3 +586,41 @@ def test_every_load_from_the_registry_verifies_the_stored_sha256(tmp_path, regis
         "--mastered", str(questions), "--out", str(tmp_path / "run"), "--device", "cpu", "--epochs", "1",
     )  # fmt: skip
     assert train.exit_code == 2 and "differs from the sha256" in " ".join(train.output.split()), train.output
+
+
+def test_a_registry_database_that_is_a_folder_or_a_home_that_is_a_file_is_one_line(tmp_path, home, monkeypatch):
+    (home / "registry.sqlite3").mkdir(parents=True)
+    result = cli("registry", "list")
+    assert result.exit_code == 2 and "it is a folder, not a database file" in " ".join(result.output.split())
+    a_file = tmp_path / "home-file"
+    a_file.write_text("not a folder")
+    monkeypatch.setenv("CPL_MASKS_HOME", str(a_file))
+    for args in (("registry", "list"), ("registry", "add", str(make_mask(tmp_path, 1)))):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        assert f"registry folder {a_file} (CPL_MASKS_HOME): is a file" in " ".join(result.output.split())
+    monkeypatch.setenv("CPL_MASKS_HOME", str(a_file / "below"))
+    result = cli("registry", "list")
+    assert result.exit_code == 2 and f"cannot be created, {a_file} is a file" in " ".join(result.output.split())
+
+
+def test_a_full_disk_under_the_registry_says_so(tmp_path, registry):
+    from cpl_masks.registry.schema import database_errors
+
+    message = r"registry database .*: cannot write \(disk I/O error; [0-9.]+ MiB free"
+    with pytest.raises(CplError, match=message), database_errors(registry.database):
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_a_full_disk_while_copying_into_the_store_is_one_line(tmp_path, registry, monkeypatch):
+    import errno
+
+    path = make_mask(tmp_path, 1)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", full)
+    result = cli("registry", "add", str(path))
+    assert result.exit_code == 2 and "cannot write (no space left on the device)" in " ".join(result.output.split())
+    assert registry.list_masks() == [] and registry.store.staged_leftovers() == []
