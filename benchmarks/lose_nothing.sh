@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 10 on the real model (SmolLM2-135M-Instruct): every way to lose work or get a wrong answer
-# silently that the issue lists, tried as a user would, in a scratch folder and registry (~6 min on
+# Issues 10 and 18 on the real model (SmolLM2-135M-Instruct): every way to lose work or get a wrong answer
+# silently that the issues list, tried as a user would, in a scratch folder and registry (~9 min on
 # 2 cores). Each step prints what the tool answers. Usage: bash benchmarks/lose_nothing.sh [SCRATCH]
 set -u
 cd "$(dirname "$0")/.."
@@ -56,3 +56,81 @@ step "momentum -5 / scoring foo / negative limit"
 $CPL train --mode full --data $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --optimizer momentum --momentum -5 --out $E/run3
 CPL_MASKS_HOME=$E/home2 $CPL train --mask $E/recut.safetensors --data $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --scoring foo --out $E/run3
 $CPL split --data builtin:demo --limit -3 --out $E/split2
+
+# Issue 18: masks from strangers, runs that race, disks that fill. A fresh registry for these.
+export CPL_MASKS_HOME=$E/home18
+PY="$PWD/.venv/bin/python"
+step "18: split --overwrite onto its own --data in --out: refused, the 64 lines stay"
+mkdir -p $E/s18 && head -64 $E/split/mastered.jsonl > $E/s18/inject.jsonl && wc -l < $E/s18/inject.jsonl
+$CPL split --data $E/s18/inject.jsonl --out $E/s18 --overwrite; wc -l < $E/s18/inject.jsonl
+step "18: --overwrite into the registry's home: refused, the registry still reads"
+$CPL registry add $E/mask.safetensors --name demo
+STORED=$($CPL registry show smollm2-135m-instruct/demo --json | "$PY" -c "import json,sys; print(json.load(sys.stdin)['path'])")
+$CPL threshold $E/mask.safetensors --keep-fraction 0.3 -o $STORED --overwrite
+$CPL combine --op and $E/mask.safetensors $E/recut.safetensors -o $CPL_MASKS_HOME/registry.sqlite3 --overwrite
+$CPL registry list | cat
+step "18: a file created while profile runs is not replaced (no --overwrite)"
+rm -f $E/late.safetensors
+$CPL profile --mastered $E/split/mastered.jsonl --inject $E/split/inject.jsonl --out $E/late.safetensors > $E/late.log 2>&1 &
+sleep 20; echo "the user's own file" > $E/late.safetensors; wait $!; echo "exit $?"; tail -1 $E/late.log; cat $E/late.safetensors
+step "18: --plot onto the mask itself, or onto an existing file: refused"
+cp $E/mask.safetensors $E/victim.safetensors; echo '{"keep": true}' > $E/notes.json
+$CPL inspect $E/victim.safetensors --plot $E/victim.safetensors --overwrite
+$CPL inspect $E/victim.safetensors --plot $E/notes.json; cat $E/notes.json
+$CPL compare $E/run $E/run --plot $E/notes.json; cat $E/notes.json
+step "18: files get the umask's mode (0644 under umask 022), not 0600"
+(umask 022; $CPL threshold $E/mask.safetensors --keep-fraction 0.4 -o $E/mode.safetensors > /dev/null; stat -c '%a %n' $E/mode.safetensors)
+step "18: a second train into a live run folder: refused naming the live pid (once the lead wires lock_folder)"
+$CPL train --mask $E/mask.safetensors --data $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --epochs 1 --out $E/race > /dev/null 2>&1 &
+sleep 15; $CPL train --mask $E/mask.safetensors --data $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --epochs 1 --out $E/race --overwrite; wait
+step "18: hostile metadata (escape sequences, rich markup) is shown, not obeyed"
+"$PY" - <<PY
+import torch
+from cpl_masks.masks import Mask
+bits = {"model.layers.0.mlp.up_proj.weight": torch.rand(3, 5) > 0.5}
+hostile = "\x1b[2J[link=https://evil.example]click[/link] [/]"
+Mask.from_bool(bits, {"model": {"ref": "org/" + hostile}, "scoring": hostile, "parents": []}).save("$E/hostile.safetensors")
+PY
+$CPL inspect $E/hostile.safetensors | cat -v | head -8
+$CPL registry add $E/hostile.safetensors && $CPL registry show $E/hostile.safetensors | cat -v | grep -E "scoring|model"
+$CPL inspect "$E/no[/]such.safetensors"
+$CPL split --data "$E/q[red].jsonl" --out $E/s18b
+$CPL registry add $E/hostile.safetensors --name "$(printf 'a%.0s' $(seq 1 10000))" 2>&1 | cut -c1-160
+step "18: crafted headers: shape [10**20], no data_offsets, a non-string cpl_mask, wrong metadata types"
+"$PY" - <<PY
+import json, struct
+data = open("$E/mask.safetensors", "rb").read()
+n = struct.unpack("<Q", data[:8])[0]
+raw, body = json.loads(data[8:8 + n]), data[8 + n:]
+def write(name, change):
+    header = json.loads(json.dumps(raw)); cpl = json.loads(header["__metadata__"]["cpl_mask"])
+    change(header, cpl)
+    if isinstance(header["__metadata__"].get("cpl_mask"), str): header["__metadata__"]["cpl_mask"] = json.dumps(cpl)
+    text = json.dumps(header).encode(); open(f"$E/{name}.safetensors", "wb").write(struct.pack("<Q", len(text)) + text + body)
+first = next(key for key in raw if key != "__metadata__")
+write("huge", lambda h, c: c["shapes"].update({first: [10**20]}))
+write("nooffsets", lambda h, c: h[first].pop("data_offsets"))
+write("intheader", lambda h, c: h["__metadata__"].update(cpl_mask=5))
+write("modeltype", lambda h, c: c["metadata"].update(model="tiny", parents=[1, 2]))
+PY
+for name in huge nooffsets intheader modeltype; do $CPL inspect $E/$name.safetensors; done
+step "18: question files: JSON nested 5000 deep, a lone surrogate, a same-size rewrite with the old mtime"
+"$PY" -c "print('{\"question\": \"q\", \"choices\": ' + '[' * 5000 + ']' * 5000 + ', \"answer\": 0}')" > $E/deep.jsonl
+printf '{"question": "what \\ud800?", "choices": ["a", "b"], "answer": 0}\n' > $E/surrogate.jsonl
+$CPL split --data $E/deep.jsonl --out $E/s18c; $CPL split --data $E/surrogate.jsonl --out $E/s18c
+"$PY" - <<PY
+import json, os
+from cpl_masks.data import load_questions
+path = "$E/swap.jsonl"
+rows = [{"question": f"q{i}?", "choices": ["x", "y"], "answer": "A"} for i in range(8)]
+open(path, "w").write("".join(json.dumps(r) + "\n" for r in rows)); before = os.stat(path)
+first = [q.answer_letter for q in load_questions(path)]
+open(path, "w").write("".join(json.dumps({**r, "answer": "B"}) + "\n" for r in rows))
+os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+print("answers before", "".join(first), "after the rewrite", "".join(q.answer_letter for q in load_questions(path)))
+PY
+step "18: a model folder without model_type, a registry database that is a folder, a CPL_MASKS_HOME that is a file"
+mkdir -p $E/nomodeltype && echo '{"hidden_size": 64}' > $E/nomodeltype/config.json
+$CPL split --data $E/split/inject.jsonl --model $E/nomodeltype --out $E/s18d
+mkdir -p $E/home-dir/registry.sqlite3 && CPL_MASKS_HOME=$E/home-dir $CPL registry list
+echo "a file" > $E/home-file && CPL_MASKS_HOME=$E/home-file $CPL registry list
