@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+import signal
 import sqlite3
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -69,6 +71,33 @@ def reports_errors(command: Command) -> Command:
             fail(f"registry database: {error}")
 
     return wrapper  # type: ignore[return-value]
+
+
+INTERRUPTED_EXIT = 130  # what a shell reports for a command stopped by Ctrl-C
+
+
+@contextlib.contextmanager
+def reports_interrupts(resume: str) -> Iterator[None]:
+    """Ctrl-C (SIGINT) or SIGTERM inside: one line, ``interrupted; nothing was lost, resume with: ...``.
+
+    SIGTERM is turned into the same ``KeyboardInterrupt`` while inside (the previous handler comes
+    back on exit), so a killed command unwinds through its ``finally`` blocks like Ctrl-C. Exits
+    with status 130. ``resume`` is the command that continues the work.
+    """
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        stderr.print(
+            f"interrupted; nothing was lost, resume with: {untrusted(resume)}", highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(INTERRUPTED_EXIT) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def untrusted(value: Any) -> str:

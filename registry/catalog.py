@@ -7,11 +7,12 @@ inside the same transaction that inserts its row, so readers never see a row wit
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -335,30 +336,58 @@ class Registry:
         Removing an alias's ``name@vN`` removes only that name; removing the mask removes its aliases.
 
         Raises:
-            CplError: ``ref`` is a bare name (give ``name@vN`` or an id), or, without ``force``,
-                recorded runs or registered children reference the mask.
+            CplError: ``ref`` is a bare name (give ``name@vN`` or an id); a running command holds
+                the mask (:meth:`hold`), even with ``force``; or, without ``force``, recorded runs or
+                registered children reference the mask.
         """
-        with self.connect() as connection, transaction(connection):
-            _refuse_bare_name(connection, ref)
-            row = find(connection, ref)
-            alias = _alias(connection, ref)
-            if alias is not None:
-                connection.execute(
-                    "DELETE FROM aliases WHERE name = ? AND version = ?", (alias["name"], alias["version"])
-                )
-                return Removal(label(alias), row["id"], None, 0, [], 0, alias_of=label(row))
-            runs = connection.execute("SELECT COUNT(*) FROM runs WHERE mask_id = ?", (row["id"],)).fetchone()[0]
-            children = [child["ref"] for child in _relatives(connection, row["id"], up=False)]
-            if (runs or children) and not force:
-                held = _references(label(row), runs, children)
-                raise CplError(f"registry rm {ref}: {held}; pass --force to remove it (its runs stay on record)")
-            transfers = connection.execute("SELECT COUNT(*) FROM transfers WHERE mask_id = ?", (row["id"],))
-            path = self.store.artifact_path(row["id"])
-            aliases = _names(connection, row["id"])[1:]
-            removal = Removal(label(row), row["id"], path, runs, children, transfers.fetchone()[0], aliases=aliases)
-            connection.execute("DELETE FROM masks WHERE id = ?", (row["id"],))  # its aliases go with it
-        path.unlink(missing_ok=True)  # a crash before this leaves a stray file for gc
+        with contextlib.ExitStack() as stack:  # the lock on the file is held until after its unlink
+            with self.connect() as connection, transaction(connection):
+                _refuse_bare_name(connection, ref)
+                row = find(connection, ref)
+                alias = _alias(connection, ref)
+                if alias is not None:
+                    connection.execute(
+                        "DELETE FROM aliases WHERE name = ? AND version = ?", (alias["name"], alias["version"])
+                    )
+                    return Removal(label(alias), row["id"], None, 0, [], 0, alias_of=label(row))
+                runs = connection.execute("SELECT COUNT(*) FROM runs WHERE mask_id = ?", (row["id"],)).fetchone()[0]
+                children = [child["ref"] for child in _relatives(connection, row["id"], up=False)]
+                if (runs or children) and not force:
+                    held = _references(label(row), runs, children)
+                    raise CplError(f"registry rm {ref}: {held}; pass --force to remove it (its runs stay on record)")
+                transfers = connection.execute("SELECT COUNT(*) FROM transfers WHERE mask_id = ?", (row["id"],))
+                path = self.store.artifact_path(row["id"])
+                stack.enter_context(_not_in_use(path, f"registry rm {ref}"))
+                aliases = _names(connection, row["id"])[1:]
+                removal = Removal(label(row), row["id"], path, runs, children, transfers.fetchone()[0], aliases=aliases)
+                connection.execute("DELETE FROM masks WHERE id = ?", (row["id"],))  # its aliases go with it
+            path.unlink(missing_ok=True)  # a crash before this leaves a stray file for gc
         return removal
+
+    @contextlib.contextmanager
+    def hold(self, mask_id: str) -> Iterator[None]:
+        """Keep a registered mask from being removed while this process uses it (e.g. a training run).
+
+        A shared OS lock on its stored file, so any number of runs may hold it; :meth:`remove`
+        refuses a held mask, and the lock dies with the process. A mask not in the store (an
+        unregistered file) needs no hold.
+
+        Raises:
+            CplError: the mask is being removed right now.
+        """
+        try:
+            fd = os.open(self.store.artifact_path(mask_id), os.O_RDONLY)
+        except FileNotFoundError:
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CplError(f"mask {mask_id[:12]}: another process is removing it from the registry") from None
+            yield
+        finally:
+            os.close(fd)
 
     def collect_garbage(self, *, force: bool = False) -> Health:
         """Remove stray store files and abandoned staged copies; report rows whose file is missing.
@@ -387,6 +416,26 @@ class Registry:
                 if not self.store.artifact_path(row["id"]).is_file()
             ]
         return health
+
+
+@contextlib.contextmanager
+def _not_in_use(path: Path, action: str) -> Iterator[None]:
+    """An exclusive lock on a stored file, refused while any process holds it (:meth:`Registry.hold`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CplError(
+                f"{action}: a running command (train, sweep) is using this mask; wait for it to finish or stop it"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _insert_mask(

@@ -624,3 +624,36 @@ def test_a_full_disk_while_copying_into_the_store_is_one_line(tmp_path, registry
     result = cli("registry", "add", str(path))
     assert result.exit_code == 2 and "cannot write (no space left on the device)" in " ".join(result.output.split())
     assert registry.list_masks() == [] and registry.store.staged_leftovers() == []
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from cpl_masks.registry import Registry
+with Registry(Path(sys.argv[1])).hold(sys.argv[2]):
+    print("holding", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_registry_rm_refuses_a_mask_a_running_command_holds(tmp_path, home, registry):
+    import subprocess
+    import sys
+
+    name = registry.register(make_mask(tmp_path, 1))
+    mask_id = Mask.load(registry.resolve(name)).id
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(home), mask_id], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        for flags in ((), ("--force",)):
+            refused = cli("registry", "rm", name, *flags)
+            assert refused.exit_code == 2 and "a running command (train, sweep) is using this mask" in " ".join(
+                refused.output.split()
+            )
+        assert registry.resolve(name).is_file()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli("registry", "rm", name).exit_code == 0  # the lock died with the process
+    with registry.hold(mask_id):  # a removed (or never registered) mask needs no hold
+        pass

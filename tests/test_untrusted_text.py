@@ -102,3 +102,23 @@ def test_tables_printed_to_a_pipe_are_whole(capsys):
     output = capsys.readouterr().out
     assert "x" * 100 in output and "y" * 90 in output and "…" not in output
     assert "learned and forgotten by method" in output
+
+
+def test_sigterm_and_ctrl_c_say_how_to_resume(capsys):
+    import os
+    import signal
+
+    import typer
+
+    from cpl_masks.cli.common import reports_interrupts
+
+    for stop in (lambda: os.kill(os.getpid(), signal.SIGTERM), lambda: (_ for _ in ()).throw(KeyboardInterrupt)):
+        before = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(typer.Exit) as stopped, reports_interrupts("cpl-masks train --resume runs/[a]"):
+            stop()
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+        assert stopped.value.exit_code == 130 and signal.getsignal(signal.SIGTERM) is before
+        assert (
+            "interrupted; nothing was lost, resume with: cpl-masks train --resume runs/[a]" in capsys.readouterr().err
+        )
