@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The experiments behind RESULTS.md. Each queue is one or more resumable `cpl-masks sweep`s:
 # re-running a queue skips finished runs. Usage: benchmarks/sweeps.sh OUT_DIR QUEUE
-# QUEUE: demo | others | seeds | adamw | stability. On a 2-core machine run demo and others in parallel
+# QUEUE: demo | others | seeds | adamw | stability | paper | paper-gemma. On a 2-core machine run demo and others in parallel
 # (one thread each), then seeds and adamw (after demo) and stability (after others).
 set -euo pipefail
 OUT=${1:?output folder}; QUEUE=${2:?queue}
@@ -36,6 +36,15 @@ seeds)  # the headline rows with two more seeds (example order, random mask); se
 adamw)  # AdamW beside SGD for the methods whose optimizer state differs: full, mask (MaskedAdamW), lora
   $CPL sweep --data builtin:demo --limit 96 --epochs 1 --optimizer adamw --lr-grid 1e-5,1e-4 \
     --methods full,mask,lora --method-lr-grid lora=1e-4,1e-3 "${COMMON[@]}" --out "$OUT/smollm2-demo-adamw"
+  ;;
+paper | paper-gemma)  # the paper's regime: SGD batch 1, a small learning rate, many epochs, every 2nd epoch
+  # a point; 80 invented facts to inject; a forgetting pool of CommonsenseQA questions the model answers right
+  # by a margin of at least 0.5; budget: 1 % of the held-out questions
+  MODEL=smollm2-135m-instruct; [ "$QUEUE" = paper-gemma ] && MODEL=gemma3-270m
+  $CPL sweep --model $MODEL --data builtin:demo --limit 160 --heldout-data $DATA/csqa.jsonl --heldout-limit 400 \
+    --min-margin 0.5 --epochs 12 --eval-every 2 --lr-grid 3e-5 --method-lr-grid lora=1e-3 \
+    --methods full,mask,dynamic,random,lora --seeds 0,1,2 --threads 1 --scoring loglik --holdout-fraction 0.25 \
+    --forgetting-budget 0.01 --out "$OUT/$QUEUE"
   ;;
 stability)  # masks from disjoint halves of one split, and across tasks
   .venv/bin/python benchmarks/mask_stability.py "$OUT/smollm2-demo" "$OUT/smollm2-csqa" "$OUT/smollm2-mmlu" \

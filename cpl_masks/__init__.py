@@ -2,18 +2,21 @@
 
 The pipeline, one module per stage: :mod:`~cpl_masks.data` (question sets), :mod:`~cpl_masks.models`
 (loading and fingerprints), :mod:`~cpl_masks.scoring` (answers and the answer loss),
-:mod:`~cpl_masks.split` (mastered vs. to-inject), :mod:`~cpl_masks.profile` (gradients into a
-mask), :mod:`~cpl_masks.masks` (the mask file), :mod:`~cpl_masks.methods`,
+:mod:`~cpl_masks.split` (mastered vs. to-inject, and a forgetting pool), :mod:`~cpl_masks.profile`
+(gradients into a mask), :mod:`~cpl_masks.masks` (the mask file), :mod:`~cpl_masks.methods`,
 :mod:`~cpl_masks.train` and :mod:`~cpl_masks.training_run` (one loop for every method),
-:mod:`~cpl_masks.sweep` (every method at every learning rate), :mod:`~cpl_masks.evaluate` (learned and
-forgotten), :mod:`cpl_masks.registry` (provenance), :mod:`~cpl_masks.hub` (push and pull) and
-:mod:`~cpl_masks.integrations` (a mask in transformers' ``Trainer``, TRL or any loop).
+:mod:`~cpl_masks.evaluate` (learned and forgotten, question by question), :mod:`~cpl_masks.sweep`
+(every method at every learning rate) and :mod:`~cpl_masks.sweep_report` (its points, budget and
+paired comparisons, with :mod:`~cpl_masks.stats`), :mod:`cpl_masks.registry` (provenance),
+:mod:`~cpl_masks.hub` (push and pull) and :mod:`~cpl_masks.integrations` (a mask in transformers'
+``Trainer``, TRL or any loop).
 """
 
 from cpl_masks.algebra import combine, recut
 from cpl_masks.controls import gradient_magnitude_mask, random_mask
 from cpl_masks.data import FieldNames, Question, load_questions, questions_sha256, write_questions
 from cpl_masks.errors import CplError
+from cpl_masks.evaluate import compare_outcomes, question_outcomes, read_question_records
 from cpl_masks.integrations import MaskHandle
 from cpl_masks.mask_stats import diff, summarize
 from cpl_masks.masks import Mask, read_header
@@ -22,7 +25,8 @@ from cpl_masks.models import DEFAULT_MODEL, LoadedModel, load_model, model_finge
 from cpl_masks.profile import profile
 from cpl_masks.scoring import SCORINGS, Scores, make_scorer, score_questions
 from cpl_masks.selection import Rule
-from cpl_masks.split import Split, split_questions, write_split
+from cpl_masks.split import Split, forgetting_pool, split_questions, write_split
+from cpl_masks.stats import compare_paired, mcnemar_exact, paired_bootstrap
 from cpl_masks.sweep import SweepConfig, run_sweep
 from cpl_masks.train import TrainConfig
 from cpl_masks.training_run import RunRequest, resume_run, start_run
@@ -49,17 +53,24 @@ __all__ = [
     "TrainConfig",
     "__version__",
     "combine",
+    "compare_outcomes",
+    "compare_paired",
     "diff",
+    "forgetting_pool",
     "gradient_magnitude_mask",
     "load_model",
     "load_questions",
     "make_method",
     "make_scorer",
+    "mcnemar_exact",
     "model_fingerprint",
+    "paired_bootstrap",
     "profile",
+    "question_outcomes",
     "questions_sha256",
     "random_mask",
     "read_header",
+    "read_question_records",
     "recut",
     "resume_run",
     "run_sweep",
