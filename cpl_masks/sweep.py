@@ -169,11 +169,11 @@ def run_sweep(
     split_dir = _split(config, out / "split", report, show_progress)
     masks = _masks(config, split_dir, out / "masks", report, show_progress)
     retain = _retain_text(config, out)
-    specs = [
+    specs = [  # seed by seed, so a sweep read before it ends already compares every method
         RunSpec(method, lr, seed)
+        for seed in config.seeds
         for method in config.methods
         for lr in config.method_lr_grid.get(method, config.lr_grid)
-        for seed in config.seeds
     ]
     runs, durations = [], []
     for index, spec in enumerate(specs, start=1):
