@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cpl_masks.errors import CplError
+from cpl_masks.files import default_file_mode
 
 DATABASE_NAME = "registry.sqlite3"
 BUSY_TIMEOUT_S = 60.0
@@ -181,6 +182,7 @@ def create(path: Path) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, default_file_mode())  # the user's umask (SQLite gives its -wal and -shm files the same)
     os.close(fd)
     staged = Path(name)
     try:

@@ -136,7 +136,7 @@ def test_files_get_the_users_umask_not_0600(tmp_path, home):
         path = save_mask(tmp_path / "m.safetensors", 1)
         write_json(tmp_path / "x.json", {"a": 1})
         stored = Registry().resolve(Registry().register(path))
-        for written in (path, tmp_path / "x.json", stored):
+        for written in (path, tmp_path / "x.json", stored, home / "registry.sqlite3"):
             assert written.stat().st_mode & 0o777 == 0o644, written
         os.umask(0o077)
         assert save_mask(tmp_path / "private.safetensors", 2).stat().st_mode & 0o777 == 0o600
