@@ -288,7 +288,7 @@ def test_from_ref_pulls_a_hub_repo(model, tmp_path, monkeypatch):
     try:
         assert Mask.from_ref("me/tiny-mask").id == mask.id
         assert Mask.from_ref(f"hf://me/tiny-mask@{sha}").id == mask.id
-        assert Registry().show("tiny/tiny")["repo_id"] == "me/tiny-mask"  # pulled masks are registered
+        assert Registry().show("tiny/hub.me.tiny-mask")["repo_id"] == "me/tiny-mask"  # pulled masks are registered
         with pytest.raises(CplError, match="no such file, registered name or id.*as a Hub repo: .*not found"):
             Mask.from_ref("me/no-such-mask")
     finally:
