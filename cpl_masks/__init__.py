@@ -17,7 +17,7 @@ from cpl_masks.controls import gradient_magnitude_mask, random_mask
 from cpl_masks.data import FieldNames, Question, load_questions, questions_sha256, write_questions
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import compare_outcomes, question_outcomes, read_question_records
-from cpl_masks.integrations import MaskHandle
+from cpl_masks.integrations import MaskHandle, apply_mask, load_mask
 from cpl_masks.mask_stats import diff, summarize
 from cpl_masks.masks import Mask, read_header
 from cpl_masks.methods import METHODS, Method, MethodContext, make_method
@@ -32,6 +32,12 @@ from cpl_masks.train import TrainConfig
 from cpl_masks.training_run import RunRequest, resume_run, start_run
 
 __version__ = "0.1.0"
+
+# The Trainer-facing API of a mask: ``Mask.from_ref("owner/name")`` and ``mask.apply(trainer)``.
+# The file format (masks.py) is the lowest layer and imports nothing above it; the loaders that
+# reach the registry and the Hub are attached here, where the whole package is in place.
+Mask.from_ref = staticmethod(load_mask)  # type: ignore[attr-defined]
+Mask.apply = apply_mask  # type: ignore[attr-defined]
 
 __all__ = [
     "DEFAULT_MODEL",

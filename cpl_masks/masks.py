@@ -36,17 +36,13 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from cpl_masks.errors import CplError
 from cpl_masks.files import atomic_write
-
-if TYPE_CHECKING:
-    from cpl_masks.integrations import MaskHandle
-    from cpl_masks.registry import Registry
 
 FORMAT_NAME = "cpl-mask"
 FORMAT_VERSION = "1.0"
@@ -217,27 +213,6 @@ class Mask:
         if stored is not None:
             _check_scores(path, stored, header["metadata"].get(SCORES_HASH_KEY))
         return mask
-
-    @classmethod
-    def from_ref(cls, ref: str, *, scores: bool = False, registry: Registry | None = None) -> Mask:
-        """Load a mask from a file, a registry name or id, or a Hub repo ``owner/name[@revision]``.
-
-        One way to name a mask wherever it lives; the logic (``registry`` first, the default one when
-        None, then the Hub pull that verifies and registers) is :func:`cpl_masks.integrations.load_mask`.
-        """
-        from cpl_masks.integrations import load_mask
-
-        return load_mask(ref, scores=scores, registry=registry)
-
-    def apply(self, target: Any, optimizer: Any = None, *, allow_other_weights: bool = False) -> MaskHandle:
-        """Make a model, or a transformers/TRL Trainer, train only the collaborative entries.
-
-        So an existing training script needs two added lines; ``remove()`` on the returned handle
-        undoes it. See :func:`cpl_masks.integrations.apply_mask` for the arguments and the mechanism.
-        """
-        from cpl_masks.integrations import apply_mask
-
-        return apply_mask(self, target, optimizer, allow_other_weights=allow_other_weights)
 
     def check_model(
         self, model: torch.nn.Module, *, allow_other_weights: bool = False, fingerprint: str | None = None

@@ -1,0 +1,76 @@
+"""The package's shape: its import graph has no circle, so each layer stands on the ones below it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"cpl_masks": ROOT / "cpl_masks", "cpl_masks.cli": ROOT / "cli", "cpl_masks.registry": ROOT / "registry"}
+
+
+def module_files() -> dict[str, Path]:
+    """Every module of the installed package by dotted name (``cli/`` and ``registry/`` install under it)."""
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            name = ".".join((package, *parts))
+            found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The package's modules ``path`` imports anywhere in it (top level, functions, TYPE_CHECKING blocks)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            submodules = [f"{node.module}.{alias.name}" for alias in node.names]
+            # ``from package import module`` depends on the module; ``from package import name`` on the package
+            candidates = [name for name in submodules if name in modules] or [node.module]
+        elif isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        else:
+            continue
+        found.update(name for name in candidates if name in modules)
+    return found
+
+
+def cycle_in(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph`` as a path that ends where it starts, or None."""
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                return [*path[path.index(target) :], target] if target in path else [node, target]
+            if target not in state:
+                found = visit(target, [*path, target])
+                if found:
+                    return found
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            found = visit(start, [start])
+            if found:
+                return found
+    return None
+
+
+def package_graph() -> dict[str, set[str]]:
+    files = module_files()
+    return {name: imports_of(path, set(files)) - {name} for name, path in files.items()}
+
+
+def test_the_import_graph_has_no_circle():
+    graph = package_graph()
+    assert len(graph) > 30 and "cpl_masks.masks" in graph
+    assert cycle_in(graph) is None, " -> ".join(cycle_in(graph) or [])
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert cycle_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle_in({"a": {"b"}, "b": set()}) is None
