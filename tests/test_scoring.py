@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 
 from cpl_masks.data import Question
 from cpl_masks.errors import CplError
 from cpl_masks.models import load_model
-from cpl_masks.scoring import LetterScorer, context_length, make_scorer, pad_left, score_questions
+from cpl_masks.scoring import (
+    LetterScorer,
+    LoglikScorer,
+    context_length,
+    make_scorer,
+    pad_left,
+    score_questions,
+)
 from tests.conftest import make_questions, write_rows
 
 QUESTIONS = make_questions(12, seed=3)
@@ -71,10 +81,11 @@ def _choice_logprobs(loaded, question, choice: int) -> torch.Tensor:
     return logprobs[positions - 1, torch.tensor(full[len(context) :])]  # (choice tokens,)
 
 
+@pytest.mark.parametrize("path", ["shared", "per-choice"])
 @pytest.mark.parametrize("scoring", ["loglik", "loglik-norm"])
-def test_loglik_scores_are_the_choice_tokens_log_probabilities(tiny, scoring):
+def test_loglik_scores_are_the_choice_tokens_log_probabilities(tiny, scoring, path):
     questions = QUESTIONS[:4]
-    table, losses = make_scorer(scoring, tiny.tokenizer).choice_scores(tiny.model, questions)
+    table, losses = make_scorer(scoring, tiny.tokenizer, loglik_path=path).choice_scores(tiny.model, questions)
     for row, question in enumerate(questions):
         per_choice = [_choice_logprobs(tiny, question, choice) for choice in range(len(question.choices))]
         expected = [float(lp.mean() if scoring == "loglik-norm" else lp.sum()) for lp in per_choice]
@@ -157,3 +168,149 @@ def test_scores_carry_the_correct_choices_log_probability_and_margin(tiny):
         assert scores.logprobs[index] == pytest.approx(float(letters[question.answer]), abs=1e-4)
         assert scores.margins[index] == pytest.approx(float(letters[question.answer] - wrong.max()), abs=1e-4)
         assert (scores.margins[index] > 0) == scores.correct[index]
+
+
+MIXED = [
+    *make_questions(6, seed=11),
+    Question(id="long", question=" ".join(["the capital of france is paris"] * 40), choices=("a", "b"), answer=1),
+    Question(
+        id="uneven",  # choices of 1, 2 and many tokens
+        question="which city?",
+        choices=("paris", "rome berlin", "the largest red planet with two moons and one sun"),
+        answer=2,
+    ),
+    *make_questions(4, seed=12, prefix="r"),
+]
+
+
+@pytest.mark.parametrize("scoring", ["loglik", "loglik-norm"])
+def test_shared_context_scores_equal_the_per_choice_path(tiny, scoring):
+    shared = make_scorer(scoring, tiny.tokenizer)
+    per_choice = make_scorer(scoring, tiny.tokenizer, loglik_path="per-choice")
+    assert shared.uses_shared_path(tiny.model, MIXED) and not per_choice.uses_shared_path(tiny.model, MIXED)
+    lengths = [shared.sequence_length(q) for q in MIXED]
+    assert max(lengths) > 200 and min(lengths) < 30  # one batch mixes short and long questions
+    counts = [count for _, count in (shared._row_ids(MIXED[7], c) for c in range(3))]
+    assert len(set(counts)) == 3  # the uneven question's choices are 3 different token lengths
+    for start in range(0, len(MIXED), 6):
+        batch = MIXED[start : start + 6]
+        table, losses = shared.choice_scores(tiny.model, batch)
+        expected, expected_losses = per_choice.choice_scores(tiny.model, batch)
+        assert torch.isinf(table).equal(torch.isinf(expected))
+        finite = torch.isfinite(expected)
+        assert (table[finite] - expected[finite]).abs().max() < 1e-4
+        assert (losses - expected_losses).abs().max() < 1e-4
+    got = score_questions(tiny.model, shared, MIXED, batch_size=5, show_progress=False)
+    want = score_questions(tiny.model, per_choice, MIXED, batch_size=5, show_progress=False)
+    assert got.predictions == want.predictions and got.correct == want.correct
+    assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    assert got.margins == pytest.approx(want.margins, abs=1e-4)
+
+
+class _MergingScorer(LoglikScorer):
+    """Rows as a tokenizer that merges across the context/continuation boundary makes them.
+
+    Choice 1's last context token becomes another id, and choice 2 scores the last context token
+    too, so the choices' rows share less than the whole context.
+    """
+
+    def _build_row_ids(self, question, choice):
+        ids, count = super()._build_row_ids(question, choice)
+        if choice == 1:
+            cut = len(ids) - count - 1
+            return (*ids[:cut], (ids[cut] + 1) % 300, *ids[cut + 1 :]), count
+        if choice == 2:
+            return ids, count + 1
+        return ids, count
+
+
+def test_shared_context_scores_choices_that_share_less_than_the_context(tiny):
+    questions = [q for q in MIXED if len(q.choices) >= 3]
+    shared = _MergingScorer(tiny.tokenizer, normalize=False)
+    per_choice = _MergingScorer(tiny.tokenizer, normalize=False, path="per-choice")
+    layout = shared._layout(questions[0])
+    assert layout.prefix == len(shared._row_ids(questions[0], 0)[0]) - layout.counts[0] - 1
+    assert layout.branches[0] == layout.counts[0] + 1 and layout.branches[2] == layout.counts[2]
+    table, _ = shared.choice_scores(tiny.model, questions)
+    expected, _ = per_choice.choice_scores(tiny.model, questions)
+    finite = torch.isfinite(expected)
+    assert (table[finite] - expected[finite]).abs().max() < 1e-4
+
+
+class _Wrapped(torch.nn.Module):
+    """The tiny model behind another config, optionally dropping any 4D attention mask it is given."""
+
+    def __init__(self, model, *, drop_4d_masks=False, **config):
+        super().__init__()
+        self.inner = model
+        self.config = copy.deepcopy(model.config)
+        for key, value in config.items():
+            setattr(self.config, key, value)
+        self.drop_4d_masks = drop_4d_masks
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def forward(self, **inputs):
+        mask = inputs.get("attention_mask")
+        if self.drop_4d_masks and mask is not None and mask.dim() == 4:
+            inputs["attention_mask"] = None
+        return self.inner(**inputs)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"drop_4d_masks": True}, "shared-context scores differ from the per-choice scores"),
+        ({"_attn_implementation": "flash_attention_2"}, r"attention implementation \(flash_attention_2\) takes no 4D"),
+    ],
+)
+def test_a_model_that_cannot_take_the_shared_path_falls_back_saying_so_once(tiny, options, message):
+    model = _Wrapped(tiny.model, **options)
+    scorer = make_scorer("loglik", tiny.tokenizer)
+    with pytest.warns(UserWarning, match=f"falls back to one sequence per choice: its {message}"):
+        scores = score_questions(model, scorer, MIXED, batch_size=4, show_progress=False)
+    assert not scorer.uses_shared_path(model, MIXED)
+    assert scorer.uses_shared_path(tiny.model, MIXED)  # decided per model
+    expected = score_questions(
+        tiny.model, make_scorer("loglik", tiny.tokenizer, loglik_path="per-choice"), MIXED, show_progress=False
+    )
+    assert scores.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        score_questions(model, scorer, MIXED[:3], show_progress=False)  # said once
+
+
+def test_questions_past_a_sliding_window_are_scored_per_choice(tiny):
+    model = _Wrapped(tiny.model, sliding_window=64)
+    scorer = make_scorer("loglik", tiny.tokenizer)
+    short = [q for q in MIXED if scorer.sequence_length(q) <= 64]
+    assert scorer.uses_shared_path(model, short)
+    with pytest.warns(UserWarning, match=r"longer than the model's sliding attention window \(64 tokens\)"):
+        assert not scorer.uses_shared_path(model, MIXED)
+
+
+def test_unknown_loglik_path_is_refused(tiny):
+    with pytest.raises(CplError, match="loglik path 'packed': choose one of shared, per-choice"):
+        make_scorer("loglik", tiny.tokenizer, loglik_path="packed")
+
+
+class _Recording(LoglikScorer):
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer, normalize=False)
+        self.batches = []
+
+    def choice_scores(self, model, questions):
+        self.batches.append([self.batch_key(q) for q in questions])
+        return super().choice_scores(model, questions)
+
+
+def test_questions_are_batched_by_length_and_returned_in_input_order(tiny):
+    scorer = _Recording(tiny.tokenizer)
+    scores = score_questions(tiny.model, scorer, MIXED, batch_size=4, show_progress=False)
+    keys = [key for batch in scorer.batches for key in batch]
+    assert keys == sorted(scorer.batch_key(q) for q in MIXED)
+    one_by_one = [score_questions(tiny.model, scorer, [q], show_progress=False) for q in MIXED]
+    assert scores.predictions == [single.predictions[0] for single in one_by_one]
+    assert scores.logprobs == pytest.approx([single.logprobs[0] for single in one_by_one], abs=1e-4)
