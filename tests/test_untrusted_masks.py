@@ -222,9 +222,12 @@ def test_generated_bytes_load_or_raise_cpl_error(header, body):
 
 @PROPERTY
 @given(metadata=st.dictionaries(st.sampled_from(sorted({path[1] for path in CPL_PATHS if len(path) > 1})), JSON))
-def test_generated_metadata_is_shown_by_inspect_or_refused(metadata):
-    with tempfile.TemporaryDirectory() as folder:
+def test_generated_metadata_is_shown_by_inspect_and_the_registry_or_refused(metadata):
+    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CPL_MASKS_HOME", str(Path(folder) / "home"))  # a fresh registry for every example
         path = crafted(Path(folder), lambda raw, cpl: cpl["metadata"].update(metadata))
-        for args in (["inspect", str(path)], ["inspect", str(path), "--json"]):
+        commands = [["inspect", str(path)], ["inspect", str(path), "--json"], ["registry", "add", str(path)]]
+        commands += [["registry", "show", str(path)], ["registry", "show", str(path), "--json"], ["registry", "list"]]
+        for args in commands:
             result = CliRunner().invoke(app, args)
-            assert result.exit_code in (0, 2), (result.exception, result.output)
+            assert result.exit_code in (0, 2), (args, result.exception, result.output)
