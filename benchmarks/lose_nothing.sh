@@ -107,7 +107,7 @@ def write(name, change):
     change(header, cpl)
     if isinstance(header["__metadata__"].get("cpl_mask"), str): header["__metadata__"]["cpl_mask"] = json.dumps(cpl)
     text = json.dumps(header).encode(); open(f"$E/{name}.safetensors", "wb").write(struct.pack("<Q", len(text)) + text + body)
-first = next(key for key in raw if key != "__metadata__")
+first = next(key for key in raw if key != "__metadata__" and not key.startswith("scores/"))
 write("huge", lambda h, c: c["shapes"].update({first: [10**20]}))
 write("nooffsets", lambda h, c: h[first].pop("data_offsets"))
 write("intheader", lambda h, c: h["__metadata__"].update(cpl_mask=5))

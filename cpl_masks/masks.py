@@ -370,7 +370,9 @@ def _check_header_types(path: Path, header: dict[str, Any]) -> None:
             shown = _short(shape)
             raise CplError(f"{path}: mask header shape of {name} is {shown}, not a list of non-negative integers")
         if name.startswith(SCORES_PREFIX) or not name:
-            raise CplError(f"{path}: mask header names a parameter {_short(name)}, which no parameter can be named")
+            raise CplError(
+                f"{path}: mask header names a parameter {_short(name, 200)}, which no parameter can be named"
+            )
 
 
 def _is_shape(shape: Any) -> bool:
@@ -482,7 +484,7 @@ def _check_tensor_layout(path: Path, raw: dict[str, Any], shapes: dict[str, Any]
         raise CplError(f"{path}: mask file lacks tensor {missing[0]} ({len(missing)} missing)")
     extra = [name for name in raw if name not in expected]
     if extra:
-        raise CplError(f"{path}: mask file holds tensor {_short(extra[0])}, which its header does not list")
+        raise CplError(f"{path}: mask file holds tensor {_short(extra[0], 200)}, which its header does not list")
     for name, (dtype, shape) in expected.items():
         entry = raw[name]
         if name in shapes and (entry["dtype"], entry["shape"]) != (dtype, shape):
@@ -535,7 +537,9 @@ def _raw_safetensors_header(path: Path) -> dict[str, Any]:
     position = 0
     for begin, end, name in sorted(ranges):
         if begin != position:
-            raise CplError(f"{path}: corrupted safetensors header (tensor {_short(name)} does not start at {position})")
+            raise CplError(
+                f"{path}: corrupted safetensors header (tensor {_short(name, 200)} does not start at {position})"
+            )
         position = end
     if 8 + length + position != size:
         raise CplError(f"{path}: truncated or padded mask file ({size} bytes, header promises {8 + length + position})")
@@ -545,19 +549,20 @@ def _raw_safetensors_header(path: Path) -> dict[str, Any]:
 def _tensor_range(path: Path, name: str, entry: Any) -> tuple[int, int]:
     """A tensor entry's byte range, after checking its dtype, shape and that the range fits them."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise CplError(f"{path}: tensor {_short(name)} is not described by dtype, shape and data_offsets")
+        raise CplError(f"{path}: tensor {_short(name, 200)} is not described by dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
-        raise CplError(f"{path}: tensor {_short(name)} has an unknown dtype {_short(dtype)}")
+        raise CplError(f"{path}: tensor {_short(name, 200)} has an unknown dtype {_short(dtype)}")
     if not _is_shape(shape):
-        raise CplError(f"{path}: tensor {_short(name)} has shape {_short(shape)}, not a list of non-negative integers")
+        raise CplError(
+            f"{path}: tensor {_short(name, 200)} has shape {_short(shape)}, not a list of non-negative integers"
+        )
     valid = isinstance(offsets, list) and len(offsets) == 2 and all(type(item) is int for item in offsets)
     if not valid or not 0 <= offsets[0] <= offsets[1]:
-        raise CplError(f"{path}: tensor {_short(name)} has data_offsets {_short(offsets)}, not [begin, end]")
-    if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[dtype]:
-        raise CplError(
-            f"{path}: tensor {_short(name)} of shape {_short(shape)} does not fill its {offsets[1] - offsets[0]} bytes"
-        )
+        raise CplError(f"{path}: tensor {_short(name, 200)} has data_offsets {_short(offsets)}, not [begin, end]")
+    size = offsets[1] - offsets[0]
+    if size != math.prod(shape) * _DTYPE_BYTES[dtype]:
+        raise CplError(f"{path}: tensor {_short(name, 200)} of shape {_short(shape)} does not fill its {size} bytes")
     return offsets[0], offsets[1]
 
 
