@@ -439,7 +439,11 @@ def _check_metadata(path: Path, metadata: dict[str, Any], shapes: dict[str, Any]
 
 
 def _check_tensor_stats(path: Path, tensors: dict[str, Any], shapes: dict[str, Any], refuse: Any) -> None:
-    """Per-tensor statistics: of parameters of the mask, non-negative counts, finite sums, both norms >= 0."""
+    """Per-tensor statistics: of parameters of the mask, non-negative counts, numeric sums, norms not negative.
+
+    Sums may be NaN or infinite (a profile whose gradients overflowed): the summary then shows NaN, and
+    the mask stays loadable.
+    """
     for name, stats in tensors.items():
         where = f"tensors.{name}"
         if name not in shapes:
@@ -447,13 +451,13 @@ def _check_tensor_stats(path: Path, tensors: dict[str, Any], shapes: dict[str, A
         if not isinstance(stats, dict):
             raise refuse(where, "an object")
         for key in _REQUIRED_SUMS:
-            if type(stats.get(key)) is not int or stats[key] < 0:
-                raise refuse(f"{where}.{key}", "a non-negative integer")
+            if not _is_number(stats.get(key)) or not stats[key] >= 0:
+                raise refuse(f"{where}.{key}", "a non-negative count")
         present = [key for key in _DOT_SUMS if stats.get(key) is not None]
         for key in present:
             value = stats[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise refuse(f"{where}.{key}", "a finite number")
+            if not _is_number(value):
+                raise refuse(f"{where}.{key}", "a number")
             if key.startswith("norm") and value < 0:
                 raise refuse(f"{where}.{key}", "a non-negative number")
         if "dot_positive" in present and len(present) != len(_DOT_SUMS):
@@ -461,6 +465,10 @@ def _check_tensor_stats(path: Path, tensors: dict[str, Any], shapes: dict[str, A
 
 
 _JSON_NAMES = {dict: "object", list: "list", str: "string", int: "integer"}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_json_type(value: Any, expected: type) -> bool:
