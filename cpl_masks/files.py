@@ -1,7 +1,10 @@
-"""Atomic file writes, content hashes and output folders.
+"""Atomic file writes, content hashes, output checks and folder locks.
 
 Every artifact the tool writes goes to a temporary file in the destination folder first and is
-renamed into place, so a crash or a bad input never leaves a half-written file behind.
+renamed into place, so a crash or a bad input never leaves a half-written file behind; without
+``--overwrite`` it is linked into place instead, which never replaces a file. Outputs are checked
+before any expensive work: never over an input, never in the registry's home. A folder a process
+writes can be locked (:func:`lock_folder`) so a second writer is refused.
 """
 
 from __future__ import annotations
@@ -64,18 +67,22 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *, replace: bool = Tr
 def _publish_new(tmp: Path, path: Path) -> None:
     """Give ``tmp`` the name ``path`` only if nothing has it yet (a hard link cannot replace a file)."""
     try:
-        os.link(tmp, path)
+        try:
+            os.link(tmp, path)
+        except OSError as error:  # a filesystem without hard links: claim the name exclusively, then fill it
+            if isinstance(error, FileExistsError) or error.errno not in _NO_HARD_LINKS:
+                raise
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, default_file_mode()))
+            os.replace(tmp, path)
+            return
     except FileExistsError:
         raise CplError(
             f"{path}: appeared while this command ran; not replaced (pass --overwrite to replace it)"
         ) from None
-    except OSError as error:  # a filesystem without hard links: claim the name exclusively, then fill it
-        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-            raise
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, default_file_mode()))
-        os.replace(tmp, path)
-        return
     os.unlink(tmp)
+
+
+_NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
 
 
 def default_file_mode() -> int:
