@@ -7,33 +7,34 @@ import typer
 from cpl_masks.cli import hub, masks, split, sweep
 from cpl_masks.cli import registry as registry_commands
 from cpl_masks.cli import train as train_commands
+from cpl_masks.cli.method_options import with_method_options
 
-app = typer.Typer(
-    name="cpl-masks",
-    help="Reusable freeze masks for teaching a language model new facts without forgetting old ones.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-)
+HELP = "Reusable freeze masks for teaching a language model new facts without forgetting old ones."
 
 
-@app.callback()
-def root() -> None:
-    """Reusable freeze masks for teaching a language model new facts without forgetting old ones."""
+def build_app() -> typer.Typer:
+    """The application with every command; ``train`` and ``sweep`` take the options of the methods
+    table as it stands now, so a method added to it before this call is on the command line too."""
+    app = typer.Typer(
+        name="cpl-masks", help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False
+    )
+    app.callback(help=HELP)(lambda: None)
+    app.command()(split.split)
+    app.command()(masks.profile)
+    app.command()(masks.inspect)
+    app.command()(masks.diff)
+    app.command("combine")(masks.combine_command)
+    app.command()(masks.threshold)
+    app.add_typer(registry_commands.app, name="registry")
+    app.command()(hub.push)
+    app.command()(hub.pull)
+    app.command()(with_method_options(train_commands.train))
+    app.command()(train_commands.compare)
+    app.command()(with_method_options(sweep.sweep))
+    return app
 
 
-app.command()(split.split)
-app.command()(masks.profile)
-app.command()(masks.inspect)
-app.command()(masks.diff)
-app.command("combine")(masks.combine_command)
-app.command()(masks.threshold)
-app.add_typer(registry_commands.app, name="registry")
-app.command()(hub.push)
-app.command()(hub.pull)
-app.command()(train_commands.train)
-app.command()(train_commands.compare)
-app.command()(sweep.sweep)
+app = build_app()
 
 
 def main() -> None:

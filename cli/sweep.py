@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -14,6 +14,8 @@ from cpl_masks.errors import CplError
 from cpl_masks.models import DEFAULT_MODEL
 from cpl_masks.sweep import DEFAULT_LR_GRID, DEFAULT_METHODS, PLOT_FILE, RESULT_FILE, SweepConfig, run_sweep
 from cpl_masks.sweep_report import PAIRED_COLUMNS, SWEEP_COLUMNS, paired_table_rows, sweep_table_rows
+
+DEFAULTS = SweepConfig(model="", data="", out="")  # the options' defaults are the config's, written once there
 
 
 def _list(option: str, text: str, kind: type) -> list:
@@ -48,15 +50,19 @@ def sweep(
         list[str] | None,
         typer.Option(help="A method's own grid, e.g. lora=1e-3,1e-2 (repeatable); others use --lr-grid."),
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the injection set per run.")] = 2,
-    optimizer: Annotated[str, typer.Option(help="sgd, momentum or adamw, for every method.")] = "sgd",
+    epochs: Annotated[int, typer.Option(help="Passes over the injection set per run.")] = DEFAULTS.epochs,
+    optimizer: Annotated[str, typer.Option(help="sgd, momentum or adamw, for every method.")] = DEFAULTS.optimizer,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (example order, random mask).")] = "0",
     forgetting_budget: Annotated[
         float, typer.Option(help="Largest share of held-out mastered questions a method may forget.")
-    ] = 0.02,
-    scoring: Annotated[str, typer.Option(help="letter, loglik or loglik-norm.")] = "loglik",
-    holdout_fraction: Annotated[float, typer.Option(help="Share of mastered questions held out.")] = 0.25,
-    min_margin: Annotated[float, typer.Option(help="Mastered only when right by at least this margin.")] = 0.0,
+    ] = DEFAULTS.forgetting_budget,
+    scoring: Annotated[str, typer.Option(help="letter, loglik or loglik-norm.")] = DEFAULTS.scoring,
+    holdout_fraction: Annotated[
+        float, typer.Option(help="Share of mastered questions held out.")
+    ] = DEFAULTS.holdout_fraction,
+    min_margin: Annotated[
+        float, typer.Option(help="Mastered only when right by at least this margin.")
+    ] = DEFAULTS.min_margin,
     limit: Annotated[int | None, typer.Option(help="Use only the first N questions.")] = None,
     heldout_data: Annotated[
         str | None,
@@ -66,31 +72,28 @@ def sweep(
         ),
     ] = None,
     heldout_limit: Annotated[int | None, typer.Option(help="Keep at most N pool questions.")] = None,
-    eval_every: Annotated[int, typer.Option(help="Evaluate every K epochs (and the last); each is a point.")] = 1,
+    eval_every: Annotated[
+        int, typer.Option(help="Evaluate every K epochs (and the last); each is a point.")
+    ] = DEFAULTS.eval_every,
     retain_text: Annotated[
         str | None, typer.Option(help="General text whose loss tracks forgetting (builtin:demo writes its own).")
     ] = None,
-    replay_share: Annotated[float | None, typer.Option(help="replay: share of mastered questions.")] = None,
-    ewc_lambda: Annotated[float | None, typer.Option(help="ewc: penalty strength λ.")] = None,
-    lora_rank: Annotated[int | None, typer.Option(help="lora: adapter rank.")] = None,
-    refresh_every: Annotated[int | None, typer.Option(help="dynamic, agem: also refresh g_M every K steps.")] = None,
-    track_drift: Annotated[bool, typer.Option(help="Record the CPL mask's drift from the sign rule.")] = True,
-    eval_batch_size: Annotated[int, typer.Option(help="Questions per forward pass when scoring.")] = 16,
+    track_drift: Annotated[
+        bool, typer.Option(help="Record the CPL mask's drift from the sign rule.")
+    ] = DEFAULTS.track_drift,
+    eval_batch_size: Annotated[
+        int, typer.Option(help="Questions per forward pass when scoring.")
+    ] = DEFAULTS.eval_batch_size,
     dtype: DtypeOption = "float32",
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
+    method_options: dict[str, Any] | None = None,
 ) -> None:
     """Split, profile, make control masks, and train every method at every learning rate; report each at its best.
 
     Example: cpl-masks sweep --data builtin:demo --limit 96 --lr-grid 1e-4,1e-3,3e-3 --seeds 0,1 --out runs/sweep
     """
     check_limit(limit)  # before the sweep folder records the arguments
-    options = {
-        "replay_share": replay_share,
-        "ewc_lambda": ewc_lambda,
-        "lora_rank": lora_rank,
-        "refresh_every": refresh_every,
-    }
     config = SweepConfig(
         model=model,
         data=data,
@@ -110,7 +113,7 @@ def sweep(
         heldout_limit=heldout_limit,
         eval_every=eval_every,
         retain_text=retain_text,
-        method_options={key: value for key, value in options.items() if value is not None},
+        method_options=method_options or {},
         track_drift=track_drift,
         eval_batch_size=eval_batch_size,
         dtype=dtype,

@@ -39,6 +39,7 @@ from cpl_masks.models import DEFAULT_MODEL
 from cpl_masks.train import TrainConfig
 from cpl_masks.training_run import RunRequest, read_run, restartable, resume_run, start_run
 
+DEFAULTS = TrainConfig()  # the options' defaults are the config's, written once there
 RESUME_CHANGES = ("lr", "epochs")  # the options --resume accepts; all others are the run's saved ones
 MODE_HELP = "How to train (--mask alone implies mask): " + ", ".join(
     f"{name} ({spec.summary})" for name, spec in METHODS.items()
@@ -87,32 +88,20 @@ def train(
         str | None, typer.Option(help="Held-out mastered set, to measure forgetting on unseen questions.")
     ] = None,
     model: ModelOption = DEFAULT_MODEL,
-    epochs: Annotated[int, typer.Option(help="Passes over the injection set.")] = 3,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
-    optimizer: Annotated[str, typer.Option(help="sgd (the paper's), momentum or adamw.")] = "sgd",
-    batch_size: Annotated[int, typer.Option(help="Questions per training step (the paper uses 1).")] = 1,
+    epochs: Annotated[int, typer.Option(help="Passes over the injection set.")] = DEFAULTS.epochs,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = DEFAULTS.lr,
+    optimizer: Annotated[str, typer.Option(help="sgd (the paper's), momentum or adamw.")] = DEFAULTS.optimizer,
+    batch_size: Annotated[
+        int, typer.Option(help="Questions per training step (the paper uses 1).")
+    ] = DEFAULTS.batch_size,
     eval_batch_size: Annotated[
         int, typer.Option(help="Questions per forward pass when evaluating and computing g_M.")
-    ] = 16,
-    seed: Annotated[int, typer.Option(help="Seed of the example order.")] = 0,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (never applied to frozen entries).")] = 0.0,
-    momentum: Annotated[float, typer.Option(help="Momentum of --optimizer momentum.")] = 0.9,
-    refresh_every: Annotated[
-        int | None, typer.Option(help="dynamic, agem: also recompute g_M every K steps (default: each epoch).")
-    ] = None,
-    lora_rank: Annotated[int | None, typer.Option(help="lora: adapter rank r (default 8).")] = None,
-    lora_alpha: Annotated[
-        int | None, typer.Option(help="lora: scale alpha, updates are (alpha/r)·BA (default 16).")
-    ] = None,
-    lora_targets: Annotated[
-        str | None, typer.Option(help="lora: all-linear (default) or comma-separated module names, e.g. q_proj,v_proj.")
-    ] = None,
-    lora_dropout: Annotated[float | None, typer.Option(help="lora: dropout on the adapter input (default 0).")] = None,
-    replay_share: Annotated[
-        float | None,
-        typer.Option(help="replay: share of each epoch's stream that is mastered questions (default 0.5)."),
-    ] = None,
-    ewc_lambda: Annotated[float | None, typer.Option(help="ewc: strength of the Fisher penalty (default 1e4).")] = None,
+    ] = DEFAULTS.eval_batch_size,
+    seed: Annotated[int, typer.Option(help="Seed of the example order.")] = DEFAULTS.seed,
+    weight_decay: Annotated[
+        float, typer.Option(help="Weight decay (never applied to frozen entries).")
+    ] = DEFAULTS.weight_decay,
+    momentum: Annotated[float, typer.Option(help="Momentum of --optimizer momentum.")] = DEFAULTS.momentum,
     scoring: Annotated[
         str | None,
         typer.Option(help="letter, loglik or loglik-norm (default: the mask's, else split.json's)."),
@@ -152,6 +141,7 @@ def train(
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
     overwrite: OverwriteOption = False,
+    method_options: dict[str, Any] | None = None,
 ) -> None:
     """Fine-tune on the injection set, evaluating learned and forgotten questions after every epoch
     (or every --eval-every epochs); questions.jsonl keeps each question's result at every evaluation.
@@ -182,15 +172,6 @@ def train(
             weight_decay=weight_decay,
             distributed=wrapping,
         )
-        options = {
-            "refresh_every": refresh_every,
-            "lora_rank": lora_rank,
-            "lora_alpha": lora_alpha,
-            "lora_targets": lora_targets,
-            "lora_dropout": lora_dropout,
-            "replay_share": replay_share,
-            "ewc_lambda": ewc_lambda,
-        }
         request = RunRequest(
             inject=str(data),
             mastered=str(mastered),
@@ -199,7 +180,7 @@ def train(
             model=model,
             mask=mask,
             mode=mode,
-            method_options={key: value for key, value in options.items() if value is not None},
+            method_options=method_options or {},
             scoring=scoring,
             force=force,
             task=task,

@@ -42,7 +42,6 @@ from cpl_masks.errors import CplError
 
 T = TypeVar("T")
 WRAPPINGS = ("ddp", "fsdp2")
-FSDP2_METHODS = ("full", "mask")  # methods whose hooks only edit gradients in place (DTensor-safe)
 TIMEOUT_ENV = "CPL_MASKS_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -290,7 +289,9 @@ def wrapping_for(requested: str | None) -> str | None:
     return requested or "ddp"
 
 
-def wrap_for_training(model: torch.nn.Module, wrapping: str | None, method: str) -> torch.nn.Module:
+def wrap_for_training(
+    model: torch.nn.Module, wrapping: str | None, method: str, shardable: Sequence[str]
+) -> torch.nn.Module:
     """The module a training step runs its forward through; ``model`` itself stays the bare module.
 
     ``ddp`` returns a ``DistributedDataParallel`` around ``model`` (it shares its parameters, so
@@ -298,6 +299,7 @@ def wrap_for_training(model: torch.nn.Module, wrapping: str | None, method: str)
     model it has the ``device`` the scorers place their inputs on). ``fsdp2`` shards ``model``
     in place, each decoder layer and then the root (every parameter becomes a DTensor), and returns
     ``model``. Call it after the method froze its tensors: DDP and FSDP2 skip frozen parameters.
+    ``shardable`` names the methods that may run under FSDP2 (the methods table says which).
     """
     if wrapping is None:
         return model
@@ -310,8 +312,8 @@ def wrap_for_training(model: torch.nn.Module, wrapping: str | None, method: str)
         quiet = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
         buffers = {"forward_sync_buffers": False} if quiet else {"broadcast_buffers": False}
         return DistributedDataParallel(model, device_ids=ids, **buffers)
-    if method not in FSDP2_METHODS:
-        raise CplError(f"--distributed fsdp2 trains --mode {'|'.join(FSDP2_METHODS)} only; use ddp for {method}")
+    if method not in shardable:
+        raise CplError(f"--distributed fsdp2 trains --mode {'|'.join(shardable)} only; use ddp for {method}")
     return shard_model(model)
 
 

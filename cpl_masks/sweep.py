@@ -56,7 +56,6 @@ from cpl_masks.sweep_report import (
 from cpl_masks.train import OPTIMIZERS, TrainConfig, TrainingDiverged
 from cpl_masks.training_run import CHECKPOINT, RUN, RunRequest, read_run, resume_run, start_run
 
-MASK_METHODS = ("mask", "random", "gradient-magnitude")  # static-mask runs: CPL's mask and its two controls
 DEFAULT_METHODS = ("full", "mask", "random", "gradient-magnitude", "dynamic", "lora", "replay", "agem", "ewc")
 DEFAULT_LR_GRID = (1e-5, 1e-4, 1e-3)
 REUSE_PREFIX = "reuse:"  # a method name "reuse:<file>" trains with a mask profiled elsewhere (cross-task reuse)
@@ -99,8 +98,8 @@ class SweepConfig:
             if name.startswith(REUSE_PREFIX):
                 if not Path(name.removeprefix(REUSE_PREFIX)).is_file():
                     raise CplError(f"--methods {name}: no such mask file")
-            elif name not in METHODS and name not in MASK_METHODS:
-                known = ", ".join(dict.fromkeys([*METHODS, *MASK_METHODS]))
+            elif name not in METHODS and name not in _mask_methods():
+                known = ", ".join(dict.fromkeys([*METHODS, *_mask_methods()]))
                 raise CplError(f"--methods {name}: choose among {known}, or {REUSE_PREFIX}MASK_FILE")
         if len(set(self.methods)) != len(self.methods) or not self.methods:
             raise CplError("--methods: give each method once, at least one")
@@ -252,7 +251,7 @@ def _split(config: SweepConfig, folder: Path, report: Report, show_progress: boo
 
 def _masks(config: SweepConfig, split_dir: Path, folder: Path, report: Report, show_progress: bool) -> dict[str, Path]:
     """The mask file of every static-mask method and seed: ``{method}`` or ``{method}-s{seed}`` -> path."""
-    wanted = [name for name in config.methods if name in MASK_METHODS]
+    wanted = [name for name in config.methods if name in _mask_methods()]
     reused = [name for name in config.methods if name.startswith(REUSE_PREFIX)]
     paths: dict[str, Path] = {name: Path(name.removeprefix(REUSE_PREFIX)).resolve() for name in reused}
     if not wanted:
@@ -399,9 +398,14 @@ def _request(
     )
 
 
+def _mask_methods() -> tuple[str, ...]:
+    """Sweep methods that train through a static mask: the methods table's mask methods and the controls."""
+    return (*(name for name, spec in METHODS.items() if spec.needs_mask), *CONTROLS)
+
+
 def _mode(method: str) -> str:
     """The training method behind a sweep method name: every mask variant trains as ``mask``."""
-    return "mask" if method in MASK_METHODS or method.startswith(REUSE_PREFIX) else method
+    return "mask" if method in _mask_methods() or method.startswith(REUSE_PREFIX) else method
 
 
 def _method_label(method: str) -> str:

@@ -31,7 +31,7 @@ import torch
 from cpl_masks import distributed
 from cpl_masks.data import Question
 from cpl_masks.errors import CplError
-from cpl_masks.methods import Method
+from cpl_masks.methods import METHODS, Method
 from cpl_masks.progress import progress_bar
 from cpl_masks.scoring import Scorer, batches
 
@@ -188,7 +188,8 @@ class Trainer:
         frozen = method.frozen_entries()
         self._trainable = sum(p.numel() - (int(frozen[n].sum()) if n in frozen else 0) for n, p in named)
         self.wrapping = distributed.wrapping_for(config.distributed)
-        self.network = distributed.wrap_for_training(self.model, self.wrapping, method.name)
+        shardable = [name for name, spec in METHODS.items() if spec.fsdp2]
+        self.network = distributed.wrap_for_training(self.model, self.wrapping, method.name, shardable)
         if self.wrapping == "fsdp2":
             _shard_masks(self.model, method)
         self.named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]  # FSDP2's own

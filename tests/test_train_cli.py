@@ -43,8 +43,12 @@ def test_train_full_and_mask_then_compare(tiny_model_dir, files, tmp_path):
     assert run["mode"] == "mask" and run["args"]["config"]["optimizer"] == "adamw"
     compared = invoke(["compare", str(tmp_path / "full"), str(tmp_path / "cpl"), "--plot", str(tmp_path / "c.png")])
     assert compared.exit_code == 0, compared.output
-    lines = {line.split("│")[1].strip(): line for line in compared.output.splitlines() if line.startswith("│")}
+    lines: dict[str, str] = {}
+    for line in compared.output.splitlines():
+        if line.startswith("│"):
+            lines.setdefault(line.split("│")[1].strip(), line)  # the first table: one row per run
     assert set(lines) == {"full", "cpl"} and "mask" in lines["cpl"]
+    assert "paired by question against full" in compared.output
     assert (tmp_path / "c.png").is_file()
 
 

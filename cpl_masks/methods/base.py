@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -53,11 +53,19 @@ class MethodContext:
         return self.mastered
 
 
+def option(default: Any, help: str) -> Any:
+    """A field of a method's options dataclass: its default and help text, the one place both are written.
+
+    The CLI's ``train`` and ``sweep`` options are generated from these fields (:mod:`cpl_masks.cli.method_options`).
+    """
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class RefreshOptions:
     """Options of methods that steer by ``g_M`` (dynamic, A-GEM): also recompute it every K steps in an epoch."""
 
-    refresh_every: int | None = None
+    refresh_every: int | None = option(None, "also recompute g_M every K steps (default: once per epoch)")
 
     def __post_init__(self) -> None:
         if self.refresh_every is not None and self.refresh_every < 1:

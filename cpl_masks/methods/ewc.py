@@ -19,7 +19,7 @@ import torch
 
 from cpl_masks.data import Question
 from cpl_masks.errors import CplError
-from cpl_masks.methods.base import Method, MethodContext
+from cpl_masks.methods.base import Method, MethodContext, option
 from cpl_masks.scoring import Scorer
 
 
@@ -27,7 +27,7 @@ from cpl_masks.scoring import Scorer
 class EwcOptions:
     """The strength ``λ`` of the elastic penalty (``--ewc-lambda``)."""
 
-    ewc_lambda: float = 1e4
+    ewc_lambda: float = option(1e4, "strength λ of the Fisher penalty")
 
     def __post_init__(self) -> None:
         if not (self.ewc_lambda > 0 and math.isfinite(self.ewc_lambda)):

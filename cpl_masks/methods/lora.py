@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cpl_masks.errors import CplError
-from cpl_masks.methods.base import Method, MethodContext
+from cpl_masks.methods.base import Method, MethodContext, option
 
 ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer of the decoder, lm_head excluded
 
@@ -25,10 +25,10 @@ ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer of the decoder
 class LoraOptions:
     """LoRA's rank, scale, target modules and dropout (``--lora-*``)."""
 
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_targets: str = ALL_LINEAR
-    lora_dropout: float = 0.0
+    lora_rank: int = option(8, "adapter rank r")
+    lora_alpha: int = option(16, "scale alpha; updates are (alpha/r)·BA")
+    lora_targets: str = option(ALL_LINEAR, "all-linear or comma-separated module names, e.g. q_proj,v_proj")
+    lora_dropout: float = option(0.0, "dropout on the adapter input")
 
     def __post_init__(self) -> None:
         if self.lora_rank < 1:

@@ -16,14 +16,14 @@ from typing import Any
 
 from cpl_masks.data import Question
 from cpl_masks.errors import CplError
-from cpl_masks.methods.base import Method, MethodContext, epoch_order
+from cpl_masks.methods.base import Method, MethodContext, epoch_order, option
 
 
 @dataclass
 class ReplayOptions:
     """The share of each epoch's stream made of mastered questions (``--replay-share``)."""
 
-    replay_share: float = 0.5
+    replay_share: float = option(0.5, "share of each epoch's stream that is mastered questions")
 
     def __post_init__(self) -> None:
         if not 0 <= self.replay_share < 1:
