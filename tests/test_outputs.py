@@ -244,3 +244,22 @@ def test_lock_folder_refuses_a_second_writer_and_dies_with_its_process(tmp_path)
         with pytest.raises(CplError, match="another process"), lock_folder(folder, what="sweep folder"):
             pass  # a second lock in the same process is refused too (flock on another open file)
     assert check_output_dir(folder, overwrite=False)  # the lock file alone does not make the folder non-empty
+
+
+def test_publishing_without_hard_links_still_never_replaces(tmp_path, monkeypatch):
+    import errno
+
+    from cpl_masks.files import atomic_write
+
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    target = tmp_path / "out.json"
+    with atomic_write(target, replace=False) as handle:
+        handle.write("first")
+    assert target.read_text() == "first"
+    with pytest.raises(CplError, match="appeared while this command ran; not replaced"):
+        with atomic_write(target, replace=False) as handle:
+            handle.write("second")
+    assert target.read_text() == "first" and sorted(path.name for path in tmp_path.iterdir()) == ["out.json"]
