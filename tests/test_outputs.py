@@ -259,7 +259,7 @@ def test_publishing_without_hard_links_still_never_replaces(tmp_path, monkeypatc
     with atomic_write(target, replace=False) as handle:
         handle.write("first")
     assert target.read_text() == "first"
-    with pytest.raises(CplError, match="appeared while this command ran; not replaced"):
-        with atomic_write(target, replace=False) as handle:
-            handle.write("second")
+    refused = pytest.raises(CplError, match="appeared while this command ran; not replaced")
+    with refused, atomic_write(target, replace=False) as handle:
+        handle.write("second")
     assert target.read_text() == "first" and sorted(path.name for path in tmp_path.iterdir()) == ["out.json"]
