@@ -36,8 +36,10 @@ from cpl_masks.evaluate import (
 )
 from cpl_masks.methods import METHODS
 from cpl_masks.models import DEFAULT_MODEL
+from cpl_masks.run_folder import read_run, restartable
+from cpl_masks.run_request import RunRequest
 from cpl_masks.train import TrainConfig
-from cpl_masks.training_run import RunRequest, read_run, restartable, resume_run, start_run
+from cpl_masks.training_run import resume_run, start_run
 
 DEFAULTS = TrainConfig()  # the options' defaults are the config's, written once there
 RESUME_CHANGES = ("lr", "epochs")  # the options --resume accepts; all others are the run's saved ones

@@ -23,13 +23,15 @@ from cpl_masks.masks import Mask, read_header
 from cpl_masks.methods import METHODS, Method, MethodContext, make_method
 from cpl_masks.models import DEFAULT_MODEL, LoadedModel, load_model, model_fingerprint
 from cpl_masks.profile import profile
+from cpl_masks.run_request import RunRequest
 from cpl_masks.scoring import SCORINGS, Scores, make_scorer, score_questions
 from cpl_masks.selection import Rule
 from cpl_masks.split import Split, forgetting_pool, split_questions, write_split
 from cpl_masks.stats import compare_paired, mcnemar_exact, paired_bootstrap
-from cpl_masks.sweep import SweepConfig, run_sweep
+from cpl_masks.sweep import run_sweep
+from cpl_masks.sweep_config import SweepConfig
 from cpl_masks.train import TrainConfig
-from cpl_masks.training_run import RunRequest, resume_run, start_run
+from cpl_masks.training_run import resume_run, start_run
 
 __version__ = "0.1.0"
 

@@ -22,28 +22,36 @@ another ``--forgetting-budget`` judges the finished runs again without training.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from cpl_masks.controls import CONTROLS, control_mask
-from cpl_masks.data import BUILTIN_DEMO, Question, check_limit, load_questions
+from cpl_masks.data import BUILTIN_DEMO, Question, load_questions
 from cpl_masks.demo_data import retain_text
 from cpl_masks.errors import CplError
 from cpl_masks.files import atomic_write, write_json
 from cpl_masks.masks import Mask
-from cpl_masks.methods import METHODS, method_options
 from cpl_masks.models import LoadedModel, load_model
 from cpl_masks.profile import profile
 from cpl_masks.registry import Registry
 from cpl_masks.registry.names import task_name
+from cpl_masks.run_folder import CHECKPOINT, RUN, read_run
+from cpl_masks.run_request import RunRequest
 from cpl_masks.split import HELDOUT, INJECT, MASTERED, SUMMARY, split_questions, write_split
+from cpl_masks.sweep_config import (
+    REUSE_PREFIX,
+    RunSpec,
+    SweepConfig,
+    applicable_options,
+    mask_methods,
+    method_label,
+    training_mode,
+)
 from cpl_masks.sweep_report import (
     aggregate,
     best_per_method,
@@ -53,100 +61,11 @@ from cpl_masks.sweep_report import (
     paired_comparisons,
     pareto_front,
 )
-from cpl_masks.train import OPTIMIZERS, TrainConfig, TrainingDiverged
-from cpl_masks.training_run import CHECKPOINT, RUN, RunRequest, read_run, resume_run, start_run
+from cpl_masks.train import TrainConfig, TrainingDiverged
+from cpl_masks.training_run import resume_run, start_run
 
-DEFAULT_METHODS = ("full", "mask", "random", "gradient-magnitude", "dynamic", "lora", "replay", "agem", "ewc")
-DEFAULT_LR_GRID = (1e-5, 1e-4, 1e-3)
-REUSE_PREFIX = "reuse:"  # a method name "reuse:<file>" trains with a mask profiled elsewhere (cross-task reuse)
 CONFIG_FILE, RESULT_FILE, PLOT_FILE, DIVERGED = "sweep_config.json", "sweep.json", "sweep.png", "diverged.json"
 Report = Callable[[str], None]
-
-
-@dataclass
-class SweepConfig:
-    """Everything a sweep depends on; a re-run with the same values resumes it."""
-
-    model: str
-    data: str
-    out: str
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    lr_grid: list[float] = field(default_factory=lambda: list(DEFAULT_LR_GRID))
-    method_lr_grid: dict[str, list[float]] = field(default_factory=dict)  # per-method grids replacing lr_grid
-    seeds: list[int] = field(default_factory=lambda: [0])
-    epochs: int = 2
-    optimizer: str = "sgd"
-    forgetting_budget: float = 0.02
-    scoring: str = "loglik"
-    holdout_fraction: float = 0.25
-    min_margin: float = 0.0
-    limit: int | None = None
-    heldout_data: str | None = None  # a forgetting pool's candidates (builtin:demo: its unused general questions)
-    heldout_limit: int | None = None
-    eval_every: int = 1
-    retain_text: str | None = None
-    method_options: dict[str, Any] = field(default_factory=dict)  # e.g. replay_share, ewc_lambda, lora_rank
-    track_drift: bool = True  # record the CPL mask's agreement with the sign rule after every epoch
-    eval_batch_size: int = 16
-    dtype: str = "float32"
-    device: str = "auto"
-    threads: int | None = None
-
-    def check(self) -> None:
-        """Refuse bad options before anything is loaded, naming the option."""
-        for name in self.methods:
-            if name.startswith(REUSE_PREFIX):
-                if not Path(name.removeprefix(REUSE_PREFIX)).is_file():
-                    raise CplError(f"--methods {name}: no such mask file")
-            elif name not in METHODS and name not in _mask_methods():
-                known = ", ".join(dict.fromkeys([*METHODS, *_mask_methods()]))
-                raise CplError(f"--methods {name}: choose among {known}, or {REUSE_PREFIX}MASK_FILE")
-        if len(set(self.methods)) != len(self.methods) or not self.methods:
-            raise CplError("--methods: give each method once, at least one")
-        for option, grid in [
-            ("--lr-grid", self.lr_grid),
-            *((f"--method-lr-grid {name}", values) for name, values in self.method_lr_grid.items()),
-        ]:
-            if not grid or any(not (lr > 0 and math.isfinite(lr)) for lr in grid):
-                raise CplError(f"{option} {grid}: give positive learning rates")
-        stray = sorted(set(self.method_lr_grid) - set(self.methods))
-        if stray:
-            raise CplError(f"--method-lr-grid {stray[0]}: not one of the swept --methods")
-        if not self.seeds:
-            raise CplError("--seeds: give at least one seed")
-        if not 0.0 <= self.forgetting_budget <= 1.0:
-            raise CplError(f"--forgetting-budget {self.forgetting_budget}: must be a share in [0, 1]")
-        if not 0.0 < self.holdout_fraction < 1.0:
-            raise CplError(f"--holdout-fraction {self.holdout_fraction}: a sweep needs a held-out share in (0, 1)")
-        if self.optimizer not in OPTIMIZERS:
-            raise CplError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
-        if self.retain_text is not None and not Path(self.retain_text).is_file():
-            raise CplError(f"--retain-text {self.retain_text}: no such file")
-        check_limit(self.heldout_limit, "--heldout-limit")
-        if not (isinstance(self.eval_every, int) and self.eval_every >= 1):
-            raise CplError(f"--eval-every {self.eval_every}: must be a whole number of epochs, at least 1")
-        modes = {_mode(method) for method in self.methods}
-        for name in modes:
-            method_options(name, _applicable_options(name, self.method_options))
-        unused = set(self.method_options) - {key for name in modes for key in _option_names(name)}
-        if unused:
-            raise CplError(f"--{sorted(unused)[0].replace('_', '-')}: none of the swept methods takes it")
-        TrainConfig(epochs=self.epochs, optimizer=self.optimizer, eval_batch_size=self.eval_batch_size).check()
-
-
-@dataclass
-class RunSpec:
-    """One run of the sweep: a method at a learning rate and a seed."""
-
-    method: str
-    lr: float
-    seed: int
-
-    @property
-    def label(self) -> str:
-        """The run's folder name under ``runs/``."""
-        name = _method_label(self.method)
-        return f"{name}-lr{self.lr:g}-s{self.seed}"
 
 
 def run_sweep(
@@ -251,7 +170,7 @@ def _split(config: SweepConfig, folder: Path, report: Report, show_progress: boo
 
 def _masks(config: SweepConfig, split_dir: Path, folder: Path, report: Report, show_progress: bool) -> dict[str, Path]:
     """The mask file of every static-mask method and seed: ``{method}`` or ``{method}-s{seed}`` -> path."""
-    wanted = [name for name in config.methods if name in _mask_methods()]
+    wanted = [name for name in config.methods if name in mask_methods()]
     reused = [name for name in config.methods if name.startswith(REUSE_PREFIX)]
     paths: dict[str, Path] = {name: Path(name.removeprefix(REUSE_PREFIX)).resolve() for name in reused}
     if not wanted:
@@ -366,7 +285,7 @@ def _request(
     folder: Path,
     show_progress: bool,
 ) -> RunRequest:
-    mode = _mode(spec.method)
+    mode = training_mode(spec.method)
     mask = _mask_for(spec, masks)
     return RunRequest(
         inject=str(split_dir / INJECT),
@@ -376,7 +295,7 @@ def _request(
         model=config.model,
         mask=str(mask) if mask is not None else None,
         mode=mode,
-        method_options=_applicable_options(mode, config.method_options),
+        method_options=applicable_options(mode, config.method_options),
         scoring=config.scoring,
         task=_task(config),
         allow_other_weights=spec.method.startswith(REUSE_PREFIX),
@@ -398,20 +317,6 @@ def _request(
     )
 
 
-def _mask_methods() -> tuple[str, ...]:
-    """Sweep methods that train through a static mask: the methods table's mask methods and the controls."""
-    return (*(name for name, spec in METHODS.items() if spec.needs_mask), *CONTROLS)
-
-
-def _mode(method: str) -> str:
-    """The training method behind a sweep method name: every mask variant trains as ``mask``."""
-    return "mask" if method in _mask_methods() or method.startswith(REUSE_PREFIX) else method
-
-
-def _method_label(method: str) -> str:
-    return f"reuse-{Path(method.removeprefix(REUSE_PREFIX)).stem}" if method.startswith(REUSE_PREFIX) else method
-
-
 def _mask_for(spec: RunSpec, masks: dict[str, Path]) -> Path | None:
     return masks.get(_control_key(spec.method, spec.seed) if spec.method in CONTROLS else spec.method)
 
@@ -421,22 +326,12 @@ def _control_key(rule: str, seed: int) -> str:
     return f"{rule}-s{seed}" if rule == "random" else rule
 
 
-def _option_names(mode: str) -> set[str]:
-    return {item.name for item in dataclasses.fields(METHODS[mode].options)}
-
-
-def _applicable_options(mode: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The sweep's method options that belong to ``mode`` (each option names its method's fields)."""
-    names = _option_names(mode)
-    return {key: value for key, value in options.items() if key in names}
-
-
 def _run_summary(
     spec: RunSpec, run: dict[str, Any] | None, sweep_dir: Path, diverged: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The figures of one run that the comparison needs: its last evaluated epoch's, and under ``epochs``
     every evaluated epoch's after 0 (None figures where the run diverged)."""
-    summary: dict[str, Any] = {"method": _method_label(spec.method), "lr": spec.lr, "seed": spec.seed}
+    summary: dict[str, Any] = {"method": method_label(spec.method), "lr": spec.lr, "seed": spec.seed}
     if run is None:
         return {**summary, **(diverged or {}), "learned_share": None, "heldout_forgotten_share": None}
     rows = run["metrics"]

@@ -13,7 +13,8 @@ from cpl_masks.errors import CplError
 from cpl_masks.evaluate import compare_outcomes, outcome_differences, question_outcomes, read_question_records
 from cpl_masks.scoring import make_scorer, score_questions
 from cpl_masks.split import POOL_PREFIX, split_questions, write_split
-from cpl_masks.sweep import SweepConfig, run_sweep
+from cpl_masks.sweep import run_sweep
+from cpl_masks.sweep_config import SweepConfig
 from cpl_masks.sweep_report import aggregate, best_per_method, learned_forgotten_auc
 from cpl_masks.training_run import resume_run, start_run
 from tests.conftest import make_questions, write_rows

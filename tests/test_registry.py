@@ -261,8 +261,9 @@ def test_the_database_uses_wal_and_foreign_keys(registry):
 def test_a_profiled_mask_and_its_runs_share_a_task_and_runs_go_to_the_registry_passed_in(
     tmp_path, tiny_model_dir, registry
 ):
+    from cpl_masks.run_request import RunRequest
     from cpl_masks.train import TrainConfig
-    from cpl_masks.training_run import RunRequest, start_run
+    from cpl_masks.training_run import start_run
     from tests.conftest import make_questions, write_rows
 
     files = {}

@@ -18,7 +18,8 @@ import torch
 
 from cpl_masks.errors import CplError
 from cpl_masks.registry import Registry
-from cpl_masks.training_run import restartable, resume_run, start_run
+from cpl_masks.run_folder import restartable
+from cpl_masks.training_run import resume_run, start_run
 from tests.conftest import make_questions, write_rows
 from tests.test_train import fresh, make_request, random_mask, saved_weights
 

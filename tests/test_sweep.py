@@ -12,7 +12,8 @@ from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
 from cpl_masks.registry import Registry
 from cpl_masks.registry.names import mask_name
-from cpl_masks.sweep import DEFAULT_METHODS, SweepConfig, run_sweep
+from cpl_masks.sweep import run_sweep
+from cpl_masks.sweep_config import DEFAULT_METHODS, SweepConfig
 from cpl_masks.sweep_report import aggregate, best_per_method, pareto_front, sweep_table_rows
 from tests.conftest import make_questions, write_rows
 

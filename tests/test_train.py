@@ -14,10 +14,11 @@ from cpl_masks.masks import Mask
 from cpl_masks.methods import MethodContext, epoch_order, make_method
 from cpl_masks.methods.masking import DynamicCPL, FullFineTuning, StaticMask
 from cpl_masks.models import load_model, model_fingerprint
+from cpl_masks.run_request import RunRequest
 from cpl_masks.scoring import LetterScorer, make_scorer
 from cpl_masks.split import resolve_scoring
 from cpl_masks.train import MaskedAdamW, TrainConfig, Trainer, TrainingDiverged, optimizer_state_bytes
-from cpl_masks.training_run import RunRequest, resume_run, start_run
+from cpl_masks.training_run import resume_run, start_run
 from tests.conftest import make_questions, write_rows
 from tests.helpers import assert_frozen_unchanged, snapshot
 

@@ -1,0 +1,177 @@
+"""A training run's folder on disk: its layout, the checkpoint kept after every epoch, and the finished record.
+
+The folder holds ``config.json`` (the request with absolute paths, the inputs' content hashes and
+the mask's id; written once every check has passed, before the first epoch, so a killed run resumes
+from any working directory), ``checkpoint/`` (weights, optimizer and RNG state, metrics, per-question
+records and the epoch-0 baseline of the last finished epoch; ``state.json`` is written last, so a
+crash leaves the previous checkpoint in force), ``metrics.jsonl``, ``questions.jsonl`` and
+``curves.png`` (rewritten after every evaluated epoch), and at the end ``model/`` (the method's
+``save``: safetensors weights, or a LoRA adapter, and the tokenizer) and ``run.json``.
+
+These are the components both recipes use (:mod:`cpl_masks.training_run` and, through it,
+:mod:`cpl_masks.sweep`); under ``torchrun`` only rank 0 writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpl_masks import distributed
+from cpl_masks.errors import CplError
+from cpl_masks.evaluate import QUESTIONS
+from cpl_masks.files import atomic_write, check_output_dir, check_writable_folder, write_json
+from cpl_masks.methods import Method
+from cpl_masks.train import Trainer
+
+CONFIG, METRICS, CURVES, RUN, MODEL_DIR, CHECKPOINT = (
+    "config.json",
+    "metrics.jsonl",
+    "curves.png",
+    "run.json",
+    "model",
+    "checkpoint",
+)
+
+
+STATE = "state.json"
+
+
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that holds other work (unless ``overwrite``) or cannot be created and written."""
+    if not restartable(out):
+        check_output_dir(out, overwrite=overwrite)
+    check_writable_folder(out, what=f"--out {out}")
+
+
+def restartable(folder: str | Path) -> bool:
+    """Whether ``folder`` holds only a run that stopped before its first checkpoint, so it may start again.
+
+    Such a folder has our ``config.json``, at most epoch 0's ``metrics.jsonl``, ``questions.jsonl`` and
+    ``curves.png``, and a ``checkpoint/`` whose ``state.json`` was never written: no finished epoch, nothing of the
+    user's, so starting the run again there needs no ``--overwrite``.
+    """
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file() or (folder / CHECKPOINT / STATE).exists():
+        return False
+    if any(path.name not in (CONFIG, METRICS, QUESTIONS, CURVES, CHECKPOINT) for path in folder.iterdir()):
+        return False
+    try:
+        return isinstance(json.loads((folder / CONFIG).read_text(encoding="utf-8")).get("request"), dict)
+    except (ValueError, AttributeError):  # not JSON, or not an object: not our config.json
+        return False
+
+
+def saved_config(out: Path) -> dict[str, Any]:
+    """The ``config.json`` of the stopped run in ``out``, refusing a folder that holds none or a finished run."""
+    if not (out / CONFIG).is_file():
+        raise CplError(f"--resume {out}: no {CONFIG} here (not a training run folder)")
+    if (out / RUN).is_file():
+        raise CplError(f"--resume {out}: this run already finished ({RUN} exists)")
+    try:
+        return json.loads((out / CONFIG).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CplError(f"{out / CONFIG}: not valid JSON ({error.msg} at line {error.lineno})") from error
+
+
+def save_checkpoint(out: Path, trainer: Trainer, state: dict[str, Any]) -> None:
+    """Write weights, optimizer and RNG state, then ``state.json`` naming them; drop older files.
+
+    ``state.json`` is written last, so a crash at any point leaves the previous epoch's complete
+    checkpoint in force. Every rank calls it (FSDP2 gathers the weights); rank 0 writes. Under FSDP2
+    a stateful optimizer's state is sharded per rank and is not kept, so such a run cannot resume.
+    """
+    payload = {
+        "weights": trainer.weights(),
+        "optimizer": _optimizer_state(trainer),
+        "rng": torch.get_rng_state(),
+    }
+    distributed.on_main(lambda: _write_checkpoint(out / CHECKPOINT, payload, state))
+
+
+def _optimizer_state(trainer: Trainer) -> dict[str, Any] | None:
+    """The optimizer's state dict, or None under FSDP2 when it holds per-rank shards (momentum, Adam)."""
+    state = trainer.optimizer.state_dict()
+    if trainer.wrapping == "fsdp2" and any(state["state"].values()):
+        return None
+    return state
+
+
+def _write_checkpoint(folder: Path, payload: dict[str, Any], state: dict[str, Any]) -> None:
+    name = f"trainer-{state['epoch']}.pt"
+    with atomic_write(folder / name, "wb") as handle:
+        torch.save(payload, handle)
+    write_json(folder / STATE, {**state, "file": name})
+    for old in folder.glob("trainer-*.pt"):
+        if old.name != name:
+            old.unlink()
+
+
+def read_checkpoint(out: Path) -> dict[str, Any] | None:
+    """The last checkpoint's state (its tensors under ``payload``), or None before an epoch ends."""
+    state = checkpoint_state(out)
+    if state is not None:
+        state["payload"] = torch.load(out / CHECKPOINT / state["file"], map_location="cpu", weights_only=True)
+    return state
+
+
+def checkpoint_state(out: Path) -> dict[str, Any] | None:
+    """The last checkpoint's ``state.json`` (its epoch, metrics and baseline; no tensors), or None."""
+    state_file = out / CHECKPOINT / STATE
+    return json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else None
+
+
+def restore_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+    """Put a checkpoint's weights, optimizer state and RNG state back."""
+    payload = checkpoint["payload"]
+    if payload["optimizer"] is None:
+        raise CplError(
+            "--resume: this run trained under --distributed fsdp2 with a stateful optimizer, whose sharded "
+            "state was not checkpointed; start it again (or train with ddp or plain sgd)"
+        )
+    trainer.load_weights(payload["weights"])
+    trainer.optimizer.load_state_dict(payload["optimizer"])
+    for group in trainer.optimizer.param_groups:  # the saved state carries the old rate; a resume may change it
+        group["lr"] = trainer.config.lr
+    torch.set_rng_state(payload["rng"])
+
+
+def save_model(
+    method: Method, model: torch.nn.Module, tokenizer: Any, folder: Path, weights: dict[str, torch.Tensor] | None = None
+) -> None:
+    """The method's result (weights, or an adapter) and the tokenizer into ``folder``, via a staging folder.
+
+    ``weights``, when given, are the whole weights to save instead of the model's own parameters
+    (under FSDP2, where each rank holds only shards and rank 0 has gathered them).
+    """
+    staging = folder.with_name(f".{folder.name}-staging")
+    remove_path(staging)
+    if weights is None:
+        method.save(model, staging)
+    else:
+        model.save_pretrained(staging, state_dict=weights)
+    tokenizer.save_pretrained(staging)
+    remove_path(folder)
+    staging.rename(folder)
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def read_run(folder: str | Path) -> dict[str, Any]:
+    """The ``run.json`` payload of a finished run folder."""
+    path = Path(folder) / RUN
+    if not path.is_file():
+        raise CplError(f"{folder}: no {RUN} (not a finished training run)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CplError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from error

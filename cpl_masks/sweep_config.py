@@ -1,0 +1,131 @@
+"""What a sweep is asked to do (:class:`SweepConfig`, checked whole before anything loads) and how its
+method names map to training methods: a method of the table, a control mask, or ``reuse:MASK_FILE``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cpl_masks.controls import CONTROLS
+from cpl_masks.data import check_limit
+from cpl_masks.errors import CplError
+from cpl_masks.methods import METHODS, method_options
+from cpl_masks.train import OPTIMIZERS, TrainConfig
+
+DEFAULT_METHODS = ("full", "mask", "random", "gradient-magnitude", "dynamic", "lora", "replay", "agem", "ewc")
+DEFAULT_LR_GRID = (1e-5, 1e-4, 1e-3)
+REUSE_PREFIX = "reuse:"  # a method name "reuse:<file>" trains with a mask profiled elsewhere (cross-task reuse)
+
+
+@dataclass
+class SweepConfig:
+    """Everything a sweep depends on; a re-run with the same values resumes it."""
+
+    model: str
+    data: str
+    out: str
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    lr_grid: list[float] = field(default_factory=lambda: list(DEFAULT_LR_GRID))
+    method_lr_grid: dict[str, list[float]] = field(default_factory=dict)  # per-method grids replacing lr_grid
+    seeds: list[int] = field(default_factory=lambda: [0])
+    epochs: int = 2
+    optimizer: str = "sgd"
+    forgetting_budget: float = 0.02
+    scoring: str = "loglik"
+    holdout_fraction: float = 0.25
+    min_margin: float = 0.0
+    limit: int | None = None
+    heldout_data: str | None = None  # a forgetting pool's candidates (builtin:demo: its unused general questions)
+    heldout_limit: int | None = None
+    eval_every: int = 1
+    retain_text: str | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)  # e.g. replay_share, ewc_lambda, lora_rank
+    track_drift: bool = True  # record the CPL mask's agreement with the sign rule after every epoch
+    eval_batch_size: int = 16
+    dtype: str = "float32"
+    device: str = "auto"
+    threads: int | None = None
+
+    def check(self) -> None:
+        """Refuse bad options before anything is loaded, naming the option."""
+        for name in self.methods:
+            if name.startswith(REUSE_PREFIX):
+                if not Path(name.removeprefix(REUSE_PREFIX)).is_file():
+                    raise CplError(f"--methods {name}: no such mask file")
+            elif name not in METHODS and name not in mask_methods():
+                known = ", ".join(dict.fromkeys([*METHODS, *mask_methods()]))
+                raise CplError(f"--methods {name}: choose among {known}, or {REUSE_PREFIX}MASK_FILE")
+        if len(set(self.methods)) != len(self.methods) or not self.methods:
+            raise CplError("--methods: give each method once, at least one")
+        for option, grid in [
+            ("--lr-grid", self.lr_grid),
+            *((f"--method-lr-grid {name}", values) for name, values in self.method_lr_grid.items()),
+        ]:
+            if not grid or any(not (lr > 0 and math.isfinite(lr)) for lr in grid):
+                raise CplError(f"{option} {grid}: give positive learning rates")
+        stray = sorted(set(self.method_lr_grid) - set(self.methods))
+        if stray:
+            raise CplError(f"--method-lr-grid {stray[0]}: not one of the swept --methods")
+        if not self.seeds:
+            raise CplError("--seeds: give at least one seed")
+        if not 0.0 <= self.forgetting_budget <= 1.0:
+            raise CplError(f"--forgetting-budget {self.forgetting_budget}: must be a share in [0, 1]")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise CplError(f"--holdout-fraction {self.holdout_fraction}: a sweep needs a held-out share in (0, 1)")
+        if self.optimizer not in OPTIMIZERS:
+            raise CplError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.retain_text is not None and not Path(self.retain_text).is_file():
+            raise CplError(f"--retain-text {self.retain_text}: no such file")
+        check_limit(self.heldout_limit, "--heldout-limit")
+        if not (isinstance(self.eval_every, int) and self.eval_every >= 1):
+            raise CplError(f"--eval-every {self.eval_every}: must be a whole number of epochs, at least 1")
+        modes = {training_mode(method) for method in self.methods}
+        for name in modes:
+            method_options(name, applicable_options(name, self.method_options))
+        unused = set(self.method_options) - {key for name in modes for key in option_names(name)}
+        if unused:
+            raise CplError(f"--{sorted(unused)[0].replace('_', '-')}: none of the swept methods takes it")
+        TrainConfig(epochs=self.epochs, optimizer=self.optimizer, eval_batch_size=self.eval_batch_size).check()
+
+
+@dataclass
+class RunSpec:
+    """One run of the sweep: a method at a learning rate and a seed."""
+
+    method: str
+    lr: float
+    seed: int
+
+    @property
+    def label(self) -> str:
+        """The run's folder name under ``runs/``."""
+        name = method_label(self.method)
+        return f"{name}-lr{self.lr:g}-s{self.seed}"
+
+
+def mask_methods() -> tuple[str, ...]:
+    """Sweep methods that train through a static mask: the methods table's mask methods and the controls."""
+    return (*(name for name, spec in METHODS.items() if spec.needs_mask), *CONTROLS)
+
+
+def training_mode(method: str) -> str:
+    """The training method behind a sweep method name: every mask variant trains as ``mask``."""
+    return "mask" if method in mask_methods() or method.startswith(REUSE_PREFIX) else method
+
+
+def method_label(method: str) -> str:
+    return f"reuse-{Path(method.removeprefix(REUSE_PREFIX)).stem}" if method.startswith(REUSE_PREFIX) else method
+
+
+def option_names(mode: str) -> set[str]:
+    return {item.name for item in dataclasses.fields(METHODS[mode].options)}
+
+
+def applicable_options(mode: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's method options that belong to ``mode`` (each option names its method's fields)."""
+    names = option_names(mode)
+    return {key: value for key, value in options.items() if key in names}
