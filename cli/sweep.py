@@ -7,8 +7,16 @@ from typing import Annotated, Any
 
 import typer
 
-from cpl_masks.cli.common import DeviceOption, DtypeOption, ModelOption, ThreadsOption, print_table, reports_errors
-from cpl_masks.cli.common import stdout as console
+from cpl_masks.cli.common import (
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    ThreadsOption,
+    print_table,
+    reports_errors,
+    reports_interrupts,
+    say,
+)
 from cpl_masks.data import check_limit
 from cpl_masks.errors import CplError
 from cpl_masks.models import DEFAULT_MODEL
@@ -121,7 +129,9 @@ def sweep(
         device=device,
         threads=threads,
     )
-    payload = run_sweep(config, report=lambda line: console.print(line, highlight=False, markup=False))
+    resume = "the same cpl-masks sweep command (it resumes)"
+    with reports_interrupts(resume):
+        payload = run_sweep(config, report=say)
     budget = f"{config.forgetting_budget:.0%}"
     print_table(
         f"each method at its best learning rate and epoch (held-out forgetting ≤ {budget} "
@@ -135,4 +145,4 @@ def sweep(
             PAIRED_COLUMNS,
             paired_table_rows(payload),
         )
-    console.print(f"results: {out / RESULT_FILE}\nplot: {out / PLOT_FILE}", highlight=False)
+    say(f"results: {out / RESULT_FILE}\nplot: {out / PLOT_FILE}")

@@ -17,6 +17,8 @@ from cpl_masks.cli.common import (
     fail,
     print_table,
     reports_errors,
+    reports_interrupts,
+    say,
     stdout,
 )
 from cpl_masks.data import load_questions
@@ -25,6 +27,7 @@ from cpl_masks.evaluate import (
     COMPARE_COLUMNS,
     METRIC_COLUMNS,
     OUTCOMES,
+    QUESTIONS,
     compare_outcomes,
     comparison_rows,
     describe_difference,
@@ -34,9 +37,11 @@ from cpl_masks.evaluate import (
     question_outcomes,
     read_question_records,
 )
+from cpl_masks.files import check_output_file
 from cpl_masks.methods import METHODS
 from cpl_masks.models import DEFAULT_MODEL
-from cpl_masks.run_folder import read_run, restartable
+from cpl_masks.registry.names import check_task
+from cpl_masks.run_folder import RUN, read_run, restartable, saved_config
 from cpl_masks.run_request import RunRequest
 from cpl_masks.train import TrainConfig
 from cpl_masks.training_run import resume_run, start_run
@@ -61,16 +66,39 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-def _resume_changes(ctx: typer.Context) -> dict[str, Any]:
+def _resume_changes(ctx: typer.Context, saved: dict[str, Any]) -> dict[str, Any]:
     """The options given with ``--resume`` that may change (``--lr``, ``--epochs``), by name.
+
+    Another option is accepted only when it repeats the run's saved value (``saved``: its request).
 
     Raises:
         CplError: naming the first other option given (its long spelling), which a resumed run cannot change.
     """
     for param in ctx.command.params:
-        if param.name not in ("resume", *RESUME_CHANGES) and _given(ctx, param.name):
+        name = param.name
+        if name in ("resume", *RESUME_CHANGES) or not _given(ctx, name):
+            continue
+        if not _same(ctx.params[name], _saved_value(saved, name)):
             raise CplError(f"{max(param.opts, key=len)} cannot change on --resume; only --lr and --epochs can")
     return {name: ctx.params[name] for name in RESUME_CHANGES if _given(ctx, name)}
+
+
+_REQUEST_FIELDS = {"data": "inject", "wrapping": "distributed"}  # option name -> its name in the saved request
+
+
+def _saved_value(saved: dict[str, Any], name: str) -> Any:
+    """An option's value in a saved request: a request field, a training setting or a method option."""
+    field = _REQUEST_FIELDS.get(name, name)
+    for section in (saved, saved.get("config") or {}, saved.get("method_options") or {}):
+        if field in section:
+            return section[field]
+    return object()  # not saved (e.g. --overwrite): any given value is a change
+
+
+def _same(given: Any, saved: Any) -> bool:
+    if isinstance(given, Path) or (isinstance(given, str) and isinstance(saved, str) and Path(given).exists()):
+        return isinstance(saved, str) and Path(given).resolve() == Path(saved).resolve()
+    return given == saved
 
 
 @reports_errors
@@ -156,7 +184,9 @@ def train(
     """
     stdout.quiet = distributed.launch_env().rank != 0  # rank 0 alone prints
     if resume is not None:
-        run = resume_run(resume, on_epoch=_print_epoch, **_resume_changes(ctx))
+        changes = _resume_changes(ctx, saved_config(resume)["request"])
+        with reports_interrupts(f"cpl-masks train --resume {resume}"):
+            run = resume_run(resume, on_epoch=_print_epoch, **changes)
     else:
         missing = [
             option for option, value in (("--data", data), ("--mastered", mastered), ("--out", out)) if value is None
@@ -195,12 +225,14 @@ def train(
             eval_every=eval_every,
             config=config,
         )
+        if task is not None:
+            check_task(task, "--task")
         if not overwrite and restartable(out):
-            message = f"{out}: a run that stopped before its first checkpoint; starting it again"
-            stdout.print(message, highlight=False, soft_wrap=True)
-        run = start_run(request, overwrite=overwrite, on_epoch=_print_epoch)
+            say(f"{out}: a run that stopped before its first checkpoint; starting it again")
+        with reports_interrupts(f"cpl-masks train --resume {out}"):
+            run = start_run(request, overwrite=overwrite, on_epoch=_print_epoch)
     print_table(f"{run['mode']} training: all epochs", METRIC_COLUMNS, metrics_table_rows(run["metrics"]))
-    stdout.print(f"model: {run['model_dir']}\nrun: {Path(run['out_dir']) / 'run.json'}", highlight=False)
+    say(f"model: {run['model_dir']}\nrun: {Path(run['out_dir']) / 'run.json'}")
 
 
 @reports_errors
@@ -210,6 +242,7 @@ def compare(
     questions: Annotated[
         bool, typer.Option("--questions", help="List the questions two runs disagree on (learned, forgotten).")
     ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --plot file.")] = False,
 ) -> None:
     """Compare finished runs: learned, forgotten, held-out forgotten, time and peak memory.
 
@@ -221,6 +254,9 @@ def compare(
     """
     if questions and len(runs) != 2:
         raise CplError(f"--questions compares two runs; {len(runs)} were given")
+    if plot is not None:
+        read = [folder / name for folder in runs for name in (RUN, QUESTIONS)]
+        check_output_file(plot, overwrite=overwrite, inputs=read, option="--plot")
     names = [folder.name for folder in runs]
     unique = len(set(names)) == len(names)
     payloads = {(folder.name if unique else str(folder)): read_run(folder) for folder in runs}
@@ -236,8 +272,8 @@ def compare(
     if questions:
         _print_question_differences(labels, [outcomes[label] for label in labels], payloads)
     if plot is not None:
-        draw_comparison(payloads, plot)
-        stdout.print(f"plot: {plot}", highlight=False)
+        draw_comparison(payloads, plot, replace=overwrite)
+        say(f"plot: {plot}")
 
 
 PAIRED_COLUMNS = ("run", "learned", "forgotten (M)", "held-out forgotten")

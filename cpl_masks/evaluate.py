@@ -372,8 +372,9 @@ def comparison_rows(runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[Any, ..
     return table
 
 
-def draw_comparison(runs: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """Grouped bars of learned, forgotten and held-out forgotten per run, as a PNG (written atomically)."""
+def draw_comparison(runs: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, *, replace: bool = True) -> None:
+    """Grouped bars of learned, forgotten and held-out forgotten per run, as a PNG (written atomically;
+    without ``replace`` a file that appeared meanwhile is not replaced)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -391,6 +392,6 @@ def draw_comparison(runs: Mapping[str, Mapping[str, Any]], path: str | os.PathLi
     axis.set_title("learned vs forgotten per run")
     axis.legend()
     figure.tight_layout()
-    with atomic_write(path, "wb") as handle:
+    with atomic_write(path, "wb", replace=replace) as handle:
         figure.savefig(handle, format="png", dpi=100)
     plt.close(figure)

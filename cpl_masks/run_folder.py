@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 from cpl_masks import distributed
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import QUESTIONS
-from cpl_masks.files import atomic_write, check_output_dir, check_writable_folder, write_json
+from cpl_masks.files import LOCK_NAME, atomic_write, check_output_dir, check_writable_folder, write_json
 from cpl_masks.methods import Method
 from cpl_masks.train import Trainer
 
@@ -41,10 +42,11 @@ CONFIG, METRICS, CURVES, RUN, MODEL_DIR, CHECKPOINT = (
 STATE = "state.json"
 
 
-def check_out_folder(out: Path, overwrite: bool) -> None:
-    """Refuse an output folder that holds other work (unless ``overwrite``) or cannot be created and written."""
-    if not restartable(out):
-        check_output_dir(out, overwrite=overwrite)
+def check_out_folder(out: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Refuse an output folder that holds other work (unless ``overwrite``), that would write over one of
+    the run's ``inputs`` (its data, model folder or mask; even with ``overwrite``), or that cannot be
+    created and written."""
+    check_output_dir(out, overwrite=overwrite or restartable(out), inputs=inputs)
     check_writable_folder(out, what=f"--out {out}")
 
 
@@ -58,7 +60,7 @@ def restartable(folder: str | Path) -> bool:
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or (folder / CHECKPOINT / STATE).exists():
         return False
-    if any(path.name not in (CONFIG, METRICS, QUESTIONS, CURVES, CHECKPOINT) for path in folder.iterdir()):
+    if any(path.name not in (CONFIG, METRICS, QUESTIONS, CURVES, CHECKPOINT, LOCK_NAME) for path in folder.iterdir()):
         return False
     try:
         return isinstance(json.loads((folder / CONFIG).read_text(encoding="utf-8")).get("request"), dict)

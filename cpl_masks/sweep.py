@@ -34,7 +34,7 @@ from cpl_masks.controls import CONTROLS, control_mask
 from cpl_masks.data import BUILTIN_DEMO, Question, load_questions
 from cpl_masks.demo_data import retain_text
 from cpl_masks.errors import CplError
-from cpl_masks.files import atomic_write, write_json
+from cpl_masks.files import LOCK_NAME, atomic_write, lock_folder, write_json
 from cpl_masks.masks import Mask
 from cpl_masks.models import LoadedModel, load_model
 from cpl_masks.profile import profile
@@ -77,13 +77,20 @@ def run_sweep(
     checked before any model loads.
 
     Raises:
-        CplError: bad options, a broken registry, or an output folder holding a sweep with other arguments.
+        CplError: bad options, a broken registry, an output folder holding a sweep with other arguments,
+            or one another live process is running a sweep in.
     """
     config.check()
     registry = registry or Registry()
     registry.check()
     out = Path(config.out)
     _claim_folder(out, config)
+    with lock_folder(out, what="sweep folder"):
+        return _sweep(config, out, registry, report, show_progress)
+
+
+def _sweep(config: SweepConfig, out: Path, registry: Registry, report: Report, show_progress: bool) -> dict[str, Any]:
+    """Split, profile, make the controls and finish every run, writing ``sweep.json`` after each."""
     split_dir = _split(config, out / "split", report, show_progress)
     masks = _masks(config, split_dir, out / "masks", report, show_progress)
     retain = _retain_text(config, out)
@@ -132,7 +139,7 @@ def _claim_folder(out: Path, config: SweepConfig) -> None:
                 "use another folder or the same arguments to resume it"
             )
         return
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(child.name != LOCK_NAME for child in out.iterdir()):
         raise CplError(f"--out {out}: not empty and not a sweep folder; choose an empty or new folder")
     write_json(saved, wanted)
 

@@ -15,8 +15,9 @@ and scoring, it is read from the split's ``scores.jsonl`` rather than scored aga
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from cpl_masks import distributed
 from cpl_masks.data import questions_sha256
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import QUESTIONS, draw_curves
-from cpl_masks.files import check_writable_folder, write_json, write_jsonl
+from cpl_masks.files import check_writable_folder, lock_folder, write_json, write_jsonl
 from cpl_masks.masks import Mask, read_header
 from cpl_masks.methods import Method, MethodContext, make_method, method_options
 from cpl_masks.models import LoadedModel, load_model, model_fingerprint
@@ -103,24 +104,51 @@ def start_run(
     distributed.setup(request.device)
     mask_path = distributed.on_main(lambda: _check_out_and_mask(request, overwrite, registry))
     request = with_absolute_paths(request)
-    session = _open(request, load_run_data(request), mask_path)
-    out = distributed.on_main(lambda: _prepare_out(session, overwrite))
-    return _run(session, out, on_epoch, registry=registry)
+    with _claimed(Path(request.out), mask_path, registry):
+        session = _open(request, load_run_data(request), mask_path)
+        out = distributed.on_main(lambda: _prepare_out(session, overwrite))
+        return _run(session, out, on_epoch, registry=registry)
 
 
 def _check_out_and_mask(request: RunRequest, overwrite: bool, registry: Registry) -> str | None:
-    """Check the output folder and, for a run with a mask (which it records), the registry; find the mask."""
-    check_out_folder(Path(request.out), overwrite)
-    if request.mask is None:
-        return None
-    registry.check()
-    return str(registry.resolve(request.mask).resolve())
+    """Find the mask of a run with one (checking the registry, which records it), then check the output folder."""
+    mask_path = None
+    if request.mask is not None:
+        registry.check()
+        mask_path = str(registry.resolve(request.mask).resolve())
+    check_out_folder(Path(request.out), overwrite, inputs=_inputs(request, mask_path))
+    return mask_path
+
+
+def _inputs(request: RunRequest, mask_path: str | None) -> list[str | None]:
+    """Every file or folder a run reads, which its output folder must never write over."""
+    model = request.model if Path(request.model).exists() else None  # a Hub id is not a local input
+    return [request.inject, request.mastered, request.heldout, request.retain_text, model, mask_path]
+
+
+@contextlib.contextmanager
+def _claimed(out: Path, mask_path: str | None, registry: Registry) -> Iterator[None]:
+    """Rank 0 holds the run folder (a second writer is refused) and the run's registered mask (``registry
+    rm`` refuses it) from the checks until ``run.json``; a run refused before it wrote ``config.json``
+    leaves no folder behind."""
+    if not distributed.is_main():
+        yield
+        return
+    existed = out.exists()
+    mask_id = _mask_id_at(mask_path) if mask_path else None
+    try:
+        with lock_folder(out), registry.hold(mask_id) if mask_id else contextlib.nullcontext():
+            yield
+    except BaseException:
+        if not existed and not (out / CONFIG).exists():
+            remove_path(out)
+        raise
 
 
 def _prepare_out(session: _Session, overwrite: bool) -> Path:
     """Create the folder, drop a stopped run's leftovers and write ``config.json``: the run starts here."""
     out = Path(session.request.out)
-    check_out_folder(out, overwrite)  # again: the folder may have changed while the model loaded
+    check_out_folder(out, overwrite, inputs=_inputs(session.request, session.mask_path))  # it may have changed
     out.mkdir(parents=True, exist_ok=True)
     for stale in (CHECKPOINT, MODEL_DIR, RUN, METRICS, QUESTIONS, CURVES):
         remove_path(out / stale)
@@ -165,13 +193,14 @@ def resume_run(
     if saved["mask_path"] is not None:
         distributed.on_main(registry.check)  # it records the finished run
     mask_path = distributed.on_main(lambda: _find_mask(out, saved["mask_path"], saved.get("mask_id"), registry))
-    session = _open(request, data, mask_path, fingerprint=saved.get("model_fingerprint"))
-    changes = [*saved.get("resume_changes", []), *([change] if change else [])]
-    if change:
-        config = {**saved, "request": request.to_dict(), "resume_changes": changes}
-        distributed.on_main(lambda: write_json(out / CONFIG, config))
-    checkpoint = read_checkpoint(out)
-    return _run(session, out, on_epoch, checkpoint=checkpoint, resume_changes=changes, registry=registry)
+    with _claimed(out, mask_path, registry):
+        session = _open(request, data, mask_path, fingerprint=saved.get("model_fingerprint"))
+        changes = [*saved.get("resume_changes", []), *([change] if change else [])]
+        if change:
+            config = {**saved, "request": request.to_dict(), "resume_changes": changes}
+            distributed.on_main(lambda: write_json(out / CONFIG, config))
+        checkpoint = read_checkpoint(out)
+        return _run(session, out, on_epoch, checkpoint=checkpoint, resume_changes=changes, registry=registry)
 
 
 def _find_mask(out: Path, saved_path: str | None, mask_id: str | None, registry: Registry) -> str | None:

@@ -23,7 +23,7 @@ from cpl_masks.training_run import resume_run, start_run
 from tests.conftest import make_questions, write_rows
 from tests.test_train import fresh, make_request, random_mask, saved_weights
 
-RUN_FILES = ("config.json", "metrics.jsonl", "questions.jsonl", "curves.png")
+RUN_FILES = (".lock", "config.json", "metrics.jsonl", "questions.jsonl", "curves.png")
 
 
 @pytest.fixture

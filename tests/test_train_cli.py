@@ -82,7 +82,7 @@ def test_resume_from_the_cli(tiny_model_dir, files, tmp_path):
         (("-d", "other.jsonl"), "--data"),
         (("--distributed", "fsdp2"), "--distributed"),
         (("--force",), "--force"),
-        (("--lr", "0.01", "--seed", "0"), "--seed"),  # given, even when equal to the default
+        (("--lr", "0.01", "--seed", "1"), "--seed"),  # another seed than the run's 0
     ],
 )
 def test_resume_refuses_options_that_cannot_change(tiny_model_dir, files, tmp_path, extra, flag):

@@ -1,0 +1,129 @@
+"""A run holds what it writes and what it reads: its folder against a second writer, its inputs against
+being written over, its registered mask against removal; an interrupted command says how to go on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from cpl_masks.cli.app import app
+from cpl_masks.errors import CplError
+from cpl_masks.files import lock_folder
+from cpl_masks.registry import Registry
+from cpl_masks.sweep import run_sweep
+from cpl_masks.sweep_config import SweepConfig
+from cpl_masks.training_run import start_run
+from tests.conftest import make_questions, write_rows
+from tests.test_train import fresh, make_request, random_mask
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def run_files(tmp_path):
+    inject = write_rows(tmp_path / "inject.jsonl", [q.to_record() for q in make_questions(3, 41, "i")])
+    mastered = write_rows(tmp_path / "mastered.jsonl", [q.to_record() for q in make_questions(3, 42, "m")])
+    return inject, mastered, mastered
+
+
+def test_a_second_writer_of_a_live_run_is_refused(tiny_model_dir, run_files, tmp_path):
+    out = tmp_path / "run"
+    with lock_folder(out), pytest.raises(CplError, match=r"another process \(pid \d+\) is writing this run folder"):
+        start_run(make_request(tiny_model_dir, run_files, out))
+    assert not (out / "config.json").exists()
+    start_run(make_request(tiny_model_dir, run_files, out))  # the lock went with its holder
+
+
+def test_a_run_never_writes_over_its_inputs(tiny_model_dir, run_files, tmp_path):
+    model_copy = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    config = (model_copy / "config.json").read_bytes()
+    with pytest.raises(CplError, match="--out"):
+        start_run(make_request(model_copy, run_files, model_copy), overwrite=True)
+    assert (model_copy / "config.json").read_bytes() == config
+    with pytest.raises(CplError, match="--out"):
+        start_run(make_request(tiny_model_dir, run_files, run_files[0].parent), overwrite=True)  # the data's folder
+    assert json.loads(run_files[0].read_text().splitlines()[0])["id"] == "i0"
+
+
+def test_a_refused_run_leaves_no_folder_even_after_taking_its_lock(tiny_model_dir, run_files, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(CplError, match="--mode nope"):
+        start_run(make_request(tiny_model_dir, run_files, out, mode="nope"))
+    with pytest.raises(CplError, match="lora-targets"):  # refused once the model loaded, after the lock
+        start_run(make_request(tiny_model_dir, run_files, out, mode="lora", method_options={"lora_targets": "nope"}))
+    assert not out.exists()
+
+
+def test_registry_rm_cannot_take_the_mask_of_a_running_train(tiny_model_dir, run_files, tmp_path):
+    registry = Registry()
+    mask = random_mask(fresh(tiny_model_dir).model)
+    name = registry.register(mask, task="guarded")
+    refused: list[str] = []
+
+    def try_to_remove(rows):
+        if rows[-1]["epoch"] == 1:
+            with pytest.raises(CplError) as error:
+                registry.remove(mask.id, force=True)
+            refused.append(str(error.value))
+
+    run = start_run(
+        make_request(tiny_model_dir, run_files, tmp_path / "run", mode=None, mask=name), on_epoch=try_to_remove
+    )
+    assert refused and run["mask_id"] == mask.id
+    assert registry.remove(mask.id, force=True)  # once the run is over the mask can go
+
+
+def test_a_sweep_folder_has_one_writer(tiny_model_dir, tmp_path):
+    data = write_rows(tmp_path / "quiz.jsonl", [q.to_record() for q in make_questions(30, seed=5)])
+    config = SweepConfig(model=str(tiny_model_dir), data=str(data), out=str(tmp_path / "sweep"), methods=["full"],
+                         lr_grid=[0.01], epochs=1, threads=1, holdout_fraction=0.3)  # fmt: skip
+    with lock_folder(tmp_path / "sweep"), pytest.raises(CplError, match="is writing this sweep folder"):
+        run_sweep(config, show_progress=False)
+    assert not (tmp_path / "sweep" / "split").exists()
+
+
+def train_args(model_dir, run_files, out, *extra: str) -> list[str]:
+    inject, mastered, _ = run_files
+    return ["train", "--data", str(inject), "--mastered", str(mastered), "--out", str(out), "--model", str(model_dir),
+            "--device", "cpu", "--threads", "1", "--epochs", "2", "--lr", "0.01", "--mode", "full", *extra]  # fmt: skip
+
+
+def test_an_interrupted_train_says_how_to_resume_and_resume_takes_repeated_values(
+    tiny_model_dir, run_files, tmp_path, monkeypatch
+):
+    import cpl_masks.training_run as training_run
+
+    out = tmp_path / "run"
+    original = training_run.save_checkpoint
+
+    def stop_after_the_first_checkpoint(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_run, "save_checkpoint", stop_after_the_first_checkpoint)
+    result = runner.invoke(app, train_args(tiny_model_dir, run_files, out, "--seed", "0"))
+    assert result.exit_code == 130
+    assert f"interrupted; nothing was lost, resume with: cpl-masks train --resume {out}" in " ".join(
+        result.output.split()
+    )
+    monkeypatch.setattr(training_run, "save_checkpoint", original)
+    changed = runner.invoke(app, ["train", "--resume", str(out), "--seed", "1"])
+    assert changed.exit_code == 2 and "--seed cannot change on --resume" in changed.output
+    same = runner.invoke(app, ["train", "--resume", str(out), "--seed", "0", "--data", str(run_files[0])])
+    assert same.exit_code == 0, same.output  # the run's own values, repeated, change nothing
+    assert json.loads((out / "run.json").read_text())["resumed"] is True
+
+
+def test_a_bad_task_name_and_an_existing_compare_plot_are_refused(tiny_model_dir, run_files, tmp_path):
+    bad = runner.invoke(app, train_args(tiny_model_dir, run_files, tmp_path / "run", "--task", "a/b"))
+    assert bad.exit_code == 2 and "--task 'a/b'" in bad.output and not (tmp_path / "run").exists()
+    assert runner.invoke(app, train_args(tiny_model_dir, run_files, tmp_path / "run")).exit_code == 0
+    notes = tmp_path / "notes.json"
+    notes.write_text("mine")
+    refused = runner.invoke(app, ["compare", str(tmp_path / "run"), "--plot", str(notes)])
+    assert refused.exit_code == 2 and "--plot" in refused.output and notes.read_text() == "mine"
+    replaced = runner.invoke(app, ["compare", str(tmp_path / "run"), "--plot", str(notes), "--overwrite"])
+    assert replaced.exit_code == 0 and notes.read_bytes()[:4] == b"\x89PNG"
