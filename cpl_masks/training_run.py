@@ -130,19 +130,24 @@ def _inputs(request: RunRequest, mask_path: str | None) -> list[str | None]:
 def _claimed(out: Path, mask_path: str | None, registry: Registry) -> Iterator[None]:
     """Rank 0 holds the run folder (a second writer is refused) and the run's registered mask (``registry
     rm`` refuses it) from the checks until ``run.json``; a run refused before it wrote ``config.json``
-    leaves no folder behind."""
-    if not distributed.is_main():
-        yield
-        return
+    leaves no folder behind. A refusal on rank 0 stops every rank."""
     existed = out.exists()
-    mask_id = _mask_id_at(mask_path) if mask_path else None
-    try:
-        with lock_folder(out), registry.hold(mask_id) if mask_id else contextlib.nullcontext():
+    with contextlib.ExitStack() as held:
+
+        def claim() -> None:
+            held.enter_context(lock_folder(out))
+            mask_id = _mask_id_at(mask_path) if mask_path else None
+            if mask_id:
+                held.enter_context(registry.hold(mask_id))
+
+        try:
+            distributed.on_main(claim)
             yield
-    except BaseException:
-        if not existed and not (out / CONFIG).exists():
-            remove_path(out)
-        raise
+        except BaseException:
+            held.close()
+            if distributed.is_main() and not existed and not (out / CONFIG).exists():
+                remove_path(out)
+            raise
 
 
 def _prepare_out(session: _Session, overwrite: bool) -> Path:
