@@ -80,9 +80,13 @@ $CPL inspect $E/victim.safetensors --plot $E/notes.json; cat $E/notes.json
 $CPL compare $E/run $E/run --plot $E/notes.json; cat $E/notes.json
 step "18: files get the umask's mode (0644 under umask 022), not 0600"
 (umask 022; $CPL threshold $E/mask.safetensors --keep-fraction 0.4 -o $E/mode.safetensors > /dev/null; stat -c '%a %n' $E/mode.safetensors)
-step "18: a second train into a live run folder: refused naming the live pid (once the lead wires lock_folder)"
+step "18: a second train into a live run folder: refused naming the live pid"
 $CPL train --mask $E/mask.safetensors --data $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --epochs 1 --out $E/race > /dev/null 2>&1 &
 sleep 15; $CPL train --mask $E/mask.safetensors --data $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --epochs 1 --out $E/race --overwrite; wait
+step "18: registry rm of the mask a running train uses by name: refused while it runs; SIGTERM says how to resume"
+$CPL train --mask smollm2-135m-instruct/demo --data $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --epochs 2 --out $E/held > $E/held.log 2>&1 &
+TRAIN=$!; sleep 40; $CPL registry rm smollm2-135m-instruct/demo@v1 --force
+kill -TERM $TRAIN; wait $TRAIN; echo "exit $?"; tail -2 $E/held.log
 step "18: hostile metadata (escape sequences, rich markup) is shown, not obeyed"
 "$PY" - <<PY
 import torch
