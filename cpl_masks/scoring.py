@@ -233,7 +233,7 @@ class SharedLayout:
 
 def sliding_window(model: Any) -> int | None:
     """The model's sliding attention window in tokens (Gemma 3, Mistral...), or None where it has none."""
-    config = getattr(model, "config", None)
+    config = _model_config(model)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(text_config, "sliding_window", None)
     return window if isinstance(window, int) and window > 0 else None
@@ -398,8 +398,7 @@ class LoglikScorer(Scorer):
 
     @torch.no_grad()
     def _check_shared(self, model: Any, question: Question) -> bool:
-        config = getattr(model, "config", None)
-        implementation = getattr(config, "_attn_implementation", None)
+        implementation = getattr(_model_config(model), "_attn_implementation", None)
         if implementation not in SHARED_ATTENTION:
             reason = f"its attention implementation ({implementation}) takes no 4D attention mask"
         else:
@@ -465,6 +464,11 @@ class _Picks:
         nll = F.cross_entropy(picked, torch.tensor(self.targets, device=device), reduction="none")  # (N,)
         total = torch.zeros(owners, device=device, dtype=nll.dtype).index_add(0, owner, nll)  # (owners,)
         return total, torch.bincount(owner, minlength=owners).to(nll.dtype)
+
+
+def _model_config(model: Any) -> Any:
+    """The model's config, looking through a ``DistributedDataParallel`` wrapper; None if it has none."""
+    return getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
 
 
 def _parameter_dtype(model: Any) -> torch.dtype:
