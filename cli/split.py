@@ -93,7 +93,7 @@ def split(
             for name, key in (
                 ("mastered (M)", "mastered"),
                 ("held-out mastered", "heldout"),
-                ("forgetting pool (held out, from --heldout-data)", "pool"),
+                *([("forgetting pool (held out, from --heldout-data)", "pool")] if heldout_data else []),
                 ("to inject (I)", "inject"),
                 ("uncertain (right by < --min-margin)", "uncertain"),
             )

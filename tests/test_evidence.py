@@ -228,3 +228,17 @@ def test_a_multi_epoch_sweep_killed_mid_run_resumes_to_the_same_points(
     assert figures(resumed) == figures(whole) and resumed["paired"] == whole["paired"]
     runs = tmp_path / "broken" / "runs"
     assert json.loads((runs / "mask-lr0.05-s0" / "run.json").read_text())["resumed"] is True
+
+
+def test_split_takes_a_pool_from_the_command_line(tiny_model_dir, sweep_files, tmp_path):
+    data, pool = sweep_files
+    args = ["split", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "split"),
+            "--scoring", "loglik", "--heldout-data", str(pool), "--heldout-limit", "5", "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "split" / "split.json").read_text())
+    heldout = load_questions(tmp_path / "split" / "mastered_heldout.jsonl")
+    assert summary["counts"]["pool"] == len(heldout) == 5 and all(q.id.startswith(POOL_PREFIX) for q in heldout)
+    assert "forgetting pool" in result.output
+    refused = CliRunner().invoke(app, [*args[:-6], "--heldout-limit", "0", "--overwrite"])
+    assert refused.exit_code == 2 and "--heldout-limit 0: must be at least 1" in refused.output
