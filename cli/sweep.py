@@ -139,10 +139,14 @@ def sweep(
         SWEEP_COLUMNS,
         sweep_table_rows(payload),
     )
-    if payload["paired"]:
-        print_table(
-            "paired differences (method − reference, each at its best point; 95 % interval, exact McNemar p)",
-            PAIRED_COLUMNS,
-            paired_table_rows(payload),
-        )
+    for key, when in (
+        ("paired", "each at its best point within the budget"),
+        ("paired_final", "at the end of training"),
+    ):
+        if payload[key]:
+            print_table(
+                f"paired differences, {when} (method − reference; 95 % interval, exact McNemar p)",
+                PAIRED_COLUMNS,
+                paired_table_rows(payload[key]),
+            )
     say(f"results: {out / RESULT_FILE}\nplot: {out / PLOT_FILE}")

@@ -57,6 +57,7 @@ from cpl_masks.sweep_report import (
     best_per_method,
     draw_sweep,
     epoch_figures,
+    final_points,
     learned_forgotten_auc,
     paired_comparisons,
     pareto_front,
@@ -389,6 +390,7 @@ def summarize_sweep(
         "pareto": pareto_front(points),
         "auc": learned_forgotten_auc(points, max(alive, default=0.0)),
         "paired": paired_comparisons(runs, best, split_dir.parent),
+        "paired_final": paired_comparisons(runs, final_points(points, best), split_dir.parent),
     }
 
 

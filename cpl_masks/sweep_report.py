@@ -160,10 +160,27 @@ def learned_forgotten_auc(points: Sequence[Mapping[str, Any]], up_to: float) -> 
     return areas
 
 
+def final_points(
+    points: Sequence[Mapping[str, Any]], best: Mapping[str, Mapping[str, Any] | None]
+) -> dict[str, dict[str, Any] | None]:
+    """Each method at the end of training: its last evaluated epoch, at its best point's learning rate
+    (the smallest of its grid when no point stayed within the budget)."""
+    chosen: dict[str, dict[str, Any] | None] = {}
+    for method in dict.fromkeys(point["method"] for point in points):
+        alive = [p for p in points if p["method"] == method and not p["diverged"]]
+        if not alive:
+            chosen[method] = None
+            continue
+        lr = best[method]["lr"] if best.get(method) else min(p["lr"] for p in alive)
+        chosen[method] = dict(max((p for p in alive if p["lr"] == lr), key=lambda p: p.get("epoch") or 0))
+    return chosen
+
+
 def paired_comparisons(
-    runs: Sequence[Mapping[str, Any]], best: Mapping[str, Mapping[str, Any] | None], sweep_dir: Path
+    runs: Sequence[Mapping[str, Any]], chosen: Mapping[str, Mapping[str, Any] | None], sweep_dir: Path
 ) -> dict[str, dict[str, Any]]:
-    """Every method against full fine-tuning, and every mask against the random mask, each at its best point.
+    """Every method against full fine-tuning, and every mask against the random mask, each at its
+    ``chosen`` point (its best within the budget, or :func:`final_points`).
 
     Keyed ``"<method> vs <reference>"``; each holds, per outcome (learned, forgotten, held-out
     forgotten), the paired difference ``method − reference`` with its interval and McNemar test,
@@ -171,16 +188,17 @@ def paired_comparisons(
     """
     comparisons: dict[str, dict[str, Any]] = {}
     for reference in REFERENCES:
-        if best.get(reference) is None:
+        against = chosen.get(reference)
+        if against is None:
             continue
-        for method, point in best.items():
+        for method, point in chosen.items():
             if point is None or method == reference or not _compared_with(method, reference):
                 continue
-            paired = _paired_outcomes(runs, point, best[reference], sweep_dir)
+            paired = _paired_outcomes(runs, point, against, sweep_dir)
             if paired:
                 comparisons[f"{method} vs {reference}"] = {
                     "method": {"lr": point["lr"], "epoch": point.get("epoch")},
-                    "reference": {"lr": best[reference]["lr"], "epoch": best[reference].get("epoch")},
+                    "reference": {"lr": against["lr"], "epoch": against.get("epoch")},
                     **paired,
                 }
     return comparisons
@@ -267,11 +285,12 @@ def _percent(point: Mapping[str, Any], key: str) -> str:
 PAIRED_COLUMNS = ("comparison", "learned", "forgotten (M)", "held-out forgotten", "questions (held-out)")
 
 
-def paired_table_rows(payload: Mapping[str, Any]) -> list[tuple[str, ...]]:
+def paired_table_rows(comparisons: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, ...]]:
     """One row per paired comparison: each difference with its interval, McNemar's p, and the sizes."""
     rows = []
-    for label, comparison in (payload.get("paired") or {}).items():
-        cells = [label]
+    for label, comparison in comparisons.items():
+        epochs = f" (epochs {comparison['method']['epoch']} vs {comparison['reference']['epoch']})"
+        cells = [label + epochs]
         for outcome in OUTCOMES:
             entry = comparison.get(outcome)
             cells.append("-" if entry is None else describe_difference(entry))

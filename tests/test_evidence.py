@@ -15,7 +15,7 @@ from cpl_masks.scoring import make_scorer, score_questions
 from cpl_masks.split import POOL_PREFIX, split_questions, write_split
 from cpl_masks.sweep import run_sweep
 from cpl_masks.sweep_config import SweepConfig
-from cpl_masks.sweep_report import aggregate, best_per_method, learned_forgotten_auc
+from cpl_masks.sweep_report import aggregate, best_per_method, final_points, learned_forgotten_auc
 from cpl_masks.training_run import resume_run, start_run
 from tests.conftest import make_questions, write_rows
 from tests.test_resume import interrupted
@@ -171,7 +171,8 @@ def test_a_multi_epoch_sweep_with_a_pool_reports_curves_and_paired_statistics(ti
     assert set(payload["paired"]) == {"mask vs full", "random vs full", "mask vs random"}
     heldout = payload["paired"]["mask vs full"]["heldout_forgotten"]
     assert heldout["n"] == 2 * payload["heldout_questions"] and heldout["seeds"] == 2  # pooled over both seeds
-    assert "paired differences" in result.output and "mask vs random" in result.output
+    assert "paired differences, at the end of training" in result.output and "mask vs random" in result.output
+    assert set(payload["paired_final"]) == set(payload["paired"])  # the same pairs, at the end of training
     for run in payload["runs"]:
         saved = json.loads((out / run["run_dir"] / "run.json").read_text())
         assert saved["baseline_source"] == "split"  # the pool was scored once, with the split
@@ -242,3 +243,12 @@ def test_split_takes_a_pool_from_the_command_line(tiny_model_dir, sweep_files, t
     assert "forgetting pool" in result.output
     refused = CliRunner().invoke(app, [*args[:-6], "--heldout-limit", "0", "--overwrite"])
     assert refused.exit_code == 2 and "--heldout-limit 0: must be at least 1" in refused.output
+
+
+def test_the_end_of_training_is_the_last_epoch_at_the_best_or_smallest_rate():
+    runs = [epoch_run("full", [(0.2, 0.1), (0.5, 0.3)]), {**epoch_run("full", [(0.4, 0.0), (0.6, 0.0)]), "lr": 1e-2}]
+    points = aggregate(runs)
+    best = best_per_method(points, budget=0.02)
+    assert final_points(points, best)["full"]["lr"] == 1e-2 and final_points(points, best)["full"]["epoch"] == 2
+    nothing = best_per_method(points, budget=-1.0)  # no point within the budget: the smallest rate's end
+    assert (final_points(points, nothing)["full"]["lr"], final_points(points, nothing)["full"]["epoch"]) == (1e-3, 2)
