@@ -149,4 +149,5 @@ def sweep(
                 PAIRED_COLUMNS,
                 paired_table_rows(payload[key]),
             )
-    say(f"results: {out / RESULT_FILE}\nplot: {out / PLOT_FILE}")
+    say(f"results: {out / RESULT_FILE}")
+    say(f"plot: {out / PLOT_FILE}")

@@ -232,7 +232,8 @@ def train(
         with reports_interrupts(f"cpl-masks train --resume {out}"):
             run = start_run(request, overwrite=overwrite, on_epoch=_print_epoch)
     print_table(f"{run['mode']} training: all epochs", METRIC_COLUMNS, metrics_table_rows(run["metrics"]))
-    say(f"model: {run['model_dir']}\nrun: {Path(run['out_dir']) / 'run.json'}")
+    say(f"model: {run['model_dir']}")
+    say(f"run: {Path(run['out_dir']) / 'run.json'}")
 
 
 @reports_errors

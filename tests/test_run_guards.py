@@ -120,7 +120,8 @@ def test_an_interrupted_train_says_how_to_resume_and_resume_takes_repeated_value
 def test_a_bad_task_name_and_an_existing_compare_plot_are_refused(tiny_model_dir, run_files, tmp_path):
     bad = runner.invoke(app, train_args(tiny_model_dir, run_files, tmp_path / "run", "--task", "a/b"))
     assert bad.exit_code == 2 and "--task 'a/b'" in bad.output and not (tmp_path / "run").exists()
-    assert runner.invoke(app, train_args(tiny_model_dir, run_files, tmp_path / "run")).exit_code == 0
+    trained = runner.invoke(app, train_args(tiny_model_dir, run_files, tmp_path / "run"), env={"COLUMNS": "500"})
+    assert trained.exit_code == 0 and f"run: {tmp_path / 'run' / 'run.json'}" in trained.output.splitlines()
     notes = tmp_path / "notes.json"
     notes.write_text("mine")
     refused = runner.invoke(app, ["compare", str(tmp_path / "run"), "--plot", str(notes)])
