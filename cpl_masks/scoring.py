@@ -233,10 +233,42 @@ class SharedLayout:
 
 def sliding_window(model: Any) -> int | None:
     """The model's sliding attention window in tokens (Gemma 3, Mistral...), or None where it has none."""
-    config = _model_config(model)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(text_config, "sliding_window", None)
+    window = getattr(_text_config(model), "sliding_window", None)
     return window if isinstance(window, int) and window > 0 else None
+
+
+def _layer_types(model: Any) -> frozenset[str] | None:
+    """The kinds of attention the model's layers use (``full_attention``, ``sliding_attention``...), if known."""
+    types = getattr(_text_config(model), "layer_types", None)
+    return frozenset(types) if types else None
+
+
+def _shared_attention_mask(model: Any, allowed: torch.Tensor, positions: torch.Tensor) -> Any:
+    """The additive attention mask (B, 1, T, T) for ``allowed`` (B, T, T), per layer kind where the model mixes them.
+
+    A model whose config lists sliding and full attention layers (Gemma 3) gets one mask per kind,
+    the sliding one also hiding keys ``window`` or more positions back, which its forward takes as a
+    dict; one whose layers all slide gets the windowed mask. Where the config does not say which
+    layers slide (a window but no ``layer_types``), only questions that fit in the window share
+    their context, so the plain mask is right for them.
+    """
+    dtype = _parameter_dtype(model)
+
+    def additive(keep: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, torch.finfo(dtype).min)[:, None]
+
+    window, types = sliding_window(model), _layer_types(model)
+    if (
+        window is None
+        or types is None
+        or not types <= {"full_attention", "sliding_attention"}
+        or types == {"full_attention"}
+    ):
+        return additive(allowed)  # for unknown layer kinds, uses_shared_path keeps questions past the window away
+    near = (positions[:, :, None] - positions[:, None, :]) < window  # (B, T, T) key within the window
+    if types == {"sliding_attention"}:
+        return additive(allowed & near)
+    return {"full_attention": additive(allowed), "sliding_attention": additive(allowed & near)}
 
 
 class LoglikScorer(Scorer):
@@ -253,8 +285,9 @@ class LoglikScorer(Scorer):
 
     The shared path is checked once per model against the per-choice path on one question; where
     the model's attention takes no 4D mask or the scores disagree, the scorer warns once and uses the
-    per-choice path for that model. Questions longer than a sliding attention window (a custom mask
-    would let those layers see past it) are scored per choice, with a warning, too.
+    per-choice path for that model. Sliding-window layers get the window in their mask (one mask per
+    layer kind, as Gemma 3's forward takes them); where the config does not say which layers slide,
+    a batch with a question longer than the window is scored per choice, with a warning.
     """
 
     def __init__(self, tokenizer: Any, normalize: bool, *, path: str = "shared") -> None:
@@ -344,12 +377,12 @@ class LoglikScorer(Scorer):
         visible = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0)  # (B, T, T) own or prefix
         allowed = causal & visible & real[:, :, None] & real[:, None, :]  # (B, T query, T key)
         allowed |= torch.eye(width, dtype=torch.bool)  # a pad query sees itself, so no softmax row is empty
-        dtype = _parameter_dtype(model)
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)  # (B, T, T)
+        mask = _shared_attention_mask(model, allowed, position_ids)  # (B, 1, T, T) additive: 0 seen, min hidden
         device = model.device
+        mask = {kind: m.to(device) for kind, m in mask.items()} if isinstance(mask, dict) else mask.to(device)
         logits = model(
             input_ids=input_ids.to(device),
-            attention_mask=mask[:, None].to(device),  # (B, 1, T, T) additive: 0 seen, dtype min hidden
+            attention_mask=mask,
             position_ids=position_ids.to(device),
             logits_to_keep=keep,
             use_cache=False,
@@ -366,7 +399,9 @@ class LoglikScorer(Scorer):
         if self.path != "shared":
             return False
         window = sliding_window(model)
-        if window is not None and any(self.sequence_length(q) > window for q in questions):
+        types = _layer_types(model)
+        expressible = types is not None and types <= {"full_attention", "sliding_attention"}
+        if window is not None and not expressible and any(self.sequence_length(q) > window for q in questions):
             if not self._warned_window:
                 warnings.warn(
                     f"loglik scoring: questions longer than the model's sliding attention window ({window} tokens)"
@@ -398,21 +433,29 @@ class LoglikScorer(Scorer):
 
     @torch.no_grad()
     def _check_shared(self, model: Any, question: Question) -> bool:
-        implementation = getattr(_model_config(model), "_attn_implementation", None)
-        if implementation not in SHARED_ATTENTION:
-            reason = f"its attention implementation ({implementation}) takes no 4D attention mask"
-        else:
-            shared, counts = self._shared_nll(model, [self._layout(question)])  # (C,) each
-            single, _ = self._token_nll(model, [self._row_ids(question, c) for c in range(len(question.choices))])
-            per_token = 2e-4 if _parameter_dtype(model) == torch.float32 else 2e-2  # rounding, far below a real gap
-            gap = float(((shared - single).abs() / counts).max())
-            if gap <= per_token:
-                return True
-            reason = f"its shared-context scores differ from the per-choice scores by {gap:.3g} nats a token"
+        reason = self._shared_problem(model, question)
+        if reason is None:
+            return True
         warnings.warn(
             f"loglik scoring of {type(model).__name__} falls back to one sequence per choice: {reason}", stacklevel=4
         )
         return False
+
+    def _shared_problem(self, model: Any, question: Question) -> str | None:
+        """Why the shared path cannot score this model, or None when it scores the question as the per-choice path."""
+        implementation = getattr(_model_config(model), "_attn_implementation", None)
+        if implementation not in SHARED_ATTENTION:
+            return f"its attention implementation ({implementation}) takes no 4D attention mask"
+        try:
+            shared, counts = self._shared_nll(model, [self._layout(question)])  # (C,) each
+        except Exception as error:  # any model that cannot take the packed batch falls back
+            return f"it cannot take the packed sequence ({type(error).__name__}: {str(error)[:200]})"
+        single, _ = self._token_nll(model, [self._row_ids(question, c) for c in range(len(question.choices))])
+        per_token = 2e-4 if _parameter_dtype(model) == torch.float32 else 2e-2  # rounding, far below a real gap
+        gap = float(((shared - single).abs() / counts).max())
+        if gap <= per_token:
+            return None
+        return f"its shared-context scores differ from the per-choice scores by {gap:.3g} nats a token"
 
     def loss(self, model: Any, questions: Sequence[Question]) -> torch.Tensor:
         total, counts = self._token_nll(model, [self._row_ids(q, q.answer) for q in questions])
@@ -464,6 +507,11 @@ class _Picks:
         nll = F.cross_entropy(picked, torch.tensor(self.targets, device=device), reduction="none")  # (N,)
         total = torch.zeros(owners, device=device, dtype=nll.dtype).index_add(0, owner, nll)  # (owners,)
         return total, torch.bincount(owner, minlength=owners).to(nll.dtype)
+
+
+def _text_config(model: Any) -> Any:
+    config = _model_config(model)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _model_config(model: Any) -> Any:

@@ -314,3 +314,34 @@ def test_questions_are_batched_by_length_and_returned_in_input_order(tiny):
     one_by_one = [score_questions(tiny.model, scorer, [q], show_progress=False) for q in MIXED]
     assert scores.predictions == [single.predictions[0] for single in one_by_one]
     assert scores.logprobs == pytest.approx([single.logprobs[0] for single in one_by_one], abs=1e-4)
+
+
+def test_sliding_window_layers_get_the_window_in_their_mask(tiny):
+    """A tiny Gemma 3 (one sliding layer of window 16, one full layer) scores long questions on the shared path."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=len(tiny.tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=tiny.tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    shared = make_scorer("loglik", tiny.tokenizer)
+    per_choice = make_scorer("loglik", tiny.tokenizer, loglik_path="per-choice")
+    assert max(shared.sequence_length(q) for q in MIXED) > 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        assert shared.uses_shared_path(model, MIXED)
+        table, _ = shared.choice_scores(model, MIXED)
+    expected, _ = per_choice.choice_scores(model, MIXED)
+    finite = torch.isfinite(expected)
+    assert (table[finite] - expected[finite]).abs().max() < 1e-4
