@@ -42,6 +42,10 @@ ScoringOption = Annotated[
     str, typer.Option(help="letter (chat models, the paper's), loglik or loglik-norm (base models).")
 ]
 BatchSizeOption = Annotated[int, typer.Option(help="Questions per forward pass.")]
+EvalBatchSizeOption = Annotated[
+    int, typer.Option(help="Questions per forward pass when evaluating and computing reference gradients.")
+]
+EvalEveryOption = Annotated[int, typer.Option(help="Evaluate every K epochs (and always the last).")]
 SplitOption = Annotated[str | None, typer.Option(help="Dataset split, for dataset folders and hub datasets.")]
 QuestionFieldOption = Annotated[str, typer.Option(help="Field holding the question (or the full prompt).")]
 ChoicesFieldOption = Annotated[str, typer.Option(help="Field holding the list of choices.")]

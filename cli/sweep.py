@@ -10,6 +10,8 @@ import typer
 from cpl_masks.cli.common import (
     DeviceOption,
     DtypeOption,
+    EvalBatchSizeOption,
+    EvalEveryOption,
     ModelOption,
     ThreadsOption,
     print_table,
@@ -81,18 +83,14 @@ def sweep(
         ),
     ] = None,
     heldout_limit: Annotated[int | None, typer.Option(help="Keep at most N pool questions.")] = None,
-    eval_every: Annotated[
-        int, typer.Option(help="Evaluate every K epochs (and the last); each is a point.")
-    ] = DEFAULTS.eval_every,
+    eval_every: EvalEveryOption = DEFAULTS.eval_every,
     retain_text: Annotated[
         str | None, typer.Option(help="General text whose loss tracks forgetting (builtin:demo writes its own).")
     ] = None,
     track_drift: Annotated[
         bool, typer.Option(help="Record the CPL mask's drift from the sign rule.")
     ] = DEFAULTS.track_drift,
-    eval_batch_size: Annotated[
-        int, typer.Option(help="Questions per forward pass when scoring.")
-    ] = DEFAULTS.eval_batch_size,
+    eval_batch_size: EvalBatchSizeOption = DEFAULTS.eval_batch_size,
     dtype: DtypeOption = "float32",
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,

@@ -11,6 +11,8 @@ from cpl_masks import distributed
 from cpl_masks.cli.common import (
     DeviceOption,
     DtypeOption,
+    EvalBatchSizeOption,
+    EvalEveryOption,
     ModelOption,
     OverwriteOption,
     ThreadsOption,
@@ -124,9 +126,7 @@ def train(
     batch_size: Annotated[
         int, typer.Option(help="Questions per training step (the paper uses 1).")
     ] = DEFAULTS.batch_size,
-    eval_batch_size: Annotated[
-        int, typer.Option(help="Questions per forward pass when evaluating and computing g_M.")
-    ] = DEFAULTS.eval_batch_size,
+    eval_batch_size: EvalBatchSizeOption = DEFAULTS.eval_batch_size,
     seed: Annotated[int, typer.Option(help="Seed of the example order.")] = DEFAULTS.seed,
     weight_decay: Annotated[
         float, typer.Option(help="Weight decay (never applied to frozen entries).")
@@ -152,7 +152,7 @@ def train(
     track_drift: Annotated[
         bool, typer.Option(help="With --mask: record the mask's agreement with the sign rule after every epoch.")
     ] = False,
-    eval_every: Annotated[int, typer.Option(help="Evaluate every K epochs (and always the last).")] = 1,
+    eval_every: EvalEveryOption = RunRequest.eval_every,
     resume: Annotated[
         Path | None,
         typer.Option(
