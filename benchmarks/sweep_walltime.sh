@@ -8,15 +8,16 @@
 set -euo pipefail
 BEFORE=$(cd "${1:?worktree of the earlier commit}" && pwd); OUT=${2:?output folder}
 cd "$(dirname "$0")/.."
-PY="$PWD/.venv/bin/python"
-mkdir -p "$OUT"
+PY="$PWD/.venv/bin/python"; DATA=$(cd ../shared/data && pwd)
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 "$PY" -c "from cpl_masks.demo_data import retain_text; print(retain_text(), end='')" > "$OUT/retain.txt"
 for side in before after; do
   root=$PWD; [ $side = before ] && root=$BEFORE
   start=$(date +%s.%N)
-  PYTHONPATH=$root CPL_MASKS_HOME="$OUT/home-$side" "$PY" -c "from cpl_masks.cli.app import main; main()" \
-    sweep --data ../shared/data/mmlu.jsonl --limit 64 --epochs 1 --lr-grid 1e-3 --methods full,mask,random \
+  # python -c puts the working directory first on sys.path: run each side from its own tree
+  (cd "$root" && PYTHONPATH=$root CPL_MASKS_HOME="$OUT/home-$side" "$PY" -c "from cpl_masks.cli.app import main; main()" \
+    sweep --data "$DATA/mmlu.jsonl" --limit 64 --epochs 1 --lr-grid 1e-3 --methods full,mask,random \
     --threads 1 --scoring loglik --holdout-fraction 0.25 --forgetting-budget 0.02 --retain-text "$OUT/retain.txt" \
-    --out "$OUT/$side" > "$OUT/$side.log" 2>&1
+    --out "$OUT/$side" > "$OUT/$side.log" 2>&1)
   echo "$side: $(echo "$(date +%s.%N) - $start" | bc) s"
 done
