@@ -383,7 +383,7 @@ def summarize_sweep(
         "config": asdict(config),
         "split": split,
         "heldout_questions": split["counts"]["heldout"] + split["counts"].get("pool", 0),
-        "masks": {name: _mask_summary(path) for name, path in masks.items()},
+        "masks": {name: _mask_summary(path, split_dir.parent) for name, path in masks.items()},
         "runs": list(runs),
         "points": points,
         "best": best,
@@ -394,9 +394,9 @@ def summarize_sweep(
     }
 
 
-def _mask_summary(path: Path) -> dict[str, Any]:
+def _mask_summary(path: Path, sweep_dir: Path) -> dict[str, Any]:
     mask = Mask.load(path, scores=False)
-    return {"path": str(path), "id": mask.id, "collaborative_share": mask.collaborative_share()}
+    return {"path": _relative(path, sweep_dir), "id": mask.id, "collaborative_share": mask.collaborative_share()}
 
 
 def _minutes(seconds: float) -> str:

@@ -168,6 +168,7 @@ def test_a_multi_epoch_sweep_with_a_pool_reports_curves_and_paired_statistics(ti
     assert f"held out: {payload['heldout_questions']} mastered questions" in result.output
     assert sorted({p["epoch"] for p in payload["points"]}) == [2, 3]  # every evaluated epoch is a point
     assert all(not run["run_dir"].startswith("/") for run in payload["runs"])  # relative to the sweep folder
+    assert payload["masks"]["mask"]["path"] == "masks/cpl.safetensors"
     assert set(payload["paired"]) == {"mask vs full", "random vs full", "mask vs random"}
     heldout = payload["paired"]["mask vs full"]["heldout_forgotten"]
     assert heldout["n"] == 2 * payload["heldout_questions"] and heldout["seeds"] == 2  # pooled over both seeds
