@@ -98,25 +98,32 @@ def one_step(model_dir: str, mask_path: str, out: str) -> None:
     for wrapping in WRAPPINGS:
         for optimizer, lr in OPTIMIZERS.items():
             trainer = masked_trainer(model_dir, mask_path, optimizer, lr, wrapping)
-            gradients = stepped_gradients(trainer)
+            captured = stepped_gradients(trainer)
             trainer.train_epoch(STEP, 1)
             weights = trainer.weights()  # gathered one tensor at a time under FSDP2
+            gradients = whole(captured)
             if distributed.is_main():
                 torch.save({"weights": weights, "gradients": gradients}, Path(out) / f"{wrapping}-{optimizer}.pt")
 
 
 def stepped_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """Fills, at the optimizer's step, with every parameter's whole (reduced, masked) gradient."""
-    from cpl_masks import distributed
-
+    """Fills, at the optimizer's step, with every parameter's (reduced, masked) gradient: under FSDP2
+    this rank's shard, gathered whole by :func:`whole` outside the hook, so no collective runs in it."""
     gradients: dict[str, torch.Tensor] = {}
 
     def capture(*_: object) -> None:
         named = ((name, p.grad) for name, p in trainer.model.named_parameters() if p.grad is not None)
-        gradients.update((name, grad.cpu().clone()) for name, grad in distributed.full_tensors(named))
+        gradients.update((name, grad.detach().clone()) for name, grad in named)
 
     trainer.optimizer.register_step_pre_hook(capture)
     return gradients
+
+
+def whole(gradients: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each captured gradient whole, on the CPU (a collective under FSDP2: every rank calls it)."""
+    from cpl_masks import distributed
+
+    return {name: full.cpu() for name, full in distributed.full_tensors(gradients.items())}
 
 
 def masked_trainer(model_dir: str, mask_path: str, optimizer: str, lr: float, wrapping: str | None) -> Trainer:
@@ -160,8 +167,9 @@ def test_masked_step_under_ddp_and_fsdp2_equals_the_single_process_step(tiny_mod
     spawn("one_step", str(tiny_model_dir), str(mask_path), str(tmp_path))
     for optimizer, lr in OPTIMIZERS.items():
         single = masked_trainer(str(tiny_model_dir), str(mask_path), optimizer, lr, None)
-        single_gradients = stepped_gradients(single)
+        captured = stepped_gradients(single)
         single.train_epoch(STEP, 1)
+        single_gradients = whole(captured)
         expected = single.weights()
         assert any(not torch.equal(expected[name], initial[name]) for name in expected)
         for wrapping in WRAPPINGS:
