@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -53,8 +54,24 @@ def fresh(model_dir: Path):
     return load_model(str(model_dir), device="cpu", threads=1)
 
 
+# Known, not yet understood (2026-11-30): now and then a gloo rank aborts as its process exits, after
+# its work ("terminate called without an active exception", SIGABRT). A launch that ends that way is
+# tried once more, so the tests check the work and this flake is still seen when it repeats.
+EXIT_ABORT = "terminate called without an active exception"
+
+
 def spawn(task: str, *args: object) -> None:
-    """Run ``task`` (a function of this module) on 2 ranks of a gloo group; fail on any rank's error."""
+    """Run ``task`` (a function of this module) on 2 ranks of a gloo group; fail on any rank's error
+    (a rank aborting as it exits is tried once more, see EXIT_ABORT)."""
+    try:
+        _spawn_once(task, *args)
+    except torch.multiprocessing.ProcessExitedException as error:
+        if "SIGABRT" not in str(error):
+            raise
+        _spawn_once(task, *args)
+
+
+def _spawn_once(task: str, *args: object) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     context = torch.multiprocessing.start_processes(
         _rank_main, args=(task, *args), nprocs=2, join=False, start_method="spawn"
@@ -242,6 +259,12 @@ def test_torchrun_example_profiles_and_trains_with_rank_zero_writing(tiny_model_
     result = run_cli(
         "bash", "examples/torchrun_train.sh", str(tiny_model_dir), str(tmp_path / "run"), env=cli_env(tmp_path)
     )
+    if result.returncode != 0 and EXIT_ABORT in result.stdout + result.stderr:  # once more, in a fresh folder
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+        shutil.rmtree(tmp_path / "home", ignore_errors=True)
+        result = run_cli(
+            "bash", "examples/torchrun_train.sh", str(tiny_model_dir), str(tmp_path / "run"), env=cli_env(tmp_path)
+        )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("registered as") == 1  # one rank printed, saved and registered the mask
     run = json.loads((tmp_path / "run" / "cpl" / "run.json").read_text())
