@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from cpl_masks import distributed
 from cpl_masks.cli import hub, masks, split, sweep
 from cpl_masks.cli import registry as registry_commands
 from cpl_masks.cli import train as train_commands
@@ -38,5 +39,10 @@ app = build_app()
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point; a rank under torchrun ends through :func:`distributed.exit_launched`."""
+    try:
+        app()
+    except SystemExit as stop:
+        distributed.exit_launched(stop.code)
+        raise
+    distributed.exit_launched(0)

@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
+import importlib
 import inspect
 import math
 import os
 import re
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +45,12 @@ from cpl_masks.errors import CplError
 
 T = TypeVar("T")
 WRAPPINGS = ("ddp", "fsdp2")
+# Modules with functions whose default argument is ``group=group.WORLD``: that default is evaluated at
+# import. Imported after init_process_group (transformers imports torch.distributed.fsdp when it loads
+# a model class), they keep the live world group past destroy_process_group, so it is torn down during
+# interpreter shutdown, where a gloo worker thread that takes the GIL aborts the process ("terminate
+# called without an active exception", SIGABRT, in about half the launches). Imported first, they hold None.
+IMPORTS_CAPTURING_THE_WORLD_GROUP = ("torch.distributed.nn", "torch.distributed.optim", "torch.distributed.fsdp")
 TIMEOUT_ENV = "CPL_MASKS_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -103,14 +112,41 @@ def setup(device: str = "auto") -> None:
     cuda = resolve_device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(launch.local_rank)
+    for module in IMPORTS_CAPTURING_THE_WORLD_GROUP:
+        importlib.import_module(module)
     torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_seconds()))
-    atexit.register(_leave)
+    atexit.register(leave)
     _stop_on_sigterm()
 
 
-def _leave() -> None:
+def exit_launched(status: object) -> None:
+    """End a rank of a launched job with ``status`` (as ``SystemExit`` takes it), skipping the teardown.
+
+    The exit handlers run first, while the interpreter is whole (:func:`leave` among them, so the
+    group is left and its threads stopped); then the process ends without the interpreter's teardown
+    and C++ static destructors, where gloo threads have aborted ranks whose work was done and written
+    ("terminate called without an active exception", SIGABRT). In a single process it returns.
+    """
+    if launch_env().world_size == 1:
+        return
+    code = 0 if status is None else status if isinstance(status, int) else 1
+    if not isinstance(status, (int, type(None))):
+        print(status, file=sys.stderr)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def leave() -> None:
+    """Leave the process group while the interpreter is whole (registered at exit by :func:`setup`).
+
+    Collecting garbage afterwards frees what still held the group in a reference cycle (a DDP wrapper),
+    so no gloo thread outlives the interpreter's shutdown.
+    """
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        gc.collect()
 
 
 def _stop_on_sigterm() -> None:
