@@ -15,8 +15,9 @@ import re
 from collections.abc import Callable
 from typing import IO, Any
 
+from cpl_masks.bits import count_set_bits
 from cpl_masks.errors import CplError
-from cpl_masks.masks import Mask, count_set_bits
+from cpl_masks.masks import Mask
 
 MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "embeddings", "norms", "lm_head", "other")
 _MODULE_PATTERNS = (

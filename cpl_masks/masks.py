@@ -4,9 +4,9 @@ Layout (format ``cpl-mask``, version ``1.0``):
 
 * one ``uint8`` tensor per model parameter, named like the parameter, of ``ceil(n / 8)`` bytes for
   a parameter of ``n`` entries. The parameter is flattened in row-major (C) order and its bits are
-  packed **little-endian within each byte**: bit ``k`` (value ``1 << k``) of byte ``b`` is entry
-  ``8 * b + k``; unused high bits of the last byte are 0. Bit 1 = collaborative (may be trained),
-  0 = conflicting (frozen). This is ``numpy.packbits(bits, bitorder="little")``.
+  packed **little-endian within each byte** (:mod:`cpl_masks.bits`): bit ``k`` (value ``1 << k``) of
+  byte ``b`` is entry ``8 * b + k``; unused high bits of the last byte are 0. Bit 1 = collaborative
+  (may be trained), 0 = conflicting (frozen). This is ``numpy.packbits(bits, bitorder="little")``.
 * optionally, the scores ``s = g_M ⊙ g_I`` as ``bfloat16`` tensors of the parameter's shape under
   ``scores/<parameter name>`` (saved with ``--save-scores``, so a mask can be re-cut later). They
   must be finite; an entry the injection gradient does not touch is ``+0``, a touched one scoring
@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpl_masks.bits import count_set_bits, pack_bits, packed_size, unpack_bits
 from cpl_masks.errors import CplError
 from cpl_masks.files import atomic_write
 
@@ -49,30 +50,9 @@ FORMAT_VERSION = "1.0"
 HEADER_KEY = "cpl_mask"
 SCORES_PREFIX = "scores/"
 SCORES_HASH_KEY = "scores_sha256"
-_POPCOUNT = torch.tensor([bin(value).count("1") for value in range(256)], dtype=torch.int64)  # (256,)
 _MAX_HEADER_BYTES = 100_000_000
 _MAX_DIMS, _MAX_SIZE = 16, 2**40  # bounds of a shape in a mask file
 _CONTENT_ID = re.compile(r"^[0-9a-f]{64}$")
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Pack a bool tensor of any shape into ``ceil(n / 8)`` bytes, little-endian bit order."""
-    flat = bits.detach().reshape(-1).to(device="cpu", dtype=torch.bool).numpy()
-    return torch.from_numpy(np.packbits(flat, bitorder="little"))  # (ceil(n/8),) uint8
-
-
-def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: a bool tensor of ``shape``."""
-    count = int(np.prod(shape, dtype=np.int64))
-    flat = np.unpackbits(packed.numpy(), count=count, bitorder="little")  # (n,) uint8 0/1
-    return torch.from_numpy(flat.astype(bool)).reshape(shape)
-
-
-def count_set_bits(packed: torch.Tensor) -> int:
-    """Number of 1 bits (collaborative entries) in a packed mask tensor, without unpacking it."""
-    if hasattr(np, "bitwise_count"):  # numpy >= 2: a native popcount, ~8x faster than the table lookup
-        return int(np.bitwise_count(packed.numpy()).sum(dtype=np.int64))
-    return int(_POPCOUNT[packed.to(torch.int64)].sum())
 
 
 def scores_sha256(scores: Mapping[str, torch.Tensor]) -> str:
@@ -200,7 +180,7 @@ class Mask:
         tensors = _read_tensors(Path(path), shapes, with_scores=with_scores)
         packed = {name: tensors[name] for name in shapes}
         for name, shape in shapes.items():
-            expected = (int(np.prod(shape, dtype=np.int64)) + 7) // 8
+            expected = packed_size(int(np.prod(shape, dtype=np.int64)))
             if packed[name].dtype != torch.uint8 or tuple(packed[name].shape) != (expected,):
                 raise CplError(f"{path}: tensor {name} is not {expected} packed bytes for shape {list(shape)}")
         stored = {name: tensors[SCORES_PREFIX + name] for name in shapes} if with_scores else None

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from cpl_masks.algebra import combine
+from cpl_masks.bits import pack_bits, unpack_bits
 from cpl_masks.errors import CplError
 from cpl_masks.mask_stats import diff, layer_of, module_type, summarize
-from cpl_masks.masks import Mask, content_id, pack_bits, read_header, scores_sha256, unpack_bits
+from cpl_masks.masks import Mask, content_id, read_header, scores_sha256
 from cpl_masks.models import model_fingerprint
 from tests.data.make_golden_mask import BITS, GOLDEN, METADATA, SCORES, golden_mask
 

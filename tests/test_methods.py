@@ -170,14 +170,14 @@ def test_agem_projects_a_conflicting_gradient(tiny_model_dir):
     method = make_method("agem", context_for(loaded))
     model = method.prepare(loaded.model)
     method.before_step(model, 0)  # computes g_M over M
-    assert total_dot([(g, g) for g in method.reference.gradient.values()]) > 0
+    assert total_dot([(g, g) for g in method.reference.value.values()]) > 0
     raw = step_gradient(model, method.reference.context.scorer, INJECT[0])
     generator = torch.Generator().manual_seed(0)
-    method.reference.gradient = {  # g_M ≈ −g: a certain conflict
+    method.reference.kept = {  # g_M ≈ −g: a certain conflict
         name: -grad + 0.3 * grad.abs().mean() * torch.randn(grad.shape, generator=generator)
         for name, grad in raw.items()
     }
-    g_m = method.reference.gradient
+    g_m = method.reference.value
     assert total_dot([(raw[name], g_m[name]) for name in raw]) < 0
     method.mask_gradients(model)
     projected = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
@@ -195,9 +195,9 @@ def test_agem_leaves_an_agreeing_gradient_alone(tiny_model_dir):
     method = make_method("agem", context_for(loaded))
     model = method.prepare(loaded.model)
     raw = step_gradient(model, method.reference.context.scorer, INJECT[0])
-    method.reference.gradient = {name: grad.clone() for name, grad in raw.items()}  # g·g_M > 0
+    method.reference.kept = {name: grad.clone() for name, grad in raw.items()}  # g·g_M > 0
     method.mask_gradients(model)
-    method.reference.gradient = {name: torch.zeros_like(grad) for name, grad in raw.items()}  # g_M = 0: skipped
+    method.reference.kept = {name: torch.zeros_like(grad) for name, grad in raw.items()}  # g_M = 0: skipped
     method.mask_gradients(model)
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter.grad, raw[name]), name

@@ -6,8 +6,9 @@
   entries (never a float copy) and their gradients are zeroed there in place. Control masks
   (random, gradient-magnitude) take this same path.
 * :class:`DynamicCPL` (``dynamic``, the paper's loop): ``g_M`` is recomputed over the mastered set at
-  the start of every epoch (and every K steps with ``refresh_every``), and each step's gradient
-  ``g`` keeps only the entries where ``g ⊙ g_M ≥ 0``.
+  the start of every epoch (and every K steps with ``refresh_every``) and held as its signs, two bits
+  per entry (:class:`~cpl_masks.signs.PackedSigns`); each step's gradient ``g`` keeps only the
+  entries where ``g ⊙ g_M ≥ 0``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from cpl_masks.errors import CplError
 from cpl_masks.methods.base import Method, MethodContext, RefreshOptions
-from cpl_masks.methods.reference import MasteredGradient
+from cpl_masks.methods.reference import mastered_signs
 
 
 @dataclass
@@ -79,7 +80,7 @@ class DynamicCPL(Method):
 
     def __init__(self, context: MethodContext, options: RefreshOptions | None = None) -> None:
         context.require_mastered(self.name)
-        self.reference = MasteredGradient(context, (options or RefreshOptions()).refresh_every)
+        self.reference = mastered_signs(context, (options or RefreshOptions()).refresh_every)
 
     def before_step(self, model: torch.nn.Module, step_in_epoch: int) -> None:
         """Recompute ``g_M`` at the start of each epoch and every ``refresh_every`` steps within it."""
@@ -87,8 +88,7 @@ class DynamicCPL(Method):
 
     def mask_gradients(self, model: torch.nn.Module) -> None:
         """Zero, in place, the gradient entries whose sign disagrees with ``g_M`` (``g ⊙ g_M < 0``)."""
-        g_mastered = self.reference.gradient
+        signs = self.reference.value
         for name, parameter in model.named_parameters():
             if parameter.grad is not None:
-                disagree = (parameter.grad * g_mastered[name]) < 0  # bool, one tensor at a time
-                parameter.grad.masked_fill_(disagree, 0)
+                parameter.grad.masked_fill_(signs.disagreeing(name, parameter.grad), 0)  # one tensor at a time

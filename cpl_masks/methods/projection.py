@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cpl_masks.methods.base import Method, MethodContext, RefreshOptions
-from cpl_masks.methods.reference import MasteredGradient
+from cpl_masks.methods.reference import mastered_gradient
 
 
 def total_dot(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -33,7 +33,7 @@ class AGEM(Method):
 
     def __init__(self, context: MethodContext, options: RefreshOptions | None = None) -> None:
         context.require_mastered(self.name)
-        self.reference = MasteredGradient(context, (options or RefreshOptions()).refresh_every)
+        self.reference = mastered_gradient(context, (options or RefreshOptions()).refresh_every)
         self.steps = 0  # steps seen by this process (a resumed run counts from its resume)
         self.projected_steps = 0  # of those, the steps whose gradient was projected
 
@@ -55,7 +55,7 @@ class AGEM(Method):
 
     def _pairs(self, model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each trainable gradient with its ``g_M`` tensor (float32, same shape)."""
-        g_mastered = self.reference.gradient
+        g_mastered = self.reference.value
         return [
             (parameter.grad, g_mastered[name])
             for name, parameter in model.named_parameters()
