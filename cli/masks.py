@@ -31,6 +31,7 @@ from cpl_masks.mask_stats import diff as diff_masks
 from cpl_masks.mask_stats import draw_share_heatmap, summarize
 from cpl_masks.masks import Mask
 from cpl_masks.models import DEFAULT_MODEL, load_model
+from cpl_masks.profile import check_rule_runs
 from cpl_masks.profile import profile as profile_model
 from cpl_masks.registry import Registry
 from cpl_masks.registry.names import check_task
@@ -79,6 +80,13 @@ def profile(
     freeze_pattern: Annotated[str | None, typer.Option(help="Regex of parameter names always frozen.")] = None,
     train_pattern: Annotated[str | None, typer.Option(help="Regex of parameter names always trainable.")] = None,
     save_scores: Annotated[bool, typer.Option(help="Store the scores (bfloat16) for `cpl-masks threshold`.")] = False,
+    confidence: Annotated[
+        float | None,
+        typer.Option(
+            help="Freeze an entry only where it conflicts with confidence: the t-statistic of g_M*g_I below -K "
+            "(one backward pass per question; --keep-fraction then ranks by t).",
+        ),
+    ] = None,
     checkpointing: Annotated[
         bool, typer.Option(help="Recompute activations in backward: same gradients, much less memory.")
     ] = True,
@@ -111,9 +119,13 @@ def profile(
         "--freeze-pattern": freeze_pattern,
         "--train-pattern": train_pattern,
         "--save-scores": save_scores or None,
+        "--confidence": confidence,
     }
     check_rule_options(rule, like, mastered=mastered, inject=inject, sign_only={**sign_only, "--distributed": wrapping})
     distributed.wrapping_for(wrapping)  # refuses an unknown name before any model loads
+    cut = Rule.from_options(
+        threshold, keep_fraction, confidence, freeze_pattern=freeze_pattern, train_pattern=train_pattern
+    )
     if name is not None:
         check_task(name)
     registry = Registry()
@@ -125,12 +137,7 @@ def profile(
         mask = make_control(control, registry, model=model, dtype=dtype, device=device, threads=threads)
         distributed.on_main(lambda: save_and_register(mask, out, task=name, registry=registry, overwrite=overwrite))
         return
-    cut = Rule(
-        threshold=0.0 if threshold is None and keep_fraction is None else threshold,
-        keep_fraction=keep_fraction,
-        freeze_pattern=freeze_pattern,
-        train_pattern=train_pattern,
-    )
+    check_rule_runs(cut, wrapping)
     scoring = resolve_scoring(scoring, data_path=mastered)
     mastered_questions, inject_questions = load_questions(mastered), load_questions(inject)
     loaded = distributed.main_first(lambda: load_model(model, dtype=dtype, device=device, threads=threads))

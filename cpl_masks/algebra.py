@@ -59,6 +59,7 @@ def recut(mask: Mask, *, threshold: float | None = None, keep_fraction: float | 
         keep_fraction=keep_fraction,
         freeze_pattern=previous.get("freeze_pattern"),
         train_pattern=previous.get("train_pattern"),
+        statistic=previous.get("statistic", "product"),  # re-cut t-statistics stay t-statistics
     )
     check_finite_scores(mask.scores, f"mask {mask.id[:12]}")
     bits = rule.cut({name: mask.scores[name] for name in mask.names})

@@ -2,7 +2,9 @@
 
 Two batched passes over the data give the mean answer-loss gradients ``g_I`` (injection set) and
 ``g_M`` (mastered set); the score ``s = g_M ⊙ g_I`` of each entry decides, through a
-:class:`~cpl_masks.selection.Rule`, whether it is collaborative (trainable) or frozen.
+:class:`~cpl_masks.selection.Rule`, whether it is collaborative (trainable) or frozen. The
+confidence rule scores by ``s``'s t-statistic instead, from a pass per question
+(:func:`gradient_moments`) that also gives each entry's standard error.
 
 Each batch's loss is the sum of its per-question losses divided by the set size, so the gradients
 accumulated over the batches are exactly the mean. A post-accumulate hook moves every parameter's
@@ -18,6 +20,7 @@ import math
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,7 +32,7 @@ from cpl_masks.masks import Mask, weights_metadata
 from cpl_masks.models import LoadedModel, activation_checkpointing
 from cpl_masks.progress import progress_bar
 from cpl_masks.scoring import Scorer, batches, make_scorer
-from cpl_masks.selection import Rule, encode_scores, touched_entries
+from cpl_masks.selection import Rule, encode_scores, t_statistic, touched_entries
 from cpl_masks.split import resolve_scoring
 from cpl_masks.versions import stamp
 
@@ -93,6 +96,7 @@ def profile(
     scorer.check_fits(loaded.model, [*mastered, *inject])
     torch.manual_seed(seed)
     distributed.setup(str(loaded.device))  # joins the launcher's group if the caller has not
+    check_rule_runs(rule, wrapping)
     weights = weights_metadata(loaded.model)  # of the whole weights, before any sharding
     if distributed.wrapping_for(wrapping) == "fsdp2":
         distributed.shard_model(loaded.model)
@@ -100,11 +104,20 @@ def profile(
     reset_peak_memory(device)
     started = time.perf_counter()
     shown = show_progress and distributed.is_main()
+    errors: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
     with progress_bar("profile (I, then M)", len(inject) + len(mastered), shown) as advance:
-        passes = {"batch_size": batch_size, "checkpointing": checkpointing, "advance": advance}
-        g_inject = mean_gradients(loaded.model, scorer, inject, **passes)
-        g_mastered = mean_gradients(loaded.model, scorer, mastered, **passes)
-    bits, stats, scores = _cut(rule, g_mastered, g_inject, keep_scores=save_scores or rule.keep_fraction is not None)
+        if rule.statistic == "t":
+            passes = {"checkpointing": checkpointing, "advance": advance}
+            moments_i = gradient_moments(loaded.model, scorer, inject, **passes)
+            moments_m = gradient_moments(loaded.model, scorer, mastered, **passes)
+            g_inject, g_mastered = moments_i.mean, moments_m.mean
+            errors = (moments_m.standard_error, moments_i.standard_error)
+        else:
+            passes = {"batch_size": batch_size, "checkpointing": checkpointing, "advance": advance}
+            g_inject = mean_gradients(loaded.model, scorer, inject, **passes)
+            g_mastered = mean_gradients(loaded.model, scorer, mastered, **passes)
+    keep_scores = save_scores or rule.keep_fraction is not None
+    bits, stats, scores = _cut(rule, g_mastered, g_inject, errors, keep_scores=keep_scores)
     seconds = time.perf_counter() - started
     metadata = {
         "model": {"ref": loaded.ref, **weights},
@@ -184,6 +197,91 @@ def mean_gradients(
     return ordered
 
 
+@dataclass
+class GradientMoments:
+    """Per entry, the mean answer-loss gradient over a question set and its standard error."""
+
+    mean: dict[str, torch.Tensor]  # name -> float32 (param shape)
+    standard_error: dict[str, torch.Tensor]  # name -> float32: sample std of the per-question gradients / sqrt(n)
+
+
+class GradientSums:
+    """Running sums of per-question gradients and of their squares: moments of any prefix of a pass."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        parameters = dict(model.named_parameters())
+        self.count = 0
+        self.total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in parameters.items()}
+        self.squares = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in parameters.items()}
+
+    def add(self, gradient: dict[str, torch.Tensor]) -> None:
+        """Add one question's gradient (name -> tensor; a parameter it does not reach may be absent)."""
+        self.count += 1
+        for name, value in gradient.items():
+            self.total[name] += value
+            self.squares[name].addcmul_(value, value)
+
+    def moments(self) -> GradientMoments:
+        """Mean and standard error over every rank's questions so far (all-reduced; every rank must call it)."""
+        count = distributed.all_reduce_sum(torch.tensor([float(self.count)])).item()
+        if count < 2:
+            raise CplError(f"--confidence needs at least 2 questions per set for a standard error, got {count:.0f}")
+        mean, error = {}, {}
+        for name in self.total:
+            total = distributed.all_reduce_sum(self.total[name].clone())
+            squares = distributed.all_reduce_sum(self.squares[name].clone())
+            mean[name] = total / count
+            variance = (squares - count * mean[name].square()).clamp_(min=0) / (count - 1)
+            error[name] = variance.div_(count).sqrt_()
+        return GradientMoments(mean, error)
+
+
+def question_gradients(
+    model: torch.nn.Module,
+    scorer: Scorer,
+    questions: Sequence[Question],
+    *,
+    checkpointing: bool = True,
+    advance: Callable[[int], None] = lambda _n: None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's share of ``questions``, one float32 gradient (name -> tensor) per question, each valid
+    until the next is asked for."""
+    parameters = dict(model.named_parameters())
+    buffers: dict[str, torch.Tensor] = {}
+    with _gradients_into(parameters, buffers), activation_checkpointing(model, checkpointing):
+        for batch, _weight in _rank_batches(questions, 1, equal_counts=False):
+            scorer.loss(model, batch).sum().backward()
+            yield buffers
+            buffers.clear()
+            advance(distributed.world_size())
+
+
+def gradient_moments(
+    model: torch.nn.Module,
+    scorer: Scorer,
+    questions: Sequence[Question],
+    *,
+    checkpointing: bool = True,
+    advance: Callable[[int], None] = lambda _n: None,
+) -> GradientMoments:
+    """Mean gradient over ``questions`` and its standard error, from one backward pass per question.
+
+    What the confidence rule needs to tell a conflict from noise. It costs a pass per question
+    (batch 1) and two float32 sums per entry. Under several processes each rank takes its share and
+    the sums are all-reduced; a model sharded with FSDP2 is refused (:func:`check_rule_runs`).
+    """
+    sums = GradientSums(model)
+    for gradient in question_gradients(model, scorer, questions, checkpointing=checkpointing, advance=advance):
+        sums.add(gradient)
+    return sums.moments()
+
+
+def check_rule_runs(rule: Rule, wrapping: str | None) -> None:
+    """Refuse, before any model loads, a rule that cannot run under the requested wrapping."""
+    if rule.statistic == "t" and distributed.wrapping_for(wrapping) == "fsdp2":
+        raise CplError("--confidence cannot run under --distributed fsdp2 (per-question gradients); use ddp")
+
+
 def _rank_batches(
     questions: Sequence[Question], batch_size: int, *, equal_counts: bool
 ) -> Iterator[tuple[Sequence[Question], float]]:
@@ -245,9 +343,17 @@ def _accumulator(name: str, buffers: dict[str, torch.Tensor]) -> Callable[[torch
 
 
 def _cut(
-    rule: Rule, g_mastered: dict[str, torch.Tensor], g_inject: dict[str, torch.Tensor], *, keep_scores: bool
+    rule: Rule,
+    g_mastered: dict[str, torch.Tensor],
+    g_inject: dict[str, torch.Tensor],
+    errors: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
+    *,
+    keep_scores: bool,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
     """Turn both gradients into bits tensor by tensor, freeing each pair as soon as it is used.
+
+    The score is ``s = g_M ⊙ g_I``, or its t-statistic when ``errors`` (the standard errors of g_M
+    and g_I) are given.
 
     A threshold decides each tensor on the spot; a keep fraction ranks the stored scores of all
     tensors together once every tensor is scored.
@@ -260,8 +366,9 @@ def _cut(
         placed = grad_i if distributed.is_dtensor(grad_i) else None  # FSDP2: both are shards placed alike
         grad_m, grad_i = distributed.local(grad_m), distributed.local(grad_i)
         product = grad_m * grad_i  # (param shape, or this rank's shard of it) float32 s = g_M ⊙ g_I
+        score = product if errors is None else t_statistic(grad_m, grad_i, errors[0].pop(name), errors[1].pop(name))
         touched = grad_i != 0  # bool, entries the injection gradient moves
-        kept = rule.select(name, product) if rule.keep_fraction is None else torch.zeros_like(touched)
+        kept = rule.select(name, score) if rule.keep_fraction is None else torch.zeros_like(touched)
         sums = torch.stack(
             [
                 touched.sum(dtype=torch.float64),
@@ -278,10 +385,10 @@ def _cut(
         stats[name] = {key: float(value) for key, value in zip(keys, sums.tolist())}
         stats[name].update(touched=int(sums[0]), touched_collaborative=int(sums[1]))
         if keep_scores:
-            scores[name] = _whole(encode_scores(product, touched), placed).cpu()
+            scores[name] = _whole(encode_scores(score, touched), placed).cpu()
         if rule.keep_fraction is None:
             bits[name] = _whole(kept, placed).cpu()
-        del grad_m, grad_i, product, touched, kept
+        del grad_m, grad_i, product, score, touched, kept
     if rule.keep_fraction is not None:
         bits = rule.cut(scores)
         for name, entry in stats.items():

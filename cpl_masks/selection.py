@@ -13,6 +13,13 @@ Three ways to cut, recorded in the mask's ``rule`` metadata:
   force whole tensors frozen or collaborative, whatever their scores (freeze wins if both match).
   Forced tensors are not eligible: they do not count towards the keep fraction.
 
+The score is ``s`` itself (``statistic="product"``), or with ``statistic="t"`` its t-statistic
+``t = s / se(s)``, where ``se(s)² = g_I² se(g_M)² + g_M² se(g_I)²`` (the delta method, M and I
+independent) and the standard errors come from per-question gradients
+(:func:`cpl_masks.profile.gradient_moments`). ``--confidence K`` is the t-statistic with threshold
+``-K``: an entry is frozen only where it conflicts with confidence, ``t < -K``; a keep fraction then
+ranks by ``t``.
+
 Stored scores mark which entries the injection gradient touches by the sign of zero: an untouched
 entry is stored as ``+0``, a touched one whose score is (or rounds to) zero as ``-0`` (see
 :func:`encode_scores`), so a re-cut counts the touched entries it keeps exactly.
@@ -31,6 +38,7 @@ import torch
 from cpl_masks.errors import CplError
 
 _BF16_KEYS = 1 << 16
+STATISTICS = ("product", "t")
 
 
 @dataclass(frozen=True)
@@ -45,8 +53,11 @@ class Rule:
     keep_fraction: float | None = None
     freeze_pattern: str | None = None
     train_pattern: str | None = None
+    statistic: str = "product"  # the score: s = g_M ⊙ g_I, or "t", its t-statistic (module docstring)
 
     def __post_init__(self) -> None:
+        if self.statistic not in STATISTICS:
+            raise CplError(f"rule statistic {self.statistic!r}: choose one of {', '.join(STATISTICS)}")
         if (self.threshold is None) == (self.keep_fraction is None):
             raise CplError("give exactly one of --threshold and --keep-fraction")
         if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
@@ -58,6 +69,29 @@ class Rule:
             ("--train-pattern", self.train_pattern),
         ):
             _compile(option, pattern)
+
+    @classmethod
+    def from_options(
+        cls,
+        threshold: float | None,
+        keep_fraction: float | None,
+        confidence: float | None = None,
+        *,
+        freeze_pattern: str | None = None,
+        train_pattern: str | None = None,
+    ) -> Rule:
+        """The rule the command line's options describe: the sign rule (threshold 0) when no cut is given;
+        ``--confidence K`` scores by the t-statistic, cut at ``-K`` unless a keep fraction ranks by it."""
+        if confidence is not None:
+            if threshold is not None:
+                raise CplError("give --confidence or --threshold, not both (--confidence K cuts the t-statistic at -K)")
+            if not 0.0 <= confidence < math.inf:
+                raise CplError(f"--confidence {confidence}: must be a finite number >= 0")
+            threshold = None if keep_fraction is not None else -confidence
+        elif threshold is None and keep_fraction is None:
+            threshold = 0.0
+        statistic = "product" if confidence is None else "t"
+        return cls(threshold, keep_fraction, freeze_pattern, train_pattern, statistic)
 
     def to_metadata(self) -> dict:
         """The rule as JSON-ready metadata."""
@@ -130,6 +164,20 @@ def bf16_keys(scores: torch.Tensor) -> torch.Tensor:
     bits = (scores.to(torch.bfloat16) + 0.0).view(torch.int16).to(torch.int64) & 0xFFFF  # raw bf16 bits
     negative = bits >= 0x8000
     return torch.where(negative, 0xFFFF - bits, bits + 0x8000)
+
+
+def t_statistic(
+    g_mastered: torch.Tensor, g_inject: torch.Tensor, se_mastered: torch.Tensor, se_inject: torch.Tensor
+) -> torch.Tensor:
+    """``s / se(s)`` per entry for ``s = g_M ⊙ g_I`` (module docstring); finite everywhere.
+
+    Where ``se(s)`` is 0 the score is 0 if ``s`` is, else ``s``'s sign at the largest finite value.
+    """
+    product = g_mastered * g_inject
+    error = (g_inject.square() * se_mastered.square() + g_mastered.square() * se_inject.square()).sqrt()
+    largest = torch.finfo(torch.bfloat16).max
+    t = torch.where(error > 0, product / error, product.sign() * largest)
+    return t.nan_to_num(nan=0.0, posinf=largest, neginf=-largest).clamp(-largest, largest)
 
 
 def encode_scores(product: torch.Tensor, touched: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from cpl_masks.algebra import recut
 from cpl_masks.errors import CplError
 from cpl_masks.models import load_model, model_fingerprint
-from cpl_masks.profile import mean_gradients, profile, sign_agreement
+from cpl_masks.profile import gradient_moments, mean_gradients, profile, sign_agreement
 from cpl_masks.scoring import make_scorer
 from cpl_masks.selection import Rule, bf16_keys
 from cpl_masks.split import resolve_scoring
@@ -94,6 +94,7 @@ def test_provenance_and_run_report(tiny, profiled):
         "keep_fraction": None,
         "freeze_pattern": None,
         "train_pattern": None,
+        "statistic": "product",
     }
     assert meta["profile"]["peak_memory_kind"] == "rss" and meta["profile"]["peak_memory_bytes"] > 0
     assert profiled.names == [name for name, _ in tiny.model.named_parameters()]
@@ -167,6 +168,7 @@ def test_a_recut_keeps_the_patterns_and_says_it_is_a_recut(tiny):
         "keep_fraction": 0.2,
         "freeze_pattern": "embed",
         "train_pattern": "norm",
+        "statistic": "product",
     }
     assert cut.metadata["recut_of"] == mask.id and cut.metadata["parents"] == [mask.id]
     assert not cut.collaborative("model.embed_tokens.weight").any()
@@ -249,3 +251,55 @@ def test_sign_agreement_is_complete_at_the_profiled_weights_and_drops_after_a_st
             loaded.model.get_parameter(name).sub_(5.0 * grad)
     moved = sign_agreement(loaded.model, scorer, mask, MASTERED, INJECT)
     assert moved["touched"] < untouched["touched"]
+
+
+def per_question_gradients(model, scorer, questions) -> list[dict[str, torch.Tensor]]:
+    """Each question's gradient in float64, one backward at a time."""
+    model64 = copy.deepcopy(model).double()
+    names, parameters = zip(*model64.named_parameters(), strict=True)
+    rows = []
+    for question in questions:
+        loss = scorer.loss(model64, [question]).double().sum()
+        rows.append(dict(zip(names, torch.autograd.grad(loss, parameters), strict=True)))
+    return rows
+
+
+def test_gradient_moments_match_the_per_question_mean_and_standard_error(tiny):
+    scorer = make_scorer("letter", tiny.tokenizer)
+    rows = per_question_gradients(tiny.model, scorer, MASTERED)
+    stacked = {name: torch.stack([row[name] for row in rows]) for name in rows[0]}  # (n, param shape) float64
+    moments = gradient_moments(tiny.model, scorer, MASTERED)
+    count = len(MASTERED)
+    assert_relative_close(moments.mean, {name: values.mean(0) for name, values in stacked.items()})
+    expected = {name: values.std(0, correction=1) / count**0.5 for name, values in stacked.items()}
+    assert_relative_close(moments.standard_error, expected)
+
+
+def test_the_confidence_rule_freezes_only_entries_whose_t_statistic_is_below_minus_k(tiny):
+    scorer = make_scorer("letter", tiny.tokenizer)
+    stats = {}
+    for key, rows in (("M", MASTERED), ("I", INJECT)):
+        gradients = per_question_gradients(tiny.model, scorer, rows)
+        stacked = {name: torch.stack([row[name] for row in gradients]) for name in gradients[0]}
+        stats[key] = {n: (v.mean(0), v.std(0, correction=1) / len(rows) ** 0.5) for n, v in stacked.items()}
+    frozen_shares = []
+    for k in (0.0, 1.0, 2.0):
+        mask = profile(tiny, MASTERED, INJECT, rule=Rule.from_options(None, None, k), show_progress=False)
+        assert mask.metadata["rule"]["statistic"] == "t" and mask.metadata["rule"]["threshold"] == -k
+        frozen_shares.append(1 - mask.collaborative_share())
+        for name in mask.names:
+            (g_m, se_m), (g_i, se_i) = stats["M"][name], stats["I"][name]
+            error = (g_i.square() * se_m.square() + g_m.square() * se_i.square()).sqrt()
+            t = torch.where(error > 0, g_m * g_i / error, torch.zeros_like(error))
+            decided = (t + k).abs() > 1e-3  # away from the cut, where float32 and float64 agree
+            frozen = ~mask.collaborative(name)
+            assert torch.equal(frozen[decided], (t < -k)[decided]), f"k={k} {name}"
+    assert frozen_shares[0] > frozen_shares[1] > frozen_shares[2] > 0
+
+
+def test_confidence_and_threshold_are_refused_together_and_a_keep_fraction_ranks_by_t():
+    with pytest.raises(CplError, match="--confidence or --threshold"):
+        Rule.from_options(0.1, None, 2.0)
+    with pytest.raises(CplError, match="--confidence -1"):
+        Rule.from_options(None, None, -1.0)
+    assert Rule.from_options(None, 0.3, 2.0) == Rule(None, 0.3, statistic="t")

@@ -1,0 +1,169 @@
+"""Mask reliability: do selections made from two disjoint halves of the data agree, and how does that
+grow with the number of questions? (issue 15, "the benchmark that decides": reproducibility)
+
+A split's mastered and injection sets are shuffled (``--seed``) and cut into two disjoint halves of
+up to the largest size each. Each half is profiled one question at a time (batch 1, the moments the
+confidence rule needs), and at every size (the first n questions of each set) three selections are
+taken:
+
+* ``sign``: the CPL rule, frozen where ``g_M ⊙ g_I < 0``;
+* ``confidence``: frozen where the t-statistic of ``g_M ⊙ g_I`` is below ``-K`` (``--confidence``);
+* ``retain signs``: the sign of ``g_M`` alone (what the per-step rule steers by), compared over the
+  entries where both halves' ``g_M`` is non-zero.
+
+The halves are compared by agreement (share of entries with the same bit), by the Jaccard index of
+their frozen sets, and by the share of one half's frozen entries the other also freezes, each beside
+what two independent selections with the same shares reach by chance.
+
+Usage: .venv/bin/python benchmarks/mask_reliability.py SPLIT_DIR [--sizes 10,20,40,80,160]
+       [--confidence 2] [--model smollm2-135m-instruct] [--threads 1] --out reliability.json [--plot FILE.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from cpl_masks.bits import pack_bits, unpack_bits
+from cpl_masks.data import load_questions
+from cpl_masks.files import write_json
+from cpl_masks.models import load_model
+from cpl_masks.profile import GradientSums, question_gradients
+from cpl_masks.scoring import make_scorer
+from cpl_masks.selection import t_statistic
+from cpl_masks.split import resolve_scoring
+
+RULES = ("sign", "confidence", "retain signs")
+
+
+def halves(split: Path, largest: int, seed: int) -> dict[str, tuple[list, list]]:
+    """Each set's two disjoint halves of ``largest`` questions, in a shuffled order fixed by ``seed``."""
+    cut = {}
+    for key, file in (("mastered", "mastered.jsonl"), ("inject", "inject.jsonl")):
+        rows = load_questions(split / file)
+        if len(rows) < 2 * largest:
+            raise SystemExit(f"{split / file}: {len(rows)} questions, need {2 * largest} for two halves of {largest}")
+        random.Random(f"{seed}:{key}").shuffle(rows)
+        cut[key] = (rows[:largest], rows[largest : 2 * largest])
+    return cut
+
+
+def selections(loaded, scorer, mastered: list, inject: list, sizes: list[int], confidence: float) -> dict:
+    """Per size, each rule's packed selection of one half: frozen bits (sign, confidence) or sign planes."""
+    sums = {"mastered": GradientSums(loaded.model), "inject": GradientSums(loaded.model)}
+    taken, done = {}, 0
+    for size in sizes:
+        for key, rows in (("mastered", mastered), ("inject", inject)):
+            for gradient in question_gradients(loaded.model, scorer, rows[done:size]):
+                sums[key].add(gradient)
+        done = size
+        m, i = sums["mastered"].moments(), sums["inject"].moments()
+        taken[size] = {rule: {} for rule in RULES}
+        for name, g_m in m.mean.items():
+            g_i = i.mean[name]
+            taken[size]["sign"][name] = pack_bits(g_m * g_i < 0)
+            t = t_statistic(g_m, g_i, m.standard_error[name], i.standard_error[name])
+            taken[size]["confidence"][name] = pack_bits(t < -confidence)
+            taken[size]["retain signs"][name] = (pack_bits(g_m > 0), pack_bits(g_m < 0))
+        print(f"  {size} questions per set: {time.strftime('%H:%M:%S')}", flush=True)
+    return taken
+
+
+def compare(first: dict, second: dict, shapes: dict, rule: str) -> dict:
+    """Agreement, Jaccard and overlap of two halves' selections, with the chance levels."""
+    counts = torch.zeros(4, dtype=torch.float64)  # entries, frozen in A, frozen in B, frozen in both
+    for name, shape in shapes.items():
+        if rule == "retain signs":
+            a_pos, a_neg = (unpack_bits(plane, shape) for plane in first[name])
+            b_pos, b_neg = (unpack_bits(plane, shape) for plane in second[name])
+            both = (a_pos | a_neg) & (b_pos | b_neg)  # both halves' g_M non-zero
+            a, b = a_neg[both], b_neg[both]  # "frozen" read as: g_M negative
+        else:
+            a, b = unpack_bits(first[name], shape), unpack_bits(second[name], shape)
+        counts += torch.tensor([a.numel(), a.sum(), b.sum(), (a & b).sum()], dtype=torch.float64)
+    entries, in_a, in_b, in_both = counts.tolist()
+    p, q = in_a / entries, in_b / entries
+    agreement = (entries - in_a - in_b + 2 * in_both) / entries
+    union = in_a + in_b - in_both
+    return {
+        "entries": int(entries),
+        "shares": [p, q],
+        "agreement": agreement,
+        "chance_agreement": p * q + (1 - p) * (1 - q),
+        "jaccard": in_both / union if union else 1.0,
+        "chance_jaccard": p * q / (p + q - p * q) if p + q else 1.0,
+        "overlap": in_both / min(in_a, in_b) if min(in_a, in_b) else 1.0,
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for rule, color in zip(RULES, ("C0", "C1", "C2"), strict=True):
+        sizes = [int(size) for size in results["comparisons"]]
+        rows = [results["comparisons"][str(size)][rule] for size in sizes]
+        for axis, key in zip(axes, ("agreement", "jaccard"), strict=True):
+            axis.plot(sizes, [row[key] for row in rows], "o-", color=color, label=rule)
+            axis.plot(sizes, [row[f"chance_{key}"] for row in rows], ":", color=color)
+    for axis, key in zip(axes, ("agreement", "jaccard of the frozen sets"), strict=True):
+        axis.set_xscale("log")
+        axis.set_xlabel("questions per set in each half")
+        axis.set_title(f"{key} (dotted: chance)")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("split", type=Path)
+    parser.add_argument("--sizes", default="10,20,40,80,160")
+    parser.add_argument("--confidence", type=float, default=2.0)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    sizes = sorted(int(size) for size in args.sizes.split(","))
+    cut = halves(args.split, sizes[-1], args.seed)
+    loaded = load_model(args.model, device="cpu", threads=args.threads)
+    scorer = make_scorer(resolve_scoring(None, data_path=args.split / "mastered.jsonl"), loaded.tokenizer)
+    shapes = {name: parameter.shape for name, parameter in loaded.model.named_parameters()}
+    taken = []
+    for half in (0, 1):
+        print(f"half {half + 1}:", flush=True)
+        taken.append(selections(loaded, scorer, cut["mastered"][half], cut["inject"][half], sizes, args.confidence))
+    results = {
+        "split": str(args.split),
+        "model": args.model,
+        "confidence": args.confidence,
+        "seed": args.seed,
+        "comparisons": {
+            str(size): {rule: compare(taken[0][size][rule], taken[1][size][rule], shapes, rule) for rule in RULES}
+            for size in sizes
+        },
+    }
+    write_json(args.out, results)
+    print(f"{'questions':>9} {'rule':<13} {'frozen':>13} {'agree':>6} {'chance':>6} {'jaccard':>7} {'chance':>6}")
+    for size, rows in results["comparisons"].items():
+        for rule, row in rows.items():
+            shares = "/".join(f"{share:.0%}" for share in row["shares"])
+            print(
+                f"{size:>9} {rule:<13} {shares:>13} {row['agreement']:>6.1%} {row['chance_agreement']:>6.1%} "
+                f"{row['jaccard']:>7.1%} {row['chance_jaccard']:>6.1%}"
+            )
+    if args.plot:
+        plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()
