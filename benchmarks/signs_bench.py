@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_bench import DATA, questions, reset_peak_rss, rss
 
 from cpl_masks.methods import MethodContext, make_method
+from cpl_masks.methods.base import RefreshOptions
 from cpl_masks.methods.masking import DynamicCPL
 from cpl_masks.methods.reference import mastered_gradient
 from cpl_masks.models import load_model
@@ -41,7 +42,7 @@ class FloatDynamic(DynamicCPL):
     """The dynamic rule as it was before packed signs: g_M kept in float32, the product's sign tested."""
 
     def __init__(self, context: MethodContext) -> None:
-        self.reference = mastered_gradient(context, None)
+        self.reference = mastered_gradient(context, RefreshOptions())
 
     def mask_gradients(self, model: torch.nn.Module) -> None:
         g_mastered = self.reference.value
@@ -70,9 +71,9 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
     if hasattr(method, "reference"):
         refresh = method.reference.refresh_if_due
 
-        def timed(model: torch.nn.Module, step: int) -> None:
+        def timed(model: torch.nn.Module, epoch: int, step: int) -> None:
             started = time.perf_counter()
-            refresh(model, step)
+            refresh(model, epoch, step)
             refresh_seconds.append(time.perf_counter() - started)
 
         method.reference.refresh_if_due = timed

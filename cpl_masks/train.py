@@ -218,7 +218,7 @@ class Trainer:
         shown = self.config.show_progress and distributed.is_main()
         with progress_bar(f"train epoch {epoch}", len(steps), shown) as advance:
             for step, batch in enumerate(steps):
-                self.method.before_step(self.model, step)
+                self.method.before_step(self.model, epoch, step)
                 total += self._step(batch, epoch, step)
                 advance(1)
         self.model.eval()

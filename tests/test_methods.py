@@ -169,7 +169,7 @@ def test_agem_projects_a_conflicting_gradient(tiny_model_dir):
     loaded = fresh(tiny_model_dir)
     method = make_method("agem", context_for(loaded))
     model = method.prepare(loaded.model)
-    method.before_step(model, 0)  # computes g_M over M
+    method.before_step(model, 1, 0)  # computes g_M over M
     assert total_dot([(g, g) for g in method.reference.value.values()]) > 0
     raw = step_gradient(model, method.reference.context.scorer, INJECT[0])
     generator = torch.Generator().manual_seed(0)

@@ -179,6 +179,36 @@ def test_refresh_every_recomputes_g_m_every_k_steps(tiny_model_dir, monkeypatch)
     assert any(not torch.equal(weights[None][name], weights[2][name]) for name in weights[None])
 
 
+def test_refresh_sample_draws_n_questions_of_m_per_refresh_the_same_after_a_resume(tiny_model_dir, monkeypatch):
+    import cpl_masks.methods.reference as reference
+
+    seen: list[list[str]] = []
+    original = reference.mean_gradients
+
+    def recorded(model, scorer, questions, **kwargs):
+        seen.append([question.id for question in questions])
+        return original(model, scorer, questions, **kwargs)
+
+    monkeypatch.setattr(reference, "mean_gradients", recorded)
+    options = {"refresh_every": 3, "refresh_sample": 4}
+
+    def run(epochs: tuple[int, ...]) -> list[list[str]]:
+        seen.clear()
+        loaded = fresh(tiny_model_dir)
+        scorer = make_scorer("letter", loaded.tokenizer)
+        method = make_method("dynamic", MethodContext(scorer, MASTERED, batch_size=4, seed=5), options)
+        trainer = Trainer(loaded.model, scorer, method, TrainConfig(lr=0.05, show_progress=False))
+        for epoch in epochs:
+            trainer.train_epoch(INJECT, epoch)
+        return list(seen)
+
+    both = run((1, 2))  # 6 steps per epoch: refreshes at steps 0 and 3 of each
+    assert len(both) == 4 and all(len(ids) == 4 for ids in both)
+    mastered_ids = {question.id for question in MASTERED}
+    assert all(set(ids) <= mastered_ids for ids in both) and len({tuple(ids) for ids in both}) > 1
+    assert run((2,)) == both[2:]  # a run resumed at epoch 2 draws what the uninterrupted one drew
+
+
 def test_nan_loss_stops_training(tiny_model_dir):
     loaded = fresh(tiny_model_dir)
     config = TrainConfig(lr=1e12, show_progress=False)

@@ -66,10 +66,14 @@ class RefreshOptions:
     """Options of methods that steer by ``g_M`` (dynamic, A-GEM): also recompute it every K steps in an epoch."""
 
     refresh_every: int | None = option(None, "also recompute g_M every K steps (default: once per epoch)")
+    refresh_sample: int | None = option(
+        None, "each refresh computes g_M over N questions of M drawn afresh (default: all of M)"
+    )
 
     def __post_init__(self) -> None:
-        if self.refresh_every is not None and self.refresh_every < 1:
-            raise CplError(f"--refresh-every {self.refresh_every}: must be at least 1")
+        for flag, value in (("--refresh-every", self.refresh_every), ("--refresh-sample", self.refresh_sample)):
+            if value is not None and value < 1:
+                raise CplError(f"{flag} {value}: must be at least 1")
 
 
 def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
@@ -96,7 +100,7 @@ class Method:
         """The questions of one epoch, in training order."""
         return [inject[index] for index in epoch_order(len(inject), seed, epoch)]
 
-    def before_step(self, model: torch.nn.Module, step_in_epoch: int) -> None:
+    def before_step(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> None:
         """Refresh per-step state before the step's forward pass."""
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:

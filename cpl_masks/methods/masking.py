@@ -80,11 +80,11 @@ class DynamicCPL(Method):
 
     def __init__(self, context: MethodContext, options: RefreshOptions | None = None) -> None:
         context.require_mastered(self.name)
-        self.reference = mastered_signs(context, (options or RefreshOptions()).refresh_every)
+        self.reference = mastered_signs(context, options or RefreshOptions())
 
-    def before_step(self, model: torch.nn.Module, step_in_epoch: int) -> None:
+    def before_step(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> None:
         """Recompute ``g_M`` at the start of each epoch and every ``refresh_every`` steps within it."""
-        self.reference.refresh_if_due(model, step_in_epoch)
+        self.reference.refresh_if_due(model, epoch, step_in_epoch)
 
     def mask_gradients(self, model: torch.nn.Module) -> None:
         """Zero, in place, the gradient entries whose sign disagrees with ``g_M`` (``g ⊙ g_M < 0``)."""

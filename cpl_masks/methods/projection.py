@@ -33,13 +33,13 @@ class AGEM(Method):
 
     def __init__(self, context: MethodContext, options: RefreshOptions | None = None) -> None:
         context.require_mastered(self.name)
-        self.reference = mastered_gradient(context, (options or RefreshOptions()).refresh_every)
+        self.reference = mastered_gradient(context, options or RefreshOptions())
         self.steps = 0  # steps seen by this process (a resumed run counts from its resume)
         self.projected_steps = 0  # of those, the steps whose gradient was projected
 
-    def before_step(self, model: torch.nn.Module, step_in_epoch: int) -> None:
+    def before_step(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> None:
         """Recompute ``g_M`` at the start of each epoch and every ``refresh_every`` steps within it."""
-        self.reference.refresh_if_due(model, step_in_epoch)
+        self.reference.refresh_if_due(model, epoch, step_in_epoch)
 
     def mask_gradients(self, model: torch.nn.Module) -> None:
         """Project ``g`` onto the half-space ``g·g_M ≥ 0`` when it lies outside; leave it otherwise."""

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 import torch
 
-from cpl_masks.methods.base import MethodContext
+from cpl_masks.data import Question
+from cpl_masks.methods.base import MethodContext, RefreshOptions
 from cpl_masks.profile import mean_gradients
 from cpl_masks.signs import PackedSigns
 
@@ -19,26 +21,36 @@ class MasteredReference(Generic[Kept]):
     """What a method keeps of ``g_M`` over M, recomputed at the start of every epoch and every
     ``refresh_every`` steps; between refreshes it is fixed.
 
+    With ``refresh_sample`` N each refresh takes N questions of M drawn afresh, by (seed, epoch,
+    step), so a resumed run draws the same ones: a refresh then costs N/|M| of a pass over M.
     ``keep`` turns the float32 gradient (name -> tensor, which it may empty as it goes) into what is
     held until the next refresh.
     """
 
     def __init__(
-        self, context: MethodContext, refresh_every: int | None, keep: Callable[[dict[str, torch.Tensor]], Kept]
+        self, context: MethodContext, schedule: RefreshOptions, keep: Callable[[dict[str, torch.Tensor]], Kept]
     ) -> None:
         self.context = context
-        self.refresh_every = refresh_every
+        self.schedule = schedule
         self.keep = keep
         self.kept: Kept | None = None
 
-    def refresh_if_due(self, model: torch.nn.Module, step_in_epoch: int) -> None:
+    def refresh_if_due(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> None:
         """Recompute ``g_M`` when an epoch starts or ``refresh_every`` steps have passed."""
-        every = self.refresh_every
+        every = self.schedule.refresh_every
         if step_in_epoch == 0 or (every is not None and step_in_epoch % every == 0):
             self.kept = None  # free the old one before building the new one
             context = self.context
-            gradient = mean_gradients(model, context.scorer, context.mastered, batch_size=context.batch_size)
-            self.kept = self.keep(gradient)
+            questions = self.sample(epoch, step_in_epoch)
+            self.kept = self.keep(mean_gradients(model, context.scorer, questions, batch_size=context.batch_size))
+
+    def sample(self, epoch: int, step_in_epoch: int) -> Sequence[Question]:
+        """The questions of M the refresh at (epoch, step) computes g_M over: all, or ``refresh_sample`` drawn."""
+        mastered, size = self.context.mastered, self.schedule.refresh_sample
+        if size is None or size >= len(mastered):
+            return mastered
+        draw = random.Random(f"cpl-masks:refresh:{self.context.seed}:{epoch}:{step_in_epoch}")
+        return [mastered[index] for index in sorted(draw.sample(range(len(mastered)), size))]
 
     @property
     def value(self) -> Kept:
@@ -48,11 +60,11 @@ class MasteredReference(Generic[Kept]):
         return self.kept
 
 
-def mastered_gradient(context: MethodContext, refresh_every: int | None) -> MasteredReference[dict[str, torch.Tensor]]:
+def mastered_gradient(context: MethodContext, schedule: RefreshOptions) -> MasteredReference[dict[str, torch.Tensor]]:
     """``g_M`` itself: float32, one tensor per named parameter."""
-    return MasteredReference(context, refresh_every, lambda gradient: gradient)
+    return MasteredReference(context, schedule, lambda gradient: gradient)
 
 
-def mastered_signs(context: MethodContext, refresh_every: int | None) -> MasteredReference[PackedSigns]:
+def mastered_signs(context: MethodContext, schedule: RefreshOptions) -> MasteredReference[PackedSigns]:
     """Only the signs of ``g_M``, two bits per entry, each float tensor freed once packed."""
-    return MasteredReference(context, refresh_every, PackedSigns.take)
+    return MasteredReference(context, schedule, PackedSigns.take)
