@@ -61,6 +61,13 @@ def sweep(
         list[str] | None,
         typer.Option(help="A method's own grid, e.g. lora=1e-3,1e-2 (repeatable); others use --lr-grid."),
     ] = None,
+    keep_fraction_grid: Annotated[
+        str | None,
+        typer.Option(
+            help="Also run each mask method (mask and the controls) cut to keep these shares, e.g. 0.9,0.5: "
+            "mask@0.5 freezes the most conflicting half, and is paired with random@0.5."
+        ),
+    ] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the injection set per run.")] = DEFAULTS.epochs,
     optimizer: Annotated[str, typer.Option(help="sgd, momentum or adamw, for every method.")] = DEFAULTS.optimizer,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (example order, random mask).")] = "0",
@@ -108,6 +115,7 @@ def sweep(
         methods=_list("--methods", methods, str),
         lr_grid=_list("--lr-grid", lr_grid, float),
         method_lr_grid=dict(_method_grid(item) for item in method_lr_grid or []),
+        keep_fraction_grid=_list("--keep-fraction-grid", keep_fraction_grid, float) if keep_fraction_grid else [],
         seeds=_list("--seeds", seeds, int),
         epochs=epochs,
         optimizer=optimizer,

@@ -30,6 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from cpl_masks.algebra import recut
 from cpl_masks.controls import CONTROLS, control_mask
 from cpl_masks.data import BUILTIN_DEMO, Question, load_questions
 from cpl_masks.demo_data import retain_text
@@ -48,8 +49,10 @@ from cpl_masks.sweep_config import (
     RunSpec,
     SweepConfig,
     applicable_options,
+    at_share,
     mask_methods,
     method_label,
+    split_share,
     training_mode,
 )
 from cpl_masks.sweep_report import (
@@ -98,8 +101,8 @@ def _sweep(config: SweepConfig, out: Path, registry: Registry, report: Report, s
     specs = [  # seed by seed, so a sweep read before it ends already compares every method
         RunSpec(method, lr, seed)
         for seed in config.seeds
-        for method in config.methods
-        for lr in config.method_lr_grid.get(method, config.lr_grid)
+        for method in config.swept_methods()
+        for lr in config.lr_grid_of(method)
     ]
     runs, durations = [], []
     for index, spec in enumerate(specs, start=1):
@@ -187,24 +190,32 @@ def _masks(config: SweepConfig, split_dir: Path, folder: Path, report: Report, s
     if not cpl.is_file():
         report("profiling the CPL mask")
         _profile(config, split_dir, show_progress).save(cpl)
-    if "mask" in wanted:
-        paths["mask"] = cpl
-    like = Mask.load(cpl, scores=False)
-    for rule in CONTROLS:
-        for seed in config.seeds if rule in wanted else ():
-            path = paths[_control_key(rule, seed)] = folder / f"{_control_key(rule, seed)}.safetensors"
-            if not path.is_file():
-                report(f"making the {rule} control mask")
-                control_mask(
-                    rule,
-                    like,
-                    seed=seed,
-                    model=lambda: _load(config),
-                    inject_path=split_dir / INJECT,
-                    scoring=config.scoring,
-                    batch_size=config.eval_batch_size,
-                    show_progress=show_progress,
-                ).save(path)  # the control's task is the CPL mask's task + "-<rule>", never the task itself
+    cuts = {None: cpl}  # kept share (None: the sign rule's own) -> the CPL mask at that share
+    for fraction in config.keep_fraction_grid:
+        cuts[fraction] = folder / f"{at_share('cpl', fraction)}.safetensors"
+        if not cuts[fraction].is_file():
+            report(f"cutting the CPL mask to keep {fraction:g} of the entries")
+            recut(Mask.load(cpl), keep_fraction=fraction).save(cuts[fraction])
+    for fraction, cut in cuts.items():
+        if "mask" in wanted:
+            paths[_share_key("mask", fraction)] = cut
+        like = Mask.load(cut, scores=False)
+        for rule in CONTROLS:
+            for seed in config.seeds if rule in wanted else ():
+                key = _share_key(_control_key(rule, seed), fraction)
+                path = paths[key] = folder / f"{key}.safetensors"
+                if not path.is_file():
+                    report(f"making the {rule} control mask" + (f" at {fraction:g}" if fraction else ""))
+                    control_mask(
+                        rule,
+                        like,
+                        seed=seed,
+                        model=lambda: _load(config),
+                        inject_path=split_dir / INJECT,
+                        scoring=config.scoring,
+                        batch_size=config.eval_batch_size,
+                        show_progress=show_progress,
+                    ).save(path)  # the control's task is the CPL mask's task + "-<rule>", never the task itself
     return paths
 
 
@@ -217,6 +228,7 @@ def _profile(config: SweepConfig, split_dir: Path, show_progress: bool) -> Mask:
         scoring=config.scoring,
         batch_size=config.eval_batch_size,
         task=_task(config),
+        save_scores=bool(config.keep_fraction_grid),  # the grid's cuts are re-cut from the stored scores
         data_paths={"mastered": str(split_dir / MASTERED), "inject": str(split_dir / INJECT)},
         show_progress=show_progress,
     )
@@ -326,7 +338,12 @@ def _request(
 
 
 def _mask_for(spec: RunSpec, masks: dict[str, Path]) -> Path | None:
-    return masks.get(_control_key(spec.method, spec.seed) if spec.method in CONTROLS else spec.method)
+    base, fraction = split_share(spec.method)
+    return masks.get(_share_key(_control_key(base, spec.seed) if base in CONTROLS else base, fraction))
+
+
+def _share_key(key: str, fraction: float | None) -> str:
+    return key if fraction is None else at_share(key, fraction)
 
 
 def _control_key(rule: str, seed: int) -> str:

@@ -19,6 +19,7 @@ from cpl_masks.train import OPTIMIZERS, TrainConfig
 DEFAULT_METHODS = ("full", "mask", "random", "gradient-magnitude", "dynamic", "lora", "replay", "agem", "ewc")
 DEFAULT_LR_GRID = (1e-5, 1e-4, 1e-3)
 REUSE_PREFIX = "reuse:"  # a method name "reuse:<file>" trains with a mask profiled elsewhere (cross-task reuse)
+SHARE_MARK = "@"  # "mask@0.5": a mask method at another share (--keep-fraction-grid)
 
 
 @dataclass
@@ -31,6 +32,7 @@ class SweepConfig:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     lr_grid: list[float] = field(default_factory=lambda: list(DEFAULT_LR_GRID))
     method_lr_grid: dict[str, list[float]] = field(default_factory=dict)  # per-method grids replacing lr_grid
+    keep_fraction_grid: list[float] = field(default_factory=list)  # mask methods also at these kept shares
     seeds: list[int] = field(default_factory=lambda: [0])
     epochs: int = 2
     optimizer: str = "sgd"
@@ -72,6 +74,12 @@ class SweepConfig:
             raise CplError(f"--method-lr-grid {stray[0]}: not one of the swept --methods")
         if not self.seeds:
             raise CplError("--seeds: give at least one seed")
+        if any(not 0.0 < fraction < 1.0 for fraction in self.keep_fraction_grid):
+            raise CplError(f"--keep-fraction-grid {self.keep_fraction_grid}: give shares in (0, 1)")
+        if len(set(self.keep_fraction_grid)) != len(self.keep_fraction_grid):
+            raise CplError(f"--keep-fraction-grid {self.keep_fraction_grid}: give each share once")
+        if self.keep_fraction_grid and not any(name in mask_methods() for name in self.methods):
+            raise CplError(f"--keep-fraction-grid: needs a mask method among --methods ({', '.join(mask_methods())})")
         if not 0.0 <= self.forgetting_budget <= 1.0:
             raise CplError(f"--forgetting-budget {self.forgetting_budget}: must be a share in [0, 1]")
         if not 0.0 < self.holdout_fraction < 1.0:
@@ -90,6 +98,19 @@ class SweepConfig:
         if unused:
             raise CplError(f"--{sorted(unused)[0].replace('_', '-')}: none of the swept methods takes it")
         TrainConfig(epochs=self.epochs, optimizer=self.optimizer, eval_batch_size=self.eval_batch_size).check()
+
+    def swept_methods(self) -> list[str]:
+        """The methods the runs use: ``methods``, each mask method followed by its variants at the grid's shares."""
+        swept = []
+        for name in self.methods:
+            swept.append(name)
+            if name in mask_methods():
+                swept += [at_share(name, fraction) for fraction in self.keep_fraction_grid]
+        return swept
+
+    def lr_grid_of(self, method: str) -> list[float]:
+        """The learning rates ``method`` is run at (a share variant takes its base method's grid)."""
+        return self.method_lr_grid.get(split_share(method)[0], self.lr_grid)
 
 
 @dataclass
@@ -112,9 +133,21 @@ def mask_methods() -> tuple[str, ...]:
     return (*(name for name, spec in METHODS.items() if spec.needs_mask), *CONTROLS)
 
 
+def at_share(method: str, fraction: float) -> str:
+    """The name of mask method ``method`` cut to keep ``fraction`` of the entries, e.g. ``mask@0.5``."""
+    return f"{method}{SHARE_MARK}{fraction:g}"
+
+
+def split_share(method: str) -> tuple[str, float | None]:
+    """``(base method, kept share)`` of a sweep method name; the share is None for an uncut name."""
+    base, mark, share = method.partition(SHARE_MARK)
+    return (base, float(share)) if mark and not method.startswith(REUSE_PREFIX) else (method, None)
+
+
 def training_mode(method: str) -> str:
     """The training method behind a sweep method name: every mask variant trains as ``mask``."""
-    return "mask" if method in mask_methods() or method.startswith(REUSE_PREFIX) else method
+    base = split_share(method)[0]
+    return "mask" if base in mask_methods() or base.startswith(REUSE_PREFIX) else base
 
 
 def method_label(method: str) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 from cpl_masks.evaluate import OUTCOMES, compare_outcomes, describe_difference, question_outcomes, read_question_records
 from cpl_masks.files import atomic_write
+from cpl_masks.sweep_config import at_share, split_share
 
 _MEAN_KEYS = ("learned_share", "heldout_forgotten_share", "forgotten_share", "retain_loss_delta", "time_s")
 REFERENCES = {"full": "full fine-tuning", "random": "the random mask of the same share"}
@@ -179,8 +180,9 @@ def final_points(
 def paired_comparisons(
     runs: Sequence[Mapping[str, Any]], chosen: Mapping[str, Mapping[str, Any] | None], sweep_dir: Path
 ) -> dict[str, dict[str, Any]]:
-    """Every method against full fine-tuning, and every mask against the random mask, each at its
-    ``chosen`` point (its best within the budget, or :func:`final_points`).
+    """Every method against full fine-tuning, and every mask against the random mask of its share
+    (``mask@0.5`` against ``random@0.5``), each at its ``chosen`` point (its best within the budget,
+    or :func:`final_points`).
 
     Keyed ``"<method> vs <reference>"``; each holds, per outcome (learned, forgotten, held-out
     forgotten), the paired difference ``method − reference`` with its interval and McNemar test,
@@ -188,15 +190,15 @@ def paired_comparisons(
     """
     comparisons: dict[str, dict[str, Any]] = {}
     for reference in REFERENCES:
-        against = chosen.get(reference)
-        if against is None:
-            continue
         for method, point in chosen.items():
-            if point is None or method == reference or not _compared_with(method, reference):
+            base, fraction = split_share(method)
+            name = reference if reference == "full" or fraction is None else at_share(reference, fraction)
+            against = chosen.get(name)
+            if point is None or against is None or method == name or not _compared_with(base, reference):
                 continue
             paired = _paired_outcomes(runs, point, against, sweep_dir)
             if paired:
-                comparisons[f"{method} vs {reference}"] = {
+                comparisons[f"{method} vs {name}"] = {
                     "method": {"lr": point["lr"], "epoch": point.get("epoch")},
                     "reference": {"lr": against["lr"], "epoch": against.get("epoch")},
                     **paired,

@@ -145,6 +145,8 @@ def test_a_sweep_folder_refuses_other_arguments(tiny_model_dir, data_file, tmp_p
         ({"forgetting_budget": 2.0}, "--forgetting-budget"),
         ({"holdout_fraction": 0.0}, "held-out share"),
         ({"method_options": {"ewc_lambda": 5.0}}, "--ewc-lambda: none of the swept methods takes it"),
+        ({"keep_fraction_grid": [1.0]}, "--keep-fraction-grid"),
+        ({"methods": ["full"], "keep_fraction_grid": [0.5]}, "--keep-fraction-grid: needs a mask method"),
     ],
 )
 def test_bad_sweep_options_fail_before_any_work(tiny_model_dir, data_file, tmp_path, overrides, message):
@@ -225,3 +227,26 @@ def test_control_masks_never_take_the_cpl_masks_name(tiny_model_dir, data_file, 
         assert mask_name(mask.metadata, None) == f"{cpl_name}-{control.removesuffix('-s0')}"
         assert registry.resolve(mask.id) is not None  # its run registered it
     assert Mask.load(registry.resolve(cpl_name), scores=False).id == cpl.id  # `train --mask <model>/<task>` gets CPL's
+
+
+def test_a_keep_fraction_grid_runs_each_mask_method_at_each_share_paired_with_random(
+    tiny_model_dir, data_file, tmp_path
+):
+    out = tmp_path / "sweep"
+    config = config_for(
+        tiny_model_dir, data_file, out, methods=["full", "mask", "random"], lr_grid=[1e-3], keep_fraction_grid=[0.5]
+    )
+    assert config.swept_methods() == ["full", "mask", "mask@0.5", "random", "random@0.5"]
+    payload = run_sweep(config, show_progress=False)
+    cpl = Mask.load(out / "masks" / "cpl.safetensors", scores=False)
+    half = Mask.load(out / "masks" / "cpl@0.5.safetensors", scores=False)
+    assert half.metadata["rule"]["keep_fraction"] == 0.5 and half.metadata["recut_of"] == cpl.id
+    assert abs(half.collaborative_share() - 0.5) < 1e-4
+    random_half = Mask.load(out / "masks" / "random-s0@0.5.safetensors", scores=False)
+    assert all(random_half.collaborative_count(name) == half.collaborative_count(name) for name in half.names)
+    for method, mask in (("mask@0.5", half), ("random@0.5", random_half)):
+        run = json.loads((out / "runs" / f"{method}-lr0.001-s0" / "config.json").read_text(encoding="utf-8"))
+        assert run["mask_id"] == mask.id
+    assert {"mask vs random", "mask@0.5 vs random@0.5", "mask@0.5 vs full"} <= set(payload["paired_final"])
+    assert "mask@0.5 vs random" not in payload["paired_final"]
+    assert Mask.load(Registry().resolve(mask_name(cpl.metadata, None)), scores=False).id == cpl.id
