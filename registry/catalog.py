@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,16 +20,29 @@ from typing import Any
 from cpl_masks.errors import CplError
 from cpl_masks.files import home_dir, sha256_file
 from cpl_masks.masks import Mask, read_header
-from cpl_masks.registry.names import mask_name, split_versioned, task_name
+from cpl_masks.registry.names import mask_name
+from cpl_masks.registry.queries import (
+    NAMES,
+    alias_row,
+    as_number,
+    as_text,
+    data_hash,
+    find,
+    label,
+    lineage_tree,
+    listed_summary,
+    names_of,
+    recorded_task,
+    refuse_bare_name,
+    relatives,
+    run_matcher,
+    run_summary,
+    summary_of,
+)
 from cpl_masks.registry.schema import DATABASE_NAME, check_home, connect, transaction
 from cpl_masks.registry.store import STORE_NAME, Store
 
 STALE_STAGED_S = 600.0  # a staged copy untouched this long belongs to a dead process
-# every name@vN: the one each mask was first registered under (alias 0) and its aliases (alias 1)
-NAMES = (
-    "(SELECT name, version, id AS mask_id, 0 AS alias FROM masks"
-    " UNION ALL SELECT name, version, mask_id, 1 AS alias FROM aliases)"
-)
 
 
 @dataclass
@@ -170,7 +183,7 @@ class Registry:
     def names(self, mask_id: str) -> list[str]:
         """Every ``name@vN`` of a registered mask: the one it was first registered under, then its aliases."""
         with self.connect() as connection:
-            return _names(connection, mask_id)
+            return names_of(connection, mask_id)
 
     def resolve(self, ref: str) -> Path:
         """The file behind a reference: the path itself if it is a file, else the registered stored file.
@@ -216,15 +229,15 @@ class Registry:
                 (
                     mask_id,
                     ref,
-                    _run_task(run),
+                    recorded_task(run),
                     run.get("mode"),
-                    _text(run.get("out_dir")),
-                    _data_hash(data, "inject"),
-                    _data_hash(data, "mastered"),
-                    _data_hash(data, "heldout"),
-                    _number(final.get("learned")),
-                    _number(final.get("forgotten")),
-                    _number(final.get("heldout_forgotten")),
+                    as_text(run.get("out_dir")),
+                    data_hash(data, "inject"),
+                    data_hash(data, "mastered"),
+                    data_hash(data, "heldout"),
+                    as_number(final.get("learned")),
+                    as_number(final.get("forgotten")),
+                    as_number(final.get("heldout_forgotten")),
                     json.dumps(run, sort_keys=True, default=str),
                 ),
             )
@@ -241,7 +254,7 @@ class Registry:
                 f" (SELECT COUNT(*) FROM runs r WHERE r.mask_id = m.id) AS runs FROM {NAMES} n"
                 " JOIN masks m ON m.id = n.mask_id ORDER BY n.name, n.version"
             ).fetchall()
-        summaries = [_listed(row) for row in rows]
+        summaries = [listed_summary(row) for row in rows]
         if model is not None:
             summaries = [item for item in summaries if model in (item["model_ref"], item["name"].split("/")[0])]
         if task is not None:
@@ -256,15 +269,15 @@ class Registry:
             transfers = connection.execute(
                 "SELECT * FROM transfers WHERE mask_id = ? ORDER BY id", (row["id"],)
             ).fetchall()
-            parents = _relatives(connection, row["id"], up=True)
-            children = _relatives(connection, row["id"], up=False)
-            names = _names(connection, row["id"])
-        return _summary(row) | {
+            parents = relatives(connection, row["id"], up=True)
+            children = relatives(connection, row["id"], up=False)
+            names = names_of(connection, row["id"])
+        return summary_of(row) | {
             "names": names,
             "provenance": json.loads(row["provenance"]),
             "parents": parents,
             "children": children,
-            "runs": [_run_summary(run) for run in runs],
+            "runs": [run_summary(run) for run in runs],
             "transfers": [dict(transfer) for transfer in transfers],
             "path": str(self.store.artifact_path(row["id"])),
         }
@@ -276,8 +289,8 @@ class Registry:
             return {
                 "id": row["id"],
                 "ref": label(row),
-                "parents": _tree(connection, row["id"], up=True, seen={row["id"]}),
-                "children": _tree(connection, row["id"], up=False, seen={row["id"]}),
+                "parents": lineage_tree(connection, row["id"], up=True, seen={row["id"]}),
+                "children": lineage_tree(connection, row["id"], up=False, seen={row["id"]}),
             }
 
     def runs(self, *, task: str | None = None, mask: str | None = None) -> list[dict[str, Any]]:
@@ -290,9 +303,9 @@ class Registry:
             rows = connection.execute(
                 "SELECT r.*, m.id IS NULL AS removed FROM runs r LEFT JOIN masks m ON m.id = r.mask_id ORDER BY r.id"
             ).fetchall()
-            wanted = _run_matcher(connection, rows, mask) if mask is not None else None
+            wanted = run_matcher(connection, rows, mask) if mask is not None else None
         return [
-            _run_summary(row) | {"removed": bool(row["removed"])}
+            run_summary(row) | {"removed": bool(row["removed"])}
             for row in rows
             if (task is None or row["task"] == task) and (wanted is None or wanted(row))
         ]
@@ -342,23 +355,23 @@ class Registry:
         """
         with contextlib.ExitStack() as stack:  # the lock on the file is held until after its unlink
             with self.connect() as connection, transaction(connection):
-                _refuse_bare_name(connection, ref)
+                refuse_bare_name(connection, ref)
                 row = find(connection, ref)
-                alias = _alias(connection, ref)
+                alias = alias_row(connection, ref)
                 if alias is not None:
                     connection.execute(
                         "DELETE FROM aliases WHERE name = ? AND version = ?", (alias["name"], alias["version"])
                     )
                     return Removal(label(alias), row["id"], None, 0, [], 0, alias_of=label(row))
                 runs = connection.execute("SELECT COUNT(*) FROM runs WHERE mask_id = ?", (row["id"],)).fetchone()[0]
-                children = [child["ref"] for child in _relatives(connection, row["id"], up=False)]
+                children = [child["ref"] for child in relatives(connection, row["id"], up=False)]
                 if (runs or children) and not force:
                     held = _references(label(row), runs, children)
                     raise CplError(f"registry rm {ref}: {held}; pass --force to remove it (its runs stay on record)")
                 transfers = connection.execute("SELECT COUNT(*) FROM transfers WHERE mask_id = ?", (row["id"],))
                 path = self.store.artifact_path(row["id"])
                 stack.enter_context(_not_in_use(path, f"registry rm {ref}"))
-                aliases = _names(connection, row["id"])[1:]
+                aliases = names_of(connection, row["id"])[1:]
                 removal = Removal(label(row), row["id"], path, runs, children, transfers.fetchone()[0], aliases=aliases)
                 connection.execute("DELETE FROM masks WHERE id = ?", (row["id"],))  # its aliases go with it
             path.unlink(missing_ok=True)  # a crash before this leaves a stray file for gc
@@ -505,60 +518,11 @@ def _content_id(path: Path) -> str | None:
         return None
 
 
-def _alias(connection: sqlite3.Connection, ref: str) -> sqlite3.Row | None:
-    """The alias row ``ref`` names when it is an alias's ``name@vN``, else None."""
-    versioned = split_versioned(ref)
-    if versioned is None:
-        return None
-    return connection.execute("SELECT * FROM aliases WHERE name = ? AND version = ?", versioned).fetchone()
-
-
-def _refuse_bare_name(connection: sqlite3.Connection, ref: str) -> None:
-    """Refuse a registry name without ``@vN``: removing "the latest" is too easy to get wrong."""
-    if split_versioned(ref) is not None or Path(ref).expanduser().is_file():
-        return
-    latest = _latest(connection, ref)
-    if latest is not None:
-        raise CplError(
-            f"registry rm {ref}: give a version (name@vN) or an id, not a bare name; the latest is {label(latest)}"
-        )
-
-
 def _references(ref: str, runs: int, children: list[str]) -> str:
     """What still points to a mask, as a phrase: ``X has 2 recorded runs and children A@v1, B@v1``."""
     held = [f"{runs} recorded run{'s' if runs != 1 else ''}"] if runs else []
     held += [f"children {', '.join(children)}"] if children else []
     return f"{ref} has {' and '.join(held)}"
-
-
-def find(connection: sqlite3.Connection, ref: str) -> sqlite3.Row:
-    """The row a reference names: file path, ``name@vN``, ``name`` (latest), or id / unique id prefix."""
-    path = Path(ref).expanduser()
-    if path.is_file():
-        mask_id = read_header(path)["id"]
-        row = connection.execute("SELECT * FROM masks WHERE id = ?", (mask_id,)).fetchone()
-        if row is None:
-            raise CplError(f"mask {ref}: file is not registered (id {mask_id[:12]})")
-        return row
-    versioned = split_versioned(ref)
-    if versioned is not None:
-        row = connection.execute(
-            f"SELECT m.* FROM {NAMES} n JOIN masks m ON m.id = n.mask_id WHERE n.name = ? AND n.version = ?", versioned
-        ).fetchone()
-        if row is None:
-            raise CplError(f"mask {ref}: no such registered name and version (see `cpl-masks registry list`)")
-        return row
-    latest = _latest(connection, ref)
-    if latest is not None:
-        return connection.execute("SELECT * FROM masks WHERE id = ?", (latest["mask_id"],)).fetchone()
-    return _find_by_prefix(connection, ref)
-
-
-def _latest(connection: sqlite3.Connection, name: str) -> sqlite3.Row | None:
-    """The highest registered version of a name (a mask's own name or an alias), or None."""
-    return connection.execute(
-        f"SELECT * FROM {NAMES} n WHERE n.name = ? ORDER BY n.version DESC LIMIT 1", (name,)
-    ).fetchone()
 
 
 def _name_for(connection: sqlite3.Connection, existing: sqlite3.Row, name: str) -> str:
@@ -573,134 +537,3 @@ def _name_for(connection: sqlite3.Connection, existing: sqlite3.Row, name: str) 
     version = _next_version(connection, name)
     connection.execute("INSERT INTO aliases (name, version, mask_id) VALUES (?, ?, ?)", (name, version, existing["id"]))
     return f"{name}@v{version}"
-
-
-def _names(connection: sqlite3.Connection, mask_id: str) -> list[str]:
-    """Every ``name@vN`` of a mask: its first name, then its aliases by name and version."""
-    rows = connection.execute(
-        f"SELECT * FROM {NAMES} n WHERE n.mask_id = ? ORDER BY n.alias, n.name, n.version", (mask_id,)
-    ).fetchall()
-    return [label(row) for row in rows]
-
-
-def _find_by_prefix(connection: sqlite3.Connection, ref: str) -> sqlite3.Row:
-    """The one mask whose id starts with ``ref``."""
-    prefix = ref.lower()
-    rows = []
-    if prefix and all(char in "0123456789abcdef" for char in prefix):
-        rows = connection.execute(
-            "SELECT * FROM masks WHERE id >= ? AND id < ? ORDER BY id LIMIT 6", (prefix, prefix + "g")
-        ).fetchall()
-    if not rows:
-        raise CplError(f"mask {ref}: no such file, registered name or id (see `cpl-masks registry list`)")
-    if len(rows) > 1:
-        shown = ", ".join(f"{row['id'][:12]} ({label(row)})" for row in rows[:5])
-        raise CplError(f"mask {ref}: ambiguous id prefix, matches {shown}; give more characters")
-    return rows[0]
-
-
-def label(row: sqlite3.Row) -> str:
-    """``name@vN`` of a row."""
-    return f"{row['name']}@v{row['version']}"
-
-
-def _run_matcher(connection: sqlite3.Connection, rows: list[sqlite3.Row], ref: str) -> Callable[[sqlite3.Row], bool]:
-    """A test for run rows of the mask ``ref`` names, registered or removed (``name@vN`` or id prefix kept)."""
-    with contextlib.suppress(CplError):
-        mask_id = find(connection, ref)["id"]
-        return lambda row: row["mask_id"] == mask_id
-    prefix = ref.lower()
-    matches = [row for row in rows if row["mask_ref"] == ref or row["mask_id"].startswith(prefix)]
-    if not matches:
-        raise CplError(f"--mask {ref}: no registered mask and no recorded run of a removed mask by that name or id")
-    return lambda row: row["mask_ref"] == ref or row["mask_id"].startswith(prefix)
-
-
-def _run_task(run: dict[str, Any]) -> str:
-    """The task a run trained on: :func:`task_name` of its ``task`` and its injection file."""
-    inject = (run.get("data") or {}).get("inject") or {}
-    path = inject.get("path") if isinstance(inject, dict) else None
-    return task_name(run.get("task") or None, path)
-
-
-def _data_hash(data: dict[str, Any], key: str) -> str | None:
-    entry = data.get(key)
-    return entry.get("sha256") if isinstance(entry, dict) else None
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _text(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def _summary(row: sqlite3.Row) -> dict[str, Any]:
-    """The plain columns of a mask row as a dict (provenance left out)."""
-    keys = (
-        "id",
-        "name",
-        "version",
-        "model_ref",
-        "model_fingerprint",
-        "n_params",
-        "collaborative_share",
-        "source",
-        "repo_id",
-        "revision",
-        "sha256",
-        "size",
-        "created_at",
-    )
-    return {key: row[key] for key in keys} | {"ref": label(row)}
-
-
-def _listed(row: sqlite3.Row) -> dict[str, Any]:
-    """A :func:`_summary` under the name it is listed by (its own, or an alias's) and its run count."""
-    listed = {"name": row["listed_name"], "version": row["listed_version"]}
-    return (
-        _summary(row)
-        | listed
-        | {
-            "ref": f"{listed['name']}@v{listed['version']}",
-            "alias_of": label(row) if row["alias"] else None,
-            "runs": row["runs"],
-        }
-    )
-
-
-def _run_summary(run: sqlite3.Row) -> dict[str, Any]:
-    """A run's columns plus the question totals its counts are out of (from the stored run.json)."""
-    summary = {key: value for key, value in dict(run).items() if key not in ("payload", "removed")}
-    final = json.loads(run["payload"]).get("final") or {}
-    summary["totals"] = final.get("totals") or {}
-    return summary
-
-
-def _relatives(connection: sqlite3.Connection, mask_id: str, *, up: bool) -> list[dict[str, Any]]:
-    """Direct parents (``up``) or children of a mask, with their names when they are registered."""
-    if up:
-        query = (
-            "SELECT p.parent_id AS id, m.name, m.version FROM mask_parents p"
-            " LEFT JOIN masks m ON m.id = p.parent_id WHERE p.child_id = ? ORDER BY p.position"
-        )
-    else:
-        query = (
-            "SELECT p.child_id AS id, m.name, m.version FROM mask_parents p"
-            " JOIN masks m ON m.id = p.child_id WHERE p.parent_id = ? ORDER BY m.name, m.version"
-        )
-    return [
-        {"id": row["id"], "ref": label(row) if row["name"] is not None else None}
-        for row in connection.execute(query, (mask_id,)).fetchall()
-    ]
-
-
-def _tree(connection: sqlite3.Connection, mask_id: str, *, up: bool, seen: set[str]) -> list[dict[str, Any]]:
-    key = "parents" if up else "children"
-    nodes = []
-    for relative in _relatives(connection, mask_id, up=up):
-        fresh = relative["id"] not in seen
-        seen.add(relative["id"])
-        nodes.append(relative | {key: _tree(connection, relative["id"], up=up, seen=seen) if fresh else []})
-    return nodes
