@@ -28,7 +28,7 @@ import torch
 from cpl_masks import distributed
 from cpl_masks.data import Question, questions_sha256
 from cpl_masks.errors import CplError
-from cpl_masks.masks import Mask, weights_metadata
+from cpl_masks.masks import SCORES_HASH_KEY, Mask, weights_metadata
 from cpl_masks.models import LoadedModel, activation_checkpointing
 from cpl_masks.progress import progress_bar
 from cpl_masks.scoring import Scorer, batches, make_scorer
@@ -143,6 +143,46 @@ def profile(
         },
     }
     return Mask.from_bool(bits, metadata, scores=scores if save_scores else None)
+
+
+def reprofile(
+    parent: Mask,
+    model: torch.nn.Module,
+    scorer: Scorer,
+    mastered: Sequence[Question],
+    inject: Sequence[Question],
+    *,
+    batch_size: int = 16,
+    at: dict[str, int] | None = None,
+) -> Mask:
+    """``parent``'s rule applied again at ``model``'s current weights: the mask a profile would give now.
+
+    For a static mask that follows the weights during training (``--reprofile-every``). The result
+    is a child of ``parent`` (``parents``, ``reprofile_of``), records the weights it was profiled at
+    and ``at`` (the epoch and step), and keeps ``parent``'s data, scoring and task.
+    """
+    rule = Rule.from_metadata(parent.metadata.get("rule"), f"mask {parent.id[:12]}")
+    errors = None
+    if rule.statistic == "t":
+        moments_i, moments_m = (gradient_moments(model, scorer, rows) for rows in (inject, mastered))
+        g_inject, g_mastered = moments_i.mean, moments_m.mean
+        errors = (moments_m.standard_error, moments_i.standard_error)
+    else:
+        g_inject = mean_gradients(model, scorer, inject, batch_size=batch_size)
+        g_mastered = mean_gradients(model, scorer, mastered, batch_size=batch_size)
+    bits, stats, _ = _cut(rule, g_mastered, g_inject, errors, keep_scores=rule.keep_fraction is not None)
+    kept = {key: value for key, value in parent.metadata.items() if key not in ("profile", SCORES_HASH_KEY)}
+    metadata = {
+        **kept,
+        "model": {**(parent.metadata.get("model") or {}), **weights_metadata(model)},
+        "parents": [parent.id],
+        "reprofile_of": parent.id,
+        "reprofiled_at": at or {},
+        "tensors": stats,
+        "counts": touched_counts(stats),
+        **stamp(),
+    }
+    return Mask.from_bool(bits, metadata)
 
 
 def data_provenance(

@@ -5,8 +5,9 @@ the mask's id; written once every check has passed, before the first epoch, so a
 from any working directory), ``checkpoint/`` (weights, optimizer and RNG state, metrics, per-question
 records and the epoch-0 baseline of the last finished epoch; ``state.json`` is written last, so a
 crash leaves the previous checkpoint in force), ``metrics.jsonl``, ``questions.jsonl`` and
-``curves.png`` (rewritten after every evaluated epoch), and at the end ``model/`` (the method's
-``save``: safetensors weights, or a LoRA adapter, and the tokenizer) and ``run.json``.
+``curves.png`` (rewritten after every evaluated epoch), ``masks/`` (masks the method made while
+training, ``e<epoch>-s<step>.safetensors``, written after each epoch), and at the end ``model/`` (the
+method's ``save``: safetensors weights, or a LoRA adapter, and the tokenizer) and ``run.json``.
 
 These are the components both recipes use (:mod:`cpl_masks.training_run` and, through it,
 :mod:`cpl_masks.sweep`); under ``torchrun`` only rank 0 writes them.
@@ -26,6 +27,7 @@ from cpl_masks import distributed
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import QUESTIONS
 from cpl_masks.files import LOCK_NAME, atomic_write, check_output_dir, check_writable_folder, write_json
+from cpl_masks.masks import Mask
 from cpl_masks.methods import Method
 from cpl_masks.train import Trainer
 
@@ -40,6 +42,27 @@ CONFIG, METRICS, CURVES, RUN, MODEL_DIR, CHECKPOINT = (
 
 
 STATE = "state.json"
+MADE_MASKS = "masks"
+
+
+def keep_made_masks(out: Path, masks: Iterable[Mask]) -> None:
+    """Write each mask a method made while training into ``out/masks/``, once (named by its epoch and step)."""
+    for mask in masks:
+        at = mask.metadata.get("reprofiled_at") or {}
+        path = out / MADE_MASKS / f"e{at.get('epoch')}-s{at.get('step')}.safetensors"
+        if not path.is_file():
+            path.parent.mkdir(exist_ok=True)
+            mask.save(path)
+
+
+def made_masks(out: Path) -> list[dict[str, Any]]:
+    """What ``run.json`` records of the masks in ``out/masks/``, in training order."""
+    rows = []
+    for path in (out / MADE_MASKS).glob("*.safetensors"):
+        mask = Mask.load(path, scores=False)
+        at = mask.metadata.get("reprofiled_at") or {}
+        rows.append({**at, "path": str(path), "mask_id": mask.id, "collaborative_share": mask.collaborative_share()})
+    return sorted(rows, key=lambda row: (row.get("epoch", 0), row.get("step", 0)))
 
 
 def check_out_folder(out: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:

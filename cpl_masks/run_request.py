@@ -53,6 +53,7 @@ class RunRequest:
             raise CplError("--track-drift needs --mask (it measures how a static mask drifts from the sign rule)")
         if not (isinstance(self.eval_every, int) and self.eval_every >= 1):
             raise CplError(f"--eval-every {self.eval_every}: must be a whole number of epochs, at least 1")
+        check_options_with(self.method_options, self.config)
         if self.track_drift and self.config.distributed == "fsdp2":
             raise CplError("--track-drift needs whole gradients: use --distributed ddp with it, not fsdp2")
 
@@ -98,6 +99,13 @@ class RunData:
         if self.heldout:
             sets["heldout"] = self.heldout
         return sets
+
+
+def check_options_with(options: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse method options that the training configuration cannot honour."""
+    if options.get("reprofile_every") is not None and (config.optimizer != "sgd" or config.distributed == "fsdp2"):
+        # momentum and Adam moments would move entries a new mask freezes; re-profiling needs whole gradients
+        raise CplError("--reprofile-every runs with --optimizer sgd, and not under --distributed fsdp2")
 
 
 def load_run_data(request: RunRequest) -> RunData:

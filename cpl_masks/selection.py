@@ -27,11 +27,13 @@ entry is stored as ``+0``, a touched one whose score is (or rounds to) zero as `
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from fractions import Fraction
+from typing import Any
 
 import torch
 
@@ -92,6 +94,17 @@ class Rule:
             threshold = 0.0
         statistic = "product" if confidence is None else "t"
         return cls(threshold, keep_fraction, freeze_pattern, train_pattern, statistic)
+
+    @classmethod
+    def from_metadata(cls, recorded: Any, where: str) -> Rule:
+        """The sign rule a mask's ``rule`` metadata records, refusing a control's or a combination's."""
+        names = {item.name for item in dataclasses.fields(cls)}
+        if not isinstance(recorded, dict) or not set(recorded) <= names:
+            raise CplError(f"{where}: its rule {recorded!r} is not a sign rule (a control or a combination)")
+        try:
+            return cls(**recorded)
+        except (TypeError, ValueError) as error:
+            raise CplError(f"{where}: its rule {recorded!r} is not a valid rule ({error})") from None
 
     def to_metadata(self) -> dict:
         """The rule as JSON-ready metadata."""

@@ -14,6 +14,7 @@ from cpl_masks.controls import CONTROLS
 from cpl_masks.data import check_limit
 from cpl_masks.errors import CplError
 from cpl_masks.methods import METHODS, method_options
+from cpl_masks.run_request import check_options_with
 from cpl_masks.train import OPTIMIZERS, TrainConfig
 
 DEFAULT_METHODS = ("full", "mask", "random", "gradient-magnitude", "dynamic", "lora", "replay", "agem", "ewc")
@@ -97,7 +98,11 @@ class SweepConfig:
         unused = set(self.method_options) - {key for name in modes for key in option_names(name)}
         if unused:
             raise CplError(f"--{sorted(unused)[0].replace('_', '-')}: none of the swept methods takes it")
-        TrainConfig(epochs=self.epochs, optimizer=self.optimizer, eval_batch_size=self.eval_batch_size).check()
+        config = TrainConfig(epochs=self.epochs, optimizer=self.optimizer, eval_batch_size=self.eval_batch_size)
+        config.check()
+        check_options_with(self.method_options, config)
+        if self.method_options.get("reprofile_every") is not None and set(self.methods) & set(CONTROLS):
+            raise CplError("--reprofile-every profiles the CPL mask again; a control mask has no rule to re-profile")
 
     def swept_methods(self) -> list[str]:
         """The methods the runs use: ``methods``, each mask method followed by its variants at the grid's shares."""

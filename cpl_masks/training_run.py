@@ -43,6 +43,8 @@ from cpl_masks.run_folder import (
     RUN,
     check_out_folder,
     checkpoint_state,
+    keep_made_masks,
+    made_masks,
     read_checkpoint,
     remove_path,
     restore_checkpoint,
@@ -284,7 +286,9 @@ def _open(request: RunRequest, data: RunData, mask_path: str | None, *, fingerpr
         )
     scorer = make_scorer(scoring, loaded.tokenizer)
     scorer.check_fits(loaded.model, [question for questions in data.sets().values() for question in questions])
-    context = MethodContext(scorer, data.mastered, mask, batch_size=config.eval_batch_size, seed=config.seed)
+    context = MethodContext(
+        scorer, data.mastered, mask, inject=data.inject, batch_size=config.eval_batch_size, seed=config.seed
+    )
     method = make_method(mode, context, request.method_options)
     trainer = Trainer(loaded.model, scorer, method, config)
     evaluation = RunEvaluation(request, trainer, loaded.tokenizer, data, mask, found)
@@ -320,6 +324,7 @@ def _run(
             loss = trainer.train_epoch(session.data.inject, epoch)
         except TrainingDiverged as error:
             raise TrainingDiverged(f"{error}; stopped, {_diverged_advice(out, epoch - 1)}") from None
+        distributed.on_main(lambda: keep_made_masks(out, session.method.made_masks()))
         evaluated = request.evaluates_after(epoch)
         if evaluated:
             row, new_records = evaluation.evaluate(epoch, baseline, train_loss=loss)
@@ -384,6 +389,7 @@ def _payload(session: _Session, out: Path, baseline: Baseline, rows: list[dict[s
         },
         "mask_id": mask.id if mask is not None else None,
         "mask_path": session.mask_path,
+        "made_masks": made_masks(out),
         "collaborative_share": mask.collaborative_share() if mask is not None else None,
         "task": run_task(
             request.task,

@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cpl_masks.data import load_questions
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
 from cpl_masks.methods import MethodContext, epoch_order, make_method
 from cpl_masks.methods.masking import DynamicCPL, FullFineTuning, StaticMask
 from cpl_masks.models import load_model, model_fingerprint
+from cpl_masks.profile import profile
 from cpl_masks.run_request import RunRequest
 from cpl_masks.scoring import LetterScorer, make_scorer
 from cpl_masks.split import resolve_scoring
@@ -286,13 +288,19 @@ def saved_weights(folder) -> dict[str, torch.Tensor]:
     return load_file(folder / "model" / "model.safetensors")
 
 
-@pytest.mark.parametrize(("mode", "optimizer"), [("full", "momentum"), ("mask", "adamw"), ("dynamic", "sgd")])
+@pytest.mark.parametrize(
+    ("mode", "optimizer"), [("full", "momentum"), ("mask", "adamw"), ("dynamic", "sgd"), ("reprofiled mask", "sgd")]
+)
 def test_resume_ends_with_the_same_weights(tiny_model_dir, run_files, tmp_path, monkeypatch, mode, optimizer):
     monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
     options = {"optimizer": optimizer, "mode": mode}
     if mode == "mask":
         mask = random_mask(fresh(tiny_model_dir).model).save(tmp_path / "mask.safetensors")
         options = {"optimizer": optimizer, "mode": None, "mask": str(mask)}
+    if mode == "reprofiled mask":  # profiled again every step: the resumed run must make the same masks
+        inject, mastered = (load_questions(path) for path in run_files[:2])
+        mask = profile(fresh(tiny_model_dir), mastered, inject, show_progress=False).save(tmp_path / "mask.safetensors")
+        options = {"optimizer": optimizer, "mode": None, "mask": str(mask), "method_options": {"reprofile_every": 1}}
     whole = start_run(make_request(tiny_model_dir, run_files, tmp_path / "whole", **options))
 
     def stop_after_epoch_one(rows):
@@ -305,6 +313,9 @@ def test_resume_ends_with_the_same_weights(tiny_model_dir, run_files, tmp_path, 
     assert not (tmp_path / "broken" / "run.json").exists()
     resumed = resume_run(tmp_path / "broken", show_progress=False)
     assert resumed["resumed"] and resumed["metrics"] == whole["metrics"]
+    made = [(row["epoch"], row["step"], row["mask_id"]) for row in whole["made_masks"]]
+    assert made == [(row["epoch"], row["step"], row["mask_id"]) for row in resumed["made_masks"]]
+    assert len(made) == (7 if mode == "reprofiled mask" else 0)  # 4 steps an epoch: (1, 1..3), (2, 0..3)
     expected, actual = saved_weights(tmp_path / "whole"), saved_weights(tmp_path / "broken")
     assert expected.keys() == actual.keys()
     for name in expected:
@@ -365,3 +376,41 @@ def test_mask_for_other_weights_is_refused(tiny_model_dir, tiny_base_model_dir, 
     other = make_request(tiny_base_model_dir, run_files, tmp_path / "run", mode=None, mask=str(mask_path))
     with pytest.raises(CplError, match="profiled on other weights"):
         start_run(other)
+
+
+def test_a_reprofiled_mask_is_the_profile_at_the_weights_it_was_made_at(tiny_model_dir):
+    loaded = fresh(tiny_model_dir)
+    scorer = make_scorer("letter", loaded.tokenizer)
+    first = profile(loaded, MASTERED, INJECT, batch_size=4, show_progress=False)
+    context = MethodContext(scorer, MASTERED, first, inject=INJECT, batch_size=4)
+    method = make_method("mask", context, {"reprofile_every": 4})
+    trainer = Trainer(loaded.model, scorer, method, TrainConfig(lr=0.5, show_progress=False))
+    trainer.train_epoch(INJECT, 1)  # 6 steps: profiled again at step 4
+    after_one = snapshot(loaded.model)
+    trainer.train_epoch(INJECT, 2)  # and at the start of epoch 2, at the weights after epoch 1
+    assert [mask.metadata["reprofiled_at"] for mask in method.made_masks()] == [
+        {"epoch": 1, "step": 4},
+        {"epoch": 2, "step": 0},
+        {"epoch": 2, "step": 4},
+    ]
+    at_epoch_two = method.made_masks()[1]
+    again = fresh(tiny_model_dir)
+    again.model.load_state_dict(after_one)
+    expected = profile(again, MASTERED, INJECT, batch_size=4, show_progress=False)
+    assert at_epoch_two.metadata["parents"] == [first.id] and at_epoch_two.id != first.id
+    assert all(torch.equal(at_epoch_two.collaborative(n), expected.collaborative(n)) for n in expected.names)
+    latest = method.made_masks()[-1]
+    assert all(torch.equal(method.frozen[n], ~latest.collaborative(n)) for n in latest.names)
+
+
+def test_reprofiling_is_refused_for_a_control_mask_and_with_adamw(tiny_model_dir, run_files, tmp_path):
+    loaded = fresh(tiny_model_dir)
+    scorer = make_scorer("letter", loaded.tokenizer)
+    control = random_mask(loaded.model)  # no sign rule to apply again
+    with pytest.raises(CplError, match="not a sign rule"):
+        make_method("mask", MethodContext(scorer, MASTERED, control, inject=INJECT), {"reprofile_every": 2})
+    path = control.save(tmp_path / "mask.safetensors")
+    options = {"mode": None, "mask": str(path), "method_options": {"reprofile_every": 2}}
+    request = make_request(tiny_model_dir, run_files, tmp_path / "run", optimizer="adamw", **options)
+    with pytest.raises(CplError, match="--reprofile-every runs with --optimizer sgd"):
+        request.check()

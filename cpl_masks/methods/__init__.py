@@ -16,7 +16,7 @@ from cpl_masks.errors import CplError
 from cpl_masks.methods.base import Method, MethodContext, RefreshOptions, epoch_order, option
 from cpl_masks.methods.ewc import EWC, EwcOptions
 from cpl_masks.methods.lora import LoRA, LoraOptions
-from cpl_masks.methods.masking import DynamicCPL, FullFineTuning, NoOptions, StaticMask
+from cpl_masks.methods.masking import DynamicCPL, FullFineTuning, NoOptions, ReprofileOptions, StaticMask
 from cpl_masks.methods.projection import AGEM
 from cpl_masks.methods.replay import Replay, ReplayOptions
 
@@ -44,7 +44,11 @@ class OptionField(NamedTuple):
 METHODS: dict[str, MethodSpec] = {
     "full": MethodSpec(FullFineTuning, NoOptions, "plain fine-tuning: every entry trains", fsdp2=True),
     "mask": MethodSpec(
-        StaticMask, NoOptions, "static CPL: only the mask's collaborative entries train", needs_mask=True, fsdp2=True
+        StaticMask,
+        ReprofileOptions,
+        "static CPL: only the mask's collaborative entries train",
+        needs_mask=True,
+        fsdp2=True,
     ),
     "dynamic": MethodSpec(DynamicCPL, RefreshOptions, "the paper's loop: per-step sign rule against g_M"),
     "lora": MethodSpec(LoRA, LoraOptions, "low-rank adapters through peft, base weights unchanged"),

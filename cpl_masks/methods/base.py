@@ -43,6 +43,7 @@ class MethodContext:
     scorer: Scorer
     mastered: Sequence[Question]
     mask: Mask | None = None
+    inject: Sequence[Question] = ()  # the injection set, for a mask profiled again during training
     batch_size: int = 16  # questions per forward pass for reference gradients
     seed: int = 0
 
@@ -121,3 +122,7 @@ class Method:
     def describe(self) -> dict[str, Any]:
         """What to record about the method in ``run.json`` beyond its configuration."""
         return {}
+
+    def made_masks(self) -> list[Mask]:
+        """Masks the method made while training (a mask profiled again), kept in the run folder."""
+        return []

@@ -4,7 +4,9 @@
 * :class:`StaticMask` (``mask``, the main path): only collaborative entries change. Tensors with no
   collaborative entry stop requiring gradients; the others keep a bool mask of their frozen
   entries (never a float copy) and their gradients are zeroed there in place. Control masks
-  (random, gradient-magnitude) take this same path.
+  (random, gradient-magnitude) take this same path. With ``reprofile_every`` K the mask follows the
+  weights: it is profiled again (its own rule, M and I) at each epoch's start after the first and
+  every K steps, every tensor keeping a bool mask that each new profile overwrites in place.
 * :class:`DynamicCPL` (``dynamic``, the paper's loop): ``g_M`` is recomputed over the mastered set at
   the start of every epoch (and every K steps with ``refresh_every``) and held as its signs, two bits
   per entry (:class:`~cpl_masks.signs.PackedSigns`); each step's gradient ``g`` keeps only the
@@ -19,13 +21,31 @@ from typing import Any
 import torch
 
 from cpl_masks.errors import CplError
-from cpl_masks.methods.base import Method, MethodContext, RefreshOptions
+from cpl_masks.masks import Mask
+from cpl_masks.methods.base import Method, MethodContext, RefreshOptions, option
 from cpl_masks.methods.reference import mastered_signs
+from cpl_masks.profile import reprofile
+from cpl_masks.selection import Rule
 
 
 @dataclass
 class NoOptions:
     """A method without options of its own."""
+
+
+@dataclass
+class ReprofileOptions:
+    """Options of the static mask: profile it again as the weights move."""
+
+    reprofile_every: int | None = option(
+        None,
+        "profile the mask again at the current weights every K steps and at each epoch's start after the first "
+        "(--optimizer sgd; each mask is kept in the run; default: never)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.reprofile_every is not None and self.reprofile_every < 1:
+            raise CplError(f"--reprofile-every {self.reprofile_every}: must be at least 1")
 
 
 class FullFineTuning(Method):
@@ -42,19 +62,30 @@ class StaticMask(Method):
 
     name = "mask"
 
-    def __init__(self, context: MethodContext, options: NoOptions | None = None) -> None:
+    def __init__(self, context: MethodContext, options: ReprofileOptions | None = None) -> None:
         if context.mask is None:
             raise CplError("--mode mask needs --mask MASK")
         self.mask = context.mask
+        self.context = context
+        self.reprofile_every = (options or ReprofileOptions()).reprofile_every
+        if self.reprofile_every is not None:
+            Rule.from_metadata(self.mask.metadata.get("rule"), f"--reprofile-every: mask {self.mask.id[:12]}")
+            if not context.inject or not context.mastered:
+                raise CplError("--reprofile-every needs the injection set and a non-empty mastered set (--mastered)")
         self.frozen: dict[str, torch.Tensor] = {}  # name -> bool (param shape), True = frozen entry
+        self.profiles: list[Mask] = []  # the masks profiled during training, in order
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Stop gradients of wholly frozen tensors and keep a bool mask for partly frozen ones."""
+        """Stop gradients of wholly frozen tensors and keep a bool mask for partly frozen ones.
+
+        A mask profiled again may open any tensor, so then every tensor trains through a bool mask.
+        """
         self.frozen = {}
+        every_tensor = self.reprofile_every is not None
         for name, parameter in model.named_parameters():
             collaborative = self.mask.collaborative(name).to(parameter.device)  # bool, param shape
-            parameter.requires_grad_(bool(collaborative.any()))
-            if parameter.requires_grad and not collaborative.all():
+            parameter.requires_grad_(every_tensor or bool(collaborative.any()))
+            if parameter.requires_grad and (every_tensor or not collaborative.all()):
                 self.frozen[name] = collaborative.logical_not_()
         return model
 
@@ -68,9 +99,37 @@ class StaticMask(Method):
         """Bool masks (True = frozen) of the partly frozen trainable tensors."""
         return self.frozen
 
+    def before_step(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> None:
+        """With ``reprofile_every`` K: profile the mask again at each epoch's start after the first, every K steps."""
+        every = self.reprofile_every
+        if every is None or not ((step_in_epoch == 0 and epoch > 1) or (step_in_epoch and step_in_epoch % every == 0)):
+            return
+        context = self.context
+        at = {"epoch": epoch, "step": step_in_epoch}
+        mask = reprofile(
+            self.mask, model, context.scorer, context.mastered, context.inject, batch_size=context.batch_size, at=at
+        )
+        for name, frozen in self.frozen.items():  # in place: the optimizer holds these tensors
+            frozen.copy_(mask.collaborative(name).logical_not_())
+        self.profiles.append(mask)
+
     def describe(self) -> dict[str, Any]:
-        """The mask's id and collaborative share."""
-        return {"mask_id": self.mask.id, "collaborative_share": self.mask.collaborative_share()}
+        """The mask's id and collaborative share, and those of each mask profiled during training."""
+        described: dict[str, Any] = {"mask_id": self.mask.id, "collaborative_share": self.mask.collaborative_share()}
+        if self.reprofile_every is not None:
+            described["reprofiled"] = [
+                {
+                    **mask.metadata["reprofiled_at"],
+                    "mask_id": mask.id,
+                    "collaborative_share": mask.collaborative_share(),
+                }
+                for mask in self.profiles
+            ]
+        return described
+
+    def made_masks(self) -> list[Mask]:
+        """The masks profiled during training."""
+        return list(self.profiles)
 
 
 class DynamicCPL(Method):
