@@ -39,7 +39,7 @@ from cpl_masks.evaluate import (
     question_outcomes,
     read_question_records,
 )
-from cpl_masks.files import check_output_file
+from cpl_masks.files import check_output_file, folder_in_use
 from cpl_masks.methods import METHODS
 from cpl_masks.models import DEFAULT_MODEL
 from cpl_masks.registry.names import check_task
@@ -227,7 +227,7 @@ def train(
         )
         if task is not None:
             check_task(task, "--task")
-        if not overwrite and restartable(out):
+        if not overwrite and restartable(out) and not folder_in_use(out):  # a live writer is refused below
             say(f"{out}: a run that stopped before its first checkpoint; starting it again")
         with reports_interrupts(f"cpl-masks train --resume {out}"):
             run = start_run(request, overwrite=overwrite, on_epoch=_print_epoch)

@@ -102,11 +102,16 @@ def score_sharded(
     return Scores(*(list(column) for column in zip(*merged))) if merged else Scores(*([] for _ in fields(Scores)))
 
 
+def transitions(before: Sequence[bool], after: Sequence[bool]) -> tuple[list[bool], list[bool]]:
+    """Per question, whether it went wrong → right (gained) and right → wrong (lost) between two evaluations."""
+    pairs = list(zip(before, after, strict=True))
+    return [bool(now and not was) for was, now in pairs], [bool(was and not now) for was, now in pairs]
+
+
 def count_transitions(before: Sequence[bool], after: Sequence[bool]) -> tuple[int, int]:
     """How many questions went wrong → right and right → wrong between two evaluations."""
-    gained = sum(1 for was, now in zip(before, after, strict=True) if now and not was)
-    lost = sum(1 for was, now in zip(before, after, strict=True) if was and not now)
-    return gained, lost
+    gained, lost = transitions(before, after)
+    return sum(gained), sum(lost)
 
 
 def epoch_metrics(
@@ -190,9 +195,8 @@ def question_outcomes(records: Sequence[Mapping[str, Any]], epoch: int | None = 
         if name not in by_epoch[0]:
             continue
         before, after = by_epoch[0][name], by_epoch[epoch][name]
-        pairs = zip(before["id"], before["correct"], after["correct"], strict=True)
-        gained = outcome == "learned"
-        outcomes[outcome] = {key: bool(now and not was) if gained else bool(was and not now) for key, was, now in pairs}
+        gained, lost = transitions(before["correct"], after["correct"])
+        outcomes[outcome] = dict(zip(before["id"], gained if outcome == "learned" else lost, strict=True))
     return outcomes
 
 

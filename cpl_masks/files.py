@@ -252,6 +252,21 @@ def check_writable_folder(folder: str | os.PathLike, *, what: str) -> None:
         raise CplError(f"{what}: cannot write in {existing} (permission denied)")
 
 
+def folder_in_use(path: str | os.PathLike) -> bool:
+    """Whether a live process holds the folder's lock (:func:`lock_folder`) right now."""
+    lock_path = Path(path) / LOCK_NAME
+    if not lock_path.is_file():
+        return False
+    fd = os.open(lock_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock, if it got it
+    return False
+
+
 @contextlib.contextmanager
 def lock_folder(path: str | os.PathLike, *, what: str = "run folder") -> Iterator[Path]:
     """Hold an exclusive lock on a folder while this process writes it; a second writer is refused.

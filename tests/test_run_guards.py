@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cpl_masks.cli.app import app
 from cpl_masks.errors import CplError
-from cpl_masks.files import lock_folder
+from cpl_masks.files import folder_in_use, lock_folder
 from cpl_masks.registry import Registry
 from cpl_masks.sweep import run_sweep
 from cpl_masks.sweep_config import SweepConfig
@@ -128,3 +128,27 @@ def test_a_bad_task_name_and_an_existing_compare_plot_are_refused(tiny_model_dir
     assert refused.exit_code == 2 and "--plot" in refused.output and notes.read_text() == "mine"
     replaced = runner.invoke(app, ["compare", str(tmp_path / "run"), "--plot", str(notes), "--overwrite"])
     assert replaced.exit_code == 0 and notes.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_live_restartable_run_is_refused_without_being_announced_as_started_again(
+    tiny_model_dir, run_files, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
+    out = tmp_path / "run"
+
+    def stop_at_epoch_zero(rows):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        start_run(make_request(tiny_model_dir, run_files, out), on_epoch=stop_at_epoch_zero)
+    inject, mastered, _ = run_files
+    command = ["train", "--model", str(tiny_model_dir), "--mode", "full", "--data", str(inject)]
+    command += ["--mastered", str(mastered), "--epochs", "1", "--threads", "1", "--out", str(out)]
+    assert not folder_in_use(out)
+    with lock_folder(out):
+        assert folder_in_use(out)
+        result = runner.invoke(app, command)
+    assert result.exit_code != 0 and "is writing this run folder" in result.output
+    assert "starting it again" not in result.output
+    result = runner.invoke(app, command)  # the holder is gone: the stopped run starts again
+    assert result.exit_code == 0 and "starting it again" in result.output
