@@ -104,20 +104,10 @@ def profile(
     reset_peak_memory(device)
     started = time.perf_counter()
     shown = show_progress and distributed.is_main()
-    errors: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
     with progress_bar("profile (I, then M)", len(inject) + len(mastered), shown) as advance:
-        if rule.statistic == "t":
-            passes = {"checkpointing": checkpointing, "advance": advance}
-            moments_i = gradient_moments(loaded.model, scorer, inject, **passes)
-            moments_m = gradient_moments(loaded.model, scorer, mastered, **passes)
-            g_inject, g_mastered = moments_i.mean, moments_m.mean
-            errors = (moments_m.standard_error, moments_i.standard_error)
-        else:
-            passes = {"batch_size": batch_size, "checkpointing": checkpointing, "advance": advance}
-            g_inject = mean_gradients(loaded.model, scorer, inject, **passes)
-            g_mastered = mean_gradients(loaded.model, scorer, mastered, **passes)
-    keep_scores = save_scores or rule.keep_fraction is not None
-    bits, stats, scores = _cut(rule, g_mastered, g_inject, errors, keep_scores=keep_scores)
+        passes = {"batch_size": batch_size, "checkpointing": checkpointing, "advance": advance}
+        gradients = _gradients(rule, loaded.model, scorer, mastered, inject, **passes)
+    bits, stats, scores = _cut(rule, *gradients, keep_scores=save_scores or rule.keep_fraction is not None)
     seconds = time.perf_counter() - started
     metadata = {
         "model": {"ref": loaded.ref, **weights},
@@ -162,15 +152,8 @@ def reprofile(
     and ``at`` (the epoch and step), and keeps ``parent``'s data, scoring and task.
     """
     rule = Rule.from_metadata(parent.metadata.get("rule"), f"mask {parent.id[:12]}")
-    errors = None
-    if rule.statistic == "t":
-        moments_i, moments_m = (gradient_moments(model, scorer, rows) for rows in (inject, mastered))
-        g_inject, g_mastered = moments_i.mean, moments_m.mean
-        errors = (moments_m.standard_error, moments_i.standard_error)
-    else:
-        g_inject = mean_gradients(model, scorer, inject, batch_size=batch_size)
-        g_mastered = mean_gradients(model, scorer, mastered, batch_size=batch_size)
-    bits, stats, _ = _cut(rule, g_mastered, g_inject, errors, keep_scores=rule.keep_fraction is not None)
+    gradients = _gradients(rule, model, scorer, mastered, inject, batch_size=batch_size)
+    bits, stats, _ = _cut(rule, *gradients, keep_scores=rule.keep_fraction is not None)
     kept = {key: value for key, value in parent.metadata.items() if key not in ("profile", SCORES_HASH_KEY)}
     metadata = {
         **kept,
@@ -183,6 +166,30 @@ def reprofile(
         **stamp(),
     }
     return Mask.from_bool(bits, metadata)
+
+
+Errors = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]  # standard errors of g_M and g_I
+
+
+def _gradients(
+    rule: Rule,
+    model: torch.nn.Module,
+    scorer: Scorer,
+    mastered: Sequence[Question],
+    inject: Sequence[Question],
+    *,
+    batch_size: int,
+    checkpointing: bool = True,
+    advance: Callable[[int], None] = lambda _n: None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Errors | None]:
+    """g_M and g_I as ``rule`` needs them: batched means, or (the t-statistic) per-question moments."""
+    if rule.statistic != "t":
+        passes = {"batch_size": batch_size, "checkpointing": checkpointing, "advance": advance}
+        g_inject = mean_gradients(model, scorer, inject, **passes)  # I first, as the progress bar says
+        return mean_gradients(model, scorer, mastered, **passes), g_inject, None
+    moments_i = gradient_moments(model, scorer, inject, checkpointing=checkpointing, advance=advance)
+    moments_m = gradient_moments(model, scorer, mastered, checkpointing=checkpointing, advance=advance)
+    return moments_m.mean, moments_i.mean, (moments_m.standard_error, moments_i.standard_error)
 
 
 def data_provenance(
@@ -386,7 +393,7 @@ def _cut(
     rule: Rule,
     g_mastered: dict[str, torch.Tensor],
     g_inject: dict[str, torch.Tensor],
-    errors: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
+    errors: Errors | None,
     *,
     keep_scores: bool,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:

@@ -114,18 +114,8 @@ class StaticMask(Method):
         self.profiles.append(mask)
 
     def describe(self) -> dict[str, Any]:
-        """The mask's id and collaborative share, and those of each mask profiled during training."""
-        described: dict[str, Any] = {"mask_id": self.mask.id, "collaborative_share": self.mask.collaborative_share()}
-        if self.reprofile_every is not None:
-            described["reprofiled"] = [
-                {
-                    **mask.metadata["reprofiled_at"],
-                    "mask_id": mask.id,
-                    "collaborative_share": mask.collaborative_share(),
-                }
-                for mask in self.profiles
-            ]
-        return described
+        """The mask's id and collaborative share (masks profiled during training: ``run.json``'s ``made_masks``)."""
+        return {"mask_id": self.mask.id, "collaborative_share": self.mask.collaborative_share()}
 
     def made_masks(self) -> list[Mask]:
         """The masks profiled during training."""
