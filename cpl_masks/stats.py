@@ -11,7 +11,15 @@ Two complementary answers, both computed from boolean arrays aligned by question
 * :func:`mcnemar_exact`: is the difference real? The exact two-sided McNemar test on the
   discordant pairs.
 * :func:`paired_bootstrap`: how large is it? A percentile interval for ``count(B) − count(A)``,
-  resampling questions within each seed so that every seed keeps its size.
+  resampling questions.
+
+Several seeds (runs of one split with another example order, another random mask) answer the same
+questions, so the questions are the sample and the seeds are repeated measures of each: both
+answers treat a question with all its seeds as one unit. The bootstrap resamples questions and sums
+each drawn question's difference over the seeds; the test counts the questions on which B comes out
+ahead over the seeds against those on which A does (a sign test; McNemar's test for one seed).
+Pooling (seed, question) pairs as if independent would count a seed that repeats another's
+outcomes, as runs at a small learning rate nearly do, as new evidence.
 
 :func:`compare_paired` runs both on one or more seeds and returns something JSON can hold.
 Only numpy is needed; the binomial tail is computed exactly for the sizes seen in practice and in
@@ -126,7 +134,8 @@ class PairedComparison:
         b_count: Total count of true outcomes for method B.
         seeds: Number of seeds (groups) pooled.
         interval: Bootstrap interval of ``b_count − a_count``.
-        mcnemar: Exact McNemar test on all (seed, question) pairs pooled.
+        mcnemar: Exact sign test over questions of the seeds' summed differences: ``b01`` questions
+            favour B, ``b10`` favour A (McNemar's test when there is one seed).
     """
 
     a_count: int
@@ -187,18 +196,19 @@ def paired_bootstrap(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> Interval:
-    """Percentile bootstrap interval of ``count(B) − count(A)``, stratified by seed.
+    """Percentile bootstrap interval of ``count(B) − count(A)``, resampling questions.
 
-    Each resample draws, within every seed, as many questions as that seed has, uniformly with
-    replacement, and sums ``b − a`` over the drawn (seed, question) pairs. Since ``b − a`` takes
-    only the values +1, −1 and 0, a resample is determined by how many of each it drew, and
-    those counts follow ``Multinomial(n_seed, (n₊, n₋, n₀) / n_seed)``: drawing the counts
-    directly gives exactly the distribution of drawing indices, in O(resamples) time and memory
-    whatever the number of questions. The interval ends are order statistics of the resampled
-    totals (lower and higher, never interpolated), so they are counts and err on the wide side.
+    Every seed holds the same questions in the same order. Each question's difference is summed
+    over the seeds, ``d = Σ_seeds (b − a)``, and each resample draws as many questions as there are,
+    uniformly with replacement, and sums their ``d``. Since ``d`` takes few distinct values, a
+    resample is determined by how many questions of each value it drew, and those counts follow a
+    multinomial over the values' shares: drawing the counts directly gives exactly the distribution
+    of drawing indices, in O(resamples × values) time whatever the number of questions. The
+    interval ends are order statistics of the resampled totals (lower and higher, never
+    interpolated), so they are counts and err on the wide side.
 
     Args:
-        a_groups: One array per seed of method A's outcomes (bool or 0/1).
+        a_groups: One array per seed of method A's outcomes (bool or 0/1), over the same questions.
         b_groups: One array per seed of method B's outcomes, aligned by question with ``a_groups``.
         resamples: Number of bootstrap resamples.
         confidence: Coverage of the interval, strictly between 0 and 1.
@@ -217,10 +227,10 @@ def paired_bootstrap(
 def _bootstrap(pairs: _Pairs, *, resamples: int, confidence: float, seed: int) -> Interval:
     """:func:`paired_bootstrap` on validated (a, b) pairs, one per seed."""
     _check_options(resamples, confidence)
-    rng = np.random.default_rng(seed)
-    totals = np.zeros(resamples, dtype=np.int64)  # (resamples,) resampled count(B) − count(A)
-    for a_arr, b_arr in pairs:
-        totals += _resample_differences(a_arr, b_arr, resamples, rng)
+    differences = _question_differences(pairs)  # (n,) summed over the seeds
+    values, counts = np.unique(differences, return_counts=True)
+    draws = np.random.default_rng(seed).multinomial(differences.size, counts / differences.size, size=resamples)
+    totals = draws @ values  # (resamples,) resampled count(B) − count(A)
     tail = (1.0 - confidence) / 2.0
     return Interval(
         difference=sum(int(b_arr.sum()) - int(a_arr.sum()) for a_arr, b_arr in pairs),
@@ -239,32 +249,37 @@ def compare_paired(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> PairedComparison:
-    """Compare B against A over one or more seeds: bootstrap interval and pooled McNemar test.
+    """Compare B against A over one or more seeds: bootstrap interval and sign test, both by question.
 
     Args:
-        a_groups: One array per seed of method A's outcomes (bool or 0/1).
+        a_groups: One array per seed of method A's outcomes (bool or 0/1), over the same questions.
         b_groups: One array per seed of method B's outcomes, aligned by question with ``a_groups``.
         resamples: Number of bootstrap resamples.
         confidence: Coverage of the interval, strictly between 0 and 1.
         seed: Seed of the bootstrap's random generator.
 
     Returns:
-        Counts, the interval of their difference and the McNemar test on all pairs pooled.
+        Counts, the interval of their difference and the sign test over questions.
 
     Raises:
         CplError: As :func:`paired_bootstrap`.
     """
     pairs = _groups(a_groups, b_groups)
     interval = _bootstrap(pairs, resamples=resamples, confidence=confidence, seed=seed)
-    pooled_a = np.concatenate([a_arr for a_arr, _ in pairs])
-    pooled_b = np.concatenate([b_arr for _, b_arr in pairs])
+    differences = _question_differences(pairs)
+    ahead, behind = int(np.count_nonzero(differences > 0)), int(np.count_nonzero(differences < 0))
     return PairedComparison(
-        a_count=int(pooled_a.sum()),
-        b_count=int(pooled_b.sum()),
+        a_count=sum(int(a_arr.sum()) for a_arr, _ in pairs),
+        b_count=sum(int(b_arr.sum()) for _, b_arr in pairs),
         seeds=len(pairs),
         interval=interval,
-        mcnemar=mcnemar_exact(pooled_a, pooled_b),
+        mcnemar=McNemar(b01=ahead, b10=behind, n=int(differences.size), p_value=_mcnemar_p(ahead, behind)),
     )
+
+
+def _question_differences(pairs: _Pairs) -> np.ndarray:
+    """``Σ_seeds (b − a)`` per question: ``(n,)`` int64."""
+    return sum(b_arr.astype(np.int64) - a_arr.astype(np.int64) for a_arr, b_arr in pairs)
 
 
 def _mcnemar_p(b01: int, b10: int) -> float:
@@ -293,23 +308,20 @@ def _binomial_half_cdf_log(k: int, n: int) -> float:
     return float(math.exp(top) * np.exp(log_terms - top).sum())
 
 
-def _resample_differences(a_arr: np.ndarray, b_arr: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """``sum(b − a)`` over ``resamples`` draws of this seed's questions with replacement: ``(resamples,)``."""
-    n = a_arr.size
-    gained = int(np.count_nonzero(~a_arr & b_arr))  # questions where b − a = +1
-    lost = int(np.count_nonzero(a_arr & ~b_arr))  # questions where b − a = −1
-    probabilities = [gained / n, lost / n, (n - gained - lost) / n]
-    draws = rng.multinomial(n, probabilities, size=resamples)  # (resamples, 3) counts of +1, −1, 0
-    return draws[:, 0] - draws[:, 1]
-
-
 def _groups(a_groups: Sequence[Outcomes], b_groups: Sequence[Outcomes]) -> _Pairs:
-    """Validated (a, b) boolean arrays, one pair per seed."""
+    """Validated (a, b) boolean arrays, one pair per seed, every seed over the same number of questions."""
     if len(a_groups) != len(b_groups):
         raise CplError(f"A has {len(a_groups)} seed(s) and B has {len(b_groups)}; pass one array per seed for each")
     if len(a_groups) == 0:
         raise CplError("no seeds to compare: a_groups and b_groups are empty")
-    return [_pair(a, b, where=f"seed {index}: ") for index, (a, b) in enumerate(zip(a_groups, b_groups))]
+    pairs = [_pair(a, b, where=f"seed {index}: ") for index, (a, b) in enumerate(zip(a_groups, b_groups))]
+    for index, (a_arr, _) in enumerate(pairs):
+        if a_arr.size != pairs[0][0].size:
+            raise CplError(
+                f"seed {index} has {a_arr.size} questions and seed 0 has {pairs[0][0].size}; "
+                "every seed must hold the same questions in the same order"
+            )
+    return pairs
 
 
 def _pair(a: Outcomes, b: Outcomes, *, where: str) -> tuple[np.ndarray, np.ndarray]:

@@ -9,8 +9,8 @@ Counts of a few dozen questions move one question at a time, so differences betw
 reported with paired statistics (:mod:`cpl_masks.stats`): two runs of the same split and seed
 answer the same questions, and the per-question records of their runs (``questions.jsonl``) pair
 them. Each method is compared with full fine-tuning, and every mask with the random mask of the
-same share, each at its best point, by a bootstrap interval over questions (pooled over seeds) and
-an exact McNemar test. An interval that contains 0 reads "no detectable difference".
+same share, each at its best point, by a bootstrap interval over questions (each question with all
+its seeds as one unit) and an exact sign test over questions (McNemar's for one seed). An interval that contains 0 reads "no detectable difference".
 """
 
 from __future__ import annotations
@@ -185,8 +185,8 @@ def paired_comparisons(
     or :func:`final_points`).
 
     Keyed ``"<method> vs <reference>"``; each holds, per outcome (learned, forgotten, held-out
-    forgotten), the paired difference ``method − reference`` with its interval and McNemar test,
-    pooled over the seeds both have. Pairs whose runs lack per-question records are left out.
+    forgotten), the paired difference ``method − reference`` with its interval and test, over the
+    questions and the seeds both have (:func:`cpl_masks.stats.compare_paired`). Pairs whose runs lack per-question records are left out.
     """
     comparisons: dict[str, dict[str, Any]] = {}
     for reference in REFERENCES:

@@ -1,4 +1,4 @@
-"""Paired statistics: the exact McNemar test and the seed-stratified bootstrap interval."""
+"""Paired statistics: the exact McNemar (sign) test and the bootstrap interval, both by question."""
 
 from __future__ import annotations
 
@@ -156,24 +156,40 @@ def test_bootstrap_contains_zero_for_small_random_differences():
 
 
 def test_bootstrap_pools_seeds_by_summing_counts():
-    groups = [differences(100, 10, 5, seed=1), differences(150, 2, 4, seed=2), differences(80, 12, 2, seed=3)]
+    groups = [differences(100, 10, 5, seed=1), differences(100, 2, 4, seed=2), differences(100, 12, 2, seed=3)]
     a_groups, b_groups = [a for a, _ in groups], [b for _, b in groups]
     interval = paired_bootstrap(a_groups, b_groups)
     assert interval.difference == 5 - 2 + 10 == sum(int(b.sum()) - int(a.sum()) for a, b in groups)
-    assert interval.n == 330
+    assert interval.n == 300
     single = paired_bootstrap(a_groups[:1], b_groups[:1])
     assert single.difference == 5 and single.n == 100
 
 
-def test_bootstrap_is_stratified_by_seed():
-    # Seed 0: B gains all 30 questions; seed 1: identical. Resampling within each seed keeps
-    # 30 questions of seed 0, so every resample totals 30; pooling without strata would not.
-    a0, b0 = np.zeros(30, dtype=bool), np.ones(30, dtype=bool)
-    a1 = np.random.default_rng(0).random(70) < 0.5
-    interval = paired_bootstrap([a0, a1], [b0, a1])
-    assert (interval.difference, interval.low, interval.high) == (30, 30, 30)
-    pooled = paired_bootstrap([np.r_[a0, a1]], [np.r_[b0, a1]])
-    assert pooled.high - pooled.low > 10
+def test_seeds_that_repeat_each_other_are_not_new_evidence():
+    # Two seeds with the same outcomes (a small learning rate hardly depends on the example order):
+    # the difference doubles and so must the interval, since the questions, not the seeds, are the
+    # sample; resampling each seed on its own would widen it by only sqrt(2) and call it significant.
+    a, b = differences(300, gained=12, lost=4, seed=4)
+    once = compare_paired([a], [b], seed=1)
+    twice = compare_paired([a, a], [b, b], seed=1)
+    assert twice.interval.difference == 2 * once.interval.difference == 16
+    assert (twice.interval.low, twice.interval.high) == (2 * once.interval.low, 2 * once.interval.high)
+    assert (twice.mcnemar.b01, twice.mcnemar.b10, twice.mcnemar.p_value) == (12, 4, once.mcnemar.p_value)
+    assert once.mcnemar == mcnemar_exact(a, b)
+
+
+def test_the_sign_test_counts_each_question_once_for_the_side_its_seeds_favour():
+    a0, b0 = np.array([0, 0, 1, 0, 1]), np.array([1, 1, 0, 0, 1])  # seed 0: B ahead on q0, q1; A on q2
+    a1, b1 = np.array([0, 1, 1, 0, 1]), np.array([1, 0, 0, 1, 1])  # seed 1: B on q0, q3; A on q1, q2
+    result = compare_paired([a0, a1], [b0, b1])
+    # summed over the seeds: q0 +2, q1 0, q2 -2, q3 +1, q4 0 -> two questions favour B, one A
+    assert (result.mcnemar.b01, result.mcnemar.b10, result.mcnemar.n) == (2, 1, 5)
+    assert result.interval.difference == 1
+
+
+def test_seeds_over_different_questions_are_refused():
+    with pytest.raises(CplError, match="seed 1 has 3 questions and seed 0 has 2"):
+        paired_bootstrap([[1, 0], [1, 0, 1]], [[0, 1], [1, 1, 1]])
 
 
 def test_bootstrap_matches_index_resampling():
@@ -220,8 +236,9 @@ def test_compare_paired_to_dict():
     data = json.loads(json.dumps(result.to_dict()))
     assert data["seeds"] == 2 and data["n"] == 400
     assert data["b_count"] - data["a_count"] == data["difference"] == 32
-    assert (data["b01"], data["b10"]) == (45, 13)
-    assert data["p_value"] == mcnemar_exact(np.concatenate(a_groups), np.concatenate(b_groups)).p_value < 1e-4
+    summed = sum(b.astype(int) - a.astype(int) for a, b in groups)  # per question, over the seeds
+    assert (data["b01"], data["b10"]) == (int((summed > 0).sum()), int((summed < 0).sum()))
+    assert data["p_value"] < 1e-3
     assert data["low"] <= 32 <= data["high"] and data["contains_zero"] is False
     assert data["rate"] == pytest.approx(32 / 400)
     assert result.interval == paired_bootstrap(a_groups, b_groups, resamples=2000, seed=3)
@@ -235,6 +252,7 @@ def test_compare_paired_to_dict():
     [
         ([[1, 0]], [[1, 0, 1]], {}, "seed 0: A has 2 questions and B has 3"),
         ([[1, 0], [1]], [[1, 0], [0, 1]], {}, "seed 1: A has 1 questions and B has 2"),
+        ([[1, 0], [1]], [[1, 0], [0]], {}, "seed 1 has 1 questions and seed 0 has 2"),
         ([[1, 0]], [[1, 0], [0, 1]], {}, "A has 1 seed"),
         ([], [], {}, "no seeds"),
         ([[]], [[]], {}, "seed 0: no questions"),
