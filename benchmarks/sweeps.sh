@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The experiments behind RESULTS.md. Each queue is one or more resumable `cpl-masks sweep`s:
 # re-running a queue skips finished runs. Usage: benchmarks/sweeps.sh OUT_DIR QUEUE
-# QUEUE: demo | others | seeds | adamw | stability | paper | paper-gemma. On a 2-core machine run demo and others in parallel
+# QUEUE: demo | others | seeds | adamw | stability | paper | paper-gemma | paper-shares | reliability | reliability-gemma.
+# On a 2-core machine run demo and others in parallel
 # (one thread each), then seeds and adamw (after demo) and stability (after others).
 set -euo pipefail
 OUT=${1:?output folder}; QUEUE=${2:?queue}
@@ -45,6 +46,18 @@ paper | paper-gemma)  # the paper's regime: SGD batch 1, a small learning rate, 
     --min-margin 0.5 --epochs 12 --eval-every 2 --lr-grid 3e-5 --method-lr-grid lora=1e-3 \
     --methods full,mask,dynamic,random,lora --seeds 0,1,2 --threads 1 --scoring loglik --holdout-fraction 0.25 \
     --forgetting-budget 0.01 --out "$OUT/$QUEUE"
+  ;;
+paper-shares)  # the paper's regime again (same split), the CPL mask and a random mask at kept shares 0.9 and 0.5
+  $CPL sweep --data builtin:demo --limit 160 --heldout-data $DATA/csqa.jsonl --heldout-limit 400 \
+    --min-margin 0.5 --epochs 12 --eval-every 2 --lr-grid 3e-5 --methods mask,random --keep-fraction-grid 0.9,0.5 \
+    --seeds 0 --threads 1 --scoring loglik --holdout-fraction 0.25 --forgetting-budget 0.01 --out "$OUT/paper-shares"
+  ;;
+reliability | reliability-gemma)  # selections from disjoint halves of MMLU at 10..160 questions a set, per rule
+  MODEL=smollm2-135m-instruct; [ "$QUEUE" = reliability-gemma ] && MODEL=gemma3-270m
+  $CPL split --model $MODEL --data $DATA/mmlu.jsonl --scoring loglik --holdout-fraction 0 --min-margin 0 --threads 1 \
+    --out "$OUT/$QUEUE/split" --overwrite
+  .venv/bin/python benchmarks/mask_reliability.py "$OUT/$QUEUE/split" --model $MODEL --sizes 10,20,40,80,160 \
+    --confidence 2 --threads 1 --out "$OUT/$QUEUE/reliability.json" --plot "$OUT/$QUEUE/reliability.png"
   ;;
 stability)  # masks from disjoint halves of one split, and across tasks
   .venv/bin/python benchmarks/mask_stability.py "$OUT/smollm2-demo" "$OUT/smollm2-csqa" "$OUT/smollm2-mmlu" \
