@@ -10,7 +10,8 @@ reported with paired statistics (:mod:`cpl_masks.stats`): two runs of the same s
 answer the same questions, and the per-question records of their runs (``questions.jsonl``) pair
 them. Each method is compared with full fine-tuning, and every mask with the random mask of the
 same share, each at its best point, by a bootstrap interval over questions (each question with all
-its seeds as one unit) and an exact sign test over questions (McNemar's for one seed). An interval that contains 0 reads "no detectable difference".
+its seeds as one unit) and an exact sign test over questions (McNemar's for one seed). An interval
+that contains 0 reads "no detectable difference".
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def paired_comparisons(
 
     Keyed ``"<method> vs <reference>"``; each holds, per outcome (learned, forgotten, held-out
     forgotten), the paired difference ``method − reference`` with its interval and test, over the
-    questions and the seeds both have (:func:`cpl_masks.stats.compare_paired`). Pairs whose runs lack per-question records are left out.
+    questions and the seeds both have (:func:`cpl_masks.stats.compare_paired`). Pairs whose runs lack
+    per-question records are left out.
     """
     comparisons: dict[str, dict[str, Any]] = {}
     for reference in REFERENCES:

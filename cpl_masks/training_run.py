@@ -359,12 +359,15 @@ def _run(
 def _finish(
     out: Path, payload: dict[str, Any], mask_path: str | None, registry: Registry, *, keep_weights: bool
 ) -> None:
-    """Write ``run.json``, drop unwanted checkpoints and record the run with its mask in ``registry`` (rank 0's job)."""
+    """Write ``run.json``, drop unwanted checkpoints and record the run with its mask in ``registry`` (rank 0's job);
+    masks the method made while training are registered as children of the run's mask."""
     write_json(out / RUN, payload)
     if not keep_weights:
         remove_path(out / CHECKPOINT)  # the run is finished and its weights are not wanted
     if mask_path is not None:
         registry.record_run(Path(mask_path), payload)
+    for made in payload["made_masks"]:
+        registry.register(Path(made["path"]))  # filed as <model>/<task>.reprofiled
 
 
 def _diverged_advice(out: Path, done: int) -> str:

@@ -98,7 +98,8 @@ class Removal:
 
 
 def source_of(metadata: dict[str, Any]) -> str:
-    """What made a mask, read once from its own metadata: ``control``, ``recut``, ``combined`` or ``profiled``.
+    """What made a mask, read once from its own metadata: ``control``, ``recut``, ``reprofiled``, ``combined``
+    or ``profiled``.
 
     A pulled mask is what it was where it was made; where it came from is its ``repo_id`` and its
     pull transfer.
@@ -107,6 +108,8 @@ def source_of(metadata: dict[str, Any]) -> str:
         return "control"
     if metadata.get("recut_of"):
         return "recut"
+    if metadata.get("reprofile_of"):
+        return "reprofiled"
     return "combined" if metadata.get("parents") else "profiled"
 
 
@@ -160,7 +163,7 @@ class Registry:
         check_home(self.home)  # before the store folder is made in it
         loaded = mask if isinstance(mask, Mask) else Mask.load(mask, scores=False)
         source = source_of(loaded.metadata)
-        name = mask_name(loaded.metadata, task, recut=source == "recut")
+        name = mask_name(loaded.metadata, task, source=source)
         staging = self.store.staged_mask(loaded) if isinstance(mask, Mask) else self.store.staged_copy(Path(mask))
         with staging as staged, self.connect() as connection, transaction(connection):
             existing = connection.execute("SELECT * FROM masks WHERE id = ?", (loaded.id,)).fetchone()

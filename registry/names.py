@@ -13,7 +13,7 @@ MAX_TASK_CHARS = 64  # a task name is a word or two, not a paragraph
 MAX_SLUG_CHARS = 96  # the longest Hub repo name
 _TASK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _VERSIONED = re.compile(r"^(?P<name>.+)@v(?P<version>\d+)$")
-RECUT_SUFFIX = ".recut"
+DERIVED_SUFFIXES = {"recut": ".recut", "reprofiled": ".reprofiled"}  # source -> suffix of its default name
 _GENERIC_STEMS = {"inject", "injection", "mastered", "train", "data", "questions", "split"}
 
 
@@ -80,7 +80,7 @@ def run_task(explicit: str | None, inject_path: str | None, *, inject_sha256: st
     return task_name(explicit, inject_path)
 
 
-def mask_name(metadata: dict[str, Any], task: str | None, *, recut: bool = False) -> str:
+def mask_name(metadata: dict[str, Any], task: str | None, *, source: str | None = None) -> str:
     """The unversioned registry name ``<model-slug>/<task>`` for a mask.
 
     A re-cut given no task is filed under ``<task>.recut``, so it never becomes the latest version
@@ -89,7 +89,7 @@ def mask_name(metadata: dict[str, Any], task: str | None, *, recut: bool = False
     model_ref = (metadata.get("model") or {}).get("ref") or "model"
     if task is not None:
         return f"{slug(model_ref)}/{check_task(task)}"
-    return f"{slug(model_ref)}/{default_task(metadata)}{RECUT_SUFFIX if recut else ''}"
+    return f"{slug(model_ref)}/{default_task(metadata)}{DERIVED_SUFFIXES.get(source or '', '')}"
 
 
 def split_versioned(ref: str) -> tuple[str, int] | None:

@@ -21,7 +21,7 @@ from cpl_masks.files import default_file_mode
 
 DATABASE_NAME = "registry.sqlite3"
 BUSY_TIMEOUT_S = 60.0
-SOURCES = ("profiled", "combined", "pulled", "control", "recut")  # "pulled": rows written before version 3
+SOURCES = ("profiled", "combined", "pulled", "control", "recut", "reprofiled")  # "pulled": before version 3
 
 
 def _masks_table(name: str, sources: tuple[str, ...]) -> str:
@@ -119,7 +119,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE masks_new RENAME TO masks",
     ),
     (  # version 3: re-cuts get their own source, runs outlive their mask, versions are never reused
-        _masks_table("masks_new", SOURCES),
+        _masks_table("masks_new", SOURCES[:5]),
         "INSERT INTO masks_new SELECT * FROM masks",
         "DROP TABLE masks",
         "ALTER TABLE masks_new RENAME TO masks",
@@ -142,6 +142,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (name, version)
         )""",
         "CREATE INDEX aliases_mask ON aliases (mask_id)",
+    ),
+    (  # version 5: masks profiled again during training (train --reprofile-every) get their own source
+        _masks_table("masks_new", SOURCES),
+        "INSERT INTO masks_new SELECT * FROM masks",
+        "DROP TABLE masks",
+        "ALTER TABLE masks_new RENAME TO masks",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -341,12 +341,12 @@ def masks_table_sql(registry: Registry) -> str:
         return connection.execute("SELECT sql FROM sqlite_master WHERE name = 'masks'").fetchone()[0]
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_an_older_database_migrates_keeping_masks_parents_and_runs(tmp_path, registry, version):
     parent = make_mask(tmp_path, 1)
     child = make_mask(tmp_path, 2, parents=[Mask.load(parent).id])
     fill_old_registry(registry, version, parent, child)
-    assert "'recut'" in masks_table_sql(registry)  # the current code migrated it
+    assert "'reprofiled'" in masks_table_sql(registry)  # the current code migrated it
     assert [entry["ref"] for entry in registry.list_masks()] == ["tiny-model/arc@v1", "tiny-model/merged@v1"]
     shown = registry.show("tiny-model/arc@v1")
     assert len(shown["runs"]) == 1 and shown["children"][0]["ref"] == "tiny-model/merged@v1"

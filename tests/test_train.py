@@ -16,6 +16,7 @@ from cpl_masks.methods import MethodContext, epoch_order, make_method
 from cpl_masks.methods.masking import DynamicCPL, FullFineTuning, StaticMask
 from cpl_masks.models import load_model, model_fingerprint
 from cpl_masks.profile import profile
+from cpl_masks.registry import Registry
 from cpl_masks.run_request import RunRequest
 from cpl_masks.scoring import LetterScorer, make_scorer
 from cpl_masks.split import resolve_scoring
@@ -316,6 +317,10 @@ def test_resume_ends_with_the_same_weights(tiny_model_dir, run_files, tmp_path, 
     made = [(row["epoch"], row["step"], row["mask_id"]) for row in whole["made_masks"]]
     assert made == [(row["epoch"], row["step"], row["mask_id"]) for row in resumed["made_masks"]]
     assert len(made) == (7 if mode == "reprofiled mask" else 0)  # 4 steps an epoch: (1, 1..3), (2, 0..3)
+    if mode == "reprofiled mask":  # registered as children of the run's mask, under <task>.reprofiled
+        lineage = Registry().lineage(str(mask))
+        assert {child["id"] for child in lineage["children"]} == {mask_id for _, _, mask_id in made}
+        assert all(child["ref"].split("@")[0].endswith(".reprofiled") for child in lineage["children"])
     expected, actual = saved_weights(tmp_path / "whole"), saved_weights(tmp_path / "broken")
     assert expected.keys() == actual.keys()
     for name in expected:
