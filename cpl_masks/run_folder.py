@@ -77,13 +77,15 @@ def restartable(folder: str | Path) -> bool:
     """Whether ``folder`` holds only a run that stopped before its first checkpoint, so it may start again.
 
     Such a folder has our ``config.json``, at most epoch 0's ``metrics.jsonl``, ``questions.jsonl`` and
-    ``curves.png``, and a ``checkpoint/`` whose ``state.json`` was never written: no finished epoch, nothing of the
-    user's, so starting the run again there needs no ``--overwrite``.
+    ``curves.png``, masks made in the unfinished first epoch, and a ``checkpoint/`` whose ``state.json`` was
+    never written: no finished epoch, nothing of the user's, so starting the run again there needs no
+    ``--overwrite``.
     """
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or (folder / CHECKPOINT / STATE).exists():
         return False
-    if any(path.name not in (CONFIG, METRICS, QUESTIONS, CURVES, CHECKPOINT, LOCK_NAME) for path in folder.iterdir()):
+    ours = (CONFIG, METRICS, QUESTIONS, CURVES, CHECKPOINT, MADE_MASKS, LOCK_NAME)
+    if any(path.name not in ours for path in folder.iterdir()):
         return False
     try:
         return isinstance(json.loads((folder / CONFIG).read_text(encoding="utf-8")).get("request"), dict)

@@ -38,6 +38,7 @@ from cpl_masks.run_folder import (
     CHECKPOINT,
     CONFIG,
     CURVES,
+    MADE_MASKS,
     METRICS,
     MODEL_DIR,
     RUN,
@@ -157,7 +158,7 @@ def _prepare_out(session: _Session, overwrite: bool) -> Path:
     out = Path(session.request.out)
     check_out_folder(out, overwrite, inputs=_inputs(session.request, session.mask_path))  # it may have changed
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (CHECKPOINT, MODEL_DIR, RUN, METRICS, QUESTIONS, CURVES):
+    for stale in (CHECKPOINT, MODEL_DIR, RUN, METRICS, QUESTIONS, CURVES, MADE_MASKS):
         remove_path(out / stale)
     write_json(out / CONFIG, {"request": session.request.to_dict(), **session.saved_inputs(), "resume_changes": []})
     return out
