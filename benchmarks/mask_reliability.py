@@ -31,8 +31,8 @@ import torch
 from cpl_masks.bits import pack_bits, unpack_bits
 from cpl_masks.data import load_questions
 from cpl_masks.files import write_json
+from cpl_masks.gradients import GradientSums, question_gradients
 from cpl_masks.models import load_model
-from cpl_masks.profile import GradientSums, question_gradients
 from cpl_masks.scoring import make_scorer
 from cpl_masks.selection import t_statistic
 from cpl_masks.split import resolve_scoring

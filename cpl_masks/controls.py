@@ -26,12 +26,12 @@ import torch
 
 from cpl_masks.data import Question, load_questions
 from cpl_masks.errors import CplError
+from cpl_masks.gradients import mean_gradients
 from cpl_masks.masks import Mask
 from cpl_masks.models import LoadedModel, model_fingerprint
 from cpl_masks.profile import (
     LOSSES,
     data_provenance,
-    mean_gradients,
     peak_memory,
     reset_peak_memory,
     touched_counts,

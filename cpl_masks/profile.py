@@ -4,23 +4,18 @@ Two batched passes over the data give the mean answer-loss gradients ``g_I`` (in
 ``g_M`` (mastered set); the score ``s = g_M ⊙ g_I`` of each entry decides, through a
 :class:`~cpl_masks.selection.Rule`, whether it is collaborative (trainable) or frozen. The
 confidence rule scores by ``s``'s t-statistic instead, from a pass per question
-(:func:`gradient_moments`) that also gives each entry's standard error.
+(:func:`~cpl_masks.gradients.gradient_moments`) that also gives each entry's standard error.
 
-Each batch's loss is the sum of its per-question losses divided by the set size, so the gradients
-accumulated over the batches are exactly the mean. A post-accumulate hook moves every parameter's
-gradient into a float32 buffer as soon as backward produces it (whatever the model's dtype), so
-memory stays at the model, two float32 gradient buffers and one batch's activations; each tensor's
-mask is computed as soon as both its gradients exist and both are freed right after.
+The gradients come from :mod:`cpl_masks.gradients`, so memory stays at the model, two float32
+gradient buffers and one batch's activations; each tensor's mask is computed as soon as both its
+gradients exist and both are freed right after.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import resource
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,10 +23,11 @@ import torch
 from cpl_masks import distributed
 from cpl_masks.data import Question, questions_sha256
 from cpl_masks.errors import CplError
+from cpl_masks.gradients import gradient_moments, mean_gradients
 from cpl_masks.masks import SCORES_HASH_KEY, Mask, weights_metadata
-from cpl_masks.models import LoadedModel, activation_checkpointing
+from cpl_masks.models import LoadedModel
 from cpl_masks.progress import progress_bar
-from cpl_masks.scoring import Scorer, batches, make_scorer
+from cpl_masks.scoring import Scorer, make_scorer
 from cpl_masks.selection import Rule, encode_scores, t_statistic, touched_entries
 from cpl_masks.split import resolve_scoring
 from cpl_masks.versions import stamp
@@ -205,188 +201,10 @@ def data_provenance(
     }
 
 
-def mean_gradients(
-    model: torch.nn.Module,
-    scorer: Scorer,
-    questions: Sequence[Question],
-    *,
-    batch_size: int = 16,
-    checkpointing: bool = True,
-    advance: Callable[[int], None] = lambda _n: None,
-) -> dict[str, torch.Tensor]:
-    """Mean gradient of the answer loss over ``questions``, one float32 tensor per named parameter.
-
-    With ``checkpointing`` each decoder layer's activations are recomputed in backward, so a batch
-    costs about one layer's activations instead of all of them; the gradients are the same. Under
-    several processes (:mod:`cpl_masks.distributed`) each rank takes its share of the questions,
-    divides by the global count and the float32 sums are all-reduced, so every rank returns the
-    single-process mean (up to the order of float additions); every rank must call it. On a model
-    sharded with FSDP2 the gradients come reduce-scattered, and each returned tensor is a DTensor
-    holding this rank's shard.
-    """
-    parameters = dict(model.named_parameters())  # deduplicates tied weights
-    buffers: dict[str, torch.Tensor] = {}
-    sharded = any(distributed.is_dtensor(parameter) for parameter in parameters.values())
-    with _gradients_into(parameters, buffers), activation_checkpointing(model, checkpointing):
-        for batch, weight in _rank_batches(questions, batch_size, equal_counts=sharded):
-            losses = scorer.loss(model, batch)  # (B,) per-question answer loss
-            scale = weight * (distributed.world_size() if sharded else 1)  # FSDP2 averages over the ranks
-            (losses.sum() * scale / len(questions)).backward()  # divided by the global count
-            advance(len(batch) * distributed.world_size() if weight else 0)
-    ordered = {name: buffers.pop(name, None) for name in parameters}  # model order
-    for name, parameter in parameters.items():
-        if ordered[name] is None:  # the loss does not reach this parameter
-            ordered[name] = torch.zeros_like(parameter, dtype=torch.float32)  # a DTensor under FSDP2
-        if not sharded:
-            distributed.all_reduce_sum(ordered[name])  # float32 sum of the ranks' partial means: the mean
-        if not _all_finite(ordered[name]):
-            raise CplError(f"profile: the gradient of {name} is not finite (loss overflow? try --dtype float32)")
-    return ordered
-
-
-@dataclass
-class GradientMoments:
-    """Per entry, the mean answer-loss gradient over a question set and its standard error."""
-
-    mean: dict[str, torch.Tensor]  # name -> float32 (param shape)
-    standard_error: dict[str, torch.Tensor]  # name -> float32: sample std of the per-question gradients / sqrt(n)
-
-
-class GradientSums:
-    """Running sums of per-question gradients and of their squares: moments of any prefix of a pass."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        parameters = dict(model.named_parameters())
-        self.count = 0
-        self.total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in parameters.items()}
-        self.squares = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in parameters.items()}
-
-    def add(self, gradient: dict[str, torch.Tensor]) -> None:
-        """Add one question's gradient (name -> tensor; a parameter it does not reach may be absent)."""
-        self.count += 1
-        for name, value in gradient.items():
-            self.total[name] += value
-            self.squares[name].addcmul_(value, value)
-
-    def moments(self) -> GradientMoments:
-        """Mean and standard error over every rank's questions so far (all-reduced; every rank must call it)."""
-        count = distributed.all_reduce_sum(torch.tensor([float(self.count)])).item()
-        if count < 2:
-            raise CplError(f"--confidence needs at least 2 questions per set for a standard error, got {count:.0f}")
-        mean, error = {}, {}
-        for name in self.total:
-            total = distributed.all_reduce_sum(self.total[name].clone())
-            squares = distributed.all_reduce_sum(self.squares[name].clone())
-            mean[name] = total / count
-            variance = (squares - count * mean[name].square()).clamp_(min=0) / (count - 1)
-            error[name] = variance.div_(count).sqrt_()
-        return GradientMoments(mean, error)
-
-
-def question_gradients(
-    model: torch.nn.Module,
-    scorer: Scorer,
-    questions: Sequence[Question],
-    *,
-    checkpointing: bool = True,
-    advance: Callable[[int], None] = lambda _n: None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's share of ``questions``, one float32 gradient (name -> tensor) per question, each valid
-    until the next is asked for."""
-    parameters = dict(model.named_parameters())
-    buffers: dict[str, torch.Tensor] = {}
-    with _gradients_into(parameters, buffers), activation_checkpointing(model, checkpointing):
-        for batch, _weight in _rank_batches(questions, 1, equal_counts=False):
-            scorer.loss(model, batch).sum().backward()
-            yield buffers
-            buffers.clear()
-            advance(distributed.world_size())
-
-
-def gradient_moments(
-    model: torch.nn.Module,
-    scorer: Scorer,
-    questions: Sequence[Question],
-    *,
-    checkpointing: bool = True,
-    advance: Callable[[int], None] = lambda _n: None,
-) -> GradientMoments:
-    """Mean gradient over ``questions`` and its standard error, from one backward pass per question.
-
-    What the confidence rule needs to tell a conflict from noise. It costs a pass per question
-    (batch 1) and two float32 sums per entry. Under several processes each rank takes its share and
-    the sums are all-reduced; a model sharded with FSDP2 is refused (:func:`check_rule_runs`).
-    """
-    sums = GradientSums(model)
-    for gradient in question_gradients(model, scorer, questions, checkpointing=checkpointing, advance=advance):
-        sums.add(gradient)
-    return sums.moments()
-
-
 def check_rule_runs(rule: Rule, wrapping: str | None) -> None:
     """Refuse, before any model loads, a rule that cannot run under the requested wrapping."""
     if rule.statistic == "t" and distributed.wrapping_for(wrapping) == "fsdp2":
         raise CplError("--confidence cannot run under --distributed fsdp2 (per-question gradients); use ddp")
-
-
-def _rank_batches(
-    questions: Sequence[Question], batch_size: int, *, equal_counts: bool
-) -> Iterator[tuple[Sequence[Question], float]]:
-    """This rank's batches of ``questions`` with their weight (1), sorted by length so batches pad less.
-
-    With ``equal_counts`` (an FSDP2 model, whose every backward is a collective) a rank with fewer
-    batches than the others ends with batches of one question at weight 0.
-    """
-    local = distributed.shard(sorted(questions, key=_text_length))
-    own = batches(local, batch_size) if local else []
-    for batch in own:
-        yield batch, 1.0
-    if equal_counts:
-        for _ in range(math.ceil(distributed.shard_size(len(questions)) / batch_size) - len(own)):
-            yield questions[:1], 0.0
-
-
-def _all_finite(gradient: torch.Tensor) -> bool:
-    """Whether every entry is finite; for a DTensor, on every rank (the answer is the same everywhere)."""
-    if not distributed.is_dtensor(gradient):
-        return bool(torch.isfinite(gradient).all())
-    bad = torch.tensor([float(not torch.isfinite(distributed.local(gradient)).all())], device=gradient.device)
-    return not distributed.all_reduce_sum(bad).item()
-
-
-def _text_length(question: Question) -> int:
-    return len(question.question) + sum(len(choice) for choice in question.choices)
-
-
-@contextlib.contextmanager
-def _gradients_into(parameters: dict[str, torch.nn.Parameter], buffers: dict[str, torch.Tensor]) -> Iterator[None]:
-    """While active, every backward adds each parameter's gradient to ``buffers[name]`` (float32)."""
-    flags = {name: parameter.requires_grad for name, parameter in parameters.items()}
-    handles = []
-    for name, parameter in parameters.items():
-        parameter.grad = None
-        parameter.requires_grad_(True)
-        handles.append(parameter.register_post_accumulate_grad_hook(_accumulator(name, buffers)))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for name, parameter in parameters.items():
-            parameter.grad = None
-            parameter.requires_grad_(flags[name])
-
-
-def _accumulator(name: str, buffers: dict[str, torch.Tensor]) -> Callable[[torch.nn.Parameter], None]:
-    def hook(parameter: torch.nn.Parameter) -> None:
-        grad = parameter.grad
-        if name in buffers:
-            buffers[name] += grad
-        else:
-            buffers[name] = grad if grad.dtype == torch.float32 else grad.float()
-        parameter.grad = None
-
-    return hook
 
 
 def _cut(

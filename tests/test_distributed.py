@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cpl_masks.gradients import mean_gradients
 from cpl_masks.masks import Mask
 from cpl_masks.methods import MethodContext
 from cpl_masks.methods.masking import StaticMask
 from cpl_masks.models import load_model, model_fingerprint
-from cpl_masks.profile import mean_gradients, profile
+from cpl_masks.profile import profile
 from cpl_masks.scoring import make_scorer
 from cpl_masks.train import TrainConfig, Trainer
 from tests.conftest import make_questions, write_rows

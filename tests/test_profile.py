@@ -11,8 +11,9 @@ import torch
 
 from cpl_masks.algebra import recut
 from cpl_masks.errors import CplError
+from cpl_masks.gradients import gradient_moments, mean_gradients
 from cpl_masks.models import load_model, model_fingerprint
-from cpl_masks.profile import gradient_moments, mean_gradients, profile, sign_agreement
+from cpl_masks.profile import profile, sign_agreement
 from cpl_masks.scoring import make_scorer
 from cpl_masks.selection import Rule, bf16_keys
 from cpl_masks.split import resolve_scoring

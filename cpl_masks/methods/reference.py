@@ -10,8 +10,8 @@ from typing import Generic, TypeVar
 import torch
 
 from cpl_masks.data import Question
+from cpl_masks.gradients import mean_gradients
 from cpl_masks.methods.base import MethodContext, RefreshOptions
-from cpl_masks.profile import mean_gradients
 from cpl_masks.signs import PackedSigns
 
 Kept = TypeVar("Kept")
