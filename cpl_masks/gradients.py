@@ -135,7 +135,8 @@ def gradient_moments(
 
     What the confidence rule needs to tell a conflict from noise. It costs a pass per question
     (batch 1) and two float32 sums per entry. Under several processes each rank takes its share and
-    the sums are all-reduced; a model sharded with FSDP2 is refused (:func:`check_rule_runs`).
+    the sums are all-reduced; a model sharded with FSDP2 is refused
+    (:func:`cpl_masks.profile.check_rule_runs`).
     """
     sums = GradientSums(model)
     for gradient in question_gradients(model, scorer, questions, checkpointing=checkpointing, advance=advance):

@@ -28,10 +28,7 @@ class PackedSigns:
     @classmethod
     def of(cls, gradients: Mapping[str, torch.Tensor]) -> PackedSigns:
         """The signs of ``gradients`` (name -> tensor)."""
-        signs = cls({}, {}, {})
-        for name, gradient in gradients.items():
-            signs.add(name, gradient)
-        return signs
+        return cls.take(dict(gradients))  # a shallow copy: the caller's tensors stay
 
     @classmethod
     def take(cls, gradients: dict[str, torch.Tensor]) -> PackedSigns:

@@ -221,22 +221,22 @@ def paired_bootstrap(
         CplError: On empty input, groups of different lengths, values other than 0/1, a
             confidence outside (0, 1) or fewer than one resample.
     """
-    return _bootstrap(_groups(a_groups, b_groups), resamples=resamples, confidence=confidence, seed=seed)
+    pairs = _groups(a_groups, b_groups)
+    return _bootstrap(_question_differences(pairs), len(pairs), resamples=resamples, confidence=confidence, seed=seed)
 
 
-def _bootstrap(pairs: _Pairs, *, resamples: int, confidence: float, seed: int) -> Interval:
-    """:func:`paired_bootstrap` on validated (a, b) pairs, one per seed."""
+def _bootstrap(differences: np.ndarray, seeds: int, *, resamples: int, confidence: float, seed: int) -> Interval:
+    """:func:`paired_bootstrap` on each question's difference summed over the ``seeds``: ``(n,)``."""
     _check_options(resamples, confidence)
-    differences = _question_differences(pairs)  # (n,) summed over the seeds
     values, counts = np.unique(differences, return_counts=True)
     draws = np.random.default_rng(seed).multinomial(differences.size, counts / differences.size, size=resamples)
     totals = draws @ values  # (resamples,) resampled count(B) − count(A)
     tail = (1.0 - confidence) / 2.0
     return Interval(
-        difference=sum(int(b_arr.sum()) - int(a_arr.sum()) for a_arr, b_arr in pairs),
+        difference=int(differences.sum()),
         low=int(np.quantile(totals, tail, method="lower")),
         high=int(np.quantile(totals, 1.0 - tail, method="higher")),
-        n=sum(int(a_arr.size) for a_arr, _ in pairs),
+        n=int(differences.size) * seeds,  # (seed, question) pairs
         confidence=float(confidence),
     )
 
@@ -265,8 +265,8 @@ def compare_paired(
         CplError: As :func:`paired_bootstrap`.
     """
     pairs = _groups(a_groups, b_groups)
-    interval = _bootstrap(pairs, resamples=resamples, confidence=confidence, seed=seed)
     differences = _question_differences(pairs)
+    interval = _bootstrap(differences, len(pairs), resamples=resamples, confidence=confidence, seed=seed)
     ahead, behind = int(np.count_nonzero(differences > 0)), int(np.count_nonzero(differences < 0))
     return PairedComparison(
         a_count=sum(int(a_arr.sum()) for a_arr, _ in pairs),
