@@ -90,6 +90,16 @@ def _build_tokenizer(folder: Path, chat: bool):
     return fast
 
 
+TINY_DIMENSIONS = {  # the tiny test models' shape, whatever their architecture
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+
+
 def build_tiny_model(folder: Path, *, chat: bool = True, seed: int = 0) -> Path:
     """Write a 2-layer, width-64 random Llama and a small BPE tokenizer to ``folder``."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -97,12 +107,7 @@ def build_tiny_model(folder: Path, *, chat: bool = True, seed: int = 0) -> Path:
     tokenizer = _build_tokenizer(folder, chat)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **TINY_DIMENSIONS,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -19,7 +19,7 @@ from cpl_masks.scoring import (
     pad_left,
     score_questions,
 )
-from tests.conftest import make_questions, write_rows
+from tests.conftest import TINY_DIMENSIONS, make_questions, write_rows
 
 QUESTIONS = make_questions(12, seed=3)
 LONG_ROW = {"id": "long", "question": "the " * 600, "choices": ["paris", "rome"], "answer": "A"}  # > 512 tokens
@@ -322,13 +322,8 @@ def test_sliding_window_layers_get_the_window_in_their_mask(tiny):
 
     config = Gemma3TextConfig(
         vocab_size=len(tiny.tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DIMENSIONS,
         head_dim=16,
-        max_position_embeddings=512,
         sliding_window=16,
         layer_types=["sliding_attention", "full_attention"],
         pad_token_id=tiny.tokenizer.pad_token_id,
