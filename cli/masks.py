@@ -23,6 +23,7 @@ from cpl_masks.cli.common import (
     say,
     stdout,
 )
+from cpl_masks.cli.retain import KINDS, check_retain_options, make_retain_set, print_retain
 from cpl_masks.controls import CONTROLS, control_mask
 from cpl_masks.data import load_questions
 from cpl_masks.errors import CplError
@@ -102,6 +103,13 @@ def profile(
             "gradient sums) or fsdp2 (sharded model and gradients; --rule sign only).",
         ),
     ] = None,
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="mask (a freeze mask from --mastered and --inject) or retain (a retain set: the signs of g_M "
+            "over --mastered alone, for train --retain; reusable for any task on these weights).",
+        ),
+    ] = "mask",
     dtype: DtypeOption = "float32",
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
@@ -109,10 +117,13 @@ def profile(
     """Measure which parameters conflict with what the model masters, and save the freeze mask.
 
     --rule random|gradient-magnitude --like MASK: a control with MASK's count in every tensor instead.
+    --kind retain: the signs of g_M over --mastered, for the per-step rule (train --retain).
     Under torchrun (or accelerate launch) each rank profiles its share and rank 0 saves and registers.
 
     Example: cpl-masks profile --mastered runs/split/mastered.jsonl --inject runs/split/inject.jsonl
     """
+    if kind not in KINDS:
+        raise CplError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
     sign_only = {
         "--threshold": threshold,
         "--keep-fraction": keep_fraction,
@@ -121,6 +132,25 @@ def profile(
         "--save-scores": save_scores or None,
         "--confidence": confidence,
     }
+    if kind == "retain":
+        given = {**sign_only, "--like": like, "--rule": None if rule == "sign" else rule}
+        check_retain_options(
+            inject=inject, mastered=mastered, given={**given, "--distributed fsdp2": wrapping == "fsdp2" or None}
+        )
+        _profile_retain(
+            mastered,
+            model=model,
+            scoring=scoring,
+            batch_size=batch_size,
+            checkpointing=checkpointing,
+            task=name,
+            out=out,
+            overwrite=overwrite,
+            dtype=dtype,
+            device=device,
+            threads=threads,
+        )
+        return
     check_rule_options(rule, like, mastered=mastered, inject=inject, sign_only={**sign_only, "--distributed": wrapping})
     distributed.wrapping_for(wrapping)  # refuses an unknown name before any model loads
     cut = Rule.from_options(
@@ -156,6 +186,23 @@ def profile(
         wrapping=wrapping,
     )
     distributed.on_main(lambda: _report_and_save(mask, out, task=name, registry=registry, overwrite=overwrite))
+
+
+def _profile_retain(mastered: Path, *, task: str | None, out: Path | None, overwrite: bool, **loading: Any) -> None:
+    """``profile --kind retain``: the checks, then the pass over the questions; rank 0 saves and registers."""
+    if task is not None:
+        check_task(task)
+    registry = Registry()
+    check_outputs(out, overwrite, registry, inputs=[mastered])
+    distributed.setup(loading["device"])
+    stdout.quiet = not distributed.is_main()
+    retain = make_retain_set(mastered, task=task, **loading)
+
+    def save() -> None:
+        print_retain(retain)
+        save_and_register(retain, out, task=task, registry=registry, overwrite=overwrite)
+
+    distributed.on_main(save)
 
 
 def _report_and_save(mask: Mask, out: Path | None, *, task: str | None, registry: Registry, overwrite: bool) -> None:
@@ -267,6 +314,11 @@ def inspect(
     if plot is not None:
         check_output_file(plot, overwrite=overwrite, inputs=[path], option="--plot")
     loaded = Mask.load(path, scores=False)
+    if loaded.kind == "retain":
+        if plot is not None:
+            raise CplError(f"--plot: {loaded.id[:12]} is a retain set; the heatmap draws a freeze mask's shares")
+        _inspect_retain(loaded, as_json)
+        return
     summary = summarize(loaded)
     if plot is not None:
         with atomic_write(plot, "wb", replace=overwrite) as handle:
@@ -277,6 +329,15 @@ def inspect(
         return
     print_provenance(loaded)
     print_summary(loaded, summary)
+
+
+def _inspect_retain(retain: Mask, as_json: bool) -> None:
+    if as_json:
+        metadata = {key: value for key, value in retain.metadata.items() if key != "retain"}
+        print_json({"id": retain.id, "kind": retain.kind, "metadata": metadata})
+        return
+    print_provenance(retain)
+    print_retain(retain)
 
 
 @reports_errors
@@ -362,7 +423,7 @@ def _print_saved(mask: Mask, out: Path | None, registered: str, *, first_name: s
     where += [f"registered as {registered}"]
     if first_name != registered:
         where += [f"the same bits as {first_name}, registered before"]
-    say(f"mask {mask.id[:12]}: {', '.join(where)}")
+    say(f"{'retain set' if mask.kind == 'retain' else 'mask'} {mask.id[:12]}: {', '.join(where)}")
 
 
 def print_provenance(mask: Mask) -> None:

@@ -116,6 +116,13 @@ def train(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder for the run.")] = None,
     mask: Annotated[str | None, typer.Option(help="Freeze mask: file, id, name@vN or name (static CPL).")] = None,
     mode: Annotated[str | None, typer.Option(help=MODE_HELP)] = None,
+    retain: Annotated[
+        str | None,
+        typer.Option(
+            help="Retain set (profile --kind retain): file, id, name@vN or name; trains with the per-step rule, "
+            "starting from its stored signs and refreshing them from its questions.",
+        ),
+    ] = None,
     heldout: Annotated[
         str | None, typer.Option(help="Held-out mastered set, to measure forgetting on unseen questions.")
     ] = None,
@@ -212,6 +219,7 @@ def train(
             model=model,
             mask=mask,
             mode=mode,
+            retain=retain,
             method_options=method_options or {},
             scoring=scoring,
             force=force,

@@ -3,13 +3,14 @@
 The pipeline, one module per stage: :mod:`~cpl_masks.data` (question sets), :mod:`~cpl_masks.models`
 (loading and fingerprints), :mod:`~cpl_masks.scoring` (answers and the answer loss),
 :mod:`~cpl_masks.split` (mastered vs. to-inject, and a forgetting pool), :mod:`~cpl_masks.profile`
-(gradients into a mask), :mod:`~cpl_masks.masks` (the mask file), :mod:`~cpl_masks.methods`,
+(gradients into a mask), :mod:`~cpl_masks.retain` (a retain set: the signs of g_M, reusable across
+tasks), :mod:`~cpl_masks.masks` (the file format of both), :mod:`~cpl_masks.methods`,
 :mod:`~cpl_masks.train` and :mod:`~cpl_masks.training_run` (one loop for every method),
 :mod:`~cpl_masks.evaluate` (learned and forgotten, question by question), :mod:`~cpl_masks.sweep`
 (every method at every learning rate) and :mod:`~cpl_masks.sweep_report` (its points, budget and
 paired comparisons, with :mod:`~cpl_masks.stats`), :mod:`cpl_masks.registry` (provenance),
-:mod:`~cpl_masks.hub` (push and pull) and :mod:`~cpl_masks.integrations` (a mask in transformers'
-``Trainer``, TRL or any loop).
+:mod:`~cpl_masks.hub` (push and pull), :mod:`~cpl_masks.integrations` (a mask in transformers'
+``Trainer``, TRL or any loop) and :mod:`~cpl_masks.sign_rule` (a retain set's per-step rule there).
 """
 
 from cpl_masks.algebra import combine, recut
@@ -17,15 +18,17 @@ from cpl_masks.controls import gradient_magnitude_mask, random_mask
 from cpl_masks.data import FieldNames, Question, load_questions, questions_sha256, write_questions
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import compare_outcomes, question_outcomes, read_question_records
-from cpl_masks.integrations import MaskHandle, apply_mask, load_mask
+from cpl_masks.integrations import MaskHandle, apply, apply_mask, load_mask
 from cpl_masks.mask_stats import diff, summarize
 from cpl_masks.masks import Mask, read_header
 from cpl_masks.methods import METHODS, Method, MethodContext, make_method
 from cpl_masks.models import DEFAULT_MODEL, LoadedModel, load_model, model_fingerprint
 from cpl_masks.profile import profile
+from cpl_masks.retain import profile_retain, retain_questions
 from cpl_masks.run_request import RunRequest
 from cpl_masks.scoring import SCORINGS, Scores, make_scorer, score_questions
 from cpl_masks.selection import Rule
+from cpl_masks.sign_rule import SignRuleHandle, apply_retain
 from cpl_masks.split import Split, forgetting_pool, split_questions, write_split
 from cpl_masks.stats import compare_paired, mcnemar_exact, paired_bootstrap
 from cpl_masks.sweep import run_sweep
@@ -39,7 +42,7 @@ __version__ = "0.1.0"
 # The file format (masks.py) is the lowest layer and imports nothing above it; the loaders that
 # reach the registry and the Hub are attached here, where the whole package is in place.
 Mask.from_ref = staticmethod(load_mask)  # type: ignore[attr-defined]
-Mask.apply = apply_mask  # type: ignore[attr-defined]
+Mask.apply = apply  # type: ignore[attr-defined]
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -56,10 +59,13 @@ __all__ = [
     "Rule",
     "RunRequest",
     "Scores",
+    "SignRuleHandle",
     "Split",
     "SweepConfig",
     "TrainConfig",
     "__version__",
+    "apply_mask",
+    "apply_retain",
     "combine",
     "compare_outcomes",
     "compare_paired",
@@ -74,6 +80,7 @@ __all__ = [
     "model_fingerprint",
     "paired_bootstrap",
     "profile",
+    "profile_retain",
     "question_outcomes",
     "questions_sha256",
     "random_mask",
@@ -81,6 +88,7 @@ __all__ = [
     "read_question_records",
     "recut",
     "resume_run",
+    "retain_questions",
     "run_sweep",
     "score_questions",
     "split_questions",

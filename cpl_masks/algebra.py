@@ -26,6 +26,8 @@ def combine(masks: Sequence[Mask], op: str) -> Mask:
     """
     if op not in OPERATIONS:
         raise CplError(f"--op {op}: choose one of {', '.join(OPERATIONS)}")
+    for mask in masks:
+        mask.require_kind("mask", "combine")
     if len(masks) < 2:
         raise CplError("combine needs at least two masks")
     first = masks[0]
@@ -51,6 +53,7 @@ def recut(mask: Mask, *, threshold: float | None = None, keep_fraction: float | 
     the touched-collaborative counts of the new bits. The result records ``parents`` (the mask's
     id) and ``recut_of``, so it is filed as a re-cut.
     """
+    mask.require_kind("mask", "threshold")
     if mask.scores is None:
         raise CplError(f"mask {mask.id[:12]} has no stored scores; profile it again with --save-scores")
     previous = mask.metadata.get("rule") or {}

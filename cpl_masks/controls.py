@@ -70,6 +70,7 @@ def control_mask(
         batch_size: questions per forward/backward pass (gradient-magnitude).
         show_progress: show a progress bar over the injection set.
     """
+    like.require_kind("mask", "--like")
     if rule == "random":
         return random_mask(like, seed=seed, task=task)
     if rule != "gradient-magnitude":

@@ -121,6 +121,17 @@ def load_questions(
     rows, name = _read_rows(source, split)
     if limit is not None:
         rows = rows[:limit]
+    return _parse_rows(rows, name, fields)
+
+
+def parse_questions(records: Any, name: str) -> list[Question]:
+    """Validate canonical question records held elsewhere (a retain set's metadata), as a file's rows are."""
+    if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+        raise CplError(f"{name}: the questions are not a list of objects")
+    return _parse_rows(_numbered(records), name, FieldNames())
+
+
+def _parse_rows(rows: list[tuple[int, dict]], name: str, fields: FieldNames) -> list[Question]:
     if not rows:
         raise CplError(f"{name}: no questions (the data is empty)")
     questions = [_parse_row(row, number, name, fields) for number, row in rows]

@@ -73,8 +73,9 @@ def push(
         MASK_FILENAME: path,
         "README.md": model_card(mask, name, repo_id).encode(),
         PROVENANCE_FILENAME: json.dumps(provenance(mask, name), indent=2, sort_keys=True).encode(),
-        FIGURE_FILENAME: per_layer_figure(mask),
     }
+    if mask.kind == "mask":  # a retain set has no collaborative shares to draw
+        files[FIGURE_FILENAME] = per_layer_figure(mask)
     operations = [CommitOperationAdd(path_in_repo=key, path_or_fileobj=value) for key, value in files.items()]
     with hub_errors("push", repo_id):
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -216,9 +217,10 @@ def provenance(mask: Mask, name: str) -> dict[str, Any]:
     """What ``provenance.json`` holds: the id, the registry name it was pushed as, and the header metadata."""
     return {
         "id": mask.id,
+        "kind": mask.kind,
         "name": name,
         "entries": mask.entries,
-        "collaborative_share": mask.collaborative_share(),
+        "collaborative_share": mask.collaborative_share() if mask.kind == "mask" else None,
         "metadata": mask.metadata,
     }
 
@@ -261,7 +263,7 @@ def model_card(mask: Mask, name: str, repo_id: str) -> str:
         ("model", model.get("ref")),
         ("model fingerprint", model.get("fingerprint")),
         ("entries", mask.entries),
-        ("collaborative share", f"{mask.collaborative_share():.2%}"),
+        ("collaborative share", f"{mask.collaborative_share():.2%}" if mask.kind == "mask" else None),
         ("task", metadata.get("task")),
         ("scoring", metadata.get("scoring")),
         ("rule", json.dumps(metadata.get("rule"))),
@@ -272,6 +274,8 @@ def model_card(mask: Mask, name: str, repo_id: str) -> str:
         if isinstance(entry, dict):
             rows.append((f"data: {key}", f"{entry.get('rows')} rows, sha256 {str(entry.get('sha256'))[:16]}…"))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows if value not in (None, "null"))
+    if mask.kind == "retain":
+        return _retain_card(front, name, repo_id, table, model.get("ref"))
     return f"""---
 {front}
 ---
@@ -299,6 +303,37 @@ Full provenance: [`{PROVENANCE_FILENAME}`]({PROVENANCE_FILENAME}).
 ```bash
 cpl-masks pull {repo_id} --name {name.split("@")[0].split("/")[-1]}
 cpl-masks train --mask {name.split("@")[0]} --model {model.get("ref")} --data new_facts.jsonl --out runs/new
+```
+"""
+
+
+def _retain_card(front: str, name: str, repo_id: str, table: str, model: str | None) -> str:
+    """README.md of a retain set: what it holds and how to train with it."""
+    return f"""---
+{front}
+---
+
+# cpl-masks retain set `{name}`
+
+A cpl-masks retain set (Collaborative Parameter Learning, arXiv 2601.21577): the signs of the mean
+answer-loss gradient over questions the model must keep (two bits per weight of the base model),
+and the questions themselves. Training with it keeps only the entries of each step's gradient that
+agree in sign with it, refreshing the signs from its questions as the weights move.
+
+## Provenance
+
+| field | value |
+|---|---|
+{table}
+
+Full provenance: [`{PROVENANCE_FILENAME}`]({PROVENANCE_FILENAME}).
+
+## How to use it
+
+```bash
+cpl-masks pull {repo_id} --name {name.split("@")[0].split("/")[-1].removesuffix(".retain")}
+cpl-masks train --retain {name.split("@")[0]} --model {model} \\
+    --data new_facts.jsonl --mastered kept.jsonl --out runs/new
 ```
 """
 

@@ -51,6 +51,7 @@ import torch
 
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
+from cpl_masks.sign_rule import SignRuleHandle, apply_retain
 
 if TYPE_CHECKING:
     from cpl_masks.registry import Registry
@@ -212,6 +213,16 @@ class MaskHandle:
             parameter.requires_grad_(flag)
 
 
+def apply(mask: Mask, target: Any, optimizer: Any = None, **options: Any) -> MaskHandle | SignRuleHandle:
+    """``mask.apply(target)``: a freeze mask through :func:`apply_mask`, a retain set through
+    :func:`~cpl_masks.sign_rule.apply_retain` (which takes ``tokenizer=`` and ``refresh_every=``)."""
+    if mask.kind == "retain":
+        if optimizer is not None:
+            raise CplError("apply: a retain set steers gradients; it takes no optimizer")
+        return apply_retain(mask, target, **options)
+    return apply_mask(mask, target, optimizer, **options)
+
+
 def apply_mask(
     mask: Mask,
     target: Any,
@@ -237,6 +248,7 @@ def apply_mask(
         CplError: the target is neither, its parameters are sharded, the mask does not fit it or
             was profiled on other weights, it already carries a mask, or nothing would train.
     """
+    mask.require_kind("mask", "apply_mask")
     trainer = target if _is_trainer(target) else None
     model = trainer.model if trainer is not None else target
     if not isinstance(model, torch.nn.Module):

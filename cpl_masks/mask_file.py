@@ -24,9 +24,15 @@ import torch
 from cpl_masks.errors import CplError
 
 FORMAT_NAME = "cpl-mask"
-FORMAT_VERSION = "1.0"
+# A retain set (``kind``) is written as 2.0, so a reader of 1.x refuses it rather than take it for a
+# freeze mask; a plain mask is still written as 1.0, readable by every release.
+FORMAT_VERSION = "2.0"
+PLAIN_MASK_VERSION = "1.0"
+READABLE_MAJORS = ("1", "2")
 HEADER_KEY = "cpl_mask"
 SCORES_PREFIX = "scores/"
+NEGATIVE_PREFIX = "negative/"  # a retain set's second plane: where g_M < 0
+KINDS = ("mask", "retain")
 SCORES_HASH_KEY = "scores_sha256"
 _MAX_HEADER_BYTES = 100_000_000
 _MAX_DIMS, _MAX_SIZE = 16, 2**40  # bounds of a shape in a mask file
@@ -47,7 +53,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     header = _cpl_header(path, raw.pop("__metadata__", None))
     _check_header_types(path, header)
     _check_metadata(path, header["metadata"], header["shapes"])
-    _check_tensor_layout(path, raw, header["shapes"], with_scores=header["scores"])
+    _check_tensor_layout(path, raw, header["shapes"], with_scores=header["scores"], kind=header["kind"])
     return header
 
 
@@ -65,14 +71,20 @@ def _cpl_header(path: Path, metadata: Any) -> dict[str, Any]:
         found = header.get("format") if isinstance(header, dict) else None
         raise CplError(f"{path}: unknown mask format {_short(found)} (expected {FORMAT_NAME!r})")
     version = header.get("version")
-    if not isinstance(version, str) or version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+    if not isinstance(version, str) or not _readable_version(version):
         raise CplError(
-            f"{path}: mask format version {_short(version)} is not supported (this tool reads {FORMAT_VERSION})"
+            f"{path}: mask format version {_short(version)} is not supported (this tool reads up to {FORMAT_VERSION})"
         )
+    header.setdefault("kind", "mask")
     missing = [key for key in ("id", "shapes", "scores", "metadata") if key not in header]
     if missing:
         raise CplError(f"{path}: mask header lacks {', '.join(missing)}")
     return header
+
+
+def _readable_version(version: str) -> bool:
+    """A major version this tool reads; a newer minor one only adds fields, which are kept and never read."""
+    return version.split(".")[0] in READABLE_MAJORS
 
 
 def _parse_json(path: Path, text: str | bytes, what: str) -> Any:
@@ -100,6 +112,10 @@ def _check_header_types(path: Path, header: dict[str, Any]) -> None:
         raise CplError(f"{path}: mask header 'metadata' is not an object")
     if not isinstance(header["scores"], bool):
         raise CplError(f"{path}: mask header 'scores' is not true or false")
+    if header["kind"] not in KINDS:
+        raise CplError(f"{path}: mask header 'kind' is {_short(header['kind'])}, not one of {', '.join(KINDS)}")
+    if header["kind"] == "retain" and header["scores"]:
+        raise CplError(f"{path}: a retain set holds signs, not scores ('scores' must be false)")
     shapes = header["shapes"]
     if not isinstance(shapes, dict):
         raise CplError(f"{path}: mask header 'shapes' is not an object of parameter name to shape")
@@ -107,7 +123,7 @@ def _check_header_types(path: Path, header: dict[str, Any]) -> None:
         if not _is_shape(shape):
             shown = _short(shape)
             raise CplError(f"{path}: mask header shape of {name} is {shown}, not a list of non-negative integers")
-        if name.startswith(SCORES_PREFIX) or not name:
+        if name.startswith((SCORES_PREFIX, NEGATIVE_PREFIX)) or not name:
             raise CplError(
                 f"{path}: mask header names a parameter {_short(name, 200)}, which no parameter can be named"
             )
@@ -138,6 +154,7 @@ _METADATA_TYPES: dict[str, type] = {
     "profile": dict,
     "tensors": dict,
     "versions": dict,
+    "retain": dict,
     SCORES_HASH_KEY: str,
 }
 _MODEL_FIELDS = ("ref", "fingerprint", "fingerprint_bf16", "dtype")
@@ -214,17 +231,21 @@ def _is_json_type(value: Any, expected: type) -> bool:
     return value is None or (isinstance(value, expected) and not isinstance(value, bool))
 
 
-def _check_tensor_layout(path: Path, raw: dict[str, Any], shapes: dict[str, Any], *, with_scores: bool) -> None:
-    """Every parameter's packed bits (and scores, when the header says so) stored at the size its shape needs.
+def _check_tensor_layout(
+    path: Path, raw: dict[str, Any], shapes: dict[str, Any], *, with_scores: bool, kind: str = "mask"
+) -> None:
+    """Every parameter's packed bits (and scores, or a retain set's second plane) stored at the size its shape needs.
 
     ``raw`` maps tensor names to their (already validated) safetensors entries; a tensor that is
-    neither a parameter's bits nor its scores is refused too.
+    none of these is refused too.
     """
     expected: dict[str, tuple[str, list[int]]] = {}
     for name, shape in shapes.items():
         expected[name] = ("U8", [(math.prod(shape) + 7) // 8])  # (ceil(n/8),) uint8 packed bits
         if with_scores:
             expected[SCORES_PREFIX + name] = ("BF16", list(shape))  # parameter shape, bfloat16 scores
+        if kind == "retain":
+            expected[NEGATIVE_PREFIX + name] = expected[name]  # the plane where g_M < 0
     missing = [name for name in expected if name not in raw]
     if missing:
         raise CplError(f"{path}: mask file lacks tensor {missing[0]} ({len(missing)} missing)")
@@ -233,8 +254,9 @@ def _check_tensor_layout(path: Path, raw: dict[str, Any], shapes: dict[str, Any]
         raise CplError(f"{path}: mask file holds tensor {_short(extra[0], 200)}, which its header does not list")
     for name, (dtype, shape) in expected.items():
         entry = raw[name]
-        if name in shapes and (entry["dtype"], entry["shape"]) != (dtype, shape):
-            raise CplError(f"{path}: tensor {name} is not {shape[0]} packed bytes for shape {shapes[name]}")
+        parameter = name.removeprefix(NEGATIVE_PREFIX)
+        if dtype == "U8" and (entry["dtype"], entry["shape"]) != (dtype, shape):
+            raise CplError(f"{path}: tensor {name} is not {shape[0]} packed bytes for shape {shapes[parameter]}")
         if (entry["dtype"], entry["shape"]) != (dtype, shape):
             raise CplError(f"{path}: tensor {name} is {entry['dtype']} {entry['shape']}, not {dtype} {shape}")
 
@@ -312,11 +334,17 @@ def _tensor_range(path: Path, name: str, entry: Any) -> tuple[int, int]:
     return offsets[0], offsets[1]
 
 
-def read_tensors(path: Path, shapes: Mapping[str, tuple[int, ...]], *, with_scores: bool) -> dict[str, torch.Tensor]:
-    """Read the packed tensors (and the scores if asked), as a one-line error if anything is missing."""
+def read_tensors(
+    path: Path, shapes: Mapping[str, tuple[int, ...]], *, with_scores: bool, with_negative: bool = False
+) -> dict[str, torch.Tensor]:
+    """Read the packed tensors (and the scores, or a retain set's negative plane, if asked).
+
+    A missing tensor is a one-line error.
+    """
     from safetensors import SafetensorError, safe_open
 
     wanted = list(shapes) + ([SCORES_PREFIX + name for name in shapes] if with_scores else [])
+    wanted += [NEGATIVE_PREFIX + name for name in shapes] if with_negative else []
     try:
         with safe_open(str(path), framework="pt") as handle:
             present = set(handle.keys())

@@ -76,6 +76,8 @@ def layer_module_grid(mask: Mask) -> dict[str, dict[str, dict[str, Any]]]:
 
 def diff(first: Mask, second: Mask) -> dict[str, Any]:
     """Agreement (share of equal bits) and Jaccard of the collaborative sets, overall, by module and layer."""
+    for mask in (first, second):
+        mask.require_kind("mask", "diff")
     if first.shapes != second.shapes:
         different = [name for name in first.shapes if second.shapes.get(name) != first.shapes[name]]
         different += [name for name in second.shapes if name not in first.shapes]

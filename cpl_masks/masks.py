@@ -1,6 +1,6 @@
 """The freeze-mask file: one safetensors file holding which parameter entries may be trained.
 
-Layout (format ``cpl-mask``, version ``1.0``):
+Layout (format ``cpl-mask``, version ``1.0``; version ``2.0`` adds the retain set, below):
 
 * one ``uint8`` tensor per model parameter, named like the parameter, of ``ceil(n / 8)`` bytes for
   a parameter of ``n`` entries. The parameter is flattened in row-major (C) order and its bits are
@@ -20,8 +20,18 @@ Layout (format ``cpl-mask``, version ``1.0``):
   package versions, creation time, counts, parents of a combined mask, ``recut_of`` of a re-cut).
 
 The content id is the sha256, over the parameter names in sorted order, of
-``"<name>|<shape as comma-separated ints>\\n"`` followed by that parameter's packed bytes. It
-names the mask, is independent of the order tensors were added in, and is checked on load.
+``"<name>|<shape as comma-separated ints>\\n"`` followed by that parameter's packed bytes (and,
+in a retain set, its negative plane's). It names the mask, is independent of the order tensors
+were added in, and is checked on load.
+
+**Retain sets** (``"kind": "retain"`` in the header; version ``2.0``, which readers of 1.x refuse)
+hold sign(g_M), the mean answer-loss gradient over a set of questions the model must keep, at the
+weights it was profiled on: what the per-step rule (``--mode dynamic``) steers by. Per parameter,
+two planes packed like a mask's bits: ``<name>`` where g_M > 0 and ``negative/<name>`` where
+g_M < 0 (both 0: g_M = 0). No scores. The metadata's ``retain.questions`` holds the questions
+themselves (canonical records, hashed as ``data.mastered.sha256``), so a pulled retain set can be
+refreshed. A retain set is never a freeze mask: the commands that train through a mask refuse it,
+and the reverse.
 """
 
 from __future__ import annotations
@@ -45,11 +55,14 @@ from cpl_masks.mask_file import (
     FORMAT_NAME,
     FORMAT_VERSION,
     HEADER_KEY,
+    NEGATIVE_PREFIX,
+    PLAIN_MASK_VERSION,
     SCORES_HASH_KEY,
     SCORES_PREFIX,
     read_header,
     read_tensors,
 )
+from cpl_masks.signs import PackedSigns
 
 
 def scores_sha256(scores: Mapping[str, torch.Tensor]) -> str:
@@ -68,12 +81,18 @@ def check_finite_scores(scores: Mapping[str, torch.Tensor], where: str) -> None:
             raise CplError(f"{where}: the stored scores of {name} are not all finite (the file is corrupted)")
 
 
-def content_id(packed: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> str:
+def content_id(
+    packed: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    negative: Mapping[str, torch.Tensor] | None = None,
+) -> str:
     """The mask's content id: sha256 over sorted names, shapes and packed bits (see module docstring)."""
     digest = hashlib.sha256()
     for name in sorted(shapes):
         digest.update(f"{name}|{','.join(str(size) for size in shapes[name])}\n".encode())
         digest.update(packed[name].numpy().tobytes())
+        if negative is not None:
+            digest.update(negative[name].numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -85,6 +104,7 @@ class Mask:
     shapes: dict[str, tuple[int, ...]]  # name -> parameter shape, in model order
     metadata: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, torch.Tensor] | None = None  # name -> bfloat16 s = g_M ⊙ g_I, parameter shape
+    negative: dict[str, torch.Tensor] | None = None  # a retain set: name -> packed plane where g_M < 0
 
     @classmethod
     def from_bool(
@@ -106,6 +126,42 @@ class Mask:
         mask.metadata["counts"] = counts
         return mask
 
+    @classmethod
+    def from_signs(cls, signs: PackedSigns, metadata: dict[str, Any]) -> Mask:
+        """A retain set: ``signs`` (sign(g_M), two planes per tensor) with its metadata."""
+        shapes = {name: tuple(shape) for name, shape in signs.shapes.items()}
+        positive = {name: plane.cpu() for name, plane in signs.positive.items()}
+        negative = {name: plane.cpu() for name, plane in signs.negative.items()}
+        entries = sum(int(np.prod(shape, dtype=np.int64)) for shape in shapes.values())
+        counts = {
+            "entries": entries,
+            "positive": sum(count_set_bits(plane) for plane in positive.values()),
+            "negative": sum(count_set_bits(plane) for plane in negative.values()),
+        }
+        return cls(positive, shapes, {**metadata, "counts": counts}, negative=negative)
+
+    @property
+    def kind(self) -> str:
+        """``mask`` (a freeze mask) or ``retain`` (a retain set: the signs of g_M)."""
+        return "mask" if self.negative is None else "retain"
+
+    def require_kind(self, kind: str, where: str) -> None:
+        """Refuse a retain set where a freeze mask is wanted, and the reverse, naming ``where`` it was given."""
+        if self.kind == kind:
+            return
+        if kind == "retain":
+            raise CplError(f"{where}: mask {self.id[:12]} is a freeze mask, not a retain set (give it as --mask)")
+        raise CplError(
+            f"{where}: {self.id[:12]} is a retain set (the signs of g_M), not a freeze mask "
+            "(give it as --retain, with --mode dynamic)"
+        )
+
+    def signs(self) -> PackedSigns:
+        """A retain set's sign(g_M), as the per-step rule holds it."""
+        self.require_kind("retain", "signs")
+        assert self.negative is not None
+        return PackedSigns(dict(self.packed), dict(self.negative), {n: torch.Size(s) for n, s in self.shapes.items()})
+
     @property
     def names(self) -> list[str]:
         """Parameter names, in model order."""
@@ -114,7 +170,7 @@ class Mask:
     @functools.cached_property
     def id(self) -> str:
         """The content id (hex sha256 of names, shapes and bits)."""
-        return content_id(self.packed, self.shapes)
+        return content_id(self.packed, self.shapes, self.negative)
 
     @property
     def entries(self) -> int:
@@ -143,9 +199,11 @@ class Mask:
 
     def header(self) -> dict[str, Any]:
         """The JSON object stored under the ``cpl_mask`` header key."""
+        kind = {} if self.kind == "mask" else {"kind": self.kind}
         return {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": PLAIN_MASK_VERSION if self.kind == "mask" else FORMAT_VERSION,
+            **kind,
             "id": self.id,
             "shapes": {name: list(shape) for name, shape in self.shapes.items()},
             "scores": self.scores is not None,
@@ -163,6 +221,8 @@ class Mask:
         tensors = dict(self.packed)
         if self.scores is not None:
             tensors.update({SCORES_PREFIX + name: tensor.contiguous() for name, tensor in self.scores.items()})
+        if self.negative is not None:
+            tensors.update({NEGATIVE_PREFIX + name: plane for name, plane in self.negative.items()})
         payload = save(tensors, metadata={HEADER_KEY: json.dumps(self.header(), ensure_ascii=False)})
         with atomic_write(path, "wb", replace=overwrite) as handle:
             handle.write(payload)
@@ -174,14 +234,20 @@ class Mask:
         header = read_header(path)
         shapes = {name: tuple(shape) for name, shape in header["shapes"].items()}
         with_scores = bool(scores and header["scores"])
-        tensors = read_tensors(Path(path), shapes, with_scores=with_scores)
+        retain = header["kind"] == "retain"
+        tensors = read_tensors(Path(path), shapes, with_scores=with_scores, with_negative=retain)
+        planes = [""] + ([NEGATIVE_PREFIX] if retain else [])
+        for prefix in planes:
+            for name, shape in shapes.items():
+                expected, tensor = packed_size(int(np.prod(shape, dtype=np.int64))), tensors[prefix + name]
+                if tensor.dtype != torch.uint8 or tuple(tensor.shape) != (expected,):
+                    raise CplError(
+                        f"{path}: tensor {prefix}{name} is not {expected} packed bytes for shape {list(shape)}"
+                    )
         packed = {name: tensors[name] for name in shapes}
-        for name, shape in shapes.items():
-            expected = packed_size(int(np.prod(shape, dtype=np.int64)))
-            if packed[name].dtype != torch.uint8 or tuple(packed[name].shape) != (expected,):
-                raise CplError(f"{path}: tensor {name} is not {expected} packed bytes for shape {list(shape)}")
+        negative = {name: tensors[NEGATIVE_PREFIX + name] for name in shapes} if retain else None
         stored = {name: tensors[SCORES_PREFIX + name] for name in shapes} if with_scores else None
-        mask = cls(packed=packed, shapes=shapes, metadata=header["metadata"], scores=stored)
+        mask = cls(packed=packed, shapes=shapes, metadata=header["metadata"], scores=stored, negative=negative)
         if mask.id != header["id"]:
             raise CplError(
                 f"{path}: content id mismatch (file says {header['id'][:12]}, bits give {mask.id[:12]}); "

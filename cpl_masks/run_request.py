@@ -27,7 +27,8 @@ class RunRequest:
     model: str
     heldout: str | None = None
     mask: str | None = None  # as given: a path, an id, name@vN or name
-    mode: str | None = None  # a name of cpl_masks.methods.METHODS (mask when --mask is given)
+    mode: str | None = None  # a name of cpl_masks.methods.METHODS (mask when --mask is given, dynamic with --retain)
+    retain: str | None = None  # a retain set, referred to as a mask is: its signs start the per-step rule
     method_options: dict[str, Any] = field(default_factory=dict)  # the method's own options, by field name
     scoring: str | None = None  # default: the mask's, else split.json's, else letter
     force: bool = False
@@ -57,10 +58,25 @@ class RunRequest:
         if self.track_drift and self.config.distributed == "fsdp2":
             raise CplError("--track-drift needs whole gradients: use --distributed ddp with it, not fsdp2")
 
+    @property
+    def artifact(self) -> str | None:
+        """The stored selection the run reads: its freeze mask or its retain set (at most one is given)."""
+        return self.mask if self.mask is not None else self.retain
+
+    @property
+    def artifact_option(self) -> str:
+        """The option that gave :attr:`artifact`, for messages: ``--mask`` or ``--retain``."""
+        return "--retain" if self.retain is not None else "--mask"
+
     def resolved_mode(self) -> str:
         """The training mode, refusing contradictory or missing choices."""
         if self.mode is not None and self.mode not in METHODS:
             raise CplError(f"--mode {self.mode}: choose one of {', '.join(METHODS)}")
+        if self.retain is not None:
+            if self.mask is not None or self.mode not in (None, "dynamic"):
+                given = "--mask" if self.mask is not None else f"--mode {self.mode}"
+                raise CplError(f"--retain trains with the per-step rule (--mode dynamic); it excludes {given}")
+            return "dynamic"
         if self.mask is not None:
             if self.mode not in (None, "mask"):
                 raise CplError(f"--mask and --mode {self.mode} exclude each other; give one of them")

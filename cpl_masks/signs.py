@@ -56,6 +56,14 @@ class PackedSigns:
             torch.int8
         )
 
+    def to(self, device: torch.device | str) -> PackedSigns:
+        """The same signs with their planes on ``device`` (the gradients' device)."""
+
+        def moved(planes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {name: plane.to(device) for name, plane in planes.items()}
+
+        return PackedSigns(moved(self.positive), moved(self.negative), dict(self.shapes))
+
     def nbytes(self) -> int:
         """Bytes the planes take in memory."""
         return sum(plane.numel() for plane in self._planes())

@@ -33,6 +33,7 @@ from cpl_masks.models import LoadedModel, load_model, model_fingerprint
 from cpl_masks.profile import peak_memory
 from cpl_masks.registry import Registry
 from cpl_masks.registry.names import run_task
+from cpl_masks.retain import retain_questions
 from cpl_masks.run_evaluation import Baseline, RunEvaluation, epoch_zero
 from cpl_masks.run_folder import (
     CHECKPOINT,
@@ -116,9 +117,9 @@ def start_run(
 def _check_out_and_mask(request: RunRequest, overwrite: bool, registry: Registry) -> str | None:
     """Find the mask of a run with one (checking the registry, which records it), then check the output folder."""
     mask_path = None
-    if request.mask is not None:
+    if request.artifact is not None:
         registry.check()
-        mask_path = str(registry.resolve(request.mask).resolve())
+        mask_path = str(registry.resolve(request.artifact).resolve())
     check_out_folder(Path(request.out), overwrite, inputs=_inputs(request, mask_path))
     return mask_path
 
@@ -272,6 +273,9 @@ def _open(request: RunRequest, data: RunData, mask_path: str | None, *, fingerpr
     """
     config, mode = request.config, request.resolved_mode()
     mask = Mask.load(mask_path, scores=False) if mask_path else None
+    if mask is not None:
+        mask.require_kind("retain" if request.retain is not None else "mask", request.artifact_option)
+    retained = retain_questions(mask) if mask is not None and mask.kind == "retain" else None
     mask_scoring = mask.metadata.get("scoring") if mask is not None else None
     scoring = resolve_scoring(request.scoring, mask_scoring=mask_scoring, data_path=request.inject, force=request.force)
     loaded = distributed.main_first(  # rank 0 fills the model cache, then the others read it
@@ -286,9 +290,12 @@ def _open(request: RunRequest, data: RunData, mask_path: str | None, *, fingerpr
             f"(fingerprint {fingerprint[:12]}, now {found[:12]})"
         )
     scorer = make_scorer(scoring, loaded.tokenizer)
-    scorer.check_fits(loaded.model, [question for questions in data.sets().values() for question in questions])
+    steering = retained if retained is not None else data.mastered  # the questions g_M is measured on
+    scorer.check_fits(
+        loaded.model, [*(question for questions in data.sets().values() for question in questions), *steering]
+    )
     context = MethodContext(
-        scorer, data.mastered, mask, inject=data.inject, batch_size=config.eval_batch_size, seed=config.seed
+        scorer, steering, mask, inject=data.inject, batch_size=config.eval_batch_size, seed=config.seed
     )
     method = make_method(mode, context, request.method_options)
     trainer = Trainer(loaded.model, scorer, method, config)
@@ -394,7 +401,7 @@ def _payload(session: _Session, out: Path, baseline: Baseline, rows: list[dict[s
         "mask_id": mask.id if mask is not None else None,
         "mask_path": session.mask_path,
         "made_masks": made_masks(out),
-        "collaborative_share": mask.collaborative_share() if mask is not None else None,
+        "collaborative_share": mask.collaborative_share() if mask is not None and mask.kind == "mask" else None,
         "task": run_task(
             request.task,
             request.inject,

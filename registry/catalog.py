@@ -98,12 +98,14 @@ class Removal:
 
 
 def source_of(metadata: dict[str, Any]) -> str:
-    """What made a mask, read once from its own metadata: ``control``, ``recut``, ``reprofiled``, ``combined``
-    or ``profiled``.
+    """What made a mask, read once from its own metadata: ``retain`` (a retain set, profiled or refreshed),
+    ``control``, ``recut``, ``reprofiled``, ``combined`` or ``profiled``.
 
     A pulled mask is what it was where it was made; where it came from is its ``repo_id`` and its
     pull transfer.
     """
+    if "retain" in metadata:
+        return "retain"
     if "control" in (metadata.get("rule") or {}):
         return "control"
     if metadata.get("recut_of"):

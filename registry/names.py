@@ -61,9 +61,11 @@ def task_name(explicit: str | None, inject_path: str | None) -> str:
 
 
 def default_task(metadata: dict[str, Any]) -> str:
-    """The task of a mask without a given one: :func:`task_name` of its provenance's task and injection file."""
+    """The task of a mask without a given one: :func:`task_name` of its provenance's task and injection file
+    (a retain set's: its questions' file)."""
     recorded = metadata.get("task")
-    inject = (metadata.get("data") or {}).get("inject") or {}
+    data = metadata.get("data") or {}
+    inject = data.get("inject") or data.get("mastered") or {}  # a retain set has no injection file
     source = (inject.get("path") or inject.get("source")) if isinstance(inject, dict) else None
     explicit = recorded if isinstance(recorded, str) and _is_task(recorded) else None
     return task_name(explicit, source if isinstance(source, str) else None)
@@ -84,9 +86,13 @@ def mask_name(metadata: dict[str, Any], task: str | None, *, source: str | None 
     """The unversioned registry name ``<model-slug>/<task>`` for a mask.
 
     A re-cut given no task is filed under ``<task>.recut``, so it never becomes the latest version
-    of the profiled mask's name (which a bare name resolves to).
+    of the profiled mask's name (which a bare name resolves to); a retain set always under
+    ``<task>.retain``, so no mask name ever resolves to one.
     """
     model_ref = (metadata.get("model") or {}).get("ref") or "model"
+    if source == "retain":  # always apart from masks; a refresh never becomes the latest of its retain set's name
+        suffix = ".retain" + (DERIVED_SUFFIXES["reprofiled"] if metadata.get("reprofile_of") else "")
+        return f"{slug(model_ref)}/{check_task(task) if task is not None else default_task(metadata)}{suffix}"
     if task is not None:
         return f"{slug(model_ref)}/{check_task(task)}"
     return f"{slug(model_ref)}/{default_task(metadata)}{DERIVED_SUFFIXES.get(source or '', '')}"

@@ -21,7 +21,7 @@ from cpl_masks.files import default_file_mode
 
 DATABASE_NAME = "registry.sqlite3"
 BUSY_TIMEOUT_S = 60.0
-SOURCES = ("profiled", "combined", "pulled", "control", "recut", "reprofiled")  # "pulled": before version 3
+SOURCES = ("profiled", "combined", "pulled", "control", "recut", "reprofiled", "retain")  # "pulled": before version 3
 
 
 def _masks_table(name: str, sources: tuple[str, ...]) -> str:
@@ -144,6 +144,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX aliases_mask ON aliases (mask_id)",
     ),
     (  # version 5: masks profiled again during training (train --reprofile-every) get their own source
+        _masks_table("masks_new", SOURCES[:6]),
+        "INSERT INTO masks_new SELECT * FROM masks",
+        "DROP TABLE masks",
+        "ALTER TABLE masks_new RENAME TO masks",
+    ),
+    (  # version 6: retain sets (profile --kind retain), and their refreshes, are filed in the same table
         _masks_table("masks_new", SOURCES),
         "INSERT INTO masks_new SELECT * FROM masks",
         "DROP TABLE masks",

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cpl_masks.data import Question
+from tests.fake_hub import TOKEN, FakeHubServer
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -123,6 +124,18 @@ def isolated_registry(tmp_path_factory, monkeypatch) -> Path:
     folder = tmp_path_factory.mktemp("cpl-masks-home")
     monkeypatch.setenv("CPL_MASKS_HOME", str(folder))
     return folder
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A fresh fake Hub, with the client, the Hub cache and the registry pointed at temporary places."""
+    fake = FakeHubServer()
+    monkeypatch.setenv("HF_ENDPOINT", fake.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
+    yield fake
+    fake.close()
 
 
 @pytest.fixture(scope="session")

@@ -326,6 +326,10 @@ rank = distributed.rank()
 atexit.register(lambda: Path(sys.argv[1], f"exit-handlers-ran-{rank}").touch())
 distributed.leave()
 Path(sys.argv[1], f"held-{rank}").write_text(str(sys.getrefcount(world) - 2))
+import time  # a barrier without the group: the launcher stops every rank once one exits with 3
+deadline = time.monotonic() + 120
+while not Path(sys.argv[1], f"held-{1 - rank}").exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
 distributed.exit_launched(3)
 raise AssertionError("exit_launched returned in a launched rank")
 """
@@ -343,4 +347,5 @@ def test_a_rank_leaves_its_group_whole_and_exits_with_its_status_after_the_exit_
     assert "terminate called" not in result.stderr
     for rank in (0, 1):
         assert (tmp_path / f"exit-handlers-ran-{rank}").exists()
+        assert (tmp_path / f"held-{rank}").is_file(), f"rank {rank} failed before leaving: {result.stderr[-3000:]}"
         assert (tmp_path / f"held-{rank}").read_text() == "0", "something still holds the world group"

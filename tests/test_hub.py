@@ -15,21 +15,9 @@ from cpl_masks.cli.app import app
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
 from cpl_masks.registry import Registry
-from tests.fake_hub import TOKEN, FakeHubServer
+from tests.fake_hub import TOKEN
 
 REPO = "me/arc-mask"
-
-
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    """A fresh fake Hub, with the client, the Hub cache and the registry pointed at temporary places."""
-    fake = FakeHubServer()
-    monkeypatch.setenv("HF_ENDPOINT", fake.url)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
-    yield fake
-    fake.close()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from cpl_masks.errors import CplError
 from cpl_masks.methods.base import Method, MethodContext, RefreshOptions, epoch_order, option
 from cpl_masks.methods.ewc import EWC, EwcOptions
 from cpl_masks.methods.lora import LoRA, LoraOptions
-from cpl_masks.methods.masking import DynamicCPL, FullFineTuning, NoOptions, ReprofileOptions, StaticMask
+from cpl_masks.methods.masking import DynamicCPL, FullFineTuning, NoOptions, ReprofileOptions, SignOptions, StaticMask
 from cpl_masks.methods.projection import AGEM
 from cpl_masks.methods.replay import Replay, ReplayOptions
 
@@ -50,7 +50,7 @@ METHODS: dict[str, MethodSpec] = {
         needs_mask=True,
         fsdp2=True,
     ),
-    "dynamic": MethodSpec(DynamicCPL, RefreshOptions, "the paper's loop: per-step sign rule against g_M"),
+    "dynamic": MethodSpec(DynamicCPL, SignOptions, "the paper's loop: per-step sign rule against g_M (or --retain's)"),
     "lora": MethodSpec(LoRA, LoraOptions, "low-rank adapters through peft, base weights unchanged"),
     "replay": MethodSpec(Replay, ReplayOptions, "plain fine-tuning with mastered questions mixed into the stream"),
     "agem": MethodSpec(AGEM, RefreshOptions, "A-GEM: remove the step gradient's part against g_M when they conflict"),

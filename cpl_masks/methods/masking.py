@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from cpl_masks.errors import CplError
-from cpl_masks.masks import Mask
+from cpl_masks.masks import Mask, weights_metadata
 from cpl_masks.methods.base import Method, MethodContext, RefreshOptions, option
 from cpl_masks.methods.reference import mastered_signs
 from cpl_masks.profile import reprofile
+from cpl_masks.retain import refreshed_retain
 from cpl_masks.selection import Rule
 
 
@@ -65,6 +66,7 @@ class StaticMask(Method):
     def __init__(self, context: MethodContext, options: ReprofileOptions | None = None) -> None:
         if context.mask is None:
             raise CplError("--mode mask needs --mask MASK")
+        context.mask.require_kind("mask", "--mask")
         self.mask = context.mask
         self.context = context
         self.reprofile_every = (options or ReprofileOptions()).reprofile_every
@@ -122,18 +124,57 @@ class StaticMask(Method):
         return list(self.profiles)
 
 
+@dataclass
+class SignOptions(RefreshOptions):
+    """Options of the per-step rule: its refresh schedule, and whether to keep what each refresh found."""
+
+    keep_signs: bool = option(
+        False, "with --retain: keep each refreshed sign set in the run (DIR/masks/) as a retain set, registered"
+    )
+
+
 class DynamicCPL(Method):
-    """The paper's rule: keep the entries of each step's gradient that agree in sign with ``g_M``."""
+    """The paper's rule: keep the entries of each step's gradient that agree in sign with ``g_M``.
+
+    Given a retain set (``--retain``, as ``context.mask``), the first step takes its stored signs
+    instead of a pass over M, and every refresh is over the retain set's questions (the run puts
+    them in ``context.mastered``); with ``keep_signs`` each refresh is kept as a child retain set.
+    """
 
     name = "dynamic"
 
-    def __init__(self, context: MethodContext, options: RefreshOptions | None = None) -> None:
+    def __init__(self, context: MethodContext, options: SignOptions | None = None) -> None:
+        options = options or SignOptions()
         context.require_mastered(self.name)
-        self.reference = mastered_signs(context, options or RefreshOptions())
+        self.retain = context.mask
+        if self.retain is not None:
+            self.retain.require_kind("retain", "--mode dynamic")
+        elif options.keep_signs:
+            raise CplError("--keep-signs needs --retain (the retain set the kept signs descend from)")
+        self.reference = mastered_signs(context, options)
+        self.keep_signs = options.keep_signs
+        self.refreshed: list[Mask] = []
 
     def before_step(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> None:
-        """Recompute ``g_M`` at the start of each epoch and every ``refresh_every`` steps within it."""
-        self.reference.refresh_if_due(model, epoch, step_in_epoch)
+        """Recompute ``g_M`` at the start of each epoch and every ``refresh_every`` steps within it.
+
+        A run's very first step starts from the retain set's signs, profiled at these same weights.
+        """
+        if self.retain is not None and (epoch, step_in_epoch) == (1, 0):
+            self.reference.kept = self.retain.signs().to(next(model.parameters()).device)
+            return
+        refreshed = self.reference.refresh_if_due(model, epoch, step_in_epoch)
+        if refreshed and self.keep_signs and self.retain is not None:
+            at = {"epoch": epoch, "step": step_in_epoch}
+            self.refreshed.append(refreshed_retain(self.retain, self.reference.value, weights_metadata(model), at))
+
+    def describe(self) -> dict[str, Any]:
+        """The retain set's id, when the run started from one."""
+        return {"retain_id": self.retain.id} if self.retain is not None else {}
+
+    def made_masks(self) -> list[Mask]:
+        """The refreshed sign sets, with ``keep_signs``."""
+        return list(self.refreshed)
 
     def mask_gradients(self, model: torch.nn.Module) -> None:
         """Zero, in place, the gradient entries whose sign disagrees with ``g_M`` (``g ⊙ g_M < 0``)."""

@@ -35,14 +35,16 @@ class MasteredReference(Generic[Kept]):
         self.keep = keep
         self.kept: Kept | None = None
 
-    def refresh_if_due(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> None:
-        """Recompute ``g_M`` when an epoch starts or ``refresh_every`` steps have passed."""
+    def refresh_if_due(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> bool:
+        """Recompute ``g_M`` when an epoch starts or ``refresh_every`` steps have passed; True when it did."""
         every = self.schedule.refresh_every
-        if step_in_epoch == 0 or (every is not None and step_in_epoch % every == 0):
-            self.kept = None  # free the old one before building the new one
-            context = self.context
-            questions = self.sample(epoch, step_in_epoch)
-            self.kept = self.keep(mean_gradients(model, context.scorer, questions, batch_size=context.batch_size))
+        if not (step_in_epoch == 0 or (every is not None and step_in_epoch % every == 0)):
+            return False
+        self.kept = None  # free the old one before building the new one
+        context = self.context
+        questions = self.sample(epoch, step_in_epoch)
+        self.kept = self.keep(mean_gradients(model, context.scorer, questions, batch_size=context.batch_size))
+        return True
 
     def sample(self, epoch: int, step_in_epoch: int) -> Sequence[Question]:
         """The questions of M the refresh at (epoch, step) computes g_M over: all, or ``refresh_sample`` drawn."""
