@@ -8,6 +8,7 @@ latest version). Build one :class:`Registry` and pass it to what needs it.
 
 from __future__ import annotations
 
-from cpl_masks.registry.catalog import Health, Registry, Removal, StrayFile, Transfer, source_of
+from cpl_masks.registry.catalog import Registry, Transfer, source_of
+from cpl_masks.registry.maintenance import Health, Removal, StrayFile
 
 __all__ = ["Health", "Registry", "Removal", "StrayFile", "Transfer", "source_of"]

@@ -1,29 +1,28 @@
-"""The :class:`Registry`: register, resolve, list, show, lineage, runs, verify, remove and collect garbage.
+"""The :class:`Registry`: register, resolve, record runs, list, show, lineage and runs.
 
 Every write is a single ``BEGIN IMMEDIATE`` transaction; a mask's file is renamed into the store
-inside the same transaction that inserts its row, so readers never see a row without a file.
+inside the same transaction that inserts its row, so readers never see a row without a file. Its
+upkeep (verify, remove, hold, collect garbage) is mixed in from
+:class:`~cpl_masks.registry.maintenance.Maintenance`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import sqlite3
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cpl_masks.errors import CplError
 from cpl_masks.files import home_dir, sha256_file
 from cpl_masks.masks import Mask, read_header
+from cpl_masks.registry.maintenance import Maintenance
 from cpl_masks.registry.names import mask_name
 from cpl_masks.registry.queries import (
     NAMES,
-    alias_row,
     as_number,
     as_text,
     data_hash,
@@ -33,7 +32,6 @@ from cpl_masks.registry.queries import (
     listed_summary,
     names_of,
     recorded_task,
-    refuse_bare_name,
     relatives,
     run_matcher,
     run_summary,
@@ -41,8 +39,6 @@ from cpl_masks.registry.queries import (
 )
 from cpl_masks.registry.schema import DATABASE_NAME, check_home, connect, transaction
 from cpl_masks.registry.store import STORE_NAME, Store
-
-STALE_STAGED_S = 600.0  # a staged copy untouched this long belongs to a dead process
 
 
 @dataclass
@@ -54,47 +50,6 @@ class Transfer:
     revision: str | None = None
     commit_sha: str | None = None
     url: str | None = None
-
-
-@dataclass
-class StrayFile:
-    """A file in the store that no registered mask accounts for."""
-
-    path: Path
-    problem: str  # why it is stray: not registered, misplaced, misnamed
-    mask_id: str | None  # its content id when it reads as a valid mask (gc keeps those without --force)
-
-
-@dataclass
-class Health:
-    """What :meth:`Registry.verify` and :meth:`Registry.collect_garbage` found, removed or kept."""
-
-    checked: int = 0
-    missing: list[str] = field(default_factory=list)  # "name@vN (id)" whose file is gone
-    corrupt: list[str] = field(default_factory=list)  # "name@vN (id)" whose bytes changed
-    strays: list[StrayFile] = field(default_factory=list)  # store files without a row, or not where they belong
-    leftovers: list[str] = field(default_factory=list)  # abandoned staged copies
-    removed: list[str] = field(default_factory=list)  # paths gc deleted
-    kept: list[StrayFile] = field(default_factory=list)  # valid masks gc left in place (no --force)
-
-    @property
-    def ok(self) -> bool:
-        """True when every registered mask's file is present and intact."""
-        return not (self.missing or self.corrupt)
-
-
-@dataclass
-class Removal:
-    """What :meth:`Registry.remove` deleted and what it left on record."""
-
-    ref: str  # name@vN of the removed mask (or alias)
-    mask_id: str
-    path: Path | None  # its stored file, now deleted (None when only an alias went)
-    runs: int  # recorded runs that stay, showing the removed mask's name
-    children: list[str]  # masks combined or re-cut from it, which stay
-    transfers: int  # Hub transfers recorded with it, deleted with its row
-    aliases: list[str] = field(default_factory=list)  # its other names, removed with it
-    alias_of: str | None = None  # when only an alias was removed: the mask it named, which stays
 
 
 def source_of(metadata: dict[str, Any]) -> str:
@@ -115,8 +70,11 @@ def source_of(metadata: dict[str, Any]) -> str:
     return "combined" if metadata.get("parents") else "profiled"
 
 
-class Registry:
+class Registry(Maintenance):
     """The registry in one folder: its SQLite database and its content-addressed store.
+
+    Registers, resolves and reads masks and runs here; verify, remove, hold and collect_garbage
+    come from :class:`~cpl_masks.registry.maintenance.Maintenance`.
 
     Args:
         home: the folder; None for ``$CPL_MASKS_HOME`` (else the user cache folder), read now.
@@ -315,146 +273,6 @@ class Registry:
             if (task is None or row["task"] == task) and (wanted is None or wanted(row))
         ]
 
-    def verify(self) -> Health:
-        """Re-hash every registered mask's file; list missing and corrupt ones, and stray store files."""
-        health = Health()
-        with self.connect() as connection:
-            rows = connection.execute("SELECT id, name, version, sha256 FROM masks ORDER BY name, version").fetchall()
-        for row in rows:
-            health.checked += 1
-            path = self.store.artifact_path(row["id"])
-            if not path.is_file():
-                health.missing.append(f"{label(row)} ({row['id'][:12]})")
-            elif sha256_file(path) != row["sha256"]:
-                health.corrupt.append(f"{label(row)} ({row['id'][:12]})")
-        health.strays = self._strays({row["id"] for row in rows})
-        health.leftovers = [str(path) for path in self.store.staged_leftovers()]
-        return health
-
-    def _strays(self, registered: set[str]) -> list[StrayFile]:
-        """Store files that are not a registered mask's file at its content-addressed path."""
-        strays = []
-        for path in self.store.files():
-            placed = self.store.placed_id(path)
-            if placed in registered:
-                continue
-            content_id = _content_id(path)
-            if placed is None:
-                problem = "misplaced: not at <id[:2]>/<id>.safetensors, where a content id belongs"
-            elif content_id is not None and content_id != placed:
-                problem = f"misnamed: its content id is {content_id[:12]}, not the id in its file name"
-            else:
-                problem = "not registered"
-            strays.append(StrayFile(path, problem, content_id))
-        return strays
-
-    def remove(self, ref: str, *, force: bool = False) -> Removal:
-        """Delete one version of a mask and its stored file; its recorded runs stay, naming it.
-
-        Removing an alias's ``name@vN`` removes only that name; removing the mask removes its aliases.
-
-        Raises:
-            CplError: ``ref`` is a bare name (give ``name@vN`` or an id); a running command holds
-                the mask (:meth:`hold`), even with ``force``; or, without ``force``, recorded runs or
-                registered children reference the mask.
-        """
-        with contextlib.ExitStack() as stack:  # the lock on the file is held until after its unlink
-            with self.connect() as connection, transaction(connection):
-                refuse_bare_name(connection, ref)
-                row = find(connection, ref)
-                alias = alias_row(connection, ref)
-                if alias is not None:
-                    connection.execute(
-                        "DELETE FROM aliases WHERE name = ? AND version = ?", (alias["name"], alias["version"])
-                    )
-                    return Removal(label(alias), row["id"], None, 0, [], 0, alias_of=label(row))
-                runs = connection.execute("SELECT COUNT(*) FROM runs WHERE mask_id = ?", (row["id"],)).fetchone()[0]
-                children = [child["ref"] for child in relatives(connection, row["id"], up=False)]
-                if (runs or children) and not force:
-                    held = _references(label(row), runs, children)
-                    raise CplError(f"registry rm {ref}: {held}; pass --force to remove it (its runs stay on record)")
-                transfers = connection.execute("SELECT COUNT(*) FROM transfers WHERE mask_id = ?", (row["id"],))
-                path = self.store.artifact_path(row["id"])
-                stack.enter_context(_not_in_use(path, f"registry rm {ref}"))
-                aliases = names_of(connection, row["id"])[1:]
-                removal = Removal(label(row), row["id"], path, runs, children, transfers.fetchone()[0], aliases=aliases)
-                connection.execute("DELETE FROM masks WHERE id = ?", (row["id"],))  # its aliases go with it
-            path.unlink(missing_ok=True)  # a crash before this leaves a stray file for gc
-        return removal
-
-    @contextlib.contextmanager
-    def hold(self, mask_id: str) -> Iterator[None]:
-        """Keep a registered mask from being removed while this process uses it (e.g. a training run).
-
-        A shared OS lock on its stored file, so any number of runs may hold it; :meth:`remove`
-        refuses a held mask, and the lock dies with the process. A mask not in the store (an
-        unregistered file) needs no hold.
-
-        Raises:
-            CplError: the mask is being removed right now.
-        """
-        try:
-            fd = os.open(self.store.artifact_path(mask_id), os.O_RDONLY)
-        except FileNotFoundError:
-            yield
-            return
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise CplError(f"mask {mask_id[:12]}: another process is removing it from the registry") from None
-            yield
-        finally:
-            os.close(fd)
-
-    def collect_garbage(self, *, force: bool = False) -> Health:
-        """Remove stray store files and abandoned staged copies; report rows whose file is missing.
-
-        A stray file that reads as a valid mask is kept (in ``kept``) unless ``force``: it may be
-        the only copy of a mask whose row was lost. Runs under the write lock, so it never races a
-        registration that is renaming its file into place.
-        """
-        health = Health()
-        with self.connect() as connection, transaction(connection):
-            registered = {row[0] for row in connection.execute("SELECT id FROM masks")}
-            health.checked = len(registered)
-            for stray in self._strays(registered):
-                if stray.mask_id is not None and not force:
-                    health.kept.append(stray)
-                    continue
-                stray.path.unlink(missing_ok=True)
-                health.removed.append(str(stray.path))
-            for path in self.store.staged_leftovers():
-                if time.time() - path.stat().st_mtime > STALE_STAGED_S:
-                    path.unlink(missing_ok=True)
-                    health.leftovers.append(str(path))
-            health.missing = [
-                f"{label(row)} ({row['id'][:12]})"
-                for row in connection.execute("SELECT id, name, version FROM masks ORDER BY name, version")
-                if not self.store.artifact_path(row["id"]).is_file()
-            ]
-        return health
-
-
-@contextlib.contextmanager
-def _not_in_use(path: Path, action: str) -> Iterator[None]:
-    """An exclusive lock on a stored file, refused while any process holds it (:meth:`Registry.hold`)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CplError(
-                f"{action}: a running command (train, sweep) is using this mask; wait for it to finish or stop it"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
-
 
 def _insert_mask(
     connection: sqlite3.Connection,
@@ -513,21 +331,6 @@ def _insert_transfer(connection: sqlite3.Connection, mask_id: str, transfer: Tra
         "INSERT INTO transfers (mask_id, direction, repo_id, revision, commit_sha, url) VALUES (?,?,?,?,?,?)",
         (mask_id, transfer.direction, transfer.repo_id, transfer.revision, transfer.commit_sha, transfer.url),
     )
-
-
-def _content_id(path: Path) -> str | None:
-    """The content id of a file that reads as a valid mask (its header's id matches its bits), else None."""
-    try:
-        return Mask.load(path, scores=False).id
-    except Exception:  # any unreadable file is simply not a mask
-        return None
-
-
-def _references(ref: str, runs: int, children: list[str]) -> str:
-    """What still points to a mask, as a phrase: ``X has 2 recorded runs and children A@v1, B@v1``."""
-    held = [f"{runs} recorded run{'s' if runs != 1 else ''}"] if runs else []
-    held += [f"children {', '.join(children)}"] if children else []
-    return f"{ref} has {' and '.join(held)}"
 
 
 def _name_for(connection: sqlite3.Connection, existing: sqlite3.Row, name: str) -> str:

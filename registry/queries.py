@@ -1,7 +1,7 @@
 """Reading the registry: finding a mask by any reference, and its rows shown as lists, trees and summaries.
 
-Every function takes an open connection; :class:`~cpl_masks.registry.catalog.Registry` owns the
-connections and every write.
+Every function takes an open connection; :class:`~cpl_masks.registry.catalog.Registry` (with its
+:mod:`~cpl_masks.registry.maintenance` side) owns the connections and every write.
 """
 
 from __future__ import annotations
