@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from cpl_masks import distributed
-from cpl_masks.cli import hub, masks, split, sweep
+from cpl_masks.cli import hub, masks, profile, split, sweep
 from cpl_masks.cli import registry as registry_commands
 from cpl_masks.cli import train as train_commands
 from cpl_masks.cli.method_options import with_method_options
@@ -21,7 +21,7 @@ def build_app() -> typer.Typer:
     )
     app.callback(help=HELP)(lambda: None)
     app.command()(split.split)
-    app.command()(masks.profile)
+    app.command()(profile.profile)
     app.command()(masks.inspect)
     app.command()(masks.diff)
     app.command("combine")(masks.combine_command)

@@ -122,7 +122,7 @@ def no_model_loads(monkeypatch) -> None:
     def refuse(*_args, **_kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("cpl_masks.cli.masks.load_model", refuse)
+    monkeypatch.setattr("cpl_masks.cli.profile.load_model", refuse)
 
 
 def test_cli_random_needs_no_model_and_registers_a_control(files, tmp_path, monkeypatch, like):

@@ -112,7 +112,7 @@ def no_model_loads(monkeypatch) -> None:
     def refuse(*_args, **_kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("cpl_masks.cli.masks.load_model", refuse)
+    monkeypatch.setattr("cpl_masks.cli.profile.load_model", refuse)
 
 
 @pytest.mark.parametrize(
