@@ -161,7 +161,7 @@ class DynamicCPL(Method):
         A run's very first step starts from the retain set's signs, profiled at these same weights.
         """
         if self.retain is not None and (epoch, step_in_epoch) == (1, 0):
-            self.reference.kept = self.retain.signs().to(next(model.parameters()).device)
+            self.reference.hold(self.retain.signs().to(next(model.parameters()).device))
             return
         refreshed = self.reference.refresh_if_due(model, epoch, step_in_epoch)
         if refreshed and self.keep_signs and self.retain is not None:

@@ -54,6 +54,10 @@ class MasteredReference(Generic[Kept]):
         draw = random.Random(f"cpl-masks:refresh:{self.context.seed}:{epoch}:{step_in_epoch}")
         return [mastered[index] for index in sorted(draw.sample(range(len(mastered)), size))]
 
+    def hold(self, kept: Kept) -> None:
+        """Hold ``kept`` until the next refresh: what a refresh at these weights would keep, known already."""
+        self.kept = kept
+
     @property
     def value(self) -> Kept:
         """What was kept at the last refresh."""

@@ -1,0 +1,149 @@
+"""Tables and a figure of the retain-set experiment (``benchmarks/sweeps.sh OUT retain``), for RESULTS.md.
+
+Every run is scored on the same held-out file (the paper queue's: its CommonsenseQA forgetting pool and
+the demo's held-out share), which this splits by where a question sits relative to the retain sets:
+``in pool-128`` (the questions the pool-128 retain set steers by), ``reach`` (the rest of the pool: how
+far protection reaches beyond a retain set's own questions) and the demo's held-out questions. Task A
+is the paper queue's split, its references that queue's seed-0 runs of full fine-tuning and of the
+per-step rule steered by the task's own mastered set, read at the same epoch (same seed, same order,
+constant learning rate: the first epochs of a longer run are the shorter run); task B is the demo's
+remaining facts. Differences are paired by question (one seed: McNemar's exact test and a bootstrap
+interval over questions).
+
+Usage: .venv/bin/python benchmarks/retain_tables.py OUT [--epoch 6] [--plot retain.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cpl_masks.data import load_questions
+from cpl_masks.errors import CplError
+from cpl_masks.evaluate import describe_difference, question_outcomes, read_question_records
+from cpl_masks.stats import compare_paired
+
+RUNS = {  # label -> run folder, relative to OUT
+    "A full": "paper/runs/full-lr3e-05-s0",
+    "A dynamic (own M)": "paper/runs/dynamic-lr3e-05-s0",
+    "A retain pool-128": "retain/runs/a-retain-pool128",
+    "A retain pool-32": "retain/runs/a-retain-pool32",
+    "A retain mmlu-128": "retain/runs/a-retain-mmlu128",
+    "B full": "retain/runs/b-full",
+    "B dynamic (own M)": "retain/runs/b-dynamic",
+    "B retain pool-128": "retain/runs/b-retain-pool128",
+}
+COMPARISONS = [  # (run, reference)
+    ("A retain pool-128", "A full"),
+    ("A retain pool-128", "A dynamic (own M)"),
+    ("A retain pool-32", "A full"),
+    ("A retain mmlu-128", "A full"),
+    ("A dynamic (own M)", "A full"),
+    ("B retain pool-128", "B full"),
+    ("B retain pool-128", "B dynamic (own M)"),
+    ("B dynamic (own M)", "B full"),
+]
+
+
+def groups(out: Path) -> dict[str, set[str]]:
+    """The held-out questions by where they sit: in pool-128, the rest of the pool (reach), the demo's."""
+    in_retain = {question.id for question in load_questions(out / "retain" / "pool-128.jsonl")}
+    reach = {question.id for question in load_questions(out / "retain" / "reach.jsonl")}
+    return {"in pool-128": in_retain, "reach": reach}
+
+
+def outcomes(folder: Path, epoch: int, where: dict[str, set[str]]) -> dict[str, dict[str, bool]]:
+    """Per question at ``epoch``: learned, forgotten (M), and held-out forgotten split by ``where``."""
+    found = question_outcomes(read_question_records(folder), epoch)
+    heldout = found.pop("heldout_forgotten")
+    for name, ids in where.items():
+        found[name] = {key: value for key, value in heldout.items() if key in ids}
+    pooled = set().union(*where.values())
+    found["demo held-out"] = {key: value for key, value in heldout.items() if key not in pooled}
+    return found
+
+
+COLUMNS = ("learned", "forgotten", "reach", "in pool-128", "demo held-out")
+HEADERS = ("learned", "forgotten (M)", "reach", "in pool-128", "demo held-out")
+
+
+def count_rows(results: dict[str, dict[str, dict[str, bool]]]) -> list[str]:
+    """Counts per run: how many questions each outcome holds, of how many."""
+    rows = ["| run | " + " | ".join(HEADERS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for label, found in results.items():
+        cells = [f"{sum(found[name].values())}/{len(found[name])}" for name in COLUMNS]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def paired_rows(results: dict[str, dict[str, dict[str, bool]]]) -> list[str]:
+    """Each comparison's differences (run − reference) with the 95 % interval and p."""
+    rows = ["| run − reference | " + " | ".join(HEADERS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for run, reference in COMPARISONS:
+        if run not in results or reference not in results:
+            continue
+        cells = []
+        for name in COLUMNS:
+            keys = sorted(results[reference][name])
+            a = [[results[reference][name][key] for key in keys]]
+            b = [[results[run][name][key] for key in keys]]
+            cells.append(describe_difference(compare_paired(a, b).to_dict()))
+        rows.append(f"| {run} − {reference} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def draw(folders: dict[str, Path], epochs: list[int], where: dict[str, set[str]], path: Path) -> None:
+    """Learned against forgotten-on-reach, one curve per run through its evaluated epochs; task A and B side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for axis, task in zip(axes, ("A", "B"), strict=True):
+        for label, folder in folders.items():
+            if not label.startswith(task):
+                continue
+            points = [outcomes(folder, epoch, where) for epoch in epochs]
+            axis.plot(
+                [sum(p["reach"].values()) for p in points],
+                [sum(p["learned"].values()) for p in points],
+                marker="o",
+                label=label[2:],
+            )
+        axis.set_title(f"task {task} (epochs {epochs[0]}..{epochs[-1]})")
+        axis.set_xlabel("forgotten of the reach set (pool questions outside every retain set's steering)")
+        axis.set_ylabel("learned")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main() -> None:
+    """Print the count and paired tables at one epoch, and draw the curves."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="the OUT folder of benchmarks/sweeps.sh")
+    parser.add_argument("--epoch", type=int, default=6)
+    parser.add_argument("--plot", type=Path, default=None)
+    args = parser.parse_args()
+    where = groups(args.out)
+    folders = {label: args.out / path for label, path in RUNS.items()}
+    folders = {label: folder for label, folder in folders.items() if (folder / "questions.jsonl").is_file()}
+    results = {}
+    for label, folder in folders.items():
+        try:
+            results[label] = outcomes(folder, args.epoch, where)
+        except CplError as error:  # a run still short of that epoch
+            print(f"{label}: {error}")
+    print(f"epoch {args.epoch}; reach {len(where['reach'])} questions, pool-128 {len(where['in pool-128'])}\n")
+    print("\n".join(count_rows(results)) + "\n")
+    print("\n".join(paired_rows(results)))
+    if args.plot is not None:
+        finished = {label: folder for label, folder in folders.items() if label in results}
+        draw(finished, list(range(0, args.epoch + 1, 2)), where, args.plot)
+
+
+if __name__ == "__main__":
+    main()
