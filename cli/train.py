@@ -43,7 +43,8 @@ from cpl_masks.files import check_output_file, folder_in_use
 from cpl_masks.methods import METHODS
 from cpl_masks.models import DEFAULT_MODEL
 from cpl_masks.registry.names import check_task
-from cpl_masks.run_folder import RUN, read_run, restartable, saved_config
+from cpl_masks.run_folder import restartable, saved_config
+from cpl_masks.run_record import RUN, RunRecord
 from cpl_masks.run_request import RunRequest
 from cpl_masks.train import TrainConfig
 from cpl_masks.training_run import resume_run, start_run
@@ -239,9 +240,9 @@ def train(
             say(f"{out}: a run that stopped before its first checkpoint; starting it again")
         with reports_interrupts(f"cpl-masks train --resume {out}"):
             run = start_run(request, overwrite=overwrite, on_epoch=_print_epoch)
-    print_table(f"{run['mode']} training: all epochs", METRIC_COLUMNS, metrics_table_rows(run["metrics"]))
-    say(f"model: {run['model_dir']}")
-    say(f"run: {Path(run['out_dir']) / 'run.json'}")
+    print_table(f"{run.mode} training: all epochs", METRIC_COLUMNS, metrics_table_rows(run.metrics))
+    say(f"model: {run.model_dir}")
+    say(f"run: {Path(run.out_dir) / RUN}")
 
 
 @reports_errors
@@ -268,9 +269,9 @@ def compare(
         check_output_file(plot, overwrite=overwrite, inputs=read, option="--plot")
     names = [folder.name for folder in runs]
     unique = len(set(names)) == len(names)
-    payloads = {(folder.name if unique else str(folder)): read_run(folder) for folder in runs}
-    print_table("runs compared", COMPARE_COLUMNS, comparison_rows(payloads))
-    labels = list(payloads)
+    records = {(folder.name if unique else str(folder)): RunRecord.read(folder) for folder in runs}
+    print_table("runs compared", COMPARE_COLUMNS, comparison_rows(records))
+    labels = list(records)
     outcomes = {label: _final_outcomes(folder) for label, folder in zip(labels, runs)}
     if len(runs) > 1 and all(found is not None for found in outcomes.values()):
         reference = labels[0]
@@ -279,9 +280,9 @@ def compare(
         ]
         print_table(f"paired by question against {reference} (run − {reference})", PAIRED_COLUMNS, rows)
     if questions:
-        _print_question_differences(labels, [outcomes[label] for label in labels], payloads)
+        _print_question_differences(labels, [outcomes[label] for label in labels], records)
     if plot is not None:
-        draw_comparison(payloads, plot, replace=overwrite)
+        draw_comparison(records, plot, replace=overwrite)
         say(f"plot: {plot}")
 
 
@@ -297,11 +298,11 @@ def _paired_cells(comparison: dict[str, dict]) -> list[str]:
     return [describe_difference(comparison[name]) if name in comparison else "-" for name in OUTCOMES]
 
 
-def _print_question_differences(labels: list[str], outcomes: list, payloads: dict[str, dict]) -> None:
+def _print_question_differences(labels: list[str], outcomes: list, records: dict[str, RunRecord]) -> None:
     """One row per question the two runs disagree on, with its text from the run's question files."""
     if any(found is None for found in outcomes):
         raise CplError("--questions: a run has no questions.jsonl (made before per-question records were kept)")
-    texts = _question_texts(payloads[labels[0]])
+    texts = _question_texts(records[labels[0]])
     differences = outcome_differences(outcomes[0], outcomes[1])
     rows = [
         (outcome.replace("_", " "), key, "yes" if first else "no", "yes" if second else "no", texts.get(key, ""))
@@ -310,10 +311,10 @@ def _print_question_differences(labels: list[str], outcomes: list, payloads: dic
     print_table(f"questions the runs disagree on ({len(rows)})", ["outcome", "question id", *labels, "question"], rows)
 
 
-def _question_texts(run: dict) -> dict[str, str]:
+def _question_texts(run: RunRecord) -> dict[str, str]:
     """Question id -> text, from the run's question files where they are still readable."""
     texts: dict[str, str] = {}
-    for entry in (run.get("data") or {}).values():
+    for entry in run.data.values():
         path = entry.get("path") if isinstance(entry, dict) else None
         if path and Path(path).is_file():
             try:

@@ -5,7 +5,8 @@ The pipeline, one module per stage: :mod:`~cpl_masks.data` (question sets), :mod
 :mod:`~cpl_masks.split` (mastered vs. to-inject, and a forgetting pool), :mod:`~cpl_masks.profile`
 (gradients into a mask), :mod:`~cpl_masks.retain` (a retain set: the signs of g_M, reusable across
 tasks), :mod:`~cpl_masks.masks` (the file format of both), :mod:`~cpl_masks.methods`,
-:mod:`~cpl_masks.train` and :mod:`~cpl_masks.training_run` (one loop for every method),
+:mod:`~cpl_masks.train` and :mod:`~cpl_masks.training_run` (one loop for every method; a finished
+run's record is a :class:`~cpl_masks.run_record.RunRecord`),
 :mod:`~cpl_masks.evaluate` (learned and forgotten, question by question), :mod:`~cpl_masks.sweep`
 (every method at every learning rate) and :mod:`~cpl_masks.sweep_report` (its points, budget and
 paired comparisons, with :mod:`~cpl_masks.stats`), :mod:`cpl_masks.registry` (provenance),
@@ -25,6 +26,7 @@ from cpl_masks.methods import METHODS, Method, MethodContext, make_method
 from cpl_masks.models import DEFAULT_MODEL, LoadedModel, load_model, model_fingerprint
 from cpl_masks.profile import profile
 from cpl_masks.retain import profile_retain, retain_questions
+from cpl_masks.run_record import RunRecord
 from cpl_masks.run_request import RunRequest
 from cpl_masks.scoring import SCORINGS, Scores, make_scorer, score_questions
 from cpl_masks.selection import Rule
@@ -57,6 +59,7 @@ __all__ = [
     "MethodContext",
     "Question",
     "Rule",
+    "RunRecord",
     "RunRequest",
     "Scores",
     "SignRuleHandle",

@@ -29,6 +29,7 @@ from cpl_masks import distributed
 from cpl_masks.data import Question
 from cpl_masks.errors import CplError
 from cpl_masks.files import atomic_write
+from cpl_masks.run_record import RunRecord
 from cpl_masks.scoring import Scorer, Scores, batches, pad_left, score_questions
 from cpl_masks.stats import compare_paired
 
@@ -356,29 +357,29 @@ COMPARE_COLUMNS = (
 )
 
 
-def comparison_rows(runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[Any, ...]]:
-    """One table row per run (``run.json`` payloads by label), in the order of :data:`COMPARE_COLUMNS`."""
+def comparison_rows(runs: Mapping[str, RunRecord]) -> list[tuple[Any, ...]]:
+    """One table row per run (records by label), in the order of :data:`COMPARE_COLUMNS`."""
     table = []
     for label, run in runs.items():
-        final, totals = run["final"], run["final"]["totals"]
+        final, totals = run.final, run.final["totals"]
         heldout = final.get("heldout_forgotten")
         table.append(
             (
                 label,
-                run["mode"],
-                (run.get("mask_id") or "-")[:8],
+                run.mode,
+                (run.mask_id or "-")[:8],
                 f"{final['learned']}/{totals['inject_wrong']}",
                 f"{final['forgotten']}/{totals['mastered_right']}",
                 "-" if heldout is None else f"{heldout}/{totals['heldout_right']}",
                 _signed(final.get("delta_margin", {}).get("heldout")),
-                round(float(run["time_s"]), 1),
-                round(run["peak_memory_bytes"] / 2**20),
+                round(float(run.time_s), 1),
+                round(run.peak_memory_bytes / 2**20),
             )
         )
     return table
 
 
-def draw_comparison(runs: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, *, replace: bool = True) -> None:
+def draw_comparison(runs: Mapping[str, RunRecord], path: str | os.PathLike, *, replace: bool = True) -> None:
     """Grouped bars of learned, forgotten and held-out forgotten per run, as a PNG (written atomically;
     without ``replace`` a file that appeared meanwhile is not replaced)."""
     import matplotlib
@@ -391,7 +392,7 @@ def draw_comparison(runs: Mapping[str, Mapping[str, Any]], path: str | os.PathLi
     width = 0.8 / len(series)
     figure, axis = plt.subplots(figsize=(max(5, 1.6 * len(labels)), 4))
     for offset, (key, name) in enumerate(series):
-        values = [runs[label]["final"].get(key) or 0 for label in labels]
+        values = [runs[label].final.get(key) or 0 for label in labels]
         axis.bar([index + offset * width for index in range(len(labels))], values, width, label=name)
     axis.set_xticks([index + width for index in range(len(labels))], labels, rotation=15)
     axis.set_ylabel("questions")

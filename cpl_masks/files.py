@@ -128,6 +128,20 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
         handle.write("\n")
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in the file at ``path``; a file that is not JSON (or not UTF-8) is refused in one line naming it.
+
+    Raises:
+        CplError: the file is not valid JSON.
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CplError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from error
+    except UnicodeDecodeError as error:
+        raise CplError(f"{path}: not valid JSON (not UTF-8 text)") from error
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """Write one JSON object per line, atomically."""
     with atomic_write(path) as handle:

@@ -7,7 +7,8 @@ records and the epoch-0 baseline of the last finished epoch; ``state.json`` is w
 crash leaves the previous checkpoint in force), ``metrics.jsonl``, ``questions.jsonl`` and
 ``curves.png`` (rewritten after every evaluated epoch), ``masks/`` (masks the method made while
 training, ``e<epoch>-s<step>.safetensors``, written after each epoch), and at the end ``model/`` (the
-method's ``save``: safetensors weights, or a LoRA adapter, and the tokenizer) and ``run.json``.
+method's ``save``: safetensors weights, or a LoRA adapter, and the tokenizer) and ``run.json``
+(:class:`cpl_masks.run_record.RunRecord`, which alone reads and writes it).
 
 These are the components both recipes use (:mod:`cpl_masks.training_run` and, through it,
 :mod:`cpl_masks.sweep`); under ``torchrun`` only rank 0 writes them.
@@ -26,16 +27,16 @@ import torch
 from cpl_masks import distributed
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import QUESTIONS
-from cpl_masks.files import LOCK_NAME, atomic_write, check_output_dir, check_writable_folder, write_json
+from cpl_masks.files import LOCK_NAME, atomic_write, check_output_dir, check_writable_folder, read_json, write_json
 from cpl_masks.masks import Mask
 from cpl_masks.methods import Method
+from cpl_masks.run_record import RUN
 from cpl_masks.train import Trainer
 
-CONFIG, METRICS, CURVES, RUN, MODEL_DIR, CHECKPOINT = (
+CONFIG, METRICS, CURVES, MODEL_DIR, CHECKPOINT = (
     "config.json",
     "metrics.jsonl",
     "curves.png",
-    "run.json",
     "model",
     "checkpoint",
 )
@@ -99,10 +100,7 @@ def saved_config(out: Path) -> dict[str, Any]:
         raise CplError(f"--resume {out}: no {CONFIG} here (not a training run folder)")
     if (out / RUN).is_file():
         raise CplError(f"--resume {out}: this run already finished ({RUN} exists)")
-    try:
-        return json.loads((out / CONFIG).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise CplError(f"{out / CONFIG}: not valid JSON ({error.msg} at line {error.lineno})") from error
+    return read_json(out / CONFIG)
 
 
 def save_checkpoint(out: Path, trainer: Trainer, state: dict[str, Any]) -> None:
@@ -191,14 +189,3 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
-
-
-def read_run(folder: str | Path) -> dict[str, Any]:
-    """The ``run.json`` payload of a finished run folder."""
-    path = Path(folder) / RUN
-    if not path.is_file():
-        raise CplError(f"{folder}: no {RUN} (not a finished training run)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise CplError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from error

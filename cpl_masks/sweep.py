@@ -41,7 +41,8 @@ from cpl_masks.models import LoadedModel, load_model
 from cpl_masks.profile import profile
 from cpl_masks.registry import Registry
 from cpl_masks.registry.names import task_name
-from cpl_masks.run_folder import CHECKPOINT, RUN, read_run
+from cpl_masks.run_folder import CHECKPOINT
+from cpl_masks.run_record import RUN, RunRecord
 from cpl_masks.run_request import RunRequest
 from cpl_masks.split import HELDOUT, INJECT, MASTERED, SUMMARY, split_questions, write_split
 from cpl_masks.sweep_config import (
@@ -279,21 +280,21 @@ def _one_run(
     """Finish one run (skip, resume or start it); returns its summary and whether it trained now."""
     folder, sweep_dir = runs_dir / spec.label, runs_dir.parent
     if (folder / RUN).is_file():
-        return _run_summary(spec, read_run(folder), sweep_dir), False
+        return _run_summary(spec, RunRecord.read(folder), sweep_dir), False
     if (folder / DIVERGED).is_file():
         diverged = json.loads((folder / DIVERGED).read_text(encoding="utf-8"))
         return _run_summary(spec, None, sweep_dir, diverged), False
     try:
         if (folder / CHECKPOINT / "state.json").is_file():
-            payload = resume_run(folder, show_progress=show_progress, registry=registry)
+            record = resume_run(folder, show_progress=show_progress, registry=registry)
         else:
             request = _request(config, spec, split_dir, masks, retain, folder, show_progress)
-            payload = start_run(request, overwrite=True, registry=registry)  # a folder without a checkpoint: no work
+            record = start_run(request, overwrite=True, registry=registry)  # a folder without a checkpoint: no work
     except TrainingDiverged as error:
         diverged = {"diverged": str(error)}
         write_json(folder / DIVERGED, diverged)
         return _run_summary(spec, None, sweep_dir, diverged), True
-    return _run_summary(spec, payload, sweep_dir), True
+    return _run_summary(spec, record, sweep_dir), True
 
 
 def _request(
@@ -352,21 +353,21 @@ def _control_key(rule: str, seed: int) -> str:
 
 
 def _run_summary(
-    spec: RunSpec, run: dict[str, Any] | None, sweep_dir: Path, diverged: dict[str, Any] | None = None
+    spec: RunSpec, run: RunRecord | None, sweep_dir: Path, diverged: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The figures of one run that the comparison needs: its last evaluated epoch's, and under ``epochs``
     every evaluated epoch's after 0 (None figures where the run diverged)."""
     summary: dict[str, Any] = {"method": method_label(spec.method), "lr": spec.lr, "seed": spec.seed}
     if run is None:
         return {**summary, **(diverged or {}), "learned_share": None, "heldout_forgotten_share": None}
-    rows = run["metrics"]
+    rows = run.metrics
     return {
         **summary,
-        "run_dir": _relative(Path(run["out_dir"]), sweep_dir),
+        "run_dir": _relative(Path(run.out_dir), sweep_dir),
         **epoch_figures(rows[-1]),
         "epochs": [epoch_figures(row) for row in rows if row["epoch"] > 0],
-        "collaborative_share": run.get("collaborative_share"),
-        "time_s": run["time_s"],
+        "collaborative_share": run.collaborative_share,
+        "time_s": run.time_s,
     }
 
 

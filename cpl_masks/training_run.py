@@ -3,7 +3,8 @@
 Read top to bottom, :func:`start_run` checks everything before the run folder is touched
 (:mod:`cpl_masks.run_request`, :mod:`cpl_masks.run_folder`), loads the model and mask and checks
 them against each other (:func:`_open`), then :func:`_run` trains the epochs, evaluates after each
-evaluated epoch (:mod:`cpl_masks.run_evaluation`), checkpoints, and writes ``run.json``.
+evaluated epoch (:mod:`cpl_masks.run_evaluation`), checkpoints, and writes ``run.json`` (a
+:class:`~cpl_masks.run_record.RunRecord`).
 :func:`resume_run` replays a stopped run from its ``config.json`` and last checkpoint.
 
 Under ``torchrun`` every rank runs all of this (trains its share, evaluates its share), but only
@@ -42,7 +43,6 @@ from cpl_masks.run_folder import (
     MADE_MASKS,
     METRICS,
     MODEL_DIR,
-    RUN,
     check_out_folder,
     checkpoint_state,
     keep_made_masks,
@@ -54,6 +54,7 @@ from cpl_masks.run_folder import (
     save_model,
     saved_config,
 )
+from cpl_masks.run_record import RUN, RunRecord
 from cpl_masks.run_request import (
     RunData,
     RunRequest,
@@ -88,8 +89,8 @@ def start_run(
     overwrite: bool = False,
     on_epoch: OnEpoch | None = None,
     registry: Registry | None = None,
-) -> dict[str, Any]:
-    """Train as ``request`` says into a fresh output folder; returns the ``run.json`` payload.
+) -> RunRecord:
+    """Train as ``request`` says into a fresh output folder; returns its record (what ``run.json`` holds).
 
     Every check runs before the folder is touched: the options, the folder (it can be created and
     written), the data, the mask, the model and the mask against the model. Only then is
@@ -173,7 +174,7 @@ def resume_run(
     lr: float | None = None,
     epochs: int | None = None,
     registry: Registry | None = None,
-) -> dict[str, Any]:
+) -> RunRecord:
     """Continue a stopped run from its last checkpoint; it ends with the same weights as an unbroken run.
 
     A run stopped before its first checkpoint starts again from epoch 0 with its saved options.
@@ -311,7 +312,7 @@ def _run(
     registry: Registry,
     checkpoint: dict[str, Any] | None = None,
     resume_changes: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
+) -> RunRecord:
     """Train the epochs ``session`` has left (from ``checkpoint``, if any), save the model, write ``run.json``."""
     started = time.perf_counter()
     request, trainer, evaluation = session.request, session.trainer, session.evaluation
@@ -354,27 +355,28 @@ def _run(
         weights = trainer.final_weights()  # gathered under FSDP2: every rank takes part
         tokenizer = session.loaded.tokenizer
         distributed.on_main(lambda: save_model(session.method, trainer.model, tokenizer, out / MODEL_DIR, weights))
-    payload = {
-        **_payload(session, out, baseline, rows),
-        "resumed": checkpoint is not None,
-        "resume_changes": resume_changes or [],
-        "time_s": round(elapsed_before + time.perf_counter() - started, 3),
-    }
-    distributed.on_main(lambda: _finish(out, payload, session.mask_path, registry, keep_weights=request.keep_weights))
-    return payload
+    record = _record(
+        session,
+        out,
+        baseline,
+        rows,
+        resumed=checkpoint is not None,
+        resume_changes=resume_changes or [],
+        time_s=round(elapsed_before + time.perf_counter() - started, 3),
+    )
+    distributed.on_main(lambda: _finish(out, record, session.mask_path, registry, keep_weights=request.keep_weights))
+    return record
 
 
-def _finish(
-    out: Path, payload: dict[str, Any], mask_path: str | None, registry: Registry, *, keep_weights: bool
-) -> None:
+def _finish(out: Path, record: RunRecord, mask_path: str | None, registry: Registry, *, keep_weights: bool) -> None:
     """Write ``run.json``, drop unwanted checkpoints and record the run with its mask in ``registry`` (rank 0's job);
     masks the method made while training are registered as children of the run's mask."""
-    write_json(out / RUN, payload)
+    record.write(out)
     if not keep_weights:
         remove_path(out / CHECKPOINT)  # the run is finished and its weights are not wanted
     if mask_path is not None:
-        registry.record_run(Path(mask_path), payload)
-    for made in payload["made_masks"]:
+        registry.record_run(Path(mask_path), record.to_dict())  # the registry keeps the JSON of any version
+    for made in record.made_masks:
         registry.register(Path(made["path"]))  # filed as <model>/<task>.reprofiled
 
 
@@ -384,43 +386,55 @@ def _diverged_advice(out: Path, done: int) -> str:
     return f"{kept}; try a smaller --lr: cpl-masks train --resume {out} --lr SMALLER"
 
 
-def _payload(session: _Session, out: Path, baseline: Baseline, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``run.json`` record of a finished run: what it trained, on what, and every epoch's metrics."""
+def _record(
+    session: _Session,
+    out: Path,
+    baseline: Baseline,
+    rows: list[dict[str, Any]],
+    *,
+    resumed: bool,
+    resume_changes: list[dict[str, Any]],
+    time_s: float,
+) -> RunRecord:
+    """The record of a finished run (``run.json``): what it trained, on what, every epoch's metrics and its cost."""
     request, mask, trainer = session.request, session.mask, session.trainer
     mode = request.resolved_mode()
     data = _data_summary(request, session.data)
-    return {
-        "out_dir": str(out.resolve()),
-        "model_dir": str((out / MODEL_DIR).resolve()) if request.keep_weights else None,
-        "mode": mode,
-        "method": {
+    return RunRecord(
+        out_dir=str(out.resolve()),
+        model_dir=str((out / MODEL_DIR).resolve()) if request.keep_weights else None,
+        mode=mode,
+        method={
             "name": mode,
             "options": asdict(method_options(mode, request.method_options)),
             **session.method.describe(),
         },
-        "mask_id": mask.id if mask is not None else None,
-        "mask_path": session.mask_path,
-        "made_masks": made_masks(out),
-        "collaborative_share": mask.collaborative_share() if mask is not None and mask.kind == "mask" else None,
-        "task": run_task(
+        mask_id=mask.id if mask is not None else None,
+        mask_path=session.mask_path,
+        made_masks=made_masks(out),
+        collaborative_share=mask.collaborative_share() if mask is not None and mask.kind == "mask" else None,
+        task=run_task(
             request.task,
             request.inject,
             inject_sha256=data["inject"]["sha256"],
             mask=mask.metadata if mask is not None else None,
         ),
-        "model": {"ref": request.model, "fingerprint": session.fingerprint},
-        "scoring": session.scoring,
-        "baseline_source": baseline.source,
-        "data": data,
-        "args": request.to_dict(),
-        "versions": package_versions(),
-        "metrics": rows,
-        "final": {key: rows[-1][key] for key in FINAL_KEYS},
-        "trainable_entries": trainer.trainable_entries,
-        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
+        model={"ref": request.model, "fingerprint": session.fingerprint},
+        scoring=session.scoring,
+        baseline_source=baseline.source,
+        data=data,
+        args=request.to_dict(),
+        versions=package_versions(),
+        metrics=rows,
+        final={key: rows[-1][key] for key in FINAL_KEYS},
+        trainable_entries=trainer.trainable_entries,
+        optimizer_state_bytes=optimizer_state_bytes(trainer.optimizer),
         **peak_memory(session.loaded.device),
-        "distributed": {**distributed.describe(), "wrapping": trainer.wrapping},
-    }
+        time_s=time_s,
+        distributed={**distributed.describe(), "wrapping": trainer.wrapping},
+        resumed=resumed,
+        resume_changes=resume_changes,
+    )
 
 
 def _data_summary(request: RunRequest, data: RunData) -> dict[str, Any]:

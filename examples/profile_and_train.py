@@ -68,7 +68,7 @@ def train(args: argparse.Namespace, split_dir: Path, mask_path: Path) -> None:
             **method,
         )
         run = start_run(request, overwrite=True)
-        final, totals = run["final"], run["final"]["totals"]
+        final, totals = run.final, run.final["totals"]
         print(
             f"{name}: learned {final['learned']}/{totals['inject_wrong']}, "
             f"forgotten {final['forgotten']}/{totals['mastered_right']}, "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from cpl_masks.evaluate import (
@@ -16,6 +18,7 @@ from cpl_masks.evaluate import (
 )
 from cpl_masks.scoring import Scores, make_scorer, score_questions
 from tests.conftest import make_questions
+from tests.test_run_record import a_record
 
 
 def scored(correct: list[bool], logprobs: list[float]) -> Scores:
@@ -96,8 +99,8 @@ def test_text_loss_is_the_mean_next_token_cross_entropy(tiny):
 def test_plots_are_png(tmp_path):
     rows = [epoch_metrics(0, BASELINE, BASELINE), epoch_metrics(1, BASELINE, AFTER, train_loss=1.0)]
     draw_curves(rows, tmp_path / "curves.png")
-    run = {"mode": "mask", "mask_id": "ab" * 32, "final": rows[-1], "time_s": 3.0, "peak_memory_bytes": 2**21}
-    draw_comparison({"a": run, "b": {**run, "mode": "full"}}, tmp_path / "compare.png")
+    run = a_record(mode="mask", mask_id="ab" * 32, final=rows[-1], time_s=3.0, peak_memory_bytes=2**21)
+    draw_comparison({"a": run, "b": replace(run, mode="full")}, tmp_path / "compare.png")
     for name in ("curves.png", "compare.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert comparison_rows({"a": run})[0] == ("a", "mask", "abababab", "2/3", "1/3", "1/1", "+0.000", 3.0, 2)

@@ -40,14 +40,14 @@ def test_every_evaluated_epoch_keeps_each_questions_result(tiny_model_dir, run_f
     request = make_request(tiny_model_dir, run_files, tmp_path / "run", eval_every=2)
     request.config.epochs = 3
     run = start_run(request)
-    assert [row["epoch"] for row in run["metrics"]] == [0, 2, 3]  # every 2nd epoch and the last
+    assert [row["epoch"] for row in run.metrics] == [0, 2, 3]  # every 2nd epoch and the last
     records = read_question_records(tmp_path / "run")
     assert sorted({(r["epoch"], r["set"]) for r in records}) == [
         (epoch, name) for epoch in (0, 2, 3) for name in ("heldout", "inject", "mastered")
     ]
     inject_ids = [q.id for q in load_questions(run_files[0])]
     assert all(r["id"] == inject_ids for r in records if r["set"] == "inject")
-    for row in run["metrics"]:  # the records say which questions; the metrics say how many
+    for row in run.metrics:  # the records say which questions; the metrics say how many
         found = counts_from_records(records, row["epoch"])
         assert found == {key: row[key] for key in ("learned", "forgotten", "heldout_forgotten")}
         accuracy = {r["set"]: sum(r["correct"]) / len(r["correct"]) for r in records if r["epoch"] == row["epoch"]}

@@ -91,7 +91,7 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tiny_model_dir, 
     interrupted(make_request(tiny_model_dir, run_files, out), epoch=0)
     assert sorted(path.name for path in out.iterdir()) == sorted(RUN_FILES) and restartable(out)
     run = start_run(make_request(tiny_model_dir, run_files, out))  # the same command, no --overwrite
-    assert [row["epoch"] for row in run["metrics"]] == [0, 1, 2] and not restartable(out)
+    assert [row["epoch"] for row in run.metrics] == [0, 1, 2] and not restartable(out)
 
     other = tmp_path / "other"
     interrupted(make_request(tiny_model_dir, run_files, other), epoch=0)
@@ -105,7 +105,7 @@ def test_resume_before_the_first_checkpoint_starts_from_epoch_zero(tiny_model_di
     out = tmp_path / "run"
     interrupted(make_request(tiny_model_dir, run_files, out), epoch=0)
     run = resume_run(out, show_progress=False)
-    assert [row["epoch"] for row in run["metrics"]] == [0, 1, 2] and not run["resumed"]
+    assert [row["epoch"] for row in run.metrics] == [0, 1, 2] and not run.resumed
 
 
 def test_resume_from_another_folder_after_the_home_moved(tiny_model_dir, run_files, tmp_path, monkeypatch):
@@ -122,8 +122,8 @@ def test_resume_from_another_folder_after_the_home_moved(tiny_model_dir, run_fil
     monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "moved"))
     monkeypatch.chdir(tmp_path / "run")
     run = resume_run(".", show_progress=False)
-    assert run["resumed"] and run["mask_path"].startswith(str(tmp_path / "moved"))
-    assert [row["epoch"] for row in run["metrics"]] == [0, 1, 2]
+    assert run.resumed and run.mask_path.startswith(str(tmp_path / "moved"))
+    assert [row["epoch"] for row in run.metrics] == [0, 1, 2]
 
 
 def test_resume_refuses_inputs_that_changed_or_are_gone(tiny_model_dir, run_files, tmp_path, monkeypatch):
@@ -158,12 +158,12 @@ def test_resume_takes_a_new_lr_and_more_epochs(tiny_model_dir, run_files, tmp_pa
         resume_run(tmp_path / "same", lr=-1.0)
     same = resume_run(tmp_path / "same", epochs=3, show_progress=False)
     slower = resume_run(tmp_path / "slower", lr=0.01, epochs=3, show_progress=False)
-    assert [row["epoch"] for row in slower["metrics"]] == [0, 1, 2, 3]
+    assert [row["epoch"] for row in slower.metrics] == [0, 1, 2, 3]
     change = {"at_epoch": 1, "lr": [0.05, 0.01], "epochs": [2, 3]}
-    assert slower["resume_changes"] == [change] and same["resume_changes"] == [{"at_epoch": 1, "epochs": [2, 3]}]
+    assert slower.resume_changes == [change] and same.resume_changes == [{"at_epoch": 1, "epochs": [2, 3]}]
     saved = json.loads((tmp_path / "slower" / "config.json").read_text())
     assert saved["resume_changes"] == [change] and saved["request"]["config"]["lr"] == 0.01
-    assert same["metrics"][1] == slower["metrics"][1]  # the same first epoch, then different rates
+    assert same.metrics[1] == slower.metrics[1]  # the same first epoch, then different rates
     expected, actual = saved_weights(tmp_path / "same"), saved_weights(tmp_path / "slower")
     assert any(not torch.equal(expected[name], actual[name]) for name in expected)
 
@@ -175,4 +175,4 @@ def test_a_config_without_hashes_still_resumes(tiny_model_dir, run_files, tmp_pa
     old = {"request": saved["request"], "mask_path": saved["mask_path"]}  # what older versions wrote
     (out / "config.json").write_text(json.dumps(old))
     run = resume_run(out, show_progress=False)
-    assert run["resumed"] and [row["epoch"] for row in run["metrics"]] == [0, 1, 2]
+    assert run.resumed and [row["epoch"] for row in run.metrics] == [0, 1, 2]

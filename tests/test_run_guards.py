@@ -72,7 +72,7 @@ def test_registry_rm_cannot_take_the_mask_of_a_running_train(tiny_model_dir, run
     run = start_run(
         make_request(tiny_model_dir, run_files, tmp_path / "run", mode=None, mask=name), on_epoch=try_to_remove
     )
-    assert refused and run["mask_id"] == mask.id
+    assert refused and run.mask_id == mask.id
     assert registry.remove(mask.id, force=True)  # once the run is over the mask can go
 
 

@@ -17,6 +17,7 @@ from cpl_masks.methods.masking import DynamicCPL, FullFineTuning, StaticMask
 from cpl_masks.models import load_model, model_fingerprint
 from cpl_masks.profile import profile
 from cpl_masks.registry import Registry
+from cpl_masks.run_record import RunRecord
 from cpl_masks.run_request import RunRequest
 from cpl_masks.scoring import LetterScorer, make_scorer
 from cpl_masks.split import resolve_scoring
@@ -313,9 +314,9 @@ def test_resume_ends_with_the_same_weights(tiny_model_dir, run_files, tmp_path, 
         start_run(broken, on_epoch=stop_after_epoch_one)
     assert not (tmp_path / "broken" / "run.json").exists()
     resumed = resume_run(tmp_path / "broken", show_progress=False)
-    assert resumed["resumed"] and resumed["metrics"] == whole["metrics"]
-    made = [(row["epoch"], row["step"], row["mask_id"]) for row in whole["made_masks"]]
-    assert made == [(row["epoch"], row["step"], row["mask_id"]) for row in resumed["made_masks"]]
+    assert resumed.resumed and resumed.metrics == whole.metrics
+    made = [(row["epoch"], row["step"], row["mask_id"]) for row in whole.made_masks]
+    assert made == [(row["epoch"], row["step"], row["mask_id"]) for row in resumed.made_masks]
     assert len(made) == (7 if mode == "reprofiled mask" else 0)  # 4 steps an epoch: (1, 1..3), (2, 0..3)
     if mode == "reprofiled mask":  # registered as children of the run's mask, under <task>.reprofiled
         lineage = Registry().lineage(str(mask))
@@ -346,7 +347,7 @@ def test_run_writes_artifacts_and_a_loadable_model(tiny_model_dir, run_files, tm
     on_disk = json.loads((out / "run.json").read_text())
     assert on_disk["mask_id"] == Mask.load(mask_path).id and on_disk["mode"] == "mask"
     assert on_disk["task"] == tmp_path.name and on_disk["data"]["heldout"]["rows"] == 3  # inject.jsonl's folder
-    assert run["final"]["learned"] == metrics[-1]["learned"]
+    assert run.final["learned"] == metrics[-1]["learned"] and RunRecord.read(out) == run
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
