@@ -26,13 +26,13 @@ RUN = "run.json"
 class RunRecord:
     """What a finished run trained, on what, what every evaluated epoch measured, and what it cost."""
 
-    """Where the run is: its folder, and the saved model (None unless the run kept its weights)."""
+    # Where the run is: its folder, and the saved model (None unless the run kept its weights).
     out_dir: str
     model_dir: str | None
 
-    """How it trained: the mode and the method with its options (plus what the method reports about
-    itself), the mask it started from (id, path, collaborative share) and the masks it made while
-    training (one row each: epoch, step, path, mask id, collaborative share)."""
+    # How it trained: the mode and the method with its options (plus what the method reports about itself), the mask
+    # it started from (id, path, collaborative share) and the masks it made while training (one row each: epoch,
+    # step, path, mask id, collaborative share).
     mode: str
     method: dict[str, Any] = field(default_factory=dict)
     mask_id: str | None
@@ -40,9 +40,9 @@ class RunRecord:
     collaborative_share: float | None
     made_masks: list[dict[str, Any]] = field(default_factory=list)
 
-    """On what: the task name, the model (``ref`` and weights ``fingerprint``), the scoring, where epoch
-    0 came from (``split`` or ``scored``), each question file's hash, rows and path, the whole request
-    and the package versions."""
+    # On what: the task name, the model (``ref`` and weights ``fingerprint``), the scoring, where epoch 0 came from
+    # (``split`` or ``scored``), each question file's hash, rows and path, the whole request and the package
+    # versions.
     task: str
     model: dict[str, Any]
     scoring: str
@@ -51,14 +51,13 @@ class RunRecord:
     args: dict[str, Any]
     versions: dict[str, Any]
 
-    """What it measured: one metrics row per evaluated epoch (epoch 0 first, as in ``metrics.jsonl``)
-    and the last row's figures named in ``training_run.FINAL_KEYS`` (counts with their totals, accuracy,
-    score deltas)."""
+    # What it measured: one metrics row per evaluated epoch (epoch 0 first, as in ``metrics.jsonl``) and the last
+    # row's figures named in ``training_run.FINAL_KEYS`` (counts with their totals, accuracy, score deltas).
     metrics: list[dict[str, Any]]
     final: dict[str, Any]
 
-    """What it cost: trainable entries, optimizer state, peak memory (``cuda`` or ``rss``), seconds
-    (over every resume) and the processes (world size, backend, wrapping)."""
+    # What it cost: trainable entries, optimizer state, peak memory (``cuda`` or ``rss``), seconds (over every
+    # resume) and the processes (world size, backend, wrapping).
     trainable_entries: int
     optimizer_state_bytes: int
     peak_memory_bytes: int
@@ -66,7 +65,7 @@ class RunRecord:
     time_s: float
     distributed: dict[str, Any] = field(default_factory=dict)
 
-    """Whether it was resumed from a checkpoint, and each ``--lr``/``--epochs`` change a resume made."""
+    # Whether it was resumed from a checkpoint, and each ``--lr``/``--epochs`` change a resume made.
     resumed: bool
     resume_changes: list[dict[str, Any]] = field(default_factory=list)
 
