@@ -52,7 +52,10 @@ def sweep(
     model: ModelOption = DEFAULT_MODEL,
     methods: Annotated[
         str,
-        typer.Option(help="Comma-separated methods; 'reuse:MASK_FILE' trains with a mask from another task."),
+        typer.Option(
+            help="Comma-separated methods; 'reuse:MASK_FILE' trains with a mask from another task, "
+            "'retain:FILE' by the per-step rule from a retain set (compared with full and dynamic)."
+        ),
     ] = ",".join(DEFAULT_METHODS),
     lr_grid: Annotated[str, typer.Option(help="Comma-separated learning rates.")] = ",".join(
         f"{lr:g}" for lr in DEFAULT_LR_GRID

@@ -46,11 +46,13 @@ from cpl_masks.run_record import RUN, RunRecord
 from cpl_masks.run_request import RunRequest
 from cpl_masks.split import HELDOUT, INJECT, MASTERED, SUMMARY, split_questions, write_split
 from cpl_masks.sweep_config import (
+    RETAIN_PREFIX,
     REUSE_PREFIX,
     RunSpec,
     SweepConfig,
     applicable_options,
     at_share,
+    file_prefix,
     mask_methods,
     method_label,
     split_share,
@@ -183,8 +185,8 @@ def _split(config: SweepConfig, folder: Path, report: Report, show_progress: boo
 def _masks(config: SweepConfig, split_dir: Path, folder: Path, report: Report, show_progress: bool) -> dict[str, Path]:
     """The mask file of every static-mask method and seed: ``{method}`` or ``{method}-s{seed}`` -> path."""
     wanted = [name for name in config.methods if name in mask_methods()]
-    reused = [name for name in config.methods if name.startswith(REUSE_PREFIX)]
-    paths: dict[str, Path] = {name: Path(name.removeprefix(REUSE_PREFIX)).resolve() for name in reused}
+    files = {name: prefix for name in config.methods if (prefix := file_prefix(name)) is not None}
+    paths: dict[str, Path] = {name: Path(name.removeprefix(prefix)).resolve() for name, prefix in files.items()}
     if not wanted:
         return paths
     cpl = folder / "cpl.safetensors"
@@ -307,7 +309,8 @@ def _request(
     show_progress: bool,
 ) -> RunRequest:
     mode = training_mode(spec.method)
-    mask = _mask_for(spec, masks)
+    artifact = _mask_for(spec, masks)
+    mask, retain_set = (None, artifact) if spec.method.startswith(RETAIN_PREFIX) else (artifact, None)
     return RunRequest(
         inject=str(split_dir / INJECT),
         mastered=str(split_dir / MASTERED),
@@ -315,6 +318,7 @@ def _request(
         out=str(folder),
         model=config.model,
         mask=str(mask) if mask is not None else None,
+        retain=str(retain_set) if retain_set is not None else None,
         mode=mode,
         method_options=applicable_options(mode, config.method_options),
         scoring=config.scoring,

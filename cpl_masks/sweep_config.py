@@ -1,5 +1,6 @@
 """What a sweep is asked to do (:class:`SweepConfig`, checked whole before anything loads) and how its
-method names map to training methods: a method of the table, a control mask, or ``reuse:MASK_FILE``.
+method names map to training methods: a method of the table, a control mask, ``reuse:MASK_FILE`` (a mask
+made elsewhere) or ``retain:RETAIN_FILE`` (the per-step rule from a retain set made elsewhere).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from cpl_masks.train import OPTIMIZERS, TrainConfig
 DEFAULT_METHODS = ("full", "mask", "random", "gradient-magnitude", "dynamic", "lora", "replay", "agem", "ewc")
 DEFAULT_LR_GRID = (1e-5, 1e-4, 1e-3)
 REUSE_PREFIX = "reuse:"  # a method name "reuse:<file>" trains with a mask profiled elsewhere (cross-task reuse)
+RETAIN_PREFIX = "retain:"  # "retain:<file>" trains by the per-step rule from a retain set (profile --kind retain)
+FILE_PREFIXES = {REUSE_PREFIX: "mask", RETAIN_PREFIX: "retain"}  # prefix -> the kind of file it names
 SHARE_MARK = "@"  # "mask@0.5": a mask method at another share (--keep-fraction-grid)
 
 
@@ -56,12 +59,14 @@ class SweepConfig:
     def check(self) -> None:
         """Refuse bad options before anything is loaded, naming the option."""
         for name in self.methods:
-            if name.startswith(REUSE_PREFIX):
-                if not Path(name.removeprefix(REUSE_PREFIX)).is_file():
-                    raise CplError(f"--methods {name}: no such mask file")
+            prefix = file_prefix(name)
+            if prefix is not None:
+                check_file_method(name, prefix)
             elif name not in METHODS and name not in mask_methods():
                 known = ", ".join(dict.fromkeys([*METHODS, *mask_methods()]))
-                raise CplError(f"--methods {name}: choose among {known}, or {REUSE_PREFIX}MASK_FILE")
+                raise CplError(
+                    f"--methods {name}: choose among {known}, {REUSE_PREFIX}MASK_FILE or {RETAIN_PREFIX}FILE"
+                )
         if len(set(self.methods)) != len(self.methods) or not self.methods:
             raise CplError("--methods: give each method once, at least one")
         for option, grid in [
@@ -146,17 +151,41 @@ def at_share(method: str, fraction: float) -> str:
 def split_share(method: str) -> tuple[str, float | None]:
     """``(base method, kept share)`` of a sweep method name; the share is None for an uncut name."""
     base, mark, share = method.partition(SHARE_MARK)
-    return (base, float(share)) if mark and not method.startswith(REUSE_PREFIX) else (method, None)
+    return (base, float(share)) if mark and file_prefix(method) is None else (method, None)
 
 
 def training_mode(method: str) -> str:
     """The training method behind a sweep method name: every mask variant trains as ``mask``."""
     base = split_share(method)[0]
+    if base.startswith(RETAIN_PREFIX):
+        return "dynamic"
     return "mask" if base in mask_methods() or base.startswith(REUSE_PREFIX) else base
 
 
 def method_label(method: str) -> str:
-    return f"reuse-{Path(method.removeprefix(REUSE_PREFIX)).stem}" if method.startswith(REUSE_PREFIX) else method
+    """A sweep method's name in folders and reports: ``reuse-<stem>`` / ``retain-<stem>`` for a file's."""
+    prefix = file_prefix(method)
+    if prefix is None:
+        return method
+    return f"{prefix.removesuffix(':')}-{Path(method.removeprefix(prefix)).stem}"
+
+
+def file_prefix(method: str) -> str | None:
+    """The prefix of a method naming a file (``reuse:`` or ``retain:``), or None."""
+    return next((prefix for prefix in FILE_PREFIXES if method.startswith(prefix)), None)
+
+
+def check_file_method(method: str, prefix: str) -> None:
+    """Refuse a ``reuse:`` / ``retain:`` method whose file is missing or of the other kind, before anything loads."""
+    from cpl_masks.masks import read_header
+
+    path, names = Path(method.removeprefix(prefix)), {"mask": "freeze mask", "retain": "retain set"}
+    if not path.is_file():
+        raise CplError(f"--methods {method}: no such {'retain set' if prefix == RETAIN_PREFIX else 'mask'} file")
+    kind = read_header(path)["kind"]
+    if kind != FILE_PREFIXES[prefix]:
+        other = next(name for name, wanted in FILE_PREFIXES.items() if wanted == kind)
+        raise CplError(f"--methods {method}: {path} is a {names[kind]}; name it as {other}{path}")
 
 
 def option_names(mode: str) -> set[str]:

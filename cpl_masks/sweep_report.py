@@ -26,7 +26,11 @@ from cpl_masks.files import atomic_write
 from cpl_masks.sweep_config import at_share, split_share
 
 _MEAN_KEYS = ("learned_share", "heldout_forgotten_share", "forgotten_share", "retain_loss_delta", "time_s")
-REFERENCES = {"full": "full fine-tuning", "random": "the random mask of the same share"}
+REFERENCES = {
+    "full": "full fine-tuning",
+    "random": "the random mask of the same share",
+    "dynamic": "the per-step rule steered by the task's own mastered set",  # for retain-* methods
+}
 MASK_LIKE = ("mask", "gradient-magnitude")  # compared with the random mask as well; so is every reuse-*
 
 
@@ -209,6 +213,10 @@ def paired_comparisons(
 
 
 def _compared_with(method: str, reference: str) -> bool:
+    """Every method against full fine-tuning; mask-like ones against the random mask; a retain set's rule
+    against the same rule steered by the task's own mastered set (``dynamic``)."""
+    if method.startswith("retain-"):
+        return reference in ("full", "dynamic")
     return reference == "full" or method in MASK_LIKE or method.startswith("reuse-")
 
 

@@ -252,3 +252,21 @@ def test_a_keep_fraction_grid_runs_each_mask_method_at_each_share_paired_with_ra
     assert {"mask vs random", "mask@0.5 vs random@0.5", "mask@0.5 vs full"} <= set(payload["paired_final"])
     assert "mask@0.5 vs random" not in payload["paired_final"]
     assert Mask.load(Registry().resolve(mask_name(cpl.metadata, None)), scores=False).id == cpl.id
+
+
+def test_a_retain_set_runs_in_a_sweep_paired_with_full_and_the_dynamic_rule(tiny_model_dir, data_file, tmp_path):
+    from cpl_masks.models import load_model
+    from cpl_masks.retain import profile_retain
+
+    kept = make_questions(6, seed=77, prefix="k")  # questions of another task: a retain set reused here
+    loaded = load_model(str(tiny_model_dir), device="cpu", threads=1)
+    path = profile_retain(loaded, kept, scoring="loglik", show_progress=False).save(tmp_path / "general.safetensors")
+    with pytest.raises(CplError, match="is a retain set; name it as retain:"):
+        config_for(tiny_model_dir, data_file, tmp_path / "refused", methods=["full", f"reuse:{path}"]).check()
+    out = tmp_path / "sweep"
+    config = config_for(tiny_model_dir, data_file, out, methods=["full", "dynamic", f"retain:{path}"], lr_grid=[1e-2])
+    payload = run_sweep(config, show_progress=False)
+    run = json.loads((out / "runs" / "retain-general-lr0.01-s0" / "run.json").read_text(encoding="utf-8"))
+    assert run["mode"] == "dynamic" and run["mask_id"] == Mask.load(path).id
+    assert {"retain-general vs full", "retain-general vs dynamic"} <= set(payload["paired_final"])
+    assert "dynamic vs dynamic" not in payload["paired_final"] and "full vs dynamic" not in payload["paired_final"]
