@@ -33,8 +33,12 @@ def mean_gradients(
     batch_size: int = 16,
     checkpointing: bool = True,
     advance: Callable[[int], None] = lambda _n: None,
+    objective: str = "answer",
 ) -> dict[str, torch.Tensor]:
     """Mean gradient of the answer loss over ``questions``, one float32 tensor per named parameter.
+
+    ``objective`` names the per-question loss (:meth:`~cpl_masks.scorer.Scorer.objective`): ``answer``,
+    the correct choice's own loss (the paper's), or ``choices``, the cross-entropy over the choices.
 
     With ``checkpointing`` each decoder layer's activations are recomputed in backward, so a batch
     costs about one layer's activations instead of all of them; the gradients are the same. Under
@@ -44,12 +48,13 @@ def mean_gradients(
     sharded with FSDP2 the gradients come reduce-scattered, and each returned tensor is a DTensor
     holding this rank's shard.
     """
+    per_question = scorer.objective(objective)
     parameters = dict(model.named_parameters())  # deduplicates tied weights
     buffers: dict[str, torch.Tensor] = {}
     sharded = any(distributed.is_dtensor(parameter) for parameter in parameters.values())
     with _gradients_into(parameters, buffers), activation_checkpointing(model, checkpointing):
         for batch, weight in _rank_batches(questions, batch_size, equal_counts=sharded):
-            losses = scorer.loss(model, batch)  # (B,) per-question answer loss
+            losses = per_question(model, batch)  # (B,) per-question loss
             scale = weight * (distributed.world_size() if sharded else 1)  # FSDP2 averages over the ranks
             (losses.sum() * scale / len(questions)).backward()  # divided by the global count
             advance(len(batch) * distributed.world_size() if weight else 0)

@@ -272,18 +272,18 @@ class LoglikScorer(Scorer):
         total, counts = self._token_nll(model, [self._row_ids(q, q.answer) for q in questions])
         return total / counts
 
-    @torch.no_grad()
-    def choice_scores(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
+    def choice_table(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.uses_shared_path(model, questions):
             total, counts = self._shared_nll(model, [self._layout(q) for q in questions])  # (R,) each
         else:
             rows = [self._row_ids(q, c) for q in questions for c in range(len(q.choices))]
             total, counts = self._token_nll(model, rows)  # (R,) each
         scores = -(total / counts if self.normalize else total)  # (R,)
-        table = torch.full((len(questions), max(len(q.choices) for q in questions)), float("-inf"))  # (B, C)
+        width = max(len(q.choices) for q in questions)
+        table = torch.full((len(questions), width), float("-inf"), device=scores.device, dtype=scores.dtype)  # (B, C)
         losses, start = [], 0
         for row, q in enumerate(questions):
-            table[row, : len(q.choices)] = scores[start : start + len(q.choices)].cpu()
+            table[row, : len(q.choices)] = scores[start : start + len(q.choices)]
             losses.append(total[start + q.answer] / counts[start + q.answer])
             start += len(q.choices)
         return table, torch.stack(losses)

@@ -23,10 +23,13 @@ from cpl_masks.masks import Mask, weights_metadata
 from cpl_masks.models import LoadedModel
 from cpl_masks.profile import LOSSES, data_provenance, peak_memory, reset_peak_memory
 from cpl_masks.progress import progress_bar
+from cpl_masks.scorer import OBJECTIVES
 from cpl_masks.scoring import make_scorer
 from cpl_masks.signs import PackedSigns
 from cpl_masks.split import resolve_scoring
 from cpl_masks.versions import stamp
+
+CHOICES_LOSS = "cross-entropy over the choices' scores (the loss of the prediction: its margin)"
 
 
 def profile_retain(
@@ -39,6 +42,7 @@ def profile_retain(
     task: str | None = None,
     data_path: str | None = None,
     show_progress: bool = True,
+    objective: str = "answer",
 ) -> Mask:
     """Profile a retain set: sign(g_M) over ``questions`` (what the model must keep) at ``loaded``'s weights.
 
@@ -53,6 +57,9 @@ def profile_retain(
         task: the task name recorded (the registry files it as ``<model>/<task>.retain``).
         data_path: where ``questions`` were read from, recorded.
         show_progress: show a progress bar over the pass.
+        objective: the loss g_M is the gradient of: ``answer`` (the correct choice's own loss, the
+            paper's) or ``choices`` (the cross-entropy over the choices, whose gradient protects the
+            margin); recorded, and every refresh in training takes the same.
 
     Returns:
         A mask-format file of kind ``retain``: both sign planes, and the questions in its metadata.
@@ -67,18 +74,28 @@ def profile_retain(
     started = time.perf_counter()
     with progress_bar("profile retain set", len(questions), show_progress and distributed.is_main()) as advance:
         gradient = mean_gradients(
-            loaded.model, scorer, questions, batch_size=batch_size, checkpointing=checkpointing, advance=advance
+            loaded.model,
+            scorer,
+            questions,
+            batch_size=batch_size,
+            checkpointing=checkpointing,
+            advance=advance,
+            objective=objective,
         )
     signs = PackedSigns.take(gradient)
     metadata: dict[str, Any] = {
         "model": {"ref": loaded.ref, **weights_metadata(loaded.model)},
         "scoring": scoring,
-        "loss": LOSSES[scoring],
+        "loss": LOSSES[scoring] if objective == "answer" else CHOICES_LOSS,
         "data": data_provenance({"mastered": questions}, {"mastered": data_path} if data_path else None),
         "task": task,
         **stamp(),
         "parents": [],
-        "retain": {"questions": [question.to_record() for question in questions], "batch_size": batch_size},
+        "retain": {
+            "questions": [question.to_record() for question in questions],
+            "batch_size": batch_size,
+            "objective": objective,
+        },
         "profile": {
             "batch_size": batch_size,
             "checkpointing": checkpointing,
@@ -107,6 +124,20 @@ def refreshed_retain(parent: Mask, signs: PackedSigns, model_weights: dict[str, 
         **stamp(),
     }
     return Mask.from_signs(signs, metadata)
+
+
+def retain_objective(retain: Mask, asked: str | None) -> str:
+    """The loss a retain set's signs are the gradient of, which every refresh must take too.
+
+    Raises:
+        CplError: ``asked`` (an ``--objective`` given with it) is another, or the file records an unknown one.
+    """
+    recorded = (retain.metadata.get("retain") or {}).get("objective") or "answer"
+    if recorded not in OBJECTIVES:
+        raise CplError(f"retain set {retain.id[:12]}: unknown objective {str(recorded)[:40]!r}")
+    if asked is not None and asked != recorded:
+        raise CplError(f"--objective {asked}: retain set {retain.id[:12]} holds the signs of its {recorded} loss")
+    return recorded
 
 
 def retain_questions(retain: Mask) -> list[Question]:

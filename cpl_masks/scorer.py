@@ -7,16 +7,18 @@ The scorings themselves live in :mod:`cpl_masks.scoring` (``letter``) and :mod:`
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from cpl_masks.data import Question
 from cpl_masks.errors import CplError
 
 SCORINGS = ("letter", "loglik", "loglik-norm")
+OBJECTIVES = ("answer", "choices")  # the per-question losses a gradient can be taken of (Scorer.objective)
 
 
 @dataclass
@@ -106,11 +108,33 @@ class Scorer(abc.ABC):
         """Per-question answer loss, shape (B,), with gradients flowing to the model."""
 
     @abc.abstractmethod
-    def choice_scores(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score of every choice (B, C), -inf past a question's last choice, and answer loss (B,); no gradients.
+    def choice_table(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score of every choice (B, C), -inf past a question's last choice, and answer loss (B,), with gradients.
 
         The prediction is the highest-scoring choice.
         """
+
+    @torch.no_grad()
+    def choice_scores(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`choice_table` without gradients: what evaluation reads."""
+        return self.choice_table(model, questions)
+
+    def choice_loss(self, model: Any, questions: Sequence[Question]) -> torch.Tensor:
+        """Per-question cross-entropy over the choices' scores, shape (B,), with gradients.
+
+        The loss of the prediction itself: it falls only where the correct choice gains on the others
+        (its margin), whereas :meth:`loss` falls whenever the correct choice's own likelihood rises,
+        as fine-tuning on any answers makes every short answer likelier.
+        """
+        table, _ = self.choice_table(model, questions)  # (B, C)
+        answers = torch.tensor([question.answer for question in questions], device=table.device)  # (B,)
+        return F.cross_entropy(table, answers, reduction="none")
+
+    def objective(self, name: str) -> Callable[[Any, Sequence[Question]], torch.Tensor]:
+        """The per-question loss an objective names: ``answer`` (:meth:`loss`) or ``choices`` (:meth:`choice_loss`)."""
+        if name not in OBJECTIVES:
+            raise CplError(f"objective {name!r}: choose one of {', '.join(OBJECTIVES)}")
+        return self.loss if name == "answer" else self.choice_loss
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -95,8 +95,7 @@ class LetterScorer(Scorer):
         logits = self._last_logits(model, questions)  # (B, V)
         return F.cross_entropy(logits, self._targets(questions, logits.device), reduction="none")
 
-    @torch.no_grad()
-    def choice_scores(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
+    def choice_table(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self._last_logits(model, questions)  # (B, V)
         width = max(len(q.choices) for q in questions)
         letter_logprobs = logits.log_softmax(-1)[:, self.letter_ids[:width]]  # (B, C)

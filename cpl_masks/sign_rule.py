@@ -30,7 +30,7 @@ import torch
 from cpl_masks.errors import CplError
 from cpl_masks.gradients import mean_gradients
 from cpl_masks.masks import Mask
-from cpl_masks.retain import retain_questions
+from cpl_masks.retain import retain_objective, retain_questions
 from cpl_masks.scoring import make_scorer
 from cpl_masks.signs import PackedSigns
 
@@ -48,6 +48,7 @@ class SignRuleHandle:
         self.model = model
         self.scorer = make_scorer(retain.metadata.get("scoring") or "letter", tokenizer)
         self.questions = retain_questions(retain)
+        self.objective = retain_objective(retain, None)
         self.batch_size = batch_size
         self.refresh_every = refresh_every
         self.signs: PackedSigns = retain.signs().to(next(model.parameters()).device)
@@ -70,7 +71,9 @@ class SignRuleHandle:
         self._paused = True
         self.model.eval()
         try:
-            gradient = mean_gradients(self.model, self.scorer, self.questions, batch_size=self.batch_size)
+            gradient = mean_gradients(
+                self.model, self.scorer, self.questions, batch_size=self.batch_size, objective=self.objective
+            )
             self.signs = PackedSigns.take(gradient)
         finally:
             self._paused = False

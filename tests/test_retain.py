@@ -62,6 +62,23 @@ def test_a_plain_mask_keeps_its_format_version_and_id(tiny_model_dir, tmp_path):
     assert Mask.load(tmp_path / "mask.safetensors").id == mask.id
 
 
+def test_the_choices_objective_steers_by_the_margin_not_the_answers_own_loss(tiny_model_dir):
+    loaded = fresh(tiny_model_dir)
+    scorer = make_scorer("loglik", loaded.tokenizer)
+    table, _ = scorer.choice_scores(loaded.model, MASTERED)
+    answers = torch.tensor([question.answer for question in MASTERED])
+    expected = -table.float().cpu().log_softmax(-1).gather(1, answers[:, None]).squeeze(1)
+    assert torch.allclose(scorer.choice_loss(loaded.model, MASTERED).detach().cpu(), expected, atol=1e-5)
+    by_margin = profile_retain(loaded, MASTERED, scoring="loglik", objective="choices", show_progress=False)
+    by_answer = profile_retain(loaded, MASTERED, scoring="loglik", show_progress=False)
+    assert by_margin.metadata["retain"]["objective"] == "choices" and by_margin.id != by_answer.id
+    g_m = mean_gradients(loaded.model, scorer, MASTERED, batch_size=16, objective="choices")
+    assert all(torch.equal(by_margin.signs().sign(n), torch.sign(g).to(torch.int8)) for n, g in g_m.items())
+    context = MethodContext(scorer, retain_questions(by_margin), by_margin)
+    with pytest.raises(CplError, match="holds the signs of its choices loss"):
+        make_method("dynamic", context, {"objective": "answer"})
+
+
 def test_a_changed_sign_or_question_is_refused(retain, tmp_path):
     flipped = {name: plane.clone() for name, plane in retain.negative.items()}
     name = next(iter(flipped))
@@ -96,15 +113,22 @@ def test_a_retain_set_is_never_used_as_a_freeze_mask_nor_the_reverse(tiny_model_
         apply_mask(retain, loaded.model)
 
 
-def test_training_from_a_retain_set_equals_the_dynamic_rule_step_for_step(tiny_model_dir, retain):
-    """Same refresh schedule (every epoch and every 2 steps), same batch size: bit-identical weights throughout."""
+@pytest.mark.parametrize("objective", ["answer", "choices"])
+def test_training_from_a_retain_set_equals_the_dynamic_rule_step_for_step(tiny_model_dir, retain, objective):
+    """Same refresh schedule (every epoch and every 2 steps), same batch size, same objective: bit-identical
+    weights throughout."""
+    if objective != "answer":
+        retain = profile_retain(
+            fresh(tiny_model_dir), MASTERED, scoring="letter", batch_size=4, show_progress=False, objective=objective
+        )
     runs = {}
     for source in ("dynamic", "retain"):
         loaded = fresh(tiny_model_dir)
         scorer = make_scorer("letter", loaded.tokenizer)
         mastered = MASTERED if source == "dynamic" else retain_questions(retain)
         context = MethodContext(scorer, mastered, retain if source == "retain" else None, batch_size=4)
-        method = make_method("dynamic", context, {"refresh_every": 2})
+        options = {"refresh_every": 2, "objective": objective if source == "dynamic" else None}
+        method = make_method("dynamic", context, options)
         trainer = Trainer(loaded.model, scorer, method, TrainConfig(lr=0.5, optimizer="sgd", show_progress=False))
         steps: list[dict[str, torch.Tensor]] = []
         original = method.mask_gradients

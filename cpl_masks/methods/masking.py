@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from cpl_masks.masks import Mask, weights_metadata
 from cpl_masks.methods.base import Method, MethodContext, RefreshOptions, option
 from cpl_masks.methods.reference import mastered_signs
 from cpl_masks.profile import reprofile
-from cpl_masks.retain import refreshed_retain
+from cpl_masks.retain import refreshed_retain, retain_objective
 from cpl_masks.selection import Rule
 
 
@@ -149,6 +149,7 @@ class DynamicCPL(Method):
         self.retain = context.mask
         if self.retain is not None:
             self.retain.require_kind("retain", "--mode dynamic")
+            options = replace(options, objective=retain_objective(self.retain, options.objective))
         elif options.keep_signs:
             raise CplError("--keep-signs needs --retain (the retain set the kept signs descend from)")
         self.reference = mastered_signs(context, options)

@@ -43,7 +43,9 @@ class MasteredReference(Generic[Kept]):
         self.kept = None  # free the old one before building the new one
         context = self.context
         questions = self.sample(epoch, step_in_epoch)
-        self.kept = self.keep(mean_gradients(model, context.scorer, questions, batch_size=context.batch_size))
+        objective = self.schedule.objective or "answer"
+        gradient = mean_gradients(model, context.scorer, questions, batch_size=context.batch_size, objective=objective)
+        self.kept = self.keep(gradient)
         return True
 
     def sample(self, epoch: int, step_in_epoch: int) -> Sequence[Question]:
