@@ -172,6 +172,11 @@ def test_profile_retain_then_train_with_it_keeping_each_refresh(tiny_model_dir, 
     name = f"{tiny_model_dir.name}/task.retain"
     shown = Registry().show(name)
     assert shown["source"] == "retain" and shown["ref"].endswith(".retain@v1")
+    inspected = invoke(["inspect", name, "--json"])
+    assert json.loads(inspected.output)["kind"] == "retain", inspected.output
+    assert "g_M = 0" in invoke(["inspect", name]).output
+    refused = runner.invoke(app, ["inspect", name, "--plot", str(tmp_path / "p.png")])
+    assert refused.exit_code == 2 and "is a retain set" in refused.output
 
     def train(out: str, evaluated, *options: str):
         args = ["train", "--data", str(inject), "--mastered", str(evaluated), "--out", str(tmp_path / out), *common]
