@@ -32,6 +32,7 @@ from cpl_masks.cli.masks import (
 )
 from cpl_masks.controls import CONTROLS, control_mask
 from cpl_masks.data import load_questions
+from cpl_masks.distributed import Processes
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
 from cpl_masks.models import DEFAULT_MODEL, load_model
@@ -60,6 +61,7 @@ def check_retain_options(*, inject: Path | None, mastered: Path | None, given: d
 
 
 def make_retain_set(
+    processes: Processes,
     mastered: Path,
     *,
     model: str,
@@ -73,7 +75,7 @@ def make_retain_set(
 ) -> Mask:
     """Load the questions and the model and profile the retain set (every rank; rank 0 then saves it)."""
     questions = load_questions(mastered)
-    loaded = distributed.main_first(lambda: load_model(model, dtype=dtype, device=device, threads=threads))
+    loaded = processes.main_first(lambda: load_model(model, dtype=dtype, device=device, threads=threads))
     return profile_retain(
         loaded,
         questions,
@@ -190,17 +192,17 @@ def profile(
         check_task(name)
     registry = Registry()
     check_outputs(out, overwrite, registry, inputs=[mastered, inject, registry.resolve(like) if like else None])
-    distributed.setup(device)  # under torchrun: join the other ranks; rank 0 alone prints and writes
-    stdout.quiet = not distributed.is_main()
+    processes = distributed.setup(device)  # under torchrun: join the other ranks; rank 0 alone prints and writes
+    stdout.quiet = not processes.is_main
     if rule != "sign":
         control = ControlRequest(rule, like, inject, scoring, seed=seed, task=name, batch_size=batch_size)
         mask = make_control(control, registry, model=model, dtype=dtype, device=device, threads=threads)
-        distributed.on_main(lambda: save_and_register(mask, out, task=name, registry=registry, overwrite=overwrite))
+        processes.on_main(lambda: save_and_register(mask, out, task=name, registry=registry, overwrite=overwrite))
         return
     check_rule_runs(cut, wrapping)
     scoring = resolve_scoring(scoring, data_path=mastered)
     mastered_questions, inject_questions = load_questions(mastered), load_questions(inject)
-    loaded = distributed.main_first(lambda: load_model(model, dtype=dtype, device=device, threads=threads))
+    loaded = processes.main_first(lambda: load_model(model, dtype=dtype, device=device, threads=threads))
     mask = profile_model(
         loaded,
         mastered_questions,
@@ -215,7 +217,7 @@ def profile(
         data_paths={"mastered": str(mastered), "inject": str(inject)},
         wrapping=wrapping,
     )
-    distributed.on_main(lambda: _report_and_save(mask, out, task=name, registry=registry, overwrite=overwrite))
+    processes.on_main(lambda: _report_and_save(mask, out, task=name, registry=registry, overwrite=overwrite))
 
 
 def _profile_retain(mastered: Path, *, task: str | None, out: Path | None, overwrite: bool, **loading: Any) -> None:
@@ -224,15 +226,15 @@ def _profile_retain(mastered: Path, *, task: str | None, out: Path | None, overw
         check_task(task)
     registry = Registry()
     check_outputs(out, overwrite, registry, inputs=[mastered])
-    distributed.setup(loading["device"])
-    stdout.quiet = not distributed.is_main()
-    retain = make_retain_set(mastered, task=task, **loading)
+    processes = distributed.setup(loading["device"])
+    stdout.quiet = not processes.is_main
+    retain = make_retain_set(processes, mastered, task=task, **loading)
 
     def save() -> None:
         print_retain(retain)
         save_and_register(retain, out, task=task, registry=registry, overwrite=overwrite)
 
-    distributed.on_main(save)
+    processes.on_main(save)
 
 
 def _report_and_save(mask: Mask, out: Path | None, *, task: str | None, registry: Registry, overwrite: bool) -> None:

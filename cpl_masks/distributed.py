@@ -11,8 +11,9 @@ The rules the pipeline follows under N processes:
 * gradient sums are all-reduced in float32 and divided by the global count, so a mean equals the
   single-process mean (:func:`all_reduce_sum`);
 * per-question results are gathered back in the original order (:func:`gather_shards`);
-* files and registry rows are written by rank 0 alone while the others wait (:func:`on_main`),
-  and a failure there is raised on every rank;
+* files and registry rows are written by rank 0 alone while the others wait
+  (:meth:`Processes.on_main`, on the object :func:`setup` returns), and a failure there is raised
+  on every rank;
 * every collective times out (``CPL_MASKS_DIST_TIMEOUT`` seconds, default 600), and a rank that
   fails makes the others stop with a one-line error (:func:`reports_rank_errors`) rather than hang.
 
@@ -92,8 +93,9 @@ def timeout_seconds() -> float:
     return seconds
 
 
-def setup(device: str = "auto") -> None:
-    """Join the launcher's process group once; a no-op in a single process or when already joined.
+def setup(device: str = "auto") -> Processes:
+    """Join the launcher's process group once (a no-op in a single process or when already joined);
+    returns this rank's :class:`Processes`, which a recipe passes to whatever writes files.
 
     On CUDA the rank's device becomes ``cuda:LOCAL_RANK`` (so ``cuda`` and ``auto`` mean it) and the
     backend is nccl; on the CPU it is gloo. Every collective then times out after
@@ -102,7 +104,7 @@ def setup(device: str = "auto") -> None:
     """
     launch = launch_env()
     if launch.world_size == 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
-        return
+        return Processes.current()
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise CplError(
             "DeepSpeed ZeRO is not supported (its flat partitions and own optimizer step cannot keep a per-entry "
@@ -118,6 +120,7 @@ def setup(device: str = "auto") -> None:
     torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_seconds()))
     atexit.register(leave)
     _stop_on_sigterm()
+    return Processes.current()
 
 
 def exit_launched(status: object) -> None:
@@ -187,6 +190,68 @@ def is_main() -> bool:
     return rank() == 0
 
 
+@dataclass(frozen=True)
+class Processes:
+    """The job's processes as this rank sees them, and the rank-0 rule: rank 0 alone writes files.
+
+    :func:`setup` returns it once, at the entry of a recipe (a training run, a profile command), and
+    the recipe passes it to each helper that writes a file, takes a lock or writes a registry row, as
+    accelerate's ``Accelerator`` is passed around; so the rank-0 decisions stand where the recipe
+    calls :meth:`on_main` and :meth:`main_first`, not in every helper. Outside a launched job it is
+    rank 0 of 1, and both run the action as it is.
+    """
+
+    rank: int
+    world_size: int
+
+    @classmethod
+    def current(cls) -> Processes:
+        """The processes as they stand now: the joined group's, else rank 0 of 1."""
+        return cls(rank(), world_size())
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the rank that writes files, registry rows and tables."""
+        return self.rank == 0
+
+    def on_main(self, action: Callable[[], T]) -> T:
+        """Run ``action`` on rank 0 alone; every rank returns its result (which must pickle).
+
+        The others wait for it, so nothing reads a file before it is written. A failure on rank 0 is
+        raised there as it is and on the others as a :class:`CplError` saying so, so every rank stops.
+        """
+        return self._main_outcome(action, share=True)
+
+    def main_first(self, action: Callable[[], T]) -> T:
+        """Run ``action`` on rank 0, then on the others; each rank returns its own result.
+
+        For work that fills a cache the others then read (the GGUF conversion of a built-in model).
+        """
+        result = self._main_outcome(action, share=False)
+        return result if self.is_main else action()
+
+    def _main_outcome(self, action: Callable[[], T], *, share: bool) -> T:
+        if self.world_size == 1:
+            return action()
+        result: Any = None
+        error: BaseException | None = None
+        sent: list[Any] = [None]
+        if self.is_main:
+            try:
+                result = action()
+                sent = [("ok", result if share else None)]
+            except BaseException as caught:
+                error = caught
+                sent = [("error", _one_line(caught))]
+        torch.distributed.broadcast_object_list(sent, src=0)
+        if error is not None:
+            raise error
+        status, value = sent[0]
+        if status == "error":
+            raise CplError(f"rank 0 failed: {value}")
+        return result if self.is_main else value
+
+
 def describe() -> dict[str, Any]:
     """What ``run.json`` and a mask's ``profile`` section record about the processes."""
     if not active():
@@ -224,46 +289,6 @@ def barrier() -> None:
     """Wait until every rank gets here."""
     if active():
         torch.distributed.barrier()
-
-
-def on_main(action: Callable[[], T]) -> T:
-    """Run ``action`` on rank 0 alone; every rank returns its result (which must pickle).
-
-    The others wait for it, so nothing reads a file before it is written. A failure on rank 0 is
-    raised there as it is and on the others as a :class:`CplError` saying so, so every rank stops.
-    """
-    return _main_outcome(action, share=True)
-
-
-def main_first(action: Callable[[], T]) -> T:
-    """Run ``action`` on rank 0, then on the others; each rank returns its own result.
-
-    For work that fills a cache the others then read (the GGUF conversion of a built-in model).
-    """
-    result = _main_outcome(action, share=False)
-    return result if is_main() else action()
-
-
-def _main_outcome(action: Callable[[], T], *, share: bool) -> T:
-    if not active():
-        return action()
-    result: Any = None
-    error: BaseException | None = None
-    sent: list[Any] = [None]
-    if is_main():
-        try:
-            result = action()
-            sent = [("ok", result if share else None)]
-        except BaseException as caught:
-            error = caught
-            sent = [("error", _one_line(caught))]
-    torch.distributed.broadcast_object_list(sent, src=0)
-    if error is not None:
-        raise error
-    status, value = sent[0]
-    if status == "error":
-        raise CplError(f"rank 0 failed: {value}")
-    return result if is_main() else value
 
 
 def _one_line(error: BaseException) -> str:

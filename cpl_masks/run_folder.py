@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from cpl_masks import distributed
+from cpl_masks.distributed import Processes
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import QUESTIONS
 from cpl_masks.files import LOCK_NAME, atomic_write, check_output_dir, check_writable_folder, read_json, write_json
@@ -103,19 +103,20 @@ def saved_config(out: Path) -> dict[str, Any]:
     return read_json(out / CONFIG)
 
 
-def save_checkpoint(out: Path, trainer: Trainer, state: dict[str, Any]) -> None:
+def save_checkpoint(processes: Processes, out: Path, trainer: Trainer, state: dict[str, Any]) -> None:
     """Write weights, optimizer and RNG state, then ``state.json`` naming them; drop older files.
 
     ``state.json`` is written last, so a crash at any point leaves the previous epoch's complete
-    checkpoint in force. Every rank calls it (FSDP2 gathers the weights); rank 0 writes. Under FSDP2
-    a stateful optimizer's state is sharded per rank and is not kept, so such a run cannot resume.
+    checkpoint in force. Every rank calls it (FSDP2 gathers the weights); rank 0 of ``processes``
+    writes. Under FSDP2 a stateful optimizer's state is sharded per rank and is not kept, so such a
+    run cannot resume.
     """
     payload = {
         "weights": trainer.weights(),
         "optimizer": _optimizer_state(trainer),
         "rng": torch.get_rng_state(),
     }
-    distributed.on_main(lambda: _write_checkpoint(out / CHECKPOINT, payload, state))
+    processes.on_main(lambda: _write_checkpoint(out / CHECKPOINT, payload, state))
 
 
 def _optimizer_state(trainer: Trainer) -> dict[str, Any] | None:

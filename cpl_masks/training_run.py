@@ -8,7 +8,9 @@ evaluated epoch (:mod:`cpl_masks.run_evaluation`), checkpoints, and writes ``run
 :func:`resume_run` replays a stopped run from its ``config.json`` and last checkpoint.
 
 Under ``torchrun`` every rank runs all of this (trains its share, evaluates its share), but only
-rank 0 writes files and registry rows; the others wait for it (:func:`cpl_masks.distributed.on_main`).
+rank 0 writes files and registry rows; the others wait for it. Both entries take the
+:class:`~cpl_masks.distributed.Processes` from :func:`~cpl_masks.distributed.setup` once and hand it
+to the helpers, which write through its ``on_main``.
 
 Epoch 0 is the untouched model. When the run trains on a split's own files with the split's model
 and scoring, it is read from the split's ``scores.jsonl`` rather than scored again.
@@ -25,6 +27,7 @@ from typing import Any
 
 from cpl_masks import distributed
 from cpl_masks.data import questions_sha256
+from cpl_masks.distributed import Processes
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import QUESTIONS, draw_curves
 from cpl_masks.files import check_writable_folder, lock_folder, write_json, write_jsonl
@@ -106,13 +109,13 @@ def start_run(
     """
     request.check()
     registry = registry or Registry()
-    distributed.setup(request.device)
-    mask_path = distributed.on_main(lambda: _check_out_and_mask(request, overwrite, registry))
+    processes = distributed.setup(request.device)
+    mask_path = processes.on_main(lambda: _check_out_and_mask(request, overwrite, registry))
     request = with_absolute_paths(request)
-    with _claimed(Path(request.out), mask_path, registry):
-        session = _open(request, load_run_data(request), mask_path)
-        out = distributed.on_main(lambda: _prepare_out(session, overwrite))
-        return _run(session, out, on_epoch, registry=registry)
+    with _claimed(processes, Path(request.out), mask_path, registry):
+        session = _open(processes, request, load_run_data(request), mask_path)
+        out = processes.on_main(lambda: _prepare_out(session, overwrite))
+        return _run(processes, session, out, on_epoch, registry=registry)
 
 
 def _check_out_and_mask(request: RunRequest, overwrite: bool, registry: Registry) -> str | None:
@@ -132,7 +135,7 @@ def _inputs(request: RunRequest, mask_path: str | None) -> list[str | None]:
 
 
 @contextlib.contextmanager
-def _claimed(out: Path, mask_path: str | None, registry: Registry) -> Iterator[None]:
+def _claimed(processes: Processes, out: Path, mask_path: str | None, registry: Registry) -> Iterator[None]:
     """Rank 0 holds the run folder (a second writer is refused) and the run's registered mask (``registry
     rm`` refuses it) from the checks until ``run.json``; a run refused before it wrote ``config.json``
     leaves no folder behind. A refusal on rank 0 stops every rank."""
@@ -146,11 +149,11 @@ def _claimed(out: Path, mask_path: str | None, registry: Registry) -> Iterator[N
                 held.enter_context(registry.hold(mask_id))
 
         try:
-            distributed.on_main(claim)
+            processes.on_main(claim)
             yield
         except BaseException:
             held.close()
-            if distributed.is_main() and not existed and not (out / CONFIG).exists():
+            if processes.is_main and not existed and not (out / CONFIG).exists():
                 remove_path(out)
             raise
 
@@ -197,20 +200,20 @@ def resume_run(
     change = change_config(request.config, state["epoch"] if state else 0, lr=lr, epochs=epochs)
     request.check()
     check_writable_folder(out, what=f"--out {out}")
-    distributed.setup(request.device)
+    processes = distributed.setup(request.device)
     data = reload_data(out, request, saved.get("sha256"))
     registry = registry or Registry()
     if saved["mask_path"] is not None:
-        distributed.on_main(registry.check)  # it records the finished run
-    mask_path = distributed.on_main(lambda: _find_mask(out, saved["mask_path"], saved.get("mask_id"), registry))
-    with _claimed(out, mask_path, registry):
-        session = _open(request, data, mask_path, fingerprint=saved.get("model_fingerprint"))
+        processes.on_main(registry.check)  # it records the finished run
+    mask_path = processes.on_main(lambda: _find_mask(out, saved["mask_path"], saved.get("mask_id"), registry))
+    with _claimed(processes, out, mask_path, registry):
+        session = _open(processes, request, data, mask_path, fingerprint=saved.get("model_fingerprint"))
         changes = [*saved.get("resume_changes", []), *([change] if change else [])]
         if change:
             config = {**saved, "request": request.to_dict(), "resume_changes": changes}
-            distributed.on_main(lambda: write_json(out / CONFIG, config))
+            processes.on_main(lambda: write_json(out / CONFIG, config))
         checkpoint = read_checkpoint(out)
-        return _run(session, out, on_epoch, checkpoint=checkpoint, resume_changes=changes, registry=registry)
+        return _run(processes, session, out, on_epoch, checkpoint=checkpoint, resume_changes=changes, registry=registry)
 
 
 def _find_mask(out: Path, saved_path: str | None, mask_id: str | None, registry: Registry) -> str | None:
@@ -267,7 +270,9 @@ class _Session:
         }
 
 
-def _open(request: RunRequest, data: RunData, mask_path: str | None, *, fingerprint: str | None = None) -> _Session:
+def _open(
+    processes: Processes, request: RunRequest, data: RunData, mask_path: str | None, *, fingerprint: str | None = None
+) -> _Session:
     """Load the model and mask, check them against each other and build the method and trainer.
 
     ``fingerprint``, on resume, is the model's when the run started; other weights are refused.
@@ -279,7 +284,7 @@ def _open(request: RunRequest, data: RunData, mask_path: str | None, *, fingerpr
     retained = retain_questions(mask) if mask is not None and mask.kind == "retain" else None
     mask_scoring = mask.metadata.get("scoring") if mask is not None else None
     scoring = resolve_scoring(request.scoring, mask_scoring=mask_scoring, data_path=request.inject, force=request.force)
-    loaded = distributed.main_first(  # rank 0 fills the model cache, then the others read it
+    loaded = processes.main_first(  # rank 0 fills the model cache, then the others read it
         lambda: load_model(request.model, dtype=request.dtype, device=request.device, threads=request.threads)
     )
     found = model_fingerprint(loaded.model)
@@ -305,6 +310,7 @@ def _open(request: RunRequest, data: RunData, mask_path: str | None, *, fingerpr
 
 
 def _run(
+    processes: Processes,
     session: _Session,
     out: Path,
     on_epoch: OnEpoch | None,
@@ -321,19 +327,19 @@ def _run(
         baseline, elapsed_before, done = epoch_zero(evaluation, session.fingerprint), 0.0, 0
         row, records = evaluation.evaluate(0, baseline)
         rows = [row]
-        _publish(out, rows, records, mode, on_epoch)
+        _publish(processes, out, rows, records, mode, on_epoch)
     else:
         baseline, rows = Baseline.from_dict(checkpoint["baseline"]), checkpoint["metrics"]
         records, done = checkpoint.get("records", []), checkpoint["epoch"]
         elapsed_before = checkpoint["elapsed_s"]
         restore_checkpoint(trainer, checkpoint)
-        distributed.on_main(lambda: (write_jsonl(out / METRICS, rows), write_jsonl(out / QUESTIONS, records)))
+        processes.on_main(lambda: (write_jsonl(out / METRICS, rows), write_jsonl(out / QUESTIONS, records)))
     for epoch in range(done + 1, config.epochs + 1):
         try:
             loss = trainer.train_epoch(session.data.inject, epoch)
         except TrainingDiverged as error:
             raise TrainingDiverged(f"{error}; stopped, {_diverged_advice(out, epoch - 1)}") from None
-        distributed.on_main(lambda: keep_made_masks(out, session.method.made_masks()))
+        processes.on_main(lambda: keep_made_masks(out, session.method.made_masks()))
         evaluated = request.evaluates_after(epoch)
         if evaluated:
             row, new_records = evaluation.evaluate(epoch, baseline, train_loss=loss)
@@ -348,13 +354,13 @@ def _run(
                 "baseline": baseline.to_dict(),
                 "elapsed_s": elapsed,
             }
-            save_checkpoint(out, trainer, state)
+            save_checkpoint(processes, out, trainer, state)
         if evaluated:
-            _publish(out, rows, records, mode, on_epoch)
+            _publish(processes, out, rows, records, mode, on_epoch)
     if request.keep_weights:
         weights = trainer.final_weights()  # gathered under FSDP2: every rank takes part
         tokenizer = session.loaded.tokenizer
-        distributed.on_main(lambda: save_model(session.method, trainer.model, tokenizer, out / MODEL_DIR, weights))
+        processes.on_main(lambda: save_model(session.method, trainer.model, tokenizer, out / MODEL_DIR, weights))
     record = _record(
         session,
         out,
@@ -364,7 +370,7 @@ def _run(
         resume_changes=resume_changes or [],
         time_s=round(elapsed_before + time.perf_counter() - started, 3),
     )
-    distributed.on_main(lambda: _finish(out, record, session.mask_path, registry, keep_weights=request.keep_weights))
+    processes.on_main(lambda: _finish(out, record, session.mask_path, registry, keep_weights=request.keep_weights))
     return record
 
 
@@ -451,7 +457,12 @@ def _data_summary(request: RunRequest, data: RunData) -> dict[str, Any]:
 
 
 def _publish(
-    out: Path, rows: list[dict[str, Any]], records: list[dict[str, Any]], mode: str, on_epoch: OnEpoch | None
+    processes: Processes,
+    out: Path,
+    rows: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    mode: str,
+    on_epoch: OnEpoch | None,
 ) -> None:
     """Rewrite ``metrics.jsonl``, ``questions.jsonl`` and ``curves.png`` with every evaluated epoch so far,
     then report (rank 0 only)."""
@@ -463,4 +474,4 @@ def _publish(
         if on_epoch is not None:
             on_epoch(rows)
 
-    distributed.on_main(publish)
+    processes.on_main(publish)
