@@ -41,6 +41,7 @@ from cpl_masks.profile import profile as profile_model
 from cpl_masks.registry import Registry
 from cpl_masks.registry.names import check_task
 from cpl_masks.retain import profile_retain
+from cpl_masks.scorer import check_objective
 from cpl_masks.selection import Rule
 from cpl_masks.split import resolve_scoring
 
@@ -72,6 +73,7 @@ def make_retain_set(
     dtype: str,
     device: str,
     threads: int | None,
+    objective: str,
 ) -> Mask:
     """Load the questions and the model and profile the retain set (every rank; rank 0 then saves it)."""
     questions = load_questions(mastered)
@@ -84,6 +86,7 @@ def make_retain_set(
         checkpointing=checkpointing,
         task=task,
         data_path=str(mastered),
+        objective=objective,
     )
 
 
@@ -142,6 +145,13 @@ def profile(
             "over --mastered alone, for train --retain; reusable for any task on these weights).",
         ),
     ] = "mask",
+    objective: Annotated[
+        str | None,
+        typer.Option(
+            help="--kind retain: the loss g_M is the gradient of: answer (the correct choice's own loss, the "
+            "paper's; default) or choices (cross-entropy over the choices: it protects the margin).",
+        ),
+    ] = None,
     dtype: DtypeOption = "float32",
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
@@ -181,8 +191,11 @@ def profile(
             dtype=dtype,
             device=device,
             threads=threads,
+            objective=check_objective(objective or "answer"),
         )
         return
+    if objective is not None:
+        raise CplError("--objective applies to --kind retain (a freeze mask's g_M and g_I are of the answer loss)")
     check_rule_options(rule, like, mastered=mastered, inject=inject, sign_only={**sign_only, "--distributed": wrapping})
     distributed.wrapping_for(wrapping)  # refuses an unknown name before any model loads
     cut = Rule.from_options(

@@ -23,7 +23,7 @@ from cpl_masks.masks import Mask, weights_metadata
 from cpl_masks.models import LoadedModel
 from cpl_masks.profile import LOSSES, data_provenance, peak_memory, reset_peak_memory
 from cpl_masks.progress import progress_bar
-from cpl_masks.scorer import OBJECTIVES
+from cpl_masks.scorer import check_objective
 from cpl_masks.scoring import make_scorer
 from cpl_masks.signs import PackedSigns
 from cpl_masks.split import resolve_scoring
@@ -66,6 +66,7 @@ def profile_retain(
     """
     if not questions:
         raise CplError("profile --kind retain needs a non-empty question set (--mastered)")
+    check_objective(objective)
     scoring = resolve_scoring(scoring, data_path=data_path)
     scorer = make_scorer(scoring, loaded.tokenizer)
     scorer.check_fits(loaded.model, questions)
@@ -132,9 +133,9 @@ def retain_objective(retain: Mask, asked: str | None) -> str:
     Raises:
         CplError: ``asked`` (an ``--objective`` given with it) is another, or the file records an unknown one.
     """
-    recorded = (retain.metadata.get("retain") or {}).get("objective") or "answer"
-    if recorded not in OBJECTIVES:
-        raise CplError(f"retain set {retain.id[:12]}: unknown objective {str(recorded)[:40]!r}")
+    recorded = check_objective(
+        (retain.metadata.get("retain") or {}).get("objective") or "answer", f"retain set {retain.id[:12]}: objective"
+    )
     if asked is not None and asked != recorded:
         raise CplError(f"--objective {asked}: retain set {retain.id[:12]} holds the signs of its {recorded} loss")
     return recorded

@@ -43,6 +43,13 @@ class Scores:
         return sum(self.correct) / len(self.correct) if self.correct else 0.0
 
 
+def check_objective(name: str, option: str = "--objective") -> str:
+    """Refuse an objective that is not one of :data:`OBJECTIVES`, naming the option."""
+    if name not in OBJECTIVES:
+        raise CplError(f"{option} {str(name)[:40]}: choose one of {', '.join(OBJECTIVES)}")
+    return name
+
+
 def pad_left(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Stack token lists into a left-padded batch with matching attention mask and position ids."""
     width = max(len(sequence) for sequence in sequences)
@@ -132,8 +139,7 @@ class Scorer(abc.ABC):
 
     def objective(self, name: str) -> Callable[[Any, Sequence[Question]], torch.Tensor]:
         """The per-question loss an objective names: ``answer`` (:meth:`loss`) or ``choices`` (:meth:`choice_loss`)."""
-        if name not in OBJECTIVES:
-            raise CplError(f"objective {name!r}: choose one of {', '.join(OBJECTIVES)}")
+        check_objective(name)
         return self.loss if name == "answer" else self.choice_loss
 
     def _encode(self, text: str) -> list[int]:

@@ -217,6 +217,13 @@ def test_the_wrong_kind_is_refused_in_one_line_before_the_model_loads(tiny_model
     assert result.exit_code == 2 and "--retain trains with the per-step rule" in result.output
     result = runner.invoke(app, ["profile", "--kind", "retain", "--mastered", str(mastered), "--inject", str(inject)])
     assert result.exit_code == 2 and "takes no --inject" in result.output
+    args = ["profile", "--kind", "retain", "--mastered", str(mastered), "--objective", "margin"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--objective margin: choose one of answer, choices" in result.output
+    result = runner.invoke(
+        app, ["profile", "--mastered", str(mastered), "--inject", str(inject), "--objective", "choices"]
+    )
+    assert result.exit_code == 2 and "--objective applies to --kind retain" in result.output
     result = runner.invoke(app, ["diff", str(path), str(mask)])
     assert result.exit_code == 2 and "is a retain set" in result.output
 

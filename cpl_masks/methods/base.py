@@ -26,7 +26,7 @@ import torch
 
 from cpl_masks.data import Question
 from cpl_masks.errors import CplError
-from cpl_masks.scorer import OBJECTIVES
+from cpl_masks.scorer import check_objective
 from cpl_masks.scoring import Scorer
 
 if TYPE_CHECKING:
@@ -81,8 +81,8 @@ class RefreshOptions:
         for flag, value in (("--refresh-every", self.refresh_every), ("--refresh-sample", self.refresh_sample)):
             if value is not None and value < 1:
                 raise CplError(f"{flag} {value}: must be at least 1")
-        if self.objective is not None and self.objective not in OBJECTIVES:
-            raise CplError(f"--objective {self.objective}: choose one of {', '.join(OBJECTIVES)}")
+        if self.objective is not None:
+            check_objective(self.objective)
 
 
 def epoch_order(count: int, seed: int, epoch: int) -> list[int]:

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The retain experiment again with the choices objective (g_M of the cross-entropy over the choices, the
+# prediction's margin, instead of the correct answer's own loss): task A, seed 0, 6 epochs, the same
+# settings as the retain queue of benchmarks/sweeps.sh. Usage: benchmarks/retain_choices.sh OUT
+set -euo pipefail
+OUT=${1:?output folder}; CPL="${CPL:-.venv/bin/cpl-masks}"
+SPLIT="$OUT/paper/split"; R="$OUT/retain"
+export CPL_MASKS_HOME="$R/home"
+[ -f "$R/pool-128-choices.safetensors" ] || $CPL profile --kind retain --objective choices \
+  --mastered "$R/pool-128.jsonl" --scoring loglik --name paper-pool-128-choices --threads 1 \
+  --out "$R/pool-128-choices.safetensors"
+TRAIN=(--epochs 6 --eval-every 2 --lr 3e-5 --optimizer sgd --batch-size 1 --scoring loglik --threads 1
+  --heldout "$SPLIT/mastered_heldout.jsonl" --data "$SPLIT/inject.jsonl" --mastered "$SPLIT/mastered.jsonl")
+run() {
+  local dir="$R/runs/$1"; shift
+  [ -f "$dir/run.json" ] && return
+  if [ -d "$dir/checkpoint" ]; then $CPL train --resume "$dir"; else $CPL train --out "$dir" "${TRAIN[@]}" "$@"; fi
+  rm -rf "$dir/model"
+}
+run a-retain-pool128-choices --retain "$R/pool-128-choices.safetensors"
+run a-dynamic-choices --mode dynamic --objective choices
