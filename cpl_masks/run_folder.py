@@ -10,15 +10,20 @@ training, ``e<epoch>-s<step>.safetensors``, written after each epoch), and at th
 method's ``save``: safetensors weights, or a LoRA adapter, and the tokenizer) and ``run.json``
 (:class:`cpl_masks.run_record.RunRecord`, which alone reads and writes it).
 
+Also the folder's claim: finding the run's mask or retain set (:func:`check_out_and_artifact`, and
+:func:`find_artifact` on resume) and holding the folder's lock and the registered file
+(:func:`claimed`) while the run writes.
+
 These are the components both recipes use (:mod:`cpl_masks.training_run` and, through it,
 :mod:`cpl_masks.sweep`); under ``torchrun`` only rank 0 writes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +32,20 @@ import torch
 from cpl_masks.distributed import Processes
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import QUESTIONS
-from cpl_masks.files import LOCK_NAME, atomic_write, check_output_dir, check_writable_folder, read_json, write_json
-from cpl_masks.masks import Mask
+from cpl_masks.files import (
+    LOCK_NAME,
+    atomic_write,
+    check_output_dir,
+    check_writable_folder,
+    lock_folder,
+    read_json,
+    write_json,
+)
+from cpl_masks.masks import Mask, read_header
 from cpl_masks.methods import Method
+from cpl_masks.registry import Registry
 from cpl_masks.run_record import RUN
+from cpl_masks.run_request import RunRequest
 from cpl_masks.train import Trainer
 
 CONFIG, METRICS, CURVES, MODEL_DIR, CHECKPOINT = (
@@ -190,3 +205,73 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def check_out_and_artifact(request: RunRequest, overwrite: bool, registry: Registry) -> str | None:
+    """The file of a run's mask or retain set (checking the registry, which records it), then the output folder
+    checked against the run's inputs, that file among them."""
+    mask_path = None
+    if request.artifact is not None:
+        registry.check()
+        mask_path = str(registry.resolve(request.artifact).resolve())
+    check_out_folder(Path(request.out), overwrite, inputs=run_inputs(request, mask_path))
+    return mask_path
+
+
+def run_inputs(request: RunRequest, mask_path: str | None) -> list[str | None]:
+    """Every file or folder a run reads, which its output folder must never write over."""
+    model = request.model if Path(request.model).exists() else None  # a Hub id is not a local input
+    return [request.inject, request.mastered, request.heldout, request.retain_text, model, mask_path]
+
+
+@contextlib.contextmanager
+def claimed(processes: Processes, out: Path, mask_path: str | None, registry: Registry) -> Iterator[None]:
+    """Rank 0 holds the run folder (a second writer is refused) and the run's registered mask (``registry
+    rm`` refuses it) from the checks until ``run.json``; a run refused before it wrote ``config.json``
+    leaves no folder behind. A refusal on rank 0 stops every rank."""
+    existed = out.exists()
+    with contextlib.ExitStack() as held:
+
+        def claim() -> None:
+            held.enter_context(lock_folder(out))
+            mask_id = artifact_id_at(mask_path) if mask_path else None
+            if mask_id:
+                held.enter_context(registry.hold(mask_id))
+
+        try:
+            processes.on_main(claim)
+            yield
+        except BaseException:
+            held.close()
+            if processes.is_main and not existed and not (out / CONFIG).exists():
+                remove_path(out)
+            raise
+
+
+def find_artifact(out: Path, saved_path: str | None, mask_id: str | None, registry: Registry) -> str | None:
+    """A resumed run's mask (or retain set) file: the saved path while it holds ``mask_id``, else ``registry``'s copy.
+
+    Without a saved ``mask_id`` (an older ``config.json``) the saved path is taken as it is.
+    """
+    if saved_path is None or mask_id is None or artifact_id_at(saved_path) == mask_id:
+        return saved_path
+    try:
+        found = str(registry.resolve(mask_id).resolve())
+    except CplError as error:
+        found, reason = None, str(error)
+    else:
+        reason = f"the registry's {found} holds other bits"
+    if found is None or artifact_id_at(found) != mask_id:
+        raise CplError(
+            f"--resume {out}: mask {mask_id[:12]} is no longer at {saved_path} (gone or other bits) "
+            f"and cannot be found by its id: {reason}"
+        )
+    return found
+
+
+def artifact_id_at(path: str) -> str | None:
+    """The content id of the mask-format file at ``path``, or None when there is none."""
+    try:
+        return read_header(path)["id"]
+    except CplError:
+        return None

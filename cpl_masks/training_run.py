@@ -18,9 +18,8 @@ and scoring, it is read from the split's ``scores.jsonl`` rather than scored aga
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,8 @@ from cpl_masks.data import questions_sha256
 from cpl_masks.distributed import Processes
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import QUESTIONS, draw_curves
-from cpl_masks.files import check_writable_folder, lock_folder, write_json, write_jsonl
-from cpl_masks.masks import Mask, read_header
+from cpl_masks.files import check_writable_folder, write_json, write_jsonl
+from cpl_masks.masks import Mask
 from cpl_masks.methods import Method, MethodContext, make_method, method_options
 from cpl_masks.models import LoadedModel, load_model, model_fingerprint
 from cpl_masks.profile import peak_memory
@@ -46,13 +45,17 @@ from cpl_masks.run_folder import (
     MADE_MASKS,
     METRICS,
     MODEL_DIR,
+    check_out_and_artifact,
     check_out_folder,
     checkpoint_state,
+    claimed,
+    find_artifact,
     keep_made_masks,
     made_masks,
     read_checkpoint,
     remove_path,
     restore_checkpoint,
+    run_inputs,
     save_checkpoint,
     save_model,
     saved_config,
@@ -110,58 +113,18 @@ def start_run(
     request.check()
     registry = registry or Registry()
     processes = distributed.setup(request.device)
-    mask_path = processes.on_main(lambda: _check_out_and_mask(request, overwrite, registry))
+    mask_path = processes.on_main(lambda: check_out_and_artifact(request, overwrite, registry))
     request = with_absolute_paths(request)
-    with _claimed(processes, Path(request.out), mask_path, registry):
+    with claimed(processes, Path(request.out), mask_path, registry):
         session = _open(processes, request, load_run_data(request), mask_path)
         out = processes.on_main(lambda: _prepare_out(session, overwrite))
         return _run(processes, session, out, on_epoch, registry=registry)
 
 
-def _check_out_and_mask(request: RunRequest, overwrite: bool, registry: Registry) -> str | None:
-    """Find the mask of a run with one (checking the registry, which records it), then check the output folder."""
-    mask_path = None
-    if request.artifact is not None:
-        registry.check()
-        mask_path = str(registry.resolve(request.artifact).resolve())
-    check_out_folder(Path(request.out), overwrite, inputs=_inputs(request, mask_path))
-    return mask_path
-
-
-def _inputs(request: RunRequest, mask_path: str | None) -> list[str | None]:
-    """Every file or folder a run reads, which its output folder must never write over."""
-    model = request.model if Path(request.model).exists() else None  # a Hub id is not a local input
-    return [request.inject, request.mastered, request.heldout, request.retain_text, model, mask_path]
-
-
-@contextlib.contextmanager
-def _claimed(processes: Processes, out: Path, mask_path: str | None, registry: Registry) -> Iterator[None]:
-    """Rank 0 holds the run folder (a second writer is refused) and the run's registered mask (``registry
-    rm`` refuses it) from the checks until ``run.json``; a run refused before it wrote ``config.json``
-    leaves no folder behind. A refusal on rank 0 stops every rank."""
-    existed = out.exists()
-    with contextlib.ExitStack() as held:
-
-        def claim() -> None:
-            held.enter_context(lock_folder(out))
-            mask_id = _mask_id_at(mask_path) if mask_path else None
-            if mask_id:
-                held.enter_context(registry.hold(mask_id))
-
-        try:
-            processes.on_main(claim)
-            yield
-        except BaseException:
-            held.close()
-            if processes.is_main and not existed and not (out / CONFIG).exists():
-                remove_path(out)
-            raise
-
-
 def _prepare_out(session: _Session, overwrite: bool) -> Path:
     """Create the folder, drop a stopped run's leftovers and write ``config.json``: the run starts here."""
     out = Path(session.request.out)
-    check_out_folder(out, overwrite, inputs=_inputs(session.request, session.mask_path))  # it may have changed
+    check_out_folder(out, overwrite, inputs=run_inputs(session.request, session.mask_path))  # it may have changed
     out.mkdir(parents=True, exist_ok=True)
     for stale in (CHECKPOINT, MODEL_DIR, RUN, METRICS, QUESTIONS, CURVES, MADE_MASKS):
         remove_path(out / stale)
@@ -205,8 +168,8 @@ def resume_run(
     registry = registry or Registry()
     if saved["mask_path"] is not None:
         processes.on_main(registry.check)  # it records the finished run
-    mask_path = processes.on_main(lambda: _find_mask(out, saved["mask_path"], saved.get("mask_id"), registry))
-    with _claimed(processes, out, mask_path, registry):
+    mask_path = processes.on_main(lambda: find_artifact(out, saved["mask_path"], saved.get("mask_id"), registry))
+    with claimed(processes, out, mask_path, registry):
         session = _open(processes, request, data, mask_path, fingerprint=saved.get("model_fingerprint"))
         changes = [*saved.get("resume_changes", []), *([change] if change else [])]
         if change:
@@ -214,35 +177,6 @@ def resume_run(
             processes.on_main(lambda: write_json(out / CONFIG, config))
         checkpoint = read_checkpoint(out)
         return _run(processes, session, out, on_epoch, checkpoint=checkpoint, resume_changes=changes, registry=registry)
-
-
-def _find_mask(out: Path, saved_path: str | None, mask_id: str | None, registry: Registry) -> str | None:
-    """The run's mask file: the saved path while it holds mask ``mask_id``, else ``registry``'s copy of it.
-
-    Without a saved ``mask_id`` (an older ``config.json``) the saved path is taken as it is.
-    """
-    if saved_path is None or mask_id is None or _mask_id_at(saved_path) == mask_id:
-        return saved_path
-    try:
-        found = str(registry.resolve(mask_id).resolve())
-    except CplError as error:
-        found, reason = None, str(error)
-    else:
-        reason = f"the registry's {found} holds other bits"
-    if found is None or _mask_id_at(found) != mask_id:
-        raise CplError(
-            f"--resume {out}: mask {mask_id[:12]} is no longer at {saved_path} (gone or other bits) "
-            f"and cannot be found by its id: {reason}"
-        )
-    return found
-
-
-def _mask_id_at(path: str) -> str | None:
-    """The content id of the mask file at ``path``, or None when there is none."""
-    try:
-        return read_header(path)["id"]
-    except CplError:
-        return None
 
 
 @dataclass
