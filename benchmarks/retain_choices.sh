@@ -19,3 +19,5 @@ run() {
 }
 run a-retain-pool128-choices --retain "$R/pool-128-choices.safetensors"
 run a-dynamic-choices --mode dynamic --objective choices
+B=(--data "$R/task-b/inject.jsonl" --mastered "$R/task-b/mastered.jsonl")
+run b-retain-pool128-choices "${B[@]}" --retain "$R/pool-128-choices.safetensors"
