@@ -6,18 +6,22 @@ set -euo pipefail
 OUT=${1:?output folder}; CPL="${CPL:-.venv/bin/cpl-masks}"
 SPLIT="$OUT/paper/split"; R="$OUT/retain"
 export CPL_MASKS_HOME="$R/home"
-[ -f "$R/pool-128-choices.safetensors" ] || $CPL profile --kind retain --objective choices \
-  --mastered "$R/pool-128.jsonl" --scoring loglik --name paper-pool-128-choices --threads 1 \
-  --out "$R/pool-128-choices.safetensors"
+for SET in pool-128 mmlu-128; do
+  [ -f "$R/$SET-choices.safetensors" ] || $CPL profile --kind retain --objective choices \
+    --mastered "$R/$SET.jsonl" --scoring loglik --name "paper-$SET-choices" --threads 1 \
+    --out "$R/$SET-choices.safetensors"
+done
 TRAIN=(--epochs 6 --eval-every 2 --lr 3e-5 --optimizer sgd --batch-size 1 --scoring loglik --threads 1
-  --heldout "$SPLIT/mastered_heldout.jsonl" --data "$SPLIT/inject.jsonl" --mastered "$SPLIT/mastered.jsonl")
+  --heldout "$SPLIT/mastered_heldout.jsonl")
 run() {
   local dir="$R/runs/$1"; shift
   [ -f "$dir/run.json" ] && return
   if [ -d "$dir/checkpoint" ]; then $CPL train --resume "$dir"; else $CPL train --out "$dir" "${TRAIN[@]}" "$@"; fi
   rm -rf "$dir/model"
 }
-run a-retain-pool128-choices --retain "$R/pool-128-choices.safetensors"
-run a-dynamic-choices --mode dynamic --objective choices
+A=(--data "$SPLIT/inject.jsonl" --mastered "$SPLIT/mastered.jsonl")
+run a-retain-pool128-choices "${A[@]}" --retain "$R/pool-128-choices.safetensors"
+run a-dynamic-choices "${A[@]}" --mode dynamic --objective choices
 B=(--data "$R/task-b/inject.jsonl" --mastered "$R/task-b/mastered.jsonl")
 run b-retain-pool128-choices "${B[@]}" --retain "$R/pool-128-choices.safetensors"
+run a-retain-mmlu128-choices "${A[@]}" --retain "$R/mmlu-128-choices.safetensors"

@@ -31,9 +31,11 @@ RUNS = {  # label -> run folder, relative to OUT
     "A dynamic (own M, choices)": "retain/runs/a-dynamic-choices",
     "A retain pool-32": "retain/runs/a-retain-pool32",
     "A retain mmlu-128": "retain/runs/a-retain-mmlu128",
+    "A retain mmlu-128 (choices)": "retain/runs/a-retain-mmlu128-choices",
     "B full": "retain/runs/b-full",
     "B dynamic (own M)": "retain/runs/b-dynamic",
     "B retain pool-128": "retain/runs/b-retain-pool128",
+    "B retain pool-128 (choices)": "retain/runs/b-retain-pool128-choices",
 }
 COMPARISONS = [  # (run, reference)
     ("A retain pool-128", "A full"),
@@ -44,9 +46,12 @@ COMPARISONS = [  # (run, reference)
     ("A dynamic (own M, choices)", "A dynamic (own M)"),
     ("A retain pool-32", "A full"),
     ("A retain mmlu-128", "A full"),
+    ("A retain mmlu-128 (choices)", "A full"),
     ("A dynamic (own M)", "A full"),
     ("B retain pool-128", "B full"),
     ("B retain pool-128", "B dynamic (own M)"),
+    ("B retain pool-128 (choices)", "B full"),
+    ("B retain pool-128 (choices)", "B dynamic (own M)"),
     ("B dynamic (own M)", "B full"),
 ]
 
@@ -118,7 +123,7 @@ def draw(folders: dict[str, Path], epochs: list[int], where: dict[str, set[str]]
                 label=label[2:],
             )
         axis.set_title(f"task {task} (epochs {epochs[0]}..{epochs[-1]})")
-        axis.set_xlabel("forgotten of the reach set (pool questions outside every retain set's steering)")
+        axis.set_xlabel("forgotten of the reach set (the pool's questions outside pool-128)")
         axis.set_ylabel("learned")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
