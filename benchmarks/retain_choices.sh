@@ -25,3 +25,5 @@ run a-dynamic-choices "${A[@]}" --mode dynamic --objective choices
 B=(--data "$R/task-b/inject.jsonl" --mastered "$R/task-b/mastered.jsonl")
 run b-retain-pool128-choices "${B[@]}" --retain "$R/pool-128-choices.safetensors"
 run a-retain-mmlu128-choices "${A[@]}" --retain "$R/mmlu-128-choices.safetensors"
+# task B's epochs are 141 steps: the same retain set refreshed every 30 steps, against the staleness of once an epoch
+run b-retain-pool128-choices-r30 "${B[@]}" --retain "$R/pool-128-choices.safetensors" --refresh-every 30

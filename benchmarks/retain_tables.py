@@ -78,12 +78,15 @@ COLUMNS = ("learned", "forgotten", "reach", "in pool-128", "demo held-out")
 HEADERS = ("learned", "forgotten (M)", "reach", "in pool-128", "demo held-out")
 
 
-def count_rows(results: dict[str, dict[str, dict[str, bool]]]) -> list[str]:
-    """Counts per run: how many questions each outcome holds, of how many."""
-    rows = ["| run | " + " | ".join(HEADERS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for label, found in results.items():
-        cells = [f"{sum(found[name].values())}/{len(found[name])}" for name in COLUMNS]
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+def count_rows(by_epoch: dict[int, dict[str, dict[str, dict[str, bool]]]]) -> list[str]:
+    """Counts per run and evaluated epoch: how many questions each outcome holds, of how many."""
+    rows = ["| run | epoch | " + " | ".join(HEADERS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    labels = dict.fromkeys(label for results in by_epoch.values() for label in results)
+    for label in labels:
+        for epoch, results in by_epoch.items():
+            if label in results:
+                cells = [f"{sum(results[label][name].values())}/{len(results[label][name])}" for name in COLUMNS]
+                rows.append(f"| {label} | {epoch} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -136,20 +139,24 @@ def main() -> None:
     """Print the count and paired tables at one epoch, and draw the curves."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the OUT folder of benchmarks/sweeps.sh")
-    parser.add_argument("--epoch", type=int, default=6)
+    parser.add_argument("--epoch", type=int, default=6, help="the epoch compared (counts: every second up to it)")
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
     where = groups(args.out)
     folders = {label: args.out / path for label, path in RUNS.items()}
     folders = {label: folder for label, folder in folders.items() if (folder / "questions.jsonl").is_file()}
-    results = {}
-    for label, folder in folders.items():
-        try:
-            results[label] = outcomes(folder, args.epoch, where)
-        except CplError as error:  # a run still short of that epoch
-            print(f"{label}: {error}")
+    by_epoch: dict[int, dict[str, dict[str, dict[str, bool]]]] = {}
+    for epoch in range(2, args.epoch + 1, 2):
+        by_epoch[epoch] = {}
+        for label, folder in folders.items():
+            try:
+                by_epoch[epoch][label] = outcomes(folder, epoch, where)
+            except CplError as error:  # a run still short of that epoch
+                print(f"{label}: {error}")
+    results = by_epoch[args.epoch]
     print(f"epoch {args.epoch}; reach {len(where['reach'])} questions, pool-128 {len(where['in pool-128'])}\n")
-    print("\n".join(count_rows(results)) + "\n")
+    print("\n".join(count_rows(by_epoch)) + "\n")
+    print(f"paired at epoch {args.epoch}:\n")
     print("\n".join(paired_rows(results)))
     if args.plot is not None:
         finished = {label: folder for label, folder in folders.items() if label in results}
