@@ -41,7 +41,7 @@ from cpl_masks.profile import profile as profile_model
 from cpl_masks.registry import Registry
 from cpl_masks.registry.names import check_task
 from cpl_masks.retain import profile_retain
-from cpl_masks.scorer import check_objective
+from cpl_masks.scorer import OBJECTIVE_HELP, check_objective
 from cpl_masks.selection import Rule
 from cpl_masks.split import resolve_scoring
 
@@ -147,10 +147,7 @@ def profile(
     ] = "mask",
     objective: Annotated[
         str | None,
-        typer.Option(
-            help="--kind retain: the loss g_M is the gradient of: answer (the correct choice's own loss, the "
-            "paper's; default) or choices (cross-entropy over the choices: it protects the margin).",
-        ),
+        typer.Option(help=f"--kind retain: {OBJECTIVE_HELP}; default answer."),
     ] = None,
     dtype: DtypeOption = "float32",
     device: DeviceOption = "auto",

@@ -19,6 +19,10 @@ from cpl_masks.errors import CplError
 
 SCORINGS = ("letter", "loglik", "loglik-norm")
 OBJECTIVES = ("answer", "choices")  # the per-question losses a gradient can be taken of (Scorer.objective)
+OBJECTIVE_HELP = (
+    "the loss g_M is the gradient of: answer (the correct choice's own loss, the paper's) or choices "
+    "(cross-entropy over the choices: it protects the margin)"
+)
 
 
 @dataclass

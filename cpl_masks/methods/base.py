@@ -26,7 +26,7 @@ import torch
 
 from cpl_masks.data import Question
 from cpl_masks.errors import CplError
-from cpl_masks.scorer import check_objective
+from cpl_masks.scorer import OBJECTIVE_HELP, check_objective
 from cpl_masks.scoring import Scorer
 
 if TYPE_CHECKING:
@@ -71,11 +71,7 @@ class RefreshOptions:
     refresh_sample: int | None = option(
         None, "each refresh computes g_M over N questions of M drawn afresh (default: all of M)"
     )
-    objective: str | None = option(
-        None,
-        "the loss g_M is the gradient of: answer (the correct choice's own loss, the paper's) or choices "
-        "(cross-entropy over the choices: it protects the margin); default: a retain set's, else answer",
-    )
+    objective: str | None = option(None, f"{OBJECTIVE_HELP}; default: a retain set's, else answer")
 
     def __post_init__(self) -> None:
         for flag, value in (("--refresh-every", self.refresh_every), ("--refresh-sample", self.refresh_sample)):
