@@ -36,6 +36,7 @@ RUNS = {  # label -> run folder, relative to OUT
     "B dynamic (own M)": "retain/runs/b-dynamic",
     "B retain pool-128": "retain/runs/b-retain-pool128",
     "B retain pool-128 (choices)": "retain/runs/b-retain-pool128-choices",
+    "B retain pool-128 (choices, every 30)": "retain/runs/b-retain-pool128-choices-r30",
 }
 COMPARISONS = [  # (run, reference)
     ("A retain pool-128", "A full"),
@@ -52,6 +53,8 @@ COMPARISONS = [  # (run, reference)
     ("B retain pool-128", "B dynamic (own M)"),
     ("B retain pool-128 (choices)", "B full"),
     ("B retain pool-128 (choices)", "B dynamic (own M)"),
+    ("B retain pool-128 (choices, every 30)", "B full"),
+    ("B retain pool-128 (choices, every 30)", "B retain pool-128 (choices)"),
     ("B dynamic (own M)", "B full"),
 ]
 
