@@ -51,7 +51,7 @@ import torch
 
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask
-from cpl_masks.sign_rule import SignRuleHandle, apply_retain
+from cpl_masks.sign_rule import SignRuleHandle, apply_retain, is_trainer
 
 if TYPE_CHECKING:
     from cpl_masks.registry import Registry
@@ -249,7 +249,7 @@ def apply_mask(
             was profiled on other weights, it already carries a mask, or nothing would train.
     """
     mask.require_kind("mask", "apply_mask")
-    trainer = target if _is_trainer(target) else None
+    trainer = target if is_trainer(target) else None
     model = trainer.model if trainer is not None else target
     if not isinstance(model, torch.nn.Module):
         raise CplError(f"mask.apply: expected a torch module or a transformers Trainer, got {type(target).__name__}")
@@ -267,11 +267,6 @@ def apply_mask(
         trainer.add_callback(callback)
         handle._trainer = (trainer, callback)
     return handle
-
-
-def _is_trainer(target: Any) -> bool:
-    """Duck-typed transformers ``Trainer`` (so this module needs no transformers import)."""
-    return not isinstance(target, torch.nn.Module) and hasattr(target, "add_callback") and hasattr(target, "model")
 
 
 def _check_unsharded(parameters: Iterable[torch.nn.Parameter]) -> None:

@@ -94,7 +94,6 @@ def profile_retain(
         "parents": [],
         "retain": {
             "questions": [question.to_record() for question in questions],
-            "batch_size": batch_size,
             "objective": objective,
         },
         "profile": {

@@ -120,7 +120,7 @@ def apply_retain(
         CplError: not a retain set, a target that is neither, no tokenizer, or a model it does not fit.
     """
     retain.require_kind("retain", "apply")
-    trainer = target if not isinstance(target, torch.nn.Module) and hasattr(target, "add_callback") else None
+    trainer = target if is_trainer(target) else None
     model = trainer.model if trainer is not None else target
     if not isinstance(model, torch.nn.Module):
         raise CplError(f"apply: expected a torch module or a transformers Trainer, got {type(target).__name__}")
@@ -136,6 +136,12 @@ def apply_retain(
         trainer.add_callback(callback)
         handle._trainer = (trainer, callback)
     return handle
+
+
+def is_trainer(target: Any) -> bool:
+    """Duck-typed transformers ``Trainer`` (so neither this module nor :mod:`cpl_masks.integrations` imports
+    transformers to tell one from a model)."""
+    return not isinstance(target, torch.nn.Module) and hasattr(target, "add_callback") and hasattr(target, "model")
 
 
 @functools.cache

@@ -232,7 +232,7 @@ def _open(
     scorer = make_scorer(scoring, loaded.tokenizer)
     steering = retained if retained is not None else data.mastered  # the questions g_M is measured on
     scorer.check_fits(
-        loaded.model, [*(question for questions in data.sets().values() for question in questions), *steering]
+        loaded.model, [*(question for questions in data.sets().values() for question in questions), *(retained or [])]
     )
     context = MethodContext(
         scorer, steering, mask, inject=data.inject, batch_size=config.eval_batch_size, seed=config.seed
