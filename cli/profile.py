@@ -34,6 +34,7 @@ from cpl_masks.controls import CONTROLS, control_mask
 from cpl_masks.data import load_questions
 from cpl_masks.distributed import Processes
 from cpl_masks.errors import CplError
+from cpl_masks.mask_file import KINDS
 from cpl_masks.masks import Mask
 from cpl_masks.models import DEFAULT_MODEL, load_model
 from cpl_masks.profile import check_rule_runs
@@ -46,8 +47,6 @@ from cpl_masks.selection import Rule
 from cpl_masks.split import resolve_scoring
 
 RULES = ("sign", *CONTROLS)
-
-KINDS = ("mask", "retain")
 
 
 def check_retain_options(*, inject: Path | None, mastered: Path | None, given: dict[str, Any]) -> None:
