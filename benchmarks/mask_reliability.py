@@ -3,20 +3,28 @@ grow with the number of questions? (issue 15, "the benchmark that decides": repr
 
 A split's mastered and injection sets are shuffled (``--seed``) and cut into two disjoint halves of
 up to the largest size each. Each half is profiled one question at a time (batch 1, the moments the
-confidence rule needs), and at every size (the first n questions of each set) three selections are
-taken:
+confidence rules need), and at every size (the first n questions of each set) these selections are
+taken (``--rules``, default all):
 
 * ``sign``: the CPL rule, frozen where ``g_M ⊙ g_I < 0``;
 * ``confidence``: frozen where the t-statistic of ``g_M ⊙ g_I`` is below ``-K`` (``--confidence``);
 * ``retain signs``: the sign of ``g_M`` alone (what the per-step rule steers by), compared over the
-  entries where both halves' ``g_M`` is non-zero.
+  entries where both halves' ``g_M`` is non-zero;
+* ``confident retain signs``: the signs of ``g_M`` that hold with confidence (|g_M| > K standard
+  errors, as ``profile --kind retain --confidence K`` keeps them), compared over the entries where
+  both halves count a sign.
+
+The retain rules take ``g_M`` of ``--retain-objective`` (``answer`` or ``choices``, as ``profile
+--kind retain --objective``); the M×I rules always of the answer loss. Only the passes the chosen
+rules need are run.
 
 The halves are compared by agreement (share of entries with the same bit), by the Jaccard index of
 their frozen sets, and by the share of one half's frozen entries the other also freezes, each beside
 what two independent selections with the same shares reach by chance.
 
 Usage: .venv/bin/python benchmarks/mask_reliability.py SPLIT_DIR [--sizes 10,20,40,80,160]
-       [--confidence 2] [--model smollm2-135m-instruct] [--threads 1] --out reliability.json [--plot FILE.png]
+       [--confidence 2] [--rules sign,confidence,retain signs,confident retain signs] [--retain-objective answer]
+       [--model smollm2-135m-instruct] [--threads 1] --out reliability.json [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -31,13 +39,16 @@ import torch
 from cpl_masks.bits import pack_bits, unpack_bits
 from cpl_masks.data import load_questions
 from cpl_masks.files import write_json
-from cpl_masks.gradients import GradientSums, question_gradients
+from cpl_masks.gradients import GradientMoments, GradientSums, question_gradients
 from cpl_masks.models import load_model
 from cpl_masks.scoring import make_scorer
 from cpl_masks.selection import t_statistic
+from cpl_masks.signs import PackedSigns
 from cpl_masks.split import resolve_scoring
 
-RULES = ("sign", "confidence", "retain signs")
+MASK_RULES = ("sign", "confidence")  # frozen bits, from g_M and g_I of the answer loss
+SIGN_RULES = ("retain signs", "confident retain signs")  # sign planes of g_M alone
+RULES = (*MASK_RULES, *SIGN_RULES)
 
 
 def halves(split: Path, largest: int, seed: int) -> dict[str, tuple[list, list]]:
@@ -52,35 +63,62 @@ def halves(split: Path, largest: int, seed: int) -> dict[str, tuple[list, list]]
     return cut
 
 
-def selections(loaded, scorer, mastered: list, inject: list, sizes: list[int], confidence: float) -> dict:
-    """Per size, each rule's packed selection of one half: frozen bits (sign, confidence) or sign planes."""
-    sums = {"mastered": GradientSums(loaded.model), "inject": GradientSums(loaded.model)}
+def selections(
+    loaded, scorer, halves_of: dict[str, list], sizes: list[int], rules: list[str], confidence: float, objective: str
+) -> dict:
+    """Per size, each rule's packed selection of one half: frozen bits (M×I rules) or sign planes (retain rules)."""
+    passes = {}  # set -> (questions, objective): only what the rules need
+    if any(rule in MASK_RULES for rule in rules):
+        passes |= {"mastered": (halves_of["mastered"], "answer"), "inject": (halves_of["inject"], "answer")}
+    if any(rule in SIGN_RULES for rule in rules):
+        passes["retain"] = (halves_of["mastered"], objective)
+    if passes.get("retain") == passes.get("mastered"):
+        del passes["retain"]  # the same pass: g_M of the answer loss
+    sums = {key: GradientSums(loaded.model) for key in passes}
     taken, done = {}, 0
     for size in sizes:
-        for key, rows in (("mastered", mastered), ("inject", inject)):
-            for gradient in question_gradients(loaded.model, scorer, rows[done:size]):
+        for key, (rows, loss) in passes.items():
+            for gradient in question_gradients(loaded.model, scorer, rows[done:size], objective=loss):
                 sums[key].add(gradient)
         done = size
-        m, i = sums["mastered"].moments(), sums["inject"].moments()
-        taken[size] = {rule: {} for rule in RULES}
-        for name, g_m in m.mean.items():
-            g_i = i.mean[name]
-            taken[size]["sign"][name] = pack_bits(g_m * g_i < 0)
-            t = t_statistic(g_m, g_i, m.standard_error[name], i.standard_error[name])
-            taken[size]["confidence"][name] = pack_bits(t < -confidence)
-            taken[size]["retain signs"][name] = (pack_bits(g_m > 0), pack_bits(g_m < 0))
+        moments = {key: total.moments() for key, total in sums.items()}
+        taken[size] = {rule: {} for rule in rules}
+        if any(rule in MASK_RULES for rule in rules):
+            m, i = moments["mastered"], moments["inject"]
+            for name, g_m in m.mean.items():
+                g_i = i.mean[name]
+                if "sign" in rules:
+                    taken[size]["sign"][name] = pack_bits(g_m * g_i < 0)
+                if "confidence" in rules:
+                    t = t_statistic(g_m, g_i, m.standard_error[name], i.standard_error[name])
+                    taken[size]["confidence"][name] = pack_bits(t < -confidence)
+        retain = moments.get("retain", moments.get("mastered"))
+        if "retain signs" in rules:
+            taken[size]["retain signs"] = planes(PackedSigns.of(retain.mean))
+        if "confident retain signs" in rules:
+            copy = GradientMoments(dict(retain.mean), dict(retain.standard_error))
+            taken[size]["confident retain signs"] = planes(
+                PackedSigns.significant(copy, confidence, freeze_uncertain=False)
+            )
         print(f"  {size} questions per set: {time.strftime('%H:%M:%S')}", flush=True)
     return taken
+
+
+def planes(signs: PackedSigns) -> dict:
+    """Per tensor, the (positive, negative) planes."""
+    return {name: (signs.positive[name], signs.negative[name]) for name in signs.positive}
 
 
 def compare(first: dict, second: dict, shapes: dict, rule: str) -> dict:
     """Agreement, Jaccard and overlap of two halves' selections, with the chance levels."""
     counts = torch.zeros(4, dtype=torch.float64)  # entries, frozen in A, frozen in B, frozen in both
+    total = 0
     for name, shape in shapes.items():
-        if rule == "retain signs":
+        total += shape.numel()
+        if rule in SIGN_RULES:
             a_pos, a_neg = (unpack_bits(plane, shape) for plane in first[name])
             b_pos, b_neg = (unpack_bits(plane, shape) for plane in second[name])
-            both = (a_pos | a_neg) & (b_pos | b_neg)  # both halves' g_M non-zero
+            both = (a_pos | a_neg) & (b_pos | b_neg)  # both halves count a sign (non-zero, or significant)
             a, b = a_neg[both], b_neg[both]  # "frozen" read as: g_M negative
         else:
             a, b = unpack_bits(first[name], shape), unpack_bits(second[name], shape)
@@ -91,6 +129,7 @@ def compare(first: dict, second: dict, shapes: dict, rule: str) -> dict:
     union = in_a + in_b - in_both
     return {
         "entries": int(entries),
+        "compared_share": entries / total,  # of all entries: where a sign rule has a sign in both halves
         "shares": [p, q],
         "agreement": agreement,
         "chance_agreement": p * q + (1 - p) * (1 - q),
@@ -107,8 +146,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for rule, color in zip(RULES, ("C0", "C1", "C2"), strict=True):
-        sizes = [int(size) for size in results["comparisons"]]
+    sizes = [int(size) for size in results["comparisons"]]
+    for rule, color in zip(results["rules"], ("C0", "C1", "C2", "C3"), strict=False):
         rows = [results["comparisons"][str(size)][rule] for size in sizes]
         for axis, key in zip(axes, ("agreement", "jaccard"), strict=True):
             axis.plot(sizes, [row[key] for row in rows], "o-", color=color, label=rule)
@@ -127,6 +166,8 @@ def main() -> None:
     parser.add_argument("split", type=Path)
     parser.add_argument("--sizes", default="10,20,40,80,160")
     parser.add_argument("--confidence", type=float, default=2.0)
+    parser.add_argument("--rules", default=",".join(RULES))
+    parser.add_argument("--retain-objective", default="answer", choices=("answer", "choices"))
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -134,6 +175,9 @@ def main() -> None:
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     sizes = sorted(int(size) for size in args.sizes.split(","))
+    rules = [rule for rule in RULES if rule in args.rules.split(",")]
+    if not rules or len(rules) != len(args.rules.split(",")):
+        raise SystemExit(f"--rules {args.rules}: choose among {', '.join(RULES)}")
     cut = halves(args.split, sizes[-1], args.seed)
     loaded = load_model(args.model, device="cpu", threads=args.threads)
     scorer = make_scorer(resolve_scoring(None, data_path=args.split / "mastered.jsonl"), loaded.tokenizer)
@@ -141,25 +185,30 @@ def main() -> None:
     taken = []
     for half in (0, 1):
         print(f"half {half + 1}:", flush=True)
-        taken.append(selections(loaded, scorer, cut["mastered"][half], cut["inject"][half], sizes, args.confidence))
+        halves_of = {key: rows[half] for key, rows in cut.items()}
+        taken.append(selections(loaded, scorer, halves_of, sizes, rules, args.confidence, args.retain_objective))
     results = {
         "split": str(args.split),
         "model": args.model,
         "confidence": args.confidence,
+        "retain_objective": args.retain_objective,
+        "rules": rules,
         "seed": args.seed,
         "comparisons": {
-            str(size): {rule: compare(taken[0][size][rule], taken[1][size][rule], shapes, rule) for rule in RULES}
+            str(size): {rule: compare(taken[0][size][rule], taken[1][size][rule], shapes, rule) for rule in rules}
             for size in sizes
         },
     }
     write_json(args.out, results)
-    print(f"{'questions':>9} {'rule':<13} {'frozen':>13} {'agree':>6} {'chance':>6} {'jaccard':>7} {'chance':>6}")
+    print(
+        f"{'questions':>9} {'rule':<22} {'frozen':>13} {'agree':>6} {'chance':>6} {'jaccard':>7} {'chance':>6} compared"
+    )
     for size, rows in results["comparisons"].items():
         for rule, row in rows.items():
             shares = "/".join(f"{share:.0%}" for share in row["shares"])
             print(
-                f"{size:>9} {rule:<13} {shares:>13} {row['agreement']:>6.1%} {row['chance_agreement']:>6.1%} "
-                f"{row['jaccard']:>7.1%} {row['chance_jaccard']:>6.1%}"
+                f"{size:>9} {rule:<22} {shares:>13} {row['agreement']:>6.1%} {row['chance_agreement']:>6.1%} "
+                f"{row['jaccard']:>7.1%} {row['chance_jaccard']:>6.1%} {row['compared_share']:>8.1%}"
             )
     if args.plot:
         plot(results, args.plot)

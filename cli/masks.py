@@ -24,6 +24,7 @@ from cpl_masks.mask_stats import diff as diff_masks
 from cpl_masks.mask_stats import draw_share_heatmap, summarize
 from cpl_masks.masks import Mask
 from cpl_masks.registry import Registry
+from cpl_masks.retain import retain_measure
 from cpl_masks.selection import Rule
 
 MaskArgument = Annotated[str, typer.Argument(help="Mask: file path, id or id prefix, name@vN, or name (latest).")]
@@ -222,15 +223,27 @@ def _agreement_cells(group: dict[str, Any]) -> tuple[Any, ...]:
 def print_retain(retain: Mask) -> None:
     """A retain set in a few lines: its questions, and how many entries g_M pushes up, down or not at all."""
     counts = retain.metadata.get("counts") or {}
-    entries, positive, negative = (int(counts.get(key) or 0) for key in ("entries", "positive", "negative"))
+    entries, positive, negative, frozen = (
+        int(counts.get(key) or 0) for key in ("entries", "positive", "negative", "frozen")
+    )
     mastered = (retain.metadata.get("data") or {}).get("mastered") or {}
+    measure = retain_measure(retain)
 
     def share(count: int) -> str:
         return f"{count / entries:.1%}" if entries else "-"
 
     model, scoring = (retain.metadata.get("model") or {}).get("ref"), retain.metadata.get("scoring")
     say(f"retain set {retain.id[:12]}: {mastered.get('rows')} questions, model {model}, {scoring} scoring")
-    zero = entries - positive - negative
+    confident = measure.confidence is not None
+    if confident:
+        say(
+            f"{measure.objective} loss; a sign counts where |g_M| > {measure.confidence:g} standard errors, "
+            f"an uncertain entry: {measure.uncertain}"
+        )
+    positive, negative = positive - frozen, negative - frozen
+    passing = entries - positive - negative - frozen
     rows = [("entries", entries, share(entries)), ("g_M > 0", positive, share(positive))]
-    rows += [("g_M < 0", negative, share(negative)), ("g_M = 0", zero, share(zero))]
+    rows += [("g_M < 0", negative, share(negative))]
+    rows += [("uncertain: frozen", frozen, share(frozen))] if frozen else []
+    rows += [("g_M = 0 or uncertain" if confident else "g_M = 0", passing, share(passing))]
     print_table(f"retain set {retain.id[:12]}", ["", "entries", "share"], rows)

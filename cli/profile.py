@@ -41,8 +41,8 @@ from cpl_masks.profile import check_rule_runs
 from cpl_masks.profile import profile as profile_model
 from cpl_masks.registry import Registry
 from cpl_masks.registry.names import check_task
-from cpl_masks.retain import profile_retain
-from cpl_masks.scorer import OBJECTIVE_HELP, check_objective
+from cpl_masks.retain import CONFIDENCE_HELP, UNCERTAIN_HELP, SignMeasure, profile_retain
+from cpl_masks.scorer import OBJECTIVE_HELP
 from cpl_masks.selection import Rule
 from cpl_masks.split import resolve_scoring
 
@@ -72,7 +72,7 @@ def make_retain_set(
     dtype: str,
     device: str,
     threads: int | None,
-    objective: str,
+    measure: SignMeasure,
 ) -> Mask:
     """Load the questions and the model and profile the retain set (every rank; rank 0 then saves it)."""
     questions = load_questions(mastered)
@@ -85,7 +85,7 @@ def make_retain_set(
         checkpointing=checkpointing,
         task=task,
         data_path=str(mastered),
-        objective=objective,
+        measure=measure,
     )
 
 
@@ -119,7 +119,8 @@ def profile(
         float | None,
         typer.Option(
             help="Freeze an entry only where it conflicts with confidence: the t-statistic of g_M*g_I below -K "
-            "(one backward pass per question; --keep-fraction then ranks by t).",
+            "(one backward pass per question; --keep-fraction then ranks by t). --kind retain: "
+            f"{CONFIDENCE_HELP}.",
         ),
     ] = None,
     checkpointing: Annotated[
@@ -148,6 +149,7 @@ def profile(
         str | None,
         typer.Option(help=f"--kind retain: {OBJECTIVE_HELP}; default answer."),
     ] = None,
+    uncertain: Annotated[str | None, typer.Option(help=f"--kind retain, {UNCERTAIN_HELP}; default pass.")] = None,
     dtype: DtypeOption = "float32",
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
@@ -168,7 +170,6 @@ def profile(
         "--freeze-pattern": freeze_pattern,
         "--train-pattern": train_pattern,
         "--save-scores": save_scores or None,
-        "--confidence": confidence,
     }
     if kind == "retain":
         given = {**sign_only, "--like": like, "--rule": None if rule == "sign" else rule}
@@ -187,12 +188,14 @@ def profile(
             dtype=dtype,
             device=device,
             threads=threads,
-            objective=check_objective(objective or "answer"),
+            measure=SignMeasure(objective or "answer", confidence, uncertain or "pass"),
         )
         return
-    if objective is not None:
-        raise CplError("--objective applies to --kind retain (a freeze mask's g_M and g_I are of the answer loss)")
-    check_rule_options(rule, like, mastered=mastered, inject=inject, sign_only={**sign_only, "--distributed": wrapping})
+    if objective is not None or uncertain is not None:
+        option = "--objective" if objective is not None else "--uncertain"
+        raise CplError(f"{option} applies to --kind retain (a freeze mask's g_M and g_I are of the answer loss)")
+    sign_only = {**sign_only, "--confidence": confidence, "--distributed": wrapping}
+    check_rule_options(rule, like, mastered=mastered, inject=inject, sign_only=sign_only)
     distributed.wrapping_for(wrapping)  # refuses an unknown name before any model loads
     cut = Rule.from_options(
         threshold, keep_fraction, confidence, freeze_pattern=freeze_pattern, train_pattern=train_pattern

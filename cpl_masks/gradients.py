@@ -115,14 +115,16 @@ def question_gradients(
     *,
     checkpointing: bool = True,
     advance: Callable[[int], None] = lambda _n: None,
+    objective: str = "answer",
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's share of ``questions``, one float32 gradient (name -> tensor) per question, each valid
     until the next is asked for."""
+    per_question = scorer.objective(objective)
     parameters = dict(model.named_parameters())
     buffers: dict[str, torch.Tensor] = {}
     with _gradients_into(parameters, buffers), activation_checkpointing(model, checkpointing):
         for batch, _weight in _rank_batches(questions, 1, equal_counts=False):
-            scorer.loss(model, batch).sum().backward()
+            per_question(model, batch).sum().backward()
             yield buffers
             buffers.clear()
             advance(distributed.world_size())
@@ -135,16 +137,21 @@ def gradient_moments(
     *,
     checkpointing: bool = True,
     advance: Callable[[int], None] = lambda _n: None,
+    objective: str = "answer",
 ) -> GradientMoments:
     """Mean gradient over ``questions`` and its standard error, from one backward pass per question.
 
-    What the confidence rule needs to tell a conflict from noise. It costs a pass per question
+    What the confidence rules need to tell a conflict, or a sign of g_M, from noise (``objective`` as
+    in :func:`mean_gradients`). It costs a pass per question
     (batch 1) and two float32 sums per entry. Under several processes each rank takes its share and
     the sums are all-reduced; a model sharded with FSDP2 is refused
     (:func:`cpl_masks.profile.check_rule_runs`).
     """
     sums = GradientSums(model)
-    for gradient in question_gradients(model, scorer, questions, checkpointing=checkpointing, advance=advance):
+    per_question = question_gradients(
+        model, scorer, questions, checkpointing=checkpointing, advance=advance, objective=objective
+    )
+    for gradient in per_question:
         sums.add(gradient)
     return sums.moments()
 

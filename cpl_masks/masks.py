@@ -138,6 +138,7 @@ class Mask:
             "entries": entries,
             "positive": sum(count_set_bits(plane) for plane in positive.values()),
             "negative": sum(count_set_bits(plane) for plane in negative.values()),
+            "frozen": sum(count_set_bits(positive[name] & negative[name]) for name in positive),  # uncertain, frozen
         }
         return cls(positive, shapes, {**metadata, "counts": counts}, negative=negative)
 

@@ -7,29 +7,111 @@ same weights: a retain set holds sign(g_M) in two bits per entry (:class:`~cpl_m
 and the questions themselves, so training can refresh it as the weights move. It is a file of
 the mask format with ``kind: retain`` (:mod:`cpl_masks.masks`), so the registry, the Hub and every
 check of untrusted files treat it as they treat masks.
+
+How the signs are measured (:class:`SignMeasure`: the loss, and optionally a confidence threshold
+under which a sign does not count) is recorded with them, and every refresh measures them the same way.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from cpl_masks import distributed
 from cpl_masks.data import Question, parse_questions, questions_sha256
 from cpl_masks.errors import CplError
-from cpl_masks.gradients import mean_gradients
+from cpl_masks.gradients import gradient_moments, mean_gradients
 from cpl_masks.masks import Mask, weights_metadata
 from cpl_masks.models import LoadedModel
 from cpl_masks.profile import LOSSES, data_provenance, peak_memory, reset_peak_memory
 from cpl_masks.progress import progress_bar
 from cpl_masks.scorer import check_objective
-from cpl_masks.scoring import make_scorer
+from cpl_masks.scoring import Scorer, make_scorer
 from cpl_masks.signs import PackedSigns
 from cpl_masks.split import resolve_scoring
 from cpl_masks.versions import stamp
 
 CHOICES_LOSS = "cross-entropy over the choices' scores (the loss of the prediction: its margin)"
+UNCERTAIN = ("pass", "freeze")  # what the rule does with an entry whose sign is not significant
+CONFIDENCE_HELP = (
+    "count a sign of g_M only where |g_M| exceeds K standard errors (a backward pass per question of M; "
+    "default: every sign counts)"
+)
+UNCERTAIN_HELP = "with a confidence: an entry of uncertain sign is moved by every step (pass) or by none (freeze)"
+
+
+@dataclass(frozen=True)
+class SignMeasure:
+    """How sign(g_M) is measured: the loss it is the gradient of and which signs count.
+
+    With ``confidence`` K a sign counts only where ``|t| = |g_M| / se(g_M) > K``, from a pass per
+    question; each uncertain entry then passes every step (``pass``) or is frozen (``freeze``).
+    """
+
+    objective: str = "answer"
+    confidence: float | None = None
+    uncertain: str = "pass"
+
+    def __post_init__(self) -> None:
+        check_objective(self.objective)
+        check_confidence(self.confidence)
+        check_uncertain(self.uncertain)
+        if self.uncertain != "pass" and self.confidence is None:
+            raise CplError(f"--uncertain {self.uncertain} needs --confidence (without it every sign counts)")
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The fields a retain set records under ``retain``."""
+        return {"objective": self.objective, "confidence": self.confidence, "uncertain": self.uncertain}
+
+
+def check_confidence(value: Any) -> None:
+    """Refuse a confidence threshold that is not a finite number >= 0 (None: no threshold)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if value is not None and not (number and 0 <= value < math.inf):
+        raise CplError(f"--confidence {str(value)[:40]}: must be a finite number >= 0")
+
+
+def check_uncertain(value: Any) -> None:
+    """Refuse an ``--uncertain`` that is not one of :data:`UNCERTAIN` (None: not given)."""
+    if value is not None and value not in UNCERTAIN:
+        raise CplError(f"--uncertain {str(value)[:40]}: choose one of {', '.join(UNCERTAIN)}")
+
+
+def measure_signs(
+    model: torch.nn.Module,
+    scorer: Scorer,
+    questions: Sequence[Question],
+    measure: SignMeasure,
+    *,
+    batch_size: int = 16,
+    checkpointing: bool = True,
+    advance: Callable[[int], None] = lambda _n: None,
+) -> PackedSigns:
+    """sign(g_M) over ``questions`` at ``model``'s weights, as ``measure`` says: what the per-step rule steers by.
+
+    Profiling a retain set, every refresh in training and the Trainer's hooks all measure through here,
+    so a refresh at the profiled weights gives the profiled signs.
+    """
+    if measure.confidence is None:
+        gradient = mean_gradients(
+            model,
+            scorer,
+            questions,
+            batch_size=batch_size,
+            checkpointing=checkpointing,
+            advance=advance,
+            objective=measure.objective,
+        )
+        return PackedSigns.take(gradient)
+    moments = gradient_moments(
+        model, scorer, questions, checkpointing=checkpointing, advance=advance, objective=measure.objective
+    )
+    return PackedSigns.significant(moments, measure.confidence, freeze_uncertain=measure.uncertain == "freeze")
 
 
 def profile_retain(
@@ -42,7 +124,7 @@ def profile_retain(
     task: str | None = None,
     data_path: str | None = None,
     show_progress: bool = True,
-    objective: str = "answer",
+    measure: SignMeasure | None = None,
 ) -> Mask:
     """Profile a retain set: sign(g_M) over ``questions`` (what the model must keep) at ``loaded``'s weights.
 
@@ -57,16 +139,17 @@ def profile_retain(
         task: the task name recorded (the registry files it as ``<model>/<task>.retain``).
         data_path: where ``questions`` were read from, recorded.
         show_progress: show a progress bar over the pass.
-        objective: the loss g_M is the gradient of: ``answer`` (the correct choice's own loss, the
-            paper's) or ``choices`` (the cross-entropy over the choices, whose gradient protects the
-            margin); recorded, and every refresh in training takes the same.
+        measure: how the signs are measured (default ``SignMeasure()``): the loss g_M is the gradient
+            of, ``answer`` (the correct choice's own loss, the paper's) or ``choices`` (the
+            cross-entropy over the choices, whose gradient protects the margin), and an optional
+            confidence threshold; recorded, and every refresh in training measures the same way.
 
     Returns:
         A mask-format file of kind ``retain``: both sign planes, and the questions in its metadata.
     """
     if not questions:
         raise CplError("profile --kind retain needs a non-empty question set (--mastered)")
-    check_objective(objective)
+    measure = measure or SignMeasure()
     scoring = resolve_scoring(scoring, data_path=data_path)
     scorer = make_scorer(scoring, loaded.tokenizer)
     scorer.check_fits(loaded.model, questions)
@@ -74,27 +157,26 @@ def profile_retain(
     reset_peak_memory(loaded.device)
     started = time.perf_counter()
     with progress_bar("profile retain set", len(questions), show_progress and distributed.is_main()) as advance:
-        gradient = mean_gradients(
+        signs = measure_signs(
             loaded.model,
             scorer,
             questions,
+            measure,
             batch_size=batch_size,
             checkpointing=checkpointing,
             advance=advance,
-            objective=objective,
         )
-    signs = PackedSigns.take(gradient)
     metadata: dict[str, Any] = {
         "model": {"ref": loaded.ref, **weights_metadata(loaded.model)},
         "scoring": scoring,
-        "loss": LOSSES[scoring] if objective == "answer" else CHOICES_LOSS,
+        "loss": LOSSES[scoring] if measure.objective == "answer" else CHOICES_LOSS,
         "data": data_provenance({"mastered": questions}, {"mastered": data_path} if data_path else None),
         "task": task,
         **stamp(),
         "parents": [],
         "retain": {
             "questions": [question.to_record() for question in questions],
-            "objective": objective,
+            **measure.to_metadata(),
         },
         "profile": {
             "batch_size": batch_size,
@@ -126,18 +208,31 @@ def refreshed_retain(parent: Mask, signs: PackedSigns, model_weights: dict[str, 
     return Mask.from_signs(signs, metadata)
 
 
-def retain_objective(retain: Mask, asked: str | None) -> str:
-    """The loss a retain set's signs are the gradient of, which every refresh must take too.
+def retain_measure(retain: Mask, given: Mapping[str, Any] | None = None) -> SignMeasure:
+    """How a retain set's signs were measured, which every refresh must repeat.
+
+    ``given`` holds the options given with it (a method's options; those of the measure,
+    ``objective``, ``confidence`` and ``uncertain``, are read, None meaning not given); each one
+    given must be the recorded one.
 
     Raises:
-        CplError: ``asked`` (an ``--objective`` given with it) is another, or the file records an unknown one.
+        CplError: an option given with another value, or a file recording an invalid measure.
     """
-    recorded = check_objective(
-        (retain.metadata.get("retain") or {}).get("objective") or "answer", f"retain set {retain.id[:12]}: objective"
-    )
-    if asked is not None and asked != recorded:
-        raise CplError(f"--objective {asked}: retain set {retain.id[:12]} holds the signs of its {recorded} loss")
-    return recorded
+    recorded = retain.metadata.get("retain") or {}
+    where = f"retain set {retain.id[:12]}"
+    try:
+        measure = SignMeasure(
+            objective=recorded.get("objective") or "answer",
+            confidence=recorded.get("confidence"),
+            uncertain=recorded.get("uncertain") or "pass",
+        )
+    except CplError as error:
+        raise CplError(f"{where}: its recorded sign measure is invalid ({error})") from None
+    for key, wanted in measure.to_metadata().items():
+        value = (given or {}).get(key)
+        if value is not None and value != wanted:
+            raise CplError(f"--{key} {value}: {where} was measured with {key} {wanted}")
+    return measure
 
 
 def retain_questions(retain: Mask) -> list[Question]:

@@ -28,9 +28,8 @@ from typing import Any
 import torch
 
 from cpl_masks.errors import CplError
-from cpl_masks.gradients import mean_gradients
 from cpl_masks.masks import Mask
-from cpl_masks.retain import retain_objective, retain_questions
+from cpl_masks.retain import measure_signs, retain_measure, retain_questions
 from cpl_masks.scoring import make_scorer
 from cpl_masks.signs import PackedSigns
 
@@ -48,7 +47,7 @@ class SignRuleHandle:
         self.model = model
         self.scorer = make_scorer(retain.metadata.get("scoring") or "letter", tokenizer)
         self.questions = retain_questions(retain)
-        self.objective = retain_objective(retain, None)
+        self.measure = retain_measure(retain)
         self.batch_size = batch_size
         self.refresh_every = refresh_every
         self.signs: PackedSigns = retain.signs().to(next(model.parameters()).device)
@@ -66,15 +65,15 @@ class SignRuleHandle:
             parameter.grad.masked_fill_(self.signs.disagreeing(name, parameter.grad), 0)
 
     def refresh(self) -> None:
-        """Recompute sign(g_M) over the retain set's questions at the model's current weights."""
+        """Recompute sign(g_M) over the retain set's questions at the model's current weights, measured as
+        the retain set records (its loss and confidence)."""
         training = self.model.training
         self._paused = True
         self.model.eval()
         try:
-            gradient = mean_gradients(
-                self.model, self.scorer, self.questions, batch_size=self.batch_size, objective=self.objective
+            self.signs = measure_signs(
+                self.model, self.scorer, self.questions, self.measure, batch_size=self.batch_size
             )
-            self.signs = PackedSigns.take(gradient)
         finally:
             self._paused = False
             self.model.train(training)

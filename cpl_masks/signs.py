@@ -5,6 +5,10 @@ The paper's rule keeps the entries of a step's gradient ``g`` where ``g ⊙ g_M 
 tensor, two bit planes (:mod:`cpl_masks.bits`): where ``g_M > 0`` and where ``g_M < 0``. A step
 packs its own gradient's signs the same way and finds the disagreeing entries with bitwise
 operations on the planes, unpacking only the result.
+
+With a confidence threshold (:meth:`PackedSigns.significant`) a sign is kept only where it is
+significant; an uncertain entry either has neither plane set (every step moves it, as where
+``g_M = 0``) or both (every non-zero step entry disagrees: it is frozen).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from cpl_masks.bits import pack_bits, unpack_bits
+from cpl_masks.gradients import GradientMoments
 
 
 @dataclass
@@ -38,6 +43,26 @@ class PackedSigns:
             signs.add(name, gradients.pop(name))
         return signs
 
+    @classmethod
+    def significant(cls, moments: GradientMoments, threshold: float, *, freeze_uncertain: bool) -> PackedSigns:
+        """The signs of ``g_M`` that hold with confidence: where ``|g_M| > threshold`` standard errors.
+
+        Where the sign is uncertain (a non-zero standard error and ``|t| <= threshold``) both planes
+        are set if ``freeze_uncertain`` (no step moves the entry), else neither (every step does). An
+        entry whose standard error is zero keeps its sign. Empties ``moments`` as it packs.
+        """
+        signs = cls({}, {}, {})
+        for name in list(moments.mean):
+            mean, error = moments.mean.pop(name), moments.standard_error.pop(name)
+            bound = error * threshold
+            positive, negative = mean > bound, mean < -bound
+            if freeze_uncertain:
+                uncertain = (error > 0) & ~(positive | negative)
+                positive, negative = positive | uncertain, negative | uncertain
+            signs.positive[name], signs.negative[name] = pack_bits(positive), pack_bits(negative)
+            signs.shapes[name] = mean.shape
+        return signs
+
     def add(self, name: str, gradient: torch.Tensor) -> None:
         """Record the signs of one tensor of ``g_M``."""
         self.positive[name], self.negative[name] = _planes(gradient)
@@ -50,7 +75,8 @@ class PackedSigns:
         return unpack_bits(disagree, gradient.shape)
 
     def sign(self, name: str) -> torch.Tensor:
-        """sign(g_M) of one tensor as int8 (-1, 0, +1), unpacked (for tests and reports)."""
+        """sign(g_M) of one tensor as int8 (-1, 0, +1; a frozen uncertain entry reads 0), unpacked (for tests
+        and reports)."""
         shape = self.shapes[name]
         return unpack_bits(self.positive[name], shape).to(torch.int8) - unpack_bits(self.negative[name], shape).to(
             torch.int8

@@ -36,7 +36,7 @@ from cpl_masks.models import LoadedModel, load_model, model_fingerprint
 from cpl_masks.profile import peak_memory
 from cpl_masks.registry import Registry
 from cpl_masks.registry.names import run_task
-from cpl_masks.retain import retain_questions
+from cpl_masks.retain import retain_measure, retain_questions
 from cpl_masks.run_evaluation import Baseline, RunEvaluation, epoch_zero
 from cpl_masks.run_folder import (
     CHECKPOINT,
@@ -216,6 +216,8 @@ def _open(
     if mask is not None:
         mask.require_kind("retain" if request.retain is not None else "mask", request.artifact_option)
     retained = retain_questions(mask) if mask is not None and mask.kind == "retain" else None
+    if retained is not None:
+        retain_measure(mask, request.method_options)  # an option the file contradicts, refused before the model loads
     mask_scoring = mask.metadata.get("scoring") if mask is not None else None
     scoring = resolve_scoring(request.scoring, mask_scoring=mask_scoring, data_path=request.inject, force=request.force)
     loaded = processes.main_first(  # rank 0 fills the model cache, then the others read it

@@ -18,8 +18,9 @@ from cpl_masks.mask_file import read_header
 from cpl_masks.masks import Mask
 from cpl_masks.methods import MethodContext, make_method
 from cpl_masks.registry import Registry
-from cpl_masks.retain import profile_retain, retain_questions
+from cpl_masks.retain import UNCERTAIN, SignMeasure, profile_retain, retain_questions
 from cpl_masks.scoring import make_scorer
+from cpl_masks.sign_rule import apply_retain
 from cpl_masks.train import TrainConfig, Trainer
 from tests.conftest import make_questions, write_rows
 from tests.helpers import snapshot
@@ -69,14 +70,75 @@ def test_the_choices_objective_steers_by_the_margin_not_the_answers_own_loss(tin
     answers = torch.tensor([question.answer for question in MASTERED])
     expected = -table.float().cpu().log_softmax(-1).gather(1, answers[:, None]).squeeze(1)
     assert torch.allclose(scorer.choice_loss(loaded.model, MASTERED).detach().cpu(), expected, atol=1e-5)
-    by_margin = profile_retain(loaded, MASTERED, scoring="loglik", objective="choices", show_progress=False)
+    by_margin = profile_retain(loaded, MASTERED, scoring="loglik", measure=SignMeasure("choices"), show_progress=False)
     by_answer = profile_retain(loaded, MASTERED, scoring="loglik", show_progress=False)
     assert by_margin.metadata["retain"]["objective"] == "choices" and by_margin.id != by_answer.id
     g_m = mean_gradients(loaded.model, scorer, MASTERED, batch_size=16, objective="choices")
     assert all(torch.equal(by_margin.signs().sign(n), torch.sign(g).to(torch.int8)) for n, g in g_m.items())
     context = MethodContext(scorer, retain_questions(by_margin), by_margin)
-    with pytest.raises(CplError, match="holds the signs of its choices loss"):
+    with pytest.raises(CplError, match="--objective answer: retain set .* was measured with objective choices"):
         make_method("dynamic", context, {"objective": "answer"})
+
+
+def test_confident_signs_count_only_where_g_m_exceeds_k_standard_errors(tiny_model_dir):
+    """Against each question's own gradient: a sign counts where |mean| > K * std / sqrt(n) (K = 1.5); an
+    uncertain entry reads 0 and either lets every step through or disagrees with every non-zero step (frozen)."""
+    loaded = fresh(tiny_model_dir)
+    scorer = make_scorer("letter", loaded.tokenizer)
+    per_question = [mean_gradients(loaded.model, scorer, [question], batch_size=1) for question in MASTERED]
+    made = {
+        uncertain: profile_retain(
+            loaded,
+            MASTERED,
+            scoring="letter",
+            measure=SignMeasure(confidence=1.5, uncertain=uncertain),
+            show_progress=False,
+        )
+        for uncertain in UNCERTAIN
+    }
+    passing, freezing = made["pass"].signs(), made["freeze"].signs()
+    checked = frozen = entries = 0
+    for name in per_question[0]:
+        stacked = torch.stack([gradient[name] for gradient in per_question])
+        mean, error = stacked.mean(0), stacked.std(0) / len(MASTERED) ** 0.5
+        margin = mean.abs() - 1.5 * error  # (an entry one question alone moves has t = 1 exactly, at n = 5)
+        untouched = (mean == 0) & (error == 0)  # the loss does not reach it: no sign, not uncertain
+        clear = untouched | ((margin.abs() > 1e-4 * (mean.abs() + error)) & ((error > 1e-9) | (error == 0)))
+        significant = margin > 0
+        uncertain = ~significant & (error > 0)
+        expected = torch.where(significant, mean.sign(), torch.zeros_like(mean)).to(torch.int8)
+        step = torch.randn(mean.shape, generator=torch.Generator().manual_seed(len(name)))
+        for signs, held in ((passing, torch.zeros_like(uncertain)), (freezing, uncertain)):
+            assert torch.equal(signs.sign(name)[clear], expected[clear]), name
+            against = ((step * mean < 0) & significant) | held
+            assert torch.equal(signs.disagreeing(name, step)[clear], against[clear]), name
+        checked, entries = checked + int(clear.sum()), entries + mean.numel()
+        frozen += int(uncertain.sum())
+    assert checked > 0.99 * entries
+    assert frozen > 0 and abs(made["freeze"].metadata["counts"]["frozen"] - frozen) <= entries - checked
+    assert made["pass"].metadata["counts"]["frozen"] == 0
+    plain = profile_retain(loaded, MASTERED, scoring="letter", show_progress=False).metadata["counts"]
+    assert made["pass"].metadata["counts"]["positive"] < plain["positive"]  # some signs did not count
+    assert made["freeze"].metadata["retain"] | {"questions": None} == {
+        "questions": None,
+        "objective": "answer",
+        "confidence": 1.5,
+        "uncertain": "freeze",
+    }
+
+
+def test_a_refresh_in_any_loop_measures_as_the_retain_set_records(tiny_model_dir):
+    """At the weights it was profiled at, a refresh gives back the stored bits: the same loss, confidence and
+    treatment of uncertain entries."""
+    loaded = fresh(tiny_model_dir)
+    measure = SignMeasure(confidence=1.5, uncertain="freeze")
+    retain = profile_retain(loaded, MASTERED, scoring="letter", batch_size=4, measure=measure, show_progress=False)
+    stored = retain.signs()
+    with apply_retain(retain, loaded.model, tokenizer=loaded.tokenizer, batch_size=4) as handle:
+        handle.refresh()
+        assert handle.measure == measure and handle.signs is not stored
+        for planes, expected in ((handle.signs.positive, stored.positive), (handle.signs.negative, stored.negative)):
+            assert all(torch.equal(planes[name], expected[name]) for name in retain.names)
 
 
 def test_a_changed_sign_or_question_is_refused(retain, tmp_path):
@@ -113,13 +175,15 @@ def test_a_retain_set_is_never_used_as_a_freeze_mask_nor_the_reverse(tiny_model_
         apply_mask(retain, loaded.model)
 
 
-@pytest.mark.parametrize("objective", ["answer", "choices"])
-def test_training_from_a_retain_set_equals_the_dynamic_rule_step_for_step(tiny_model_dir, retain, objective):
-    """Same refresh schedule (every epoch and every 2 steps), same batch size, same objective: bit-identical
+@pytest.mark.parametrize(
+    "measure", [SignMeasure(), SignMeasure("choices"), SignMeasure(confidence=0.5, uncertain="freeze")], ids=str
+)
+def test_training_from_a_retain_set_equals_the_dynamic_rule_step_for_step(tiny_model_dir, retain, measure):
+    """Same refresh schedule (every epoch and every 2 steps), same batch size, same measure: bit-identical
     weights throughout."""
-    if objective != "answer":
+    if measure != SignMeasure():
         retain = profile_retain(
-            fresh(tiny_model_dir), MASTERED, scoring="letter", batch_size=4, show_progress=False, objective=objective
+            fresh(tiny_model_dir), MASTERED, scoring="letter", batch_size=4, show_progress=False, measure=measure
         )
     runs = {}
     for source in ("dynamic", "retain"):
@@ -127,7 +191,7 @@ def test_training_from_a_retain_set_equals_the_dynamic_rule_step_for_step(tiny_m
         scorer = make_scorer("letter", loaded.tokenizer)
         mastered = MASTERED if source == "dynamic" else retain_questions(retain)
         context = MethodContext(scorer, mastered, retain if source == "retain" else None, batch_size=4)
-        options = {"refresh_every": 2, "objective": objective if source == "dynamic" else None}
+        options = {"refresh_every": 2, **(measure.to_metadata() if source == "dynamic" else {})}
         method = make_method("dynamic", context, options)
         trainer = Trainer(loaded.model, scorer, method, TrainConfig(lr=0.5, optimizer="sgd", show_progress=False))
         steps: list[dict[str, torch.Tensor]] = []
@@ -201,6 +265,28 @@ def test_profile_retain_then_train_with_it_keeping_each_refresh(tiny_model_dir, 
     assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
 
 
+def test_a_confident_retain_set_from_the_cli_trains_as_it_was_measured(tiny_model_dir, split_files, tmp_path):
+    inject, mastered, _ = split_files
+    common = ["--model", str(tiny_model_dir), "--device", "cpu", "--threads", "1"]
+    path = tmp_path / "confident.safetensors"
+    args = ["profile", "--kind", "retain", "--mastered", str(mastered), "--scoring", "letter", "--out", str(path)]
+    made = invoke([*args, "--confidence", "1.5", "--uncertain", "freeze", *common])
+    assert made.exit_code == 0, made.output
+    assert "1.5 standard errors" in made.output and "uncertain: frozen" in made.output
+    counts = Mask.load(path).metadata["counts"]
+    assert 0 < counts["frozen"] <= min(counts["positive"], counts["negative"])
+
+    train = ["train", "--data", str(inject), "--mastered", str(mastered), "--retain", str(path), *common]
+    train += ["--epochs", "1", "--lr", "0.5", "--optimizer", "sgd"]
+    refused = runner.invoke(app, [*train, "--confidence", "2", "--out", str(tmp_path / "refused")])
+    assert refused.exit_code == 2 and "--confidence 2.0: retain set" in refused.output
+    assert "was measured with confidence 1.5" in refused.output and not (tmp_path / "refused").exists()
+    trained = invoke([*train, "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["method"]["sign_measure"] == {"objective": "answer", "confidence": 1.5, "uncertain": "freeze"}
+
+
 def test_the_wrong_kind_is_refused_in_one_line_before_the_model_loads(tiny_model_dir, split_files, tmp_path, retain):
     inject, mastered, _ = split_files
     path = retain.save(tmp_path / "retain.safetensors")
@@ -224,6 +310,15 @@ def test_the_wrong_kind_is_refused_in_one_line_before_the_model_loads(tiny_model
         app, ["profile", "--mastered", str(mastered), "--inject", str(inject), "--objective", "choices"]
     )
     assert result.exit_code == 2 and "--objective applies to --kind retain" in result.output
+    result = runner.invoke(
+        app, ["profile", "--mastered", str(mastered), "--inject", str(inject), "--uncertain", "pass"]
+    )
+    assert result.exit_code == 2 and "--uncertain applies to --kind retain" in result.output
+    args = ["profile", "--kind", "retain", "--mastered", str(mastered), "--uncertain", "freeze"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--uncertain freeze needs --confidence" in result.output
+    result = runner.invoke(app, [*args, "--confidence", "-1"])
+    assert result.exit_code == 2 and "--confidence -1.0: must be a finite number >= 0" in result.output
     result = runner.invoke(app, ["diff", str(path), str(mask)])
     assert result.exit_code == 2 and "is a retain set" in result.output
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cpl_masks.bits import pack_bits, pack_bits_torch, packed_size, unpack_bits, unpack_bits_torch
+from cpl_masks.gradients import GradientMoments
 from cpl_masks.signs import PackedSigns
 
 SHAPES = {"a": (7,), "b": (3, 5), "c": (2, 4, 8)}  # sizes 7, 15, 64: ragged and whole last bytes
@@ -48,3 +49,19 @@ def test_take_packs_and_frees_each_float_tensor_and_holds_two_bits_an_entry():
     assert gradients == {}
     assert all(torch.equal(signs.sign(name), expected[name]) for name in SHAPES)
     assert signs.nbytes() == sum(2 * packed_size(math.prod(shape)) for shape in SHAPES.values())
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_only_significant_signs_count_and_uncertain_entries_pass_or_freeze(freeze):
+    #            significant +  significant -  uncertain  no spread, +  untouched
+    mean = torch.tensor([3.0, -3.0, 0.5, 0.2, 0.0])
+    error = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])
+    moments = GradientMoments({"w": mean.clone()}, {"w": error.clone()})
+    signs = PackedSigns.significant(moments, 2.0, freeze_uncertain=freeze)
+    assert moments.mean == {} and moments.standard_error == {}
+    assert signs.sign("w").tolist() == [1, -1, 0, 1, 0]
+    for step in (torch.ones(5), -torch.ones(5)):
+        against = (step * torch.tensor([1.0, -1.0, 0.0, 1.0, 0.0])) < 0
+        against[2] = freeze  # frozen: every non-zero step entry disagrees
+        assert torch.equal(signs.disagreeing("w", step), against)
+    assert not signs.disagreeing("w", torch.zeros(5)).any()

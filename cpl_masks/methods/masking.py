@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +25,15 @@ from cpl_masks.masks import Mask, weights_metadata
 from cpl_masks.methods.base import Method, MethodContext, RefreshOptions, option
 from cpl_masks.methods.reference import mastered_signs
 from cpl_masks.profile import reprofile
-from cpl_masks.retain import refreshed_retain, retain_objective
+from cpl_masks.retain import (
+    CONFIDENCE_HELP,
+    UNCERTAIN_HELP,
+    SignMeasure,
+    check_confidence,
+    check_uncertain,
+    refreshed_retain,
+    retain_measure,
+)
 from cpl_masks.selection import Rule
 
 
@@ -131,6 +139,13 @@ class SignOptions(RefreshOptions):
     keep_signs: bool = option(
         False, "with --retain: keep each refreshed sign set in the run (DIR/masks/) as a retain set, registered"
     )
+    confidence: float | None = option(None, f"{CONFIDENCE_HELP}; with --retain, the retain set's")
+    uncertain: str | None = option(None, f"{UNCERTAIN_HELP}; default: a retain set's, else pass")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_confidence(self.confidence)
+        check_uncertain(self.uncertain)
 
 
 class DynamicCPL(Method):
@@ -149,10 +164,13 @@ class DynamicCPL(Method):
         self.retain = context.mask
         if self.retain is not None:
             self.retain.require_kind("retain", "--mode dynamic")
-            options = replace(options, objective=retain_objective(self.retain, options.objective))
+            measure = retain_measure(self.retain, vars(options))
         elif options.keep_signs:
             raise CplError("--keep-signs needs --retain (the retain set the kept signs descend from)")
-        self.reference = mastered_signs(context, options)
+        else:
+            measure = SignMeasure(options.objective or "answer", options.confidence, options.uncertain or "pass")
+        self.measure = measure
+        self.reference = mastered_signs(context, options, measure)
         self.keep_signs = options.keep_signs
         self.refreshed: list[Mask] = []
 
@@ -170,8 +188,9 @@ class DynamicCPL(Method):
             self.refreshed.append(refreshed_retain(self.retain, self.reference.value, weights_metadata(model), at))
 
     def describe(self) -> dict[str, Any]:
-        """The retain set's id, when the run started from one."""
-        return {"retain_id": self.retain.id} if self.retain is not None else {}
+        """How the signs were measured, and the retain set's id when the run started from one."""
+        described: dict[str, Any] = {"sign_measure": self.measure.to_metadata()}
+        return described | ({"retain_id": self.retain.id} if self.retain is not None else {})
 
     def made_masks(self) -> list[Mask]:
         """The refreshed sign sets, with ``keep_signs``."""

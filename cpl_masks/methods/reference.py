@@ -1,5 +1,6 @@
 """``g_M`` at the current weights, kept fresh for the methods that steer by it: the whole gradient
-(A-GEM projects onto it) or only its signs (the dynamic rule needs no more)."""
+(A-GEM projects onto it) or only its signs (the dynamic rule needs no more, measured as its
+:class:`~cpl_masks.retain.SignMeasure` says)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from cpl_masks.data import Question
 from cpl_masks.gradients import mean_gradients
 from cpl_masks.methods.base import MethodContext, RefreshOptions
+from cpl_masks.retain import SignMeasure, measure_signs
 from cpl_masks.signs import PackedSigns
 
 Kept = TypeVar("Kept")
@@ -23,16 +25,18 @@ class MasteredReference(Generic[Kept]):
 
     With ``refresh_sample`` N each refresh takes N questions of M drawn afresh, by (seed, epoch,
     step), so a resumed run draws the same ones: a refresh then costs N/|M| of a pass over M.
-    ``keep`` turns the float32 gradient (name -> tensor, which it may empty as it goes) into what is
-    held until the next refresh.
+    ``measure`` computes what is held until the next refresh from the model and the questions drawn.
     """
 
     def __init__(
-        self, context: MethodContext, schedule: RefreshOptions, keep: Callable[[dict[str, torch.Tensor]], Kept]
+        self,
+        context: MethodContext,
+        schedule: RefreshOptions,
+        measure: Callable[[torch.nn.Module, Sequence[Question]], Kept],
     ) -> None:
         self.context = context
         self.schedule = schedule
-        self.keep = keep
+        self.measure = measure
         self.kept: Kept | None = None
 
     def refresh_if_due(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> bool:
@@ -41,11 +45,7 @@ class MasteredReference(Generic[Kept]):
         if not (step_in_epoch == 0 or (every is not None and step_in_epoch % every == 0)):
             return False
         self.kept = None  # free the old one before building the new one
-        context = self.context
-        questions = self.sample(epoch, step_in_epoch)
-        objective = self.schedule.objective or "answer"
-        gradient = mean_gradients(model, context.scorer, questions, batch_size=context.batch_size, objective=objective)
-        self.kept = self.keep(gradient)
+        self.kept = self.measure(model, self.sample(epoch, step_in_epoch))
         return True
 
     def sample(self, epoch: int, step_in_epoch: int) -> Sequence[Question]:
@@ -70,9 +70,20 @@ class MasteredReference(Generic[Kept]):
 
 def mastered_gradient(context: MethodContext, schedule: RefreshOptions) -> MasteredReference[dict[str, torch.Tensor]]:
     """``g_M`` itself: float32, one tensor per named parameter."""
-    return MasteredReference(context, schedule, lambda gradient: gradient)
+    objective = schedule.objective or "answer"
+
+    def measure(model: torch.nn.Module, questions: Sequence[Question]) -> dict[str, torch.Tensor]:
+        return mean_gradients(model, context.scorer, questions, batch_size=context.batch_size, objective=objective)
+
+    return MasteredReference(context, schedule, measure)
 
 
-def mastered_signs(context: MethodContext, schedule: RefreshOptions) -> MasteredReference[PackedSigns]:
-    """Only the signs of ``g_M``, two bits per entry, each float tensor freed once packed."""
-    return MasteredReference(context, schedule, PackedSigns.take)
+def mastered_signs(
+    context: MethodContext, schedule: RefreshOptions, how: SignMeasure
+) -> MasteredReference[PackedSigns]:
+    """Only the signs of ``g_M``, two bits per entry, measured as ``how`` says."""
+
+    def measure(model: torch.nn.Module, questions: Sequence[Question]) -> PackedSigns:
+        return measure_signs(model, context.scorer, questions, how, batch_size=context.batch_size)
+
+    return MasteredReference(context, schedule, measure)
