@@ -27,3 +27,11 @@ run b-retain-pool128-choices "${B[@]}" --retain "$R/pool-128-choices.safetensors
 run a-retain-mmlu128-choices "${A[@]}" --retain "$R/mmlu-128-choices.safetensors"
 # task B's epochs are 141 steps: the same retain set refreshed every 30 steps, against the staleness of once an epoch
 run b-retain-pool128-choices-r30 "${B[@]}" --retain "$R/pool-128-choices.safetensors" --refresh-every 30
+# confident signs (issue 15): a sign of g_M counts only where |g_M| > 2 standard errors over the 128 questions;
+# an uncertain entry moved by every step (pass) or by none (freeze). Task A, the same schedule.
+for UNCERTAIN in pass freeze; do
+  [ -f "$R/pool-128-choices-c2-$UNCERTAIN.safetensors" ] || $CPL profile --kind retain --objective choices \
+    --confidence 2 --uncertain $UNCERTAIN --mastered "$R/pool-128.jsonl" --scoring loglik \
+    --name "paper-pool-128-choices-c2-$UNCERTAIN" --threads 1 --out "$R/pool-128-choices-c2-$UNCERTAIN.safetensors"
+  run a-retain-pool128-choices-c2-$UNCERTAIN "${A[@]}" --retain "$R/pool-128-choices-c2-$UNCERTAIN.safetensors"
+done
