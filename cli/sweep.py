@@ -158,5 +158,7 @@ def sweep(
                 PAIRED_COLUMNS,
                 paired_table_rows(payload[key]),
             )
+    if not payload["complete"]:
+        say("other processes are still training runs of this sweep; the last to finish writes the complete results")
     say(f"results: {out / RESULT_FILE}")
     say(f"plot: {out / PLOT_FILE}")

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -268,28 +268,40 @@ def check_writable_folder(folder: str | os.PathLike, *, what: str) -> None:
 
 def folder_in_use(path: str | os.PathLike) -> bool:
     """Whether a live process holds the folder's lock (:func:`lock_folder`) right now."""
+    return folder_holder(path) is not None
+
+
+def folder_holder(path: str | os.PathLike) -> str | None:
+    """The pid of the live process holding the folder's lock (:func:`lock_folder`) right now, or None."""
     lock_path = Path(path) / LOCK_NAME
     if not lock_path.is_file():
-        return False
+        return None
     fd = os.open(lock_path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return True
+        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
     finally:
         os.close(fd)  # releases the probe's lock, if it got it
-    return False
+    return None
+
+
+class FolderBusy(CplError):
+    """Another live process holds the folder's lock."""
 
 
 @contextlib.contextmanager
-def lock_folder(path: str | os.PathLike, *, what: str = "run folder") -> Iterator[Path]:
-    """Hold an exclusive lock on a folder while this process writes it; a second writer is refused.
+def lock_folder(
+    path: str | os.PathLike, *, what: str = "run folder", wait: Callable[[str], None] | None = None
+) -> Iterator[Path]:
+    """Hold an exclusive lock on a folder while this process writes it; a second writer is refused, or waits.
 
     An OS file lock (``flock`` on ``<folder>/.lock``, which holds the owner's pid) dies with its
-    process, so a killed run never leaves a stale lock behind. Creates the folder if needed.
+    process, so a killed run never leaves a stale lock behind. Creates the folder if needed. With
+    ``wait``, a held lock is waited for instead, after ``wait`` is told the holder's pid.
 
     Raises:
-        CplError: another live process holds the lock (its pid is named).
+        FolderBusy: another live process holds the lock (its pid is named), unless waiting.
     """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -300,9 +312,12 @@ def lock_folder(path: str | os.PathLike, *, what: str = "run folder") -> Iterato
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise CplError(
-                f"{folder}: another process (pid {owner}) is writing this {what}; wait for it or stop it first"
-            ) from None
+            if wait is None:
+                raise FolderBusy(
+                    f"{folder}: another process (pid {owner}) is writing this {what}; wait for it or stop it first"
+                ) from None
+            wait(owner)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield folder

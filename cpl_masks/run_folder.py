@@ -230,10 +230,13 @@ def claimed(processes: Processes, out: Path, mask_path: str | None, registry: Re
     rm`` refuses it) from the checks until ``run.json``; a run refused before it wrote ``config.json``
     leaves no folder behind. A refusal on rank 0 stops every rank."""
     existed = out.exists()
+    owned = False  # only a folder this process locked is ever removed: another's may be filling it
     with contextlib.ExitStack() as held:
 
         def claim() -> None:
+            nonlocal owned
             held.enter_context(lock_folder(out))
+            owned = True
             mask_id = artifact_id_at(mask_path) if mask_path else None
             if mask_id:
                 held.enter_context(registry.hold(mask_id))
@@ -243,7 +246,7 @@ def claimed(processes: Processes, out: Path, mask_path: str | None, registry: Re
             yield
         except BaseException:
             held.close()
-            if processes.is_main and not existed and not (out / CONFIG).exists():
+            if owned and not existed and not (out / CONFIG).exists():
                 remove_path(out)
             raise
 

@@ -17,15 +17,18 @@ curves.
 
 Re-running with the same arguments resumes: finished runs are skipped, an interrupted run goes on
 from its last checkpoint, and a run that diverged stays recorded as diverged. Re-running with only
-another ``--forgetting-budget`` judges the finished runs again without training.
+another ``--forgetting-budget`` judges the finished runs again without training. The same command
+started in several processes (one per core, each with ``--threads 1``) shares the work: each takes
+the runs no other live process is training, and whichever finishes last writes the complete ``sweep.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ from cpl_masks.controls import CONTROLS, control_mask
 from cpl_masks.data import BUILTIN_DEMO, Question, load_questions
 from cpl_masks.demo_data import retain_text
 from cpl_masks.errors import CplError
-from cpl_masks.files import LOCK_NAME, atomic_write, lock_folder, write_json
+from cpl_masks.files import LOCK_NAME, FolderBusy, atomic_write, folder_holder, lock_folder, write_json
 from cpl_masks.masks import Mask
 from cpl_masks.models import LoadedModel, load_model
 from cpl_masks.profile import profile
@@ -78,48 +81,75 @@ Report = Callable[[str], None]
 def run_sweep(
     config: SweepConfig, *, report: Report = print, show_progress: bool = True, registry: Registry | None = None
 ) -> dict[str, Any]:
-    """Run (or resume) the sweep ``config`` describes; returns the ``sweep.json`` payload.
+    """Run (or resume, or help another process run) the sweep ``config`` describes; returns the ``sweep.json``
+    payload as this process leaves it (``complete`` once every run is finished, by any process).
 
     Every mask run is recorded in ``registry`` (None: the one in ``$CPL_MASKS_HOME``), which is
-    checked before any model loads.
+    checked before any model loads. Several processes may work on one sweep folder (the same command,
+    started again): one prepares the split and the masks while the others wait, then each trains
+    the runs no other live process is training, and each writes ``sweep.json`` from every finished run.
 
     Raises:
-        CplError: bad options, a broken registry, an output folder holding a sweep with other arguments,
-            or one another live process is running a sweep in.
+        CplError: bad options, a broken registry, or an output folder holding a sweep with other arguments.
     """
     config.check()
     registry = registry or Registry()
     registry.check()
     out = Path(config.out)
-    _claim_folder(out, config)
-    with lock_folder(out, what="sweep folder"):
-        return _sweep(config, out, registry, report, show_progress)
-
-
-def _sweep(config: SweepConfig, out: Path, registry: Registry, report: Report, show_progress: bool) -> dict[str, Any]:
-    """Split, profile, make the controls and finish every run, writing ``sweep.json`` after each."""
-    split_dir = _split(config, out / "split", report, show_progress)
-    masks = _masks(config, split_dir, out / "masks", report, show_progress)
-    retain = _retain_text(config, out)
+    with _sweep_lock(out, report):
+        _claim_folder(out, config)
+        split_dir = _split(config, out / "split", report, show_progress)
+        masks = _masks(config, split_dir, out / "masks", report, show_progress)
+        retain = _retain_text(config, out)
     specs = [  # seed by seed, so a sweep read before it ends already compares every method
         RunSpec(method, lr, seed)
         for seed in config.seeds
         for method in config.swept_methods()
         for lr in config.lr_grid_of(method)
     ]
-    runs, durations = [], []
+    runs_dir, durations = out / "runs", []
     for index, spec in enumerate(specs, start=1):
+        folder = runs_dir / spec.label
+        if _finished(spec, folder, out) is None and (holder := folder_holder(folder)) is not None:
+            report(f"[run {index}/{len(specs)}] {spec.method} lr={spec.lr:g} seed={spec.seed}: process {holder} "
+                   "is training it; on to the next")  # fmt: skip
+            continue
         remaining = len(specs) - index + 1
         eta = f", about {_minutes(statistics.mean(durations) * remaining)} left" if durations else ""
         report(f"[run {index}/{len(specs)}] {spec.method} lr={spec.lr:g} seed={spec.seed}{eta}")
         started = time.perf_counter()
-        result, trained = _one_run(config, spec, split_dir, masks, retain, out / "runs", show_progress, registry)
+        try:
+            trained = _one_run(config, spec, split_dir, masks, retain, folder, show_progress, registry)
+        except FolderBusy:  # another process took it since the look above
+            continue
         if trained:
             durations.append(time.perf_counter() - started)
-        runs.append(result)
-        payload = summarize_sweep(config, runs, masks, split_dir, complete=index == len(specs))
-        write_json(out / RESULT_FILE, payload)  # after every run, so a long sweep can be read as it goes
+            _write_summary(config, specs, masks, split_dir, out, report)
+    payload = _write_summary(config, specs, masks, split_dir, out, report)
     draw_sweep(payload, out / PLOT_FILE)
+    return payload
+
+
+@contextlib.contextmanager
+def _sweep_lock(out: Path, report: Report) -> Iterator[None]:
+    """The sweep folder's lock, held while its shared files are written; another holder is waited for."""
+
+    def waiting(owner: str) -> None:
+        report(f"waiting for process {owner}, which is writing the sweep folder {out}")
+
+    with lock_folder(out, what="sweep folder", wait=waiting):
+        yield
+
+
+def _write_summary(
+    config: SweepConfig, specs: Sequence[RunSpec], masks: dict[str, Path], split_dir: Path, out: Path, report: Report
+) -> dict[str, Any]:
+    """Write ``sweep.json`` from every run finished so far, by whichever process; complete once all are."""
+    with _sweep_lock(out, report):
+        found = [_finished(spec, out / "runs" / spec.label, out) for spec in specs]
+        runs = [summary for summary in found if summary is not None]
+        payload = summarize_sweep(config, runs, masks, split_dir, complete=len(runs) == len(specs))
+        write_json(out / RESULT_FILE, payload)  # after every run, so a long sweep can be read as it goes
     return payload
 
 
@@ -269,34 +299,41 @@ def _retain_text(config: SweepConfig, out: Path) -> str | None:
     return str(path.resolve())
 
 
+def _finished(spec: RunSpec, folder: Path, sweep_dir: Path) -> dict[str, Any] | None:
+    """A run's summary if it is over (finished or diverged), else None."""
+    if (folder / RUN).is_file():
+        return _run_summary(spec, RunRecord.read(folder), sweep_dir)
+    if (folder / DIVERGED).is_file():
+        return _run_summary(spec, None, sweep_dir, json.loads((folder / DIVERGED).read_text(encoding="utf-8")))
+    return None
+
+
 def _one_run(
     config: SweepConfig,
     spec: RunSpec,
     split_dir: Path,
     masks: dict[str, Path],
     retain: str | None,
-    runs_dir: Path,
+    folder: Path,
     show_progress: bool,
     registry: Registry,
-) -> tuple[dict[str, Any], bool]:
-    """Finish one run (skip, resume or start it); returns its summary and whether it trained now."""
-    folder, sweep_dir = runs_dir / spec.label, runs_dir.parent
-    if (folder / RUN).is_file():
-        return _run_summary(spec, RunRecord.read(folder), sweep_dir), False
-    if (folder / DIVERGED).is_file():
-        diverged = json.loads((folder / DIVERGED).read_text(encoding="utf-8"))
-        return _run_summary(spec, None, sweep_dir, diverged), False
+) -> bool:
+    """Finish one run (skip, resume or start it); returns whether it trained now.
+
+    Raises:
+        FolderBusy: another process holds the run's folder.
+    """
+    if _finished(spec, folder, folder.parent.parent) is not None:
+        return False
     try:
         if (folder / CHECKPOINT / "state.json").is_file():
-            record = resume_run(folder, show_progress=show_progress, registry=registry)
+            resume_run(folder, show_progress=show_progress, registry=registry)
         else:
             request = _request(config, spec, split_dir, masks, retain, folder, show_progress)
-            record = start_run(request, overwrite=True, registry=registry)  # a folder without a checkpoint: no work
+            start_run(request, overwrite=True, registry=registry)  # a folder without a checkpoint: no work
     except TrainingDiverged as error:
-        diverged = {"diverged": str(error)}
-        write_json(folder / DIVERGED, diverged)
-        return _run_summary(spec, None, sweep_dir, diverged), True
-    return _run_summary(spec, record, sweep_dir), True
+        write_json(folder / DIVERGED, {"diverged": str(error)})
+    return True
 
 
 def _request(

@@ -3,8 +3,11 @@ being written over, its registered mask against removal; an interrupted command 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import threading
 
 import pytest
 from typer.testing import CliRunner
@@ -14,7 +17,7 @@ from cpl_masks.errors import CplError
 from cpl_masks.files import folder_in_use, lock_folder
 from cpl_masks.registry import Registry
 from cpl_masks.sweep import run_sweep
-from cpl_masks.sweep_config import SweepConfig
+from cpl_masks.sweep_config import RunSpec, SweepConfig
 from cpl_masks.training_run import start_run
 from tests.conftest import make_questions, write_rows
 from tests.test_train import fresh, make_request, random_mask
@@ -76,13 +79,45 @@ def test_registry_rm_cannot_take_the_mask_of_a_running_train(tiny_model_dir, run
     assert registry.remove(mask.id, force=True)  # once the run is over the mask can go
 
 
-def test_a_sweep_folder_has_one_writer(tiny_model_dir, tmp_path):
+def quiz_sweep(tiny_model_dir, tmp_path, lr_grid: list[float]) -> SweepConfig:
     data = write_rows(tmp_path / "quiz.jsonl", [q.to_record() for q in make_questions(30, seed=5)])
-    config = SweepConfig(model=str(tiny_model_dir), data=str(data), out=str(tmp_path / "sweep"), methods=["full"],
-                         lr_grid=[0.01], epochs=1, threads=1, holdout_fraction=0.3)  # fmt: skip
-    with lock_folder(tmp_path / "sweep"), pytest.raises(CplError, match="is writing this sweep folder"):
-        run_sweep(config, show_progress=False)
-    assert not (tmp_path / "sweep" / "split").exists()
+    return SweepConfig(model=str(tiny_model_dir), data=str(data), out=str(tmp_path / "sweep"), methods=["full"],
+                       lr_grid=lr_grid, epochs=1, threads=1, holdout_fraction=0.3)  # fmt: skip
+
+
+def test_processes_share_a_sweep_each_training_the_runs_no_other_is(tiny_model_dir, tmp_path):
+    """A run another live process holds is left to it; the summary counts every run finished by anyone, and is
+    complete only once all are."""
+    config = quiz_sweep(tiny_model_dir, tmp_path, [0.01, 0.02])
+    taken = tmp_path / "sweep" / "runs" / RunSpec("full", 0.01, 0).label
+    other = contextlib.ExitStack()  # stands for a second process training the first run
+    lines: list[str] = []
+
+    def report(line: str) -> None:
+        lines.append(line)
+        if line.startswith("splitting"):  # the sweep folder exists: take the first run's folder
+            other.enter_context(lock_folder(taken))
+
+    payload = run_sweep(config, report=report, show_progress=False)
+    assert not payload["complete"] and [run["lr"] for run in payload["runs"]] == [0.02]
+    assert any(f"process {os.getpid()} is training it; on to the next" in line for line in lines)
+    assert not (taken / "config.json").exists()  # left alone
+    assert not json.loads((tmp_path / "sweep" / "sweep.json").read_text())["complete"]
+
+    other.close()  # that process went away without finishing: the next one trains the run
+    payload = run_sweep(config, show_progress=False)
+    assert payload["complete"] and sorted(run["lr"] for run in payload["runs"]) == [0.01, 0.02]
+
+
+def test_a_second_sweep_process_waits_while_the_first_writes_the_folder(tiny_model_dir, tmp_path):
+    config = quiz_sweep(tiny_model_dir, tmp_path, [0.01])
+    holder = contextlib.ExitStack()
+    holder.enter_context(lock_folder(tmp_path / "sweep", what="sweep folder"))
+    threading.Timer(0.5, holder.close).start()
+    lines: list[str] = []
+    payload = run_sweep(config, report=lines.append, show_progress=False)
+    assert lines[0] == f"waiting for process {os.getpid()}, which is writing the sweep folder {tmp_path / 'sweep'}"
+    assert payload["complete"] and len(payload["runs"]) == 1
 
 
 def train_args(model_dir, run_files, out, *extra: str) -> list[str]:
