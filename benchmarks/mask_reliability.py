@@ -39,7 +39,7 @@ import torch
 from cpl_masks.bits import pack_bits, unpack_bits
 from cpl_masks.data import load_questions
 from cpl_masks.files import write_json
-from cpl_masks.gradients import GradientMoments, GradientSums, question_gradients
+from cpl_masks.gradients import GradientSums, question_gradients
 from cpl_masks.models import load_model
 from cpl_masks.scoring import make_scorer
 from cpl_masks.selection import t_statistic
@@ -96,9 +96,9 @@ def selections(
         if "retain signs" in rules:
             taken[size]["retain signs"] = planes(PackedSigns.of(retain.mean))
         if "confident retain signs" in rules:
-            copy = GradientMoments(dict(retain.mean), dict(retain.standard_error))
+            per_tensor = ((name, retain.mean[name], retain.standard_error[name]) for name in retain.mean)
             taken[size]["confident retain signs"] = planes(
-                PackedSigns.significant(copy, confidence, freeze_uncertain=False)
+                PackedSigns.significant(per_tensor, confidence, freeze_uncertain=False)
             )
         print(f"  {size} questions per set: {time.strftime('%H:%M:%S')}", flush=True)
     return taken

@@ -5,7 +5,7 @@ its per-question losses divided by the set size, so the accumulated gradients ar
 A post-accumulate hook moves every parameter's gradient into a float32 buffer as soon as backward
 produces it (whatever the model's dtype). :func:`question_gradients` yields one question's gradient
 at a time, from which :class:`GradientSums` gives the mean and its standard error at any point
-(:func:`gradient_moments`: what the confidence rule needs). Under several processes each rank takes
+(:func:`gradient_sums`: what the confidence rules need). Under several processes each rank takes
 its share of the questions and the sums are all-reduced.
 """
 
@@ -95,17 +95,36 @@ class GradientSums:
 
     def moments(self) -> GradientMoments:
         """Mean and standard error over every rank's questions so far (all-reduced; every rank must call it)."""
-        count = distributed.all_reduce_sum(torch.tensor([float(self.count)])).item()
-        if count < 2:
-            raise CplError(f"--confidence needs at least 2 questions per set for a standard error, got {count:.0f}")
+        count = self._count()
         mean, error = {}, {}
         for name in self.total:
             total = distributed.all_reduce_sum(self.total[name].clone())
             squares = distributed.all_reduce_sum(self.squares[name].clone())
-            mean[name] = total / count
-            variance = (squares - count * mean[name].square()).clamp_(min=0) / (count - 1)
-            error[name] = variance.div_(count).sqrt_()
+            mean[name], error[name] = _mean_and_error(total, squares, count)
         return GradientMoments(mean, error)
+
+    def drain(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """Each tensor's (name, mean, standard error) in turn, freeing its sums as it goes: the peak stays at
+        the sums, without a second copy of the moments. The sums are spent afterwards. Every rank must call it."""
+        count = self._count()
+        for name in list(self.total):
+            total = distributed.all_reduce_sum(self.total.pop(name))
+            squares = distributed.all_reduce_sum(self.squares.pop(name))
+            yield name, *_mean_and_error(total, squares, count)
+
+    def _count(self) -> float:
+        """The questions added over every rank (at least 2, for a standard error)."""
+        count = distributed.all_reduce_sum(torch.tensor([float(self.count)])).item()
+        if count < 2:
+            raise CplError(f"--confidence needs at least 2 questions per set for a standard error, got {count:.0f}")
+        return count
+
+
+def _mean_and_error(total: torch.Tensor, squares: torch.Tensor, count: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard error of the mean from a sum and a sum of squares (``squares`` is reused in place)."""
+    mean = total / count
+    variance = squares.sub_(count * mean.square()).clamp_(min=0).div_(count - 1)
+    return mean, variance.div_(count).sqrt_()
 
 
 def question_gradients(
@@ -130,7 +149,7 @@ def question_gradients(
             advance(distributed.world_size())
 
 
-def gradient_moments(
+def gradient_sums(
     model: torch.nn.Module,
     scorer: Scorer,
     questions: Sequence[Question],
@@ -138,14 +157,14 @@ def gradient_moments(
     checkpointing: bool = True,
     advance: Callable[[int], None] = lambda _n: None,
     objective: str = "answer",
-) -> GradientMoments:
-    """Mean gradient over ``questions`` and its standard error, from one backward pass per question.
+) -> GradientSums:
+    """The sums of the per-question gradients over ``questions`` and of their squares, one backward pass per
+    question: what the confidence rules need to tell a conflict, or a sign of g_M, from noise.
 
-    What the confidence rules need to tell a conflict, or a sign of g_M, from noise (``objective`` as
-    in :func:`mean_gradients`). It costs a pass per question
-    (batch 1) and two float32 sums per entry. Under several processes each rank takes its share and
-    the sums are all-reduced; a model sharded with FSDP2 is refused
-    (:func:`cpl_masks.profile.check_rule_runs`).
+    ``objective`` as in :func:`mean_gradients`. It costs a pass per question (batch 1) and two
+    float32 sums per entry; :meth:`GradientSums.moments` or :meth:`GradientSums.drain` gives the mean
+    and its standard error. Under several processes each rank takes its share and the sums are
+    all-reduced; a model sharded with FSDP2 is refused (:func:`cpl_masks.profile.check_rule_runs`).
     """
     sums = GradientSums(model)
     per_question = question_gradients(
@@ -153,7 +172,7 @@ def gradient_moments(
     )
     for gradient in per_question:
         sums.add(gradient)
-    return sums.moments()
+    return sums
 
 
 def _rank_batches(

@@ -4,7 +4,7 @@ Two batched passes over the data give the mean answer-loss gradients ``g_I`` (in
 ``g_M`` (mastered set); the score ``s = g_M ⊙ g_I`` of each entry decides, through a
 :class:`~cpl_masks.selection.Rule`, whether it is collaborative (trainable) or frozen. The
 confidence rule scores by ``s``'s t-statistic instead, from a pass per question
-(:func:`~cpl_masks.gradients.gradient_moments`) that also gives each entry's standard error.
+(:func:`~cpl_masks.gradients.gradient_sums`) that also gives each entry's standard error.
 
 The gradients come from :mod:`cpl_masks.gradients`, so memory stays at the model, two float32
 gradient buffers and one batch's activations; each tensor's mask is computed as soon as both its
@@ -23,7 +23,7 @@ import torch
 from cpl_masks import distributed
 from cpl_masks.data import Question, questions_sha256
 from cpl_masks.errors import CplError
-from cpl_masks.gradients import gradient_moments, mean_gradients
+from cpl_masks.gradients import gradient_sums, mean_gradients
 from cpl_masks.masks import SCORES_HASH_KEY, Mask, weights_metadata
 from cpl_masks.models import LoadedModel
 from cpl_masks.progress import progress_bar
@@ -183,8 +183,8 @@ def _gradients(
         passes = {"batch_size": batch_size, "checkpointing": checkpointing, "advance": advance}
         g_inject = mean_gradients(model, scorer, inject, **passes)  # I first, as the progress bar says
         return mean_gradients(model, scorer, mastered, **passes), g_inject, None
-    moments_i = gradient_moments(model, scorer, inject, checkpointing=checkpointing, advance=advance)
-    moments_m = gradient_moments(model, scorer, mastered, checkpointing=checkpointing, advance=advance)
+    moments_i = gradient_sums(model, scorer, inject, checkpointing=checkpointing, advance=advance).moments()
+    moments_m = gradient_sums(model, scorer, mastered, checkpointing=checkpointing, advance=advance).moments()
     return moments_m.mean, moments_i.mean, (moments_m.standard_error, moments_i.standard_error)
 
 

@@ -25,7 +25,7 @@ import torch
 from cpl_masks import distributed
 from cpl_masks.data import Question, parse_questions, questions_sha256
 from cpl_masks.errors import CplError
-from cpl_masks.gradients import gradient_moments, mean_gradients
+from cpl_masks.gradients import gradient_sums, mean_gradients
 from cpl_masks.masks import Mask, weights_metadata
 from cpl_masks.models import LoadedModel
 from cpl_masks.profile import LOSSES, data_provenance, peak_memory, reset_peak_memory
@@ -108,10 +108,10 @@ def measure_signs(
             objective=measure.objective,
         )
         return PackedSigns.take(gradient)
-    moments = gradient_moments(
+    sums = gradient_sums(
         model, scorer, questions, checkpointing=checkpointing, advance=advance, objective=measure.objective
     )
-    return PackedSigns.significant(moments, measure.confidence, freeze_uncertain=measure.uncertain == "freeze")
+    return PackedSigns.significant(sums.drain(), measure.confidence, freeze_uncertain=measure.uncertain == "freeze")
 
 
 def profile_retain(

@@ -16,7 +16,7 @@ Three ways to cut, recorded in the mask's ``rule`` metadata:
 The score is ``s`` itself (``statistic="product"``), or with ``statistic="t"`` its t-statistic
 ``t = s / se(s)``, where ``se(s)² = g_I² se(g_M)² + g_M² se(g_I)²`` (the delta method, M and I
 independent) and the standard errors come from per-question gradients
-(:func:`cpl_masks.gradients.gradient_moments`). ``--confidence K`` is the t-statistic with threshold
+(:func:`cpl_masks.gradients.gradient_sums`). ``--confidence K`` is the t-statistic with threshold
 ``-K``: an entry is frozen only where it conflicts with confidence, ``t < -K``; a keep fraction then
 ranks by ``t``.
 

@@ -13,13 +13,12 @@ significant; an uncertain entry either has neither plane set (every step moves i
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from cpl_masks.bits import pack_bits, unpack_bits
-from cpl_masks.gradients import GradientMoments
 
 
 @dataclass
@@ -44,16 +43,18 @@ class PackedSigns:
         return signs
 
     @classmethod
-    def significant(cls, moments: GradientMoments, threshold: float, *, freeze_uncertain: bool) -> PackedSigns:
+    def significant(
+        cls, moments: Iterable[tuple[str, torch.Tensor, torch.Tensor]], threshold: float, *, freeze_uncertain: bool
+    ) -> PackedSigns:
         """The signs of ``g_M`` that hold with confidence: where ``|g_M| > threshold`` standard errors.
 
         Where the sign is uncertain (a non-zero standard error and ``|t| <= threshold``) both planes
         are set if ``freeze_uncertain`` (no step moves the entry), else neither (every step does). An
-        entry whose standard error is zero keeps its sign. Empties ``moments`` as it packs.
+        entry whose standard error is zero keeps its sign. ``moments`` yields (name, mean, standard
+        error) per tensor (:meth:`~cpl_masks.gradients.GradientSums.drain`), each freed once packed.
         """
         signs = cls({}, {}, {})
-        for name in list(moments.mean):
-            mean, error = moments.mean.pop(name), moments.standard_error.pop(name)
+        for name, mean, error in moments:
             bound = error * threshold
             positive, negative = mean > bound, mean < -bound
             if freeze_uncertain:

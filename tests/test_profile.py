@@ -11,7 +11,7 @@ import torch
 
 from cpl_masks.algebra import recut
 from cpl_masks.errors import CplError
-from cpl_masks.gradients import gradient_moments, mean_gradients
+from cpl_masks.gradients import gradient_sums, mean_gradients
 from cpl_masks.models import load_model, model_fingerprint
 from cpl_masks.profile import profile, sign_agreement
 from cpl_masks.scoring import make_scorer
@@ -265,11 +265,11 @@ def per_question_gradients(model, scorer, questions) -> list[dict[str, torch.Ten
     return rows
 
 
-def test_gradient_moments_match_the_per_question_mean_and_standard_error(tiny):
+def test_gradient_sums_give_moments_that_match_the_per_question_mean_and_standard_error(tiny):
     scorer = make_scorer("letter", tiny.tokenizer)
     rows = per_question_gradients(tiny.model, scorer, MASTERED)
     stacked = {name: torch.stack([row[name] for row in rows]) for name in rows[0]}  # (n, param shape) float64
-    moments = gradient_moments(tiny.model, scorer, MASTERED)
+    moments = gradient_sums(tiny.model, scorer, MASTERED).moments()
     count = len(MASTERED)
     assert_relative_close(moments.mean, {name: values.mean(0) for name, values in stacked.items()})
     expected = {name: values.std(0, correction=1) / count**0.5 for name, values in stacked.items()}

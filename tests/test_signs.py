@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from cpl_masks.bits import pack_bits, pack_bits_torch, packed_size, unpack_bits, unpack_bits_torch
-from cpl_masks.gradients import GradientMoments
 from cpl_masks.signs import PackedSigns
 
 SHAPES = {"a": (7,), "b": (3, 5), "c": (2, 4, 8)}  # sizes 7, 15, 64: ragged and whole last bytes
@@ -56,9 +55,7 @@ def test_only_significant_signs_count_and_uncertain_entries_pass_or_freeze(freez
     #            significant +  significant -  uncertain  no spread, +  untouched
     mean = torch.tensor([3.0, -3.0, 0.5, 0.2, 0.0])
     error = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])
-    moments = GradientMoments({"w": mean.clone()}, {"w": error.clone()})
-    signs = PackedSigns.significant(moments, 2.0, freeze_uncertain=freeze)
-    assert moments.mean == {} and moments.standard_error == {}
+    signs = PackedSigns.significant([("w", mean, error)], 2.0, freeze_uncertain=freeze)
     assert signs.sign("w").tolist() == [1, -1, 0, 1, 0]
     for step in (torch.ones(5), -torch.ones(5)):
         against = (step * torch.tensor([1.0, -1.0, 0.0, 1.0, 0.0])) < 0
