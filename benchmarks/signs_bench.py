@@ -9,6 +9,9 @@ with g_M refreshed at its start; each variant in its own process (peak RSS reset
 * seconds per step (without the refresh) and seconds per refresh;
 * a hash of the trained weights: the two dynamic variants must train bit-identically.
 
+``dynamic-confident`` is the rule with ``--confidence 2``: a refresh takes a pass per question of M
+and holds two float32 sums per entry while it runs.
+
 Usage: .venv/bin/python benchmarks/signs_bench.py [--inject 8] [--mastered 16] [--threads 1]
 """
 
@@ -35,13 +38,15 @@ from cpl_masks.models import load_model
 from cpl_masks.scoring import make_scorer
 from cpl_masks.train import TrainConfig, Trainer
 
-VARIANTS = ("full", "dynamic-float", "dynamic")
+VARIANTS = ("full", "dynamic-float", "dynamic", "dynamic-confident")
+OPTIONS = {"dynamic-confident": ("dynamic", {"confidence": 2.0})}  # signs that count only where |t| > 2
 
 
 class FloatDynamic(DynamicCPL):
     """The dynamic rule as it was before packed signs: g_M kept in float32, the product's sign tested."""
 
     def __init__(self, context: MethodContext) -> None:
+        self.retain, self.keep_signs, self.refreshed = None, False, []  # no retain set: g_M over M
         self.reference = mastered_gradient(context, RefreshOptions())
 
     def mask_gradients(self, model: torch.nn.Module) -> None:
@@ -66,7 +71,8 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
     inject, mastered = questions(args)
     scorer = make_scorer("loglik", loaded.tokenizer)
     context = MethodContext(scorer, mastered, batch_size=8)
-    method = FloatDynamic(context) if variant == "dynamic-float" else make_method(variant, context)
+    name, options = OPTIONS.get(variant, (variant, None))
+    method = FloatDynamic(context) if variant == "dynamic-float" else make_method(name, context, options)
     refresh_seconds = []
     if hasattr(method, "reference"):
         refresh = method.reference.refresh_if_due
@@ -117,10 +123,10 @@ def main() -> None:
         sys.exit(f"skipped: {DATA} is missing")
     results = {variant: in_subprocess(args, variant) for variant in VARIANTS}
     params = results["full"]["params"]
-    print(f"{'variant':<14} {'peak above loaded B/param':>26} {'held B/param':>13} {'s/step':>7} {'refresh s':>9}")
+    print(f"{'variant':<18} {'peak above loaded B/param':>26} {'held B/param':>13} {'s/step':>7} {'refresh s':>9}")
     for variant, row in results.items():
         print(
-            f"{variant:<14} {row['peak_above_loaded'] / params:>26.2f} {row['held_bytes'] / params:>13.3f} "
+            f"{variant:<18} {row['peak_above_loaded'] / params:>26.2f} {row['held_bytes'] / params:>13.3f} "
             f"{row['step_seconds']:>7.2f} {row['refresh_seconds']:>9.1f}"
         )
     same = results["dynamic"]["weights_sha256"] == results["dynamic-float"]["weights_sha256"]
