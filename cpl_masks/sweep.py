@@ -302,9 +302,10 @@ def _retain_text(config: SweepConfig, out: Path) -> str | None:
 def _finished(spec: RunSpec, folder: Path, sweep_dir: Path) -> dict[str, Any] | None:
     """A run's summary if it is over (finished or diverged), else None."""
     if (folder / RUN).is_file():
-        return _run_summary(spec, RunRecord.read(folder), sweep_dir)
+        return _run_summary(spec, RunRecord.read(folder), folder, sweep_dir)
     if (folder / DIVERGED).is_file():
-        return _run_summary(spec, None, sweep_dir, json.loads((folder / DIVERGED).read_text(encoding="utf-8")))
+        diverged = json.loads((folder / DIVERGED).read_text(encoding="utf-8"))
+        return _run_summary(spec, None, folder, sweep_dir, diverged)
     return None
 
 
@@ -394,17 +395,18 @@ def _control_key(rule: str, seed: int) -> str:
 
 
 def _run_summary(
-    spec: RunSpec, run: RunRecord | None, sweep_dir: Path, diverged: dict[str, Any] | None = None
+    spec: RunSpec, run: RunRecord | None, folder: Path, sweep_dir: Path, diverged: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The figures of one run that the comparison needs: its last evaluated epoch's, and under ``epochs``
-    every evaluated epoch's after 0 (None figures where the run diverged)."""
+    every evaluated epoch's after 0 (None figures where the run diverged). The run is found where it was
+    read (``folder``), not where it was trained, so a sweep folder copied elsewhere reads the same."""
     summary: dict[str, Any] = {"method": method_label(spec.method), "lr": spec.lr, "seed": spec.seed}
     if run is None:
         return {**summary, **(diverged or {}), "learned_share": None, "heldout_forgotten_share": None}
     rows = run.metrics
     return {
         **summary,
-        "run_dir": _relative(Path(run.out_dir), sweep_dir),
+        "run_dir": _relative(folder, sweep_dir),
         **epoch_figures(rows[-1]),
         "epochs": [epoch_figures(row) for row in rows if row["epoch"] > 0],
         "collaborative_share": run.collaborative_share,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -122,6 +123,18 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(tiny_model_dir, da
     assert not any(line.startswith("profiling") or line.startswith("splitting") for line in lines)
     assert len(payload["runs"]) == 4 and all(run["learned_share"] is not None for run in payload["runs"])
     assert payload["complete"] is True
+
+
+def test_a_sweep_folder_moved_elsewhere_reads_the_same(tiny_model_dir, data_file, tmp_path):
+    """Runs are found where they lie, not where they were trained: a moved sweep folder (or runs another
+    process trained and that were moved in) is judged again without training, its pairs intact."""
+    first = run_sweep(config_for(tiny_model_dir, data_file, tmp_path / "sweep", lr_grid=[1e-1]), show_progress=False)
+    shutil.move(tmp_path / "sweep", tmp_path / "moved")
+    lines: list[str] = []
+    again = run_sweep(config_for(tiny_model_dir, data_file, tmp_path / "moved", lr_grid=[1e-1]), report=lines.append)
+    assert not any(line.startswith(("splitting", "profiling")) for line in lines)
+    assert [run["run_dir"] for run in again["runs"]] == ["runs/full-lr0.1-s0", "runs/mask-lr0.1-s0"]
+    assert again["paired_final"] and again["paired_final"] == first["paired_final"]
 
 
 def test_a_sweep_folder_refuses_other_arguments(tiny_model_dir, data_file, tmp_path):
