@@ -27,6 +27,8 @@ run b-retain-pool128-choices "${B[@]}" --retain "$R/pool-128-choices.safetensors
 run a-retain-mmlu128-choices "${A[@]}" --retain "$R/mmlu-128-choices.safetensors"
 # task B's epochs are 141 steps: the same retain set refreshed every 30 steps, against the staleness of once an epoch
 run b-retain-pool128-choices-r30 "${B[@]}" --retain "$R/pool-128-choices.safetensors" --refresh-every 30
+# the per-step rule's control: the same rule steered by random signs, redrawn each epoch (task A, same schedule)
+run a-random-signs "${A[@]}" --mode random-signs
 # confident signs (issue 15): a sign of g_M counts only where |g_M| > 2 standard errors over the 128 questions;
 # an uncertain entry moved by every step (pass) or by none (freeze). Task A, the same schedule.
 for UNCERTAIN in pass freeze; do

@@ -13,6 +13,7 @@ significant; an uncertain entry either has neither plane set (every step moves i
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -63,6 +64,24 @@ class PackedSigns:
             signs.positive[name], signs.negative[name] = pack_bits(positive), pack_bits(negative)
             signs.shapes[name] = mean.shape
         return signs
+
+    @classmethod
+    def random(cls, shapes: Mapping[str, torch.Size], seed: str) -> PackedSigns:
+        """Signs drawn at random, each entry + or − with even odds and none zero, fixed by ``seed``: the
+        control of the rule (what steering by signs does when they carry nothing of g_M)."""
+        generator = torch.Generator().manual_seed(zlib.crc32(seed.encode()))
+        signs = cls({}, {}, {})
+        for name, shape in shapes.items():
+            positive = torch.randint(0, 2, shape, generator=generator, dtype=torch.uint8).bool()
+            signs.positive[name], signs.negative[name] = pack_bits(positive), pack_bits(~positive)
+            signs.shapes[name] = torch.Size(shape)
+        return signs
+
+    def drop_disagreeing(self, model: torch.nn.Module) -> None:
+        """Zero, in place, the gradient entries of ``model`` whose sign disagrees with these (``g ⊙ g_M < 0``)."""
+        for name, parameter in model.named_parameters():
+            if parameter.grad is not None:
+                parameter.grad.masked_fill_(self.disagreeing(name, parameter.grad), 0)  # one tensor at a time
 
     def add(self, name: str, gradient: torch.Tensor) -> None:
         """Record the signs of one tensor of ``g_M``."""

@@ -18,7 +18,18 @@ from cpl_masks.methods import METHODS, method_options
 from cpl_masks.run_request import check_options_with
 from cpl_masks.train import OPTIMIZERS, TrainConfig
 
-DEFAULT_METHODS = ("full", "mask", "random", "gradient-magnitude", "dynamic", "lora", "replay", "agem", "ewc")
+DEFAULT_METHODS = (
+    "full",
+    "mask",
+    "random",
+    "gradient-magnitude",
+    "dynamic",
+    "random-signs",
+    "lora",
+    "replay",
+    "agem",
+    "ewc",
+)
 DEFAULT_LR_GRID = (1e-5, 1e-4, 1e-3)
 REUSE_PREFIX = "reuse:"  # a method name "reuse:<file>" trains with a mask profiled elsewhere (cross-task reuse)
 RETAIN_PREFIX = "retain:"  # "retain:<file>" trains by the per-step rule from a retain set (profile --kind retain)

@@ -30,6 +30,7 @@ REFERENCES = {
     "full": "full fine-tuning",
     "random": "the random mask of the same share",
     "dynamic": "the per-step rule steered by the task's own mastered set",  # for retain-* methods
+    "random-signs": "the per-step rule steered by random signs",  # for dynamic and retain-* methods
 }
 MASK_LIKE = ("mask", "gradient-magnitude")  # compared with the random mask as well; so is every reuse-*
 
@@ -213,10 +214,13 @@ def paired_comparisons(
 
 
 def _compared_with(method: str, reference: str) -> bool:
-    """Every method against full fine-tuning; mask-like ones against the random mask; a retain set's rule
-    against the same rule steered by the task's own mastered set (``dynamic``)."""
+    """Every method against full fine-tuning; mask-like ones against the random mask; the per-step rule
+    against its control (random signs), and a retain set's rule also against the same rule steered by the
+    task's own mastered set (``dynamic``)."""
     if method.startswith("retain-"):
-        return reference in ("full", "dynamic")
+        return reference in ("full", "dynamic", "random-signs")
+    if method == "dynamic":
+        return reference in ("full", "random-signs")
     return reference == "full" or method in MASK_LIKE or method.startswith("reuse-")
 
 

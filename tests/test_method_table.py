@@ -48,7 +48,7 @@ def help_of(application, command: str, option_name: str) -> str:
 
 def test_each_method_option_is_declared_once_and_offered_alike_by_train_and_sweep():
     fields = {field.name: field for field in option_fields()}
-    assert fields["lora_rank"].default == 8 and fields["refresh_every"].methods == ("dynamic", "agem")
+    assert fields["lora_rank"].default == 8 and fields["refresh_every"].methods == ("dynamic", "random-signs", "agem")
     for name in ("--lora-rank", "--refresh-every", "--ewc-lambda", "--replay-share"):
         assert help_of(app, "train", name) == help_of(app, "sweep", name) != ""
     assert "(default 8)" in help_of(app, "train", "--lora-rank")

@@ -21,7 +21,7 @@ from tests.helpers import snapshot
 INJECT = make_questions(6, seed=41, prefix="i")
 MASTERED = make_questions(5, seed=42, prefix="m")
 HELDOUT = make_questions(4, seed=43, prefix="h")
-BASELINES = ("lora", "replay", "agem", "ewc")
+BASELINES = ("lora", "replay", "agem", "ewc", "random-signs")
 
 
 def fresh(tiny_model_dir):
@@ -256,6 +256,36 @@ def test_ewc_penalty_is_zero_at_the_start_and_differentiates_right(tiny_model_di
         assert gradient[index].item() == pytest.approx(central, rel=1e-3, abs=1e-6)
         assert gradient[index].item() == pytest.approx(float(analytic), rel=1e-4, abs=1e-9)
     assert gradient.count_nonzero() == 1
+
+
+# --- random signs ------------------------------------------------------------------------------------
+
+
+def test_random_signs_steer_each_step_by_signs_drawn_from_seed_epoch_and_step(tiny_model_dir):
+    loaded = fresh(tiny_model_dir)
+    model, scorer = loaded.model, make_scorer("letter", loaded.tokenizer)
+    method = make_method("random-signs", context_for(loaded, seed=3), {"refresh_every": 2})
+    again = make_method("random-signs", context_for(loaded, seed=3))
+    method.before_step(model, 1, 0)
+    again.before_step(model, 1, 0)
+    drawn = method.signs
+    assert all(torch.equal(drawn.positive[name], again.signs.positive[name]) for name in drawn.positive)
+    method.before_step(model, 1, 1)
+    assert method.signs is drawn  # not due: every 2 steps
+    method.before_step(model, 1, 2)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(method.signs.sign(name), drawn.sign(name))  # drawn afresh
+    signs = method.signs.sign(name)
+    assert signs.ne(0).all() and abs(signs.eq(1).float().mean().item() - 0.5) < 0.01  # even odds, none zero
+
+    scorer.loss(model, INJECT[:2]).sum().backward()
+    before = {key: parameter.grad.clone() for key, parameter in model.named_parameters()}
+    method.mask_gradients(model)
+    for key, parameter in model.named_parameters():
+        kept = before[key] * method.signs.sign(key) >= 0
+        assert torch.equal(parameter.grad, torch.where(kept, before[key], torch.zeros_like(before[key]))), key
+    share = before[name].ne(0) & model.get_parameter(name).grad.eq(0)
+    assert 0.4 < share.float().mean().item() < 0.6  # about half of each step's entries dropped
 
 
 # --- all baselines -----------------------------------------------------------------------------------

@@ -267,7 +267,9 @@ def test_a_keep_fraction_grid_runs_each_mask_method_at_each_share_paired_with_ra
     assert Mask.load(Registry().resolve(mask_name(cpl.metadata, None)), scores=False).id == cpl.id
 
 
-def test_a_retain_set_runs_in_a_sweep_paired_with_full_and_the_dynamic_rule(tiny_model_dir, data_file, tmp_path):
+def test_a_retain_set_runs_in_a_sweep_paired_with_full_the_dynamic_rule_and_random_signs(
+    tiny_model_dir, data_file, tmp_path
+):
     from cpl_masks.models import load_model
     from cpl_masks.retain import profile_retain
 
@@ -277,9 +279,12 @@ def test_a_retain_set_runs_in_a_sweep_paired_with_full_and_the_dynamic_rule(tiny
     with pytest.raises(CplError, match="is a retain set; name it as retain:"):
         config_for(tiny_model_dir, data_file, tmp_path / "refused", methods=["full", f"reuse:{path}"]).check()
     out = tmp_path / "sweep"
-    config = config_for(tiny_model_dir, data_file, out, methods=["full", "dynamic", f"retain:{path}"], lr_grid=[1e-2])
+    methods = ["full", "dynamic", "random-signs", f"retain:{path}"]
+    config = config_for(tiny_model_dir, data_file, out, methods=methods, lr_grid=[1e-2])
     payload = run_sweep(config, show_progress=False)
     run = json.loads((out / "runs" / "retain-general-lr0.01-s0" / "run.json").read_text(encoding="utf-8"))
     assert run["mode"] == "dynamic" and run["mask_id"] == Mask.load(path).id
-    assert {"retain-general vs full", "retain-general vs dynamic"} <= set(payload["paired_final"])
-    assert "dynamic vs dynamic" not in payload["paired_final"] and "full vs dynamic" not in payload["paired_final"]
+    paired = set(payload["paired_final"])
+    assert {"retain-general vs full", "retain-general vs dynamic", "retain-general vs random-signs"} <= paired
+    assert {"dynamic vs full", "dynamic vs random-signs", "random-signs vs full"} <= paired
+    assert not {"dynamic vs dynamic", "full vs dynamic", "random-signs vs random-signs"} & paired

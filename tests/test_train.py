@@ -159,7 +159,7 @@ def test_dynamic_mode_is_the_papers_rule(tiny_model_dir):
 
 
 def test_refresh_every_recomputes_g_m_every_k_steps(tiny_model_dir, monkeypatch):
-    import cpl_masks.methods.reference as reference
+    import cpl_masks.retain as reference  # where the rule's signs are measured
 
     refreshes = []
     original = reference.mean_gradients
@@ -184,7 +184,7 @@ def test_refresh_every_recomputes_g_m_every_k_steps(tiny_model_dir, monkeypatch)
 
 
 def test_refresh_sample_draws_n_questions_of_m_per_refresh_the_same_after_a_resume(tiny_model_dir, monkeypatch):
-    import cpl_masks.methods.reference as reference
+    import cpl_masks.retain as reference  # where the rule's signs are measured
 
     seen: list[list[str]] = []
     original = reference.mean_gradients

@@ -13,10 +13,18 @@ import typing
 from typing import Any, NamedTuple
 
 from cpl_masks.errors import CplError
-from cpl_masks.methods.base import Method, MethodContext, RefreshOptions, epoch_order, option
+from cpl_masks.methods.base import Method, MethodContext, RefreshOptions, ScheduleOptions, epoch_order, option
 from cpl_masks.methods.ewc import EWC, EwcOptions
 from cpl_masks.methods.lora import LoRA, LoraOptions
-from cpl_masks.methods.masking import DynamicCPL, FullFineTuning, NoOptions, ReprofileOptions, SignOptions, StaticMask
+from cpl_masks.methods.masking import (
+    DynamicCPL,
+    FullFineTuning,
+    NoOptions,
+    RandomSigns,
+    ReprofileOptions,
+    SignOptions,
+    StaticMask,
+)
 from cpl_masks.methods.projection import AGEM
 from cpl_masks.methods.replay import Replay, ReplayOptions
 
@@ -51,6 +59,7 @@ METHODS: dict[str, MethodSpec] = {
         fsdp2=True,
     ),
     "dynamic": MethodSpec(DynamicCPL, SignOptions, "the paper's loop: per-step sign rule against g_M (or --retain's)"),
+    "random-signs": MethodSpec(RandomSigns, ScheduleOptions, "the per-step rule's control: random signs, redrawn"),
     "lora": MethodSpec(LoRA, LoraOptions, "low-rank adapters through peft, base weights unchanged"),
     "replay": MethodSpec(Replay, ReplayOptions, "plain fine-tuning with mastered questions mixed into the stream"),
     "agem": MethodSpec(AGEM, RefreshOptions, "A-GEM: remove the step gradient's part against g_M when they conflict"),

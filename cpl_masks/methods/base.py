@@ -64,19 +64,36 @@ def option(default: Any, help: str) -> Any:
 
 
 @dataclass
-class RefreshOptions:
-    """Options of methods that steer by ``g_M`` (dynamic, A-GEM): also recompute it every K steps in an epoch."""
+class ScheduleOptions:
+    """Options of methods that refresh what they steer by at each epoch's start: also every K steps."""
 
-    refresh_every: int | None = option(None, "also recompute g_M every K steps (default: once per epoch)")
+    refresh_every: int | None = option(
+        None, "also recompute g_M (random-signs: draw the signs again) every K steps (default: once per epoch)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.refresh_every is not None and self.refresh_every < 1:
+            raise CplError(f"--refresh-every {self.refresh_every}: must be at least 1")
+
+    def due(self, step_in_epoch: int) -> bool:
+        """Whether a refresh is due before this step: at an epoch's start, and every ``refresh_every`` steps."""
+        every = self.refresh_every
+        return step_in_epoch == 0 or (every is not None and step_in_epoch % every == 0)
+
+
+@dataclass
+class RefreshOptions(ScheduleOptions):
+    """Options of methods that steer by ``g_M`` (dynamic, A-GEM): its schedule, and what it is computed over."""
+
     refresh_sample: int | None = option(
         None, "each refresh computes g_M over N questions of M drawn afresh (default: all of M)"
     )
     objective: str | None = option(None, f"{OBJECTIVE_HELP}; default: a retain set's, else answer")
 
     def __post_init__(self) -> None:
-        for flag, value in (("--refresh-every", self.refresh_every), ("--refresh-sample", self.refresh_sample)):
-            if value is not None and value < 1:
-                raise CplError(f"{flag} {value}: must be at least 1")
+        super().__post_init__()
+        if self.refresh_sample is not None and self.refresh_sample < 1:
+            raise CplError(f"--refresh-sample {self.refresh_sample}: must be at least 1")
         if self.objective is not None:
             check_objective(self.objective)
 

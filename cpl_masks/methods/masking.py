@@ -11,6 +11,7 @@
   the start of every epoch (and every K steps with ``refresh_every``) and held as its signs, two bits
   per entry (:class:`~cpl_masks.signs.PackedSigns`); each step's gradient ``g`` keeps only the
   entries where ``g ⊙ g_M ≥ 0``.
+* :class:`RandomSigns` (``random-signs``): the same rule steered by random signs, its control.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from cpl_masks.errors import CplError
 from cpl_masks.masks import Mask, weights_metadata
-from cpl_masks.methods.base import Method, MethodContext, RefreshOptions, option
+from cpl_masks.methods.base import Method, MethodContext, RefreshOptions, ScheduleOptions, option
 from cpl_masks.methods.reference import mastered_signs
 from cpl_masks.profile import reprofile
 from cpl_masks.retain import (
@@ -35,6 +36,7 @@ from cpl_masks.retain import (
     retain_measure,
 )
 from cpl_masks.selection import Rule
+from cpl_masks.signs import PackedSigns
 
 
 @dataclass
@@ -198,7 +200,34 @@ class DynamicCPL(Method):
 
     def mask_gradients(self, model: torch.nn.Module) -> None:
         """Zero, in place, the gradient entries whose sign disagrees with ``g_M`` (``g ⊙ g_M < 0``)."""
-        signs = self.reference.value
-        for name, parameter in model.named_parameters():
-            if parameter.grad is not None:
-                parameter.grad.masked_fill_(signs.disagreeing(name, parameter.grad), 0)  # one tensor at a time
+        self.reference.value.drop_disagreeing(model)
+
+
+class RandomSigns(Method):
+    """The per-step rule's control (``random-signs``): steered by random signs instead of g_M's.
+
+    Each entry's sign is + or − with even odds, drawn afresh on the rule's schedule (each epoch's
+    start, every ``refresh_every`` steps) from (seed, epoch, step), so a resumed run draws the same.
+    A step keeps about half its entries, each moving in one direction until the next draw: whatever
+    the rule protects beyond this control comes from g_M, not from the shape of the rule.
+    """
+
+    name = "random-signs"
+
+    def __init__(self, context: MethodContext, options: ScheduleOptions | None = None) -> None:
+        self.schedule = options or ScheduleOptions()
+        self.seed = context.seed
+        self.signs: PackedSigns | None = None
+
+    def before_step(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> None:
+        """Draw the signs again when the schedule says so."""
+        if self.schedule.due(step_in_epoch):
+            shapes = {name: parameter.shape for name, parameter in model.named_parameters()}
+            drawn = PackedSigns.random(shapes, f"cpl-masks:random-signs:{self.seed}:{epoch}:{step_in_epoch}")
+            self.signs = drawn.to(next(model.parameters()).device)
+
+    def mask_gradients(self, model: torch.nn.Module) -> None:
+        """Zero, in place, the gradient entries whose sign disagrees with the drawn signs."""
+        if self.signs is None:
+            raise RuntimeError("random-signs: a step before the first draw")
+        self.signs.drop_disagreeing(model)
