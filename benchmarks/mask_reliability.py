@@ -140,23 +140,28 @@ def compare(first: dict, second: dict, shapes: dict, rule: str) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Agreement and Jaccard against the sample size (chance dotted), and the share of entries compared."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    sizes = [int(size) for size in results["comparisons"]]
+    figure, axes = plt.subplots(1, 3, figsize=(14, 4))
+    sizes = sorted(int(size) for size in results["comparisons"])  # a JSON file may hold them sorted as text
     for rule, color in zip(results["rules"], ("C0", "C1", "C2", "C3"), strict=False):
         rows = [results["comparisons"][str(size)][rule] for size in sizes]
-        for axis, key in zip(axes, ("agreement", "jaccard"), strict=True):
+        for axis, key in zip(axes, ("agreement", "jaccard"), strict=False):
             axis.plot(sizes, [row[key] for row in rows], "o-", color=color, label=rule)
             axis.plot(sizes, [row[f"chance_{key}"] for row in rows], ":", color=color)
-    for axis, key in zip(axes, ("agreement", "jaccard of the frozen sets"), strict=True):
+        axes[2].plot(sizes, [row.get("compared_share", 1.0) for row in rows], "o-", color=color, label=rule)
+    titles = ("agreement (dotted: chance)", "jaccard of the frozen sets (dotted: chance)", "share of entries compared")
+    for axis, title in zip(axes, titles, strict=True):
         axis.set_xscale("log")
         axis.set_xlabel("questions per set in each half")
-        axis.set_title(f"{key} (dotted: chance)")
+        axis.set_title(title)
+    axes[2].set_yscale("log")
     axes[0].legend()
+    figure.suptitle(f"{results['model']}, retain signs of the {results.get('retain_objective', 'answer')} loss")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
