@@ -13,12 +13,7 @@ for SET in pool-128 mmlu-128; do
 done
 TRAIN=(--epochs 6 --eval-every 2 --lr 3e-5 --optimizer sgd --batch-size 1 --scoring loglik --threads 1
   --heldout "$SPLIT/mastered_heldout.jsonl")
-run() {
-  local dir="$R/runs/$1"; shift
-  [ -f "$dir/run.json" ] && return
-  if [ -d "$dir/checkpoint" ]; then $CPL train --resume "$dir"; else $CPL train --out "$dir" "${TRAIN[@]}" "$@"; fi
-  rm -rf "$dir/model"
-}
+source "$(dirname "$0")/queue_run.sh"
 A=(--data "$SPLIT/inject.jsonl" --mastered "$SPLIT/mastered.jsonl")
 run a-retain-pool128-choices "${A[@]}" --retain "$R/pool-128-choices.safetensors"
 run a-dynamic-choices "${A[@]}" --mode dynamic --objective choices

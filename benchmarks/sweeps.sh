@@ -75,12 +75,7 @@ retain)  # retain sets in the paper's regime (SmolLM2, the paper queue's split a
     --min-margin 0.5 --threads 1 --out "$R/task-b" --overwrite
   TRAIN=(--epochs 6 --eval-every 2 --lr 3e-5 --optimizer sgd --batch-size 1 --scoring loglik --threads 1
     --heldout "$SPLIT/mastered_heldout.jsonl")
-  run() {  # run OUT_DIR TRAIN_OPTIONS...: skipped when finished, resumed from its checkpoint, weights dropped
-    local dir="$R/runs/$1"; shift
-    [ -f "$dir/run.json" ] && return
-    if [ -d "$dir/checkpoint" ]; then $CPL train --resume "$dir"; else $CPL train --out "$dir" "${TRAIN[@]}" "$@"; fi
-    rm -rf "$dir/model"
-  }
+  source "$(dirname "$0")/queue_run.sh"
   A=(--data "$SPLIT/inject.jsonl" --mastered "$SPLIT/mastered.jsonl")
   B=(--data "$R/task-b/inject.jsonl" --mastered "$R/task-b/mastered.jsonl")
   run a-retain-pool128 "${A[@]}" --retain "$R/pool-128.safetensors"
