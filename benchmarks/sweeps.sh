@@ -4,7 +4,8 @@
 # QUEUE: demo | others | seeds | adamw | stability | paper | paper-gemma | paper-shares | reliability | reliability-gemma
 # | retain (after paper and reliability).
 # On a 2-core machine run demo and others in parallel
-# (one thread each), then seeds and adamw (after demo) and stability (after others).
+# (one thread each), then seeds and adamw (after demo) and stability (after others). A queue that is one sweep
+# (paper, paper-gemma, paper-shares) can be started twice at once: the two processes share its runs.
 set -euo pipefail
 OUT=${1:?output folder}; QUEUE=${2:?queue}
 CPL="${CPL:-.venv/bin/cpl-masks}"
