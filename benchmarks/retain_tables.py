@@ -10,7 +10,10 @@ constant learning rate: the first epochs of a longer run are the shorter run); t
 remaining facts. Differences are paired by question (one seed: McNemar's exact test and a bootstrap
 interval over questions).
 
-Usage: .venv/bin/python benchmarks/retain_tables.py OUT [--epoch 6] [--plot retain.png]
+``--queue retain-gemma`` reads the same experiment on Gemma 3 270M (``benchmarks/retain_gemma.sh``: task A
+only, its references the paper-gemma queue's seed-0 runs).
+
+Usage: .venv/bin/python benchmarks/retain_tables.py OUT [--queue retain|retain-gemma] [--epoch 6] [--plot retain.png]
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from cpl_masks.errors import CplError
 from cpl_masks.evaluate import describe_difference, question_outcomes, read_question_records
 from cpl_masks.stats import compare_paired
 
-RUNS = {  # label -> run folder, relative to OUT
+RUNS = {  # label -> run folder, relative to OUT (the retain queue, SmolLM2)
     "A full": "paper/runs/full-lr3e-05-s0",
     "A dynamic (own M)": "paper/runs/dynamic-lr3e-05-s0",
     "A retain pool-128": "retain/runs/a-retain-pool128",
@@ -69,11 +72,23 @@ COMPARISONS = [  # (run, reference)
     ("B dynamic (own M)", "B full"),
 ]
 
+GEMMA_RUNS = {  # the retain-gemma queue
+    "A full": "paper-gemma/runs/full-lr1e-05-s0",
+    "A dynamic (own M)": "paper-gemma/runs/dynamic-lr1e-05-s0",
+    "A retain pool-128 (choices)": "retain-gemma/runs/a-retain-pool128-choices",
+    "A dynamic (own M, choices)": "retain-gemma/runs/a-dynamic-choices",
+    "A random signs": "retain-gemma/runs/a-random-signs",
+}
+QUEUES = {  # queue -> (its folder under OUT, its runs)
+    "retain": ("retain", RUNS),
+    "retain-gemma": ("retain-gemma", GEMMA_RUNS),
+}
 
-def groups(out: Path) -> dict[str, set[str]]:
+
+def groups(folder: Path) -> dict[str, set[str]]:
     """The held-out questions by where they sit: in pool-128, the rest of the pool (reach), the demo's."""
-    in_retain = {question.id for question in load_questions(out / "retain" / "pool-128.jsonl")}
-    reach = {question.id for question in load_questions(out / "retain" / "reach.jsonl")}
+    in_retain = {question.id for question in load_questions(folder / "pool-128.jsonl")}
+    reach = {question.id for question in load_questions(folder / "reach.jsonl")}
     return {"in pool-128": in_retain, "reach": reach}
 
 
@@ -129,6 +144,9 @@ def draw(folders: dict[str, Path], epochs: list[int], where: dict[str, set[str]]
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for axis, task in zip(axes, ("A", "B"), strict=True):
+        if not any(label.startswith(task) for label in folders):
+            axis.set_visible(False)
+            continue
         for label, folder in folders.items():
             if not label.startswith(task):
                 continue
@@ -153,11 +171,13 @@ def main() -> None:
     """Print the count and paired tables at one epoch, and draw the curves."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the OUT folder of benchmarks/sweeps.sh")
+    parser.add_argument("--queue", choices=sorted(QUEUES), default="retain")
     parser.add_argument("--epoch", type=int, default=6, help="the epoch compared (counts: every second up to it)")
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
-    where = groups(args.out)
-    folders = {label: args.out / path for label, path in RUNS.items()}
+    queue_folder, runs = QUEUES[args.queue]
+    where = groups(args.out / queue_folder)
+    folders = {label: args.out / path for label, path in runs.items()}
     folders = {label: folder for label, folder in folders.items() if (folder / "questions.jsonl").is_file()}
     by_epoch: dict[int, dict[str, dict[str, dict[str, bool]]]] = {}
     for epoch in range(2, args.epoch + 1, 2):
