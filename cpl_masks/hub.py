@@ -23,6 +23,7 @@ from cpl_masks.masks import Mask
 from cpl_masks.models import DEFAULT_MODEL
 from cpl_masks.registry import Registry, Transfer
 from cpl_masks.registry.names import MAX_TASK_CHARS
+from cpl_masks.retain import retain_measure
 
 MASK_FILENAME = "mask.safetensors"
 PROVENANCE_FILENAME = "provenance.json"
@@ -267,6 +268,7 @@ def model_card(mask: Mask, name: str, repo_id: str) -> str:
         ("task", metadata.get("task")),
         ("scoring", metadata.get("scoring")),
         ("rule", json.dumps(metadata.get("rule"))),
+        ("signs", _sign_measure(mask) if mask.kind == "retain" else None),
         ("parents", ", ".join(metadata.get("parents") or []) or None),
         ("created", metadata.get("created")),
     ]
@@ -307,6 +309,14 @@ cpl-masks train --mask {name.split("@")[0]} --model {model.get("ref")} --data ne
 """
 
 
+def _sign_measure(retain: Mask) -> str:
+    """How a retain set's signs were measured, in a few words for its card."""
+    measure = retain_measure(retain)
+    if measure.confidence is None:
+        return f"{measure.objective} loss, every sign"
+    return f"{measure.objective} loss, where |g_M| > {measure.confidence:g} standard errors (else {measure.uncertain})"
+
+
 def _retain_card(front: str, name: str, repo_id: str, table: str, model: str | None) -> str:
     """README.md of a retain set: what it holds and how to train with it."""
     return f"""---
@@ -316,9 +326,10 @@ def _retain_card(front: str, name: str, repo_id: str, table: str, model: str | N
 # cpl-masks retain set `{name}`
 
 A cpl-masks retain set (Collaborative Parameter Learning, arXiv 2601.21577): the signs of the mean
-answer-loss gradient over questions the model must keep (two bits per weight of the base model),
-and the questions themselves. Training with it keeps only the entries of each step's gradient that
-agree in sign with it, refreshing the signs from its questions as the weights move.
+gradient over questions the model must keep (two bits per weight of the base model; the loss and
+which signs count under "signs" below), and the questions themselves. Training with it keeps only
+the entries of each step's gradient that agree in sign with it, refreshing the signs from its
+questions as the weights move.
 
 ## Provenance
 

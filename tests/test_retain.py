@@ -330,7 +330,8 @@ def test_a_retain_set_is_pushed_and_pulled_as_a_retain_set(server, retain, tmp_p
     assert pushed.exit_code == 0, pushed.output
     repo = server.hub.repos["me/facts-retain"]
     files = repo.commits[repo.branches["main"]]
-    assert "retain set" in files["README.md"].decode() and "--retain" in files["README.md"].decode()
+    card = files["README.md"].decode()
+    assert "retain set" in card and "--retain" in card and "| signs | answer loss, every sign |" in card
     assert json.loads(files["provenance.json"])["kind"] == "retain" and "per_layer.png" not in files
 
     switch_registry(tmp_path, monkeypatch, "elsewhere")
