@@ -2,7 +2,7 @@
 # The experiments behind RESULTS.md. Each queue is one or more resumable `cpl-masks sweep`s:
 # re-running a queue skips finished runs. Usage: benchmarks/sweeps.sh OUT_DIR QUEUE
 # QUEUE: demo | others | seeds | adamw | stability | paper | paper-gemma | paper-shares | reliability | reliability-gemma
-# | retain (after paper and reliability).
+# | retain (after paper and reliability) | staleness | staleness-gemma.
 # On a 2-core machine run demo and others in parallel
 # (one thread each), then seeds and adamw (after demo) and stability (after others). A queue that is one sweep
 # (paper, paper-gemma, paper-shares) can be started twice at once: the two processes share its runs.
@@ -85,6 +85,13 @@ retain)  # retain sets in the paper's regime (SmolLM2, the paper queue's split a
   run b-retain-pool128 "${B[@]}" --retain "$R/pool-128.safetensors"
   run a-retain-mmlu128 "${A[@]}" --retain "$R/mmlu-128.safetensors"
   run a-retain-pool32 "${A[@]}" --retain "$R/pool-32.safetensors"
+  ;;
+staleness | staleness-gemma)  # sign(g_M) of the retain queue's pool-128, stored at the start, against g_M's
+  # signs after each epoch of plain fine-tuning on the paper split (after retain, or retain-gemma's question files)
+  MODEL=smollm2-135m-instruct; SPLIT="$OUT/paper/split"; R="$OUT/retain"; LR=3e-5
+  [ "$QUEUE" = staleness-gemma ] && { MODEL=gemma3-270m; SPLIT="$OUT/paper-gemma/split"; R="$OUT/retain-gemma"; LR=1e-5; }
+  .venv/bin/python benchmarks/sign_staleness.py --model $MODEL --mastered "$R/pool-128.jsonl" --inject "$SPLIT/inject.jsonl" \
+    --lr $LR --epochs 5 --threads 1 --out "$OUT/staleness/$QUEUE.json" --plot "$OUT/staleness/$QUEUE.png"
   ;;
 stability)  # masks from disjoint halves of one split, and across tasks
   .venv/bin/python benchmarks/mask_stability.py "$OUT/smollm2-demo" "$OUT/smollm2-csqa" "$OUT/smollm2-mmlu" \
