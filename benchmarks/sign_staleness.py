@@ -5,10 +5,12 @@ A retain set's questions are measured at the base weights (as ``profile --kind r
 loss), then the model is fine-tuned plainly on an injection set (SGD batch 1, the paper's regime: the
 weights move as far as any method moves them, and the rule never refreshes) and after every epoch the
 signs are measured again at the trained weights and compared with the stored ones: agreement over
-the entries where both have a sign, against 50 % by chance, and the share of stored signs that flipped.
+the entries where both have a sign, against 50 % by chance. With ``--first-epoch-steps 5,10,30`` the first
+epoch is trained in chunks of its shuffled questions and measured after each of those steps as well.
 
 Usage: .venv/bin/python benchmarks/sign_staleness.py --mastered RETAIN.jsonl --inject INJECT.jsonl
-       [--model smollm2-135m-instruct] [--lr 3e-5] [--epochs 5] [--threads 1] --out staleness.json [--plot F.png]
+       [--model smollm2-135m-instruct] [--lr 3e-5] [--epochs 5] [--first-epoch-steps 5,10,30] [--threads 1]
+       --out staleness.json [--plot F.png]
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--first-epoch-steps", default="", help="also measure after these steps of epoch 1")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plot", type=Path)
@@ -83,14 +86,22 @@ def main() -> None:
     method = make_method("full", MethodContext(scorer, kept))
     trainer = Trainer(loaded.model, scorer, method, TrainConfig(lr=args.lr, batch_size=1, show_progress=False))
     results = {"model": args.model, "questions": len(kept), "lr": args.lr, "inject": len(inject), "epochs": []}
-    for epoch in range(1, args.epochs + 1):
-        loss = trainer.train_epoch(inject, epoch)
+
+    def record(epoch: float, loss: float, label: str) -> None:
         now = signs_now()
         row = {"epoch": epoch, "train_loss": loss, **{name: agreement(stored[name], now[name]) for name in OBJECTIVES}}
         results["epochs"].append(row)
-        print(f"epoch {epoch} ({time.strftime('%H:%M:%S')}): loss {loss:.3f}, "
+        print(f"{label} ({time.strftime('%H:%M:%S')}): loss {loss:.3f}, "
               + ", ".join(f"{name} {row[name]['agreement']:.1%}" for name in OBJECTIVES), flush=True)  # fmt: skip
-        write_json(args.out, results)  # after every epoch, readable while it runs
+        write_json(args.out, results)  # after every measure, readable while it runs
+
+    steps = [int(step) for step in args.first_epoch_steps.split(",") if step] + [len(inject)]
+    shuffled = method.stream(inject, 1, seed=0)
+    for start, stop in zip([0, *steps], steps, strict=False):  # the first epoch, in chunks
+        loss = trainer.train_epoch(shuffled[start:stop], 1)
+        record(stop / len(inject), loss, f"epoch 1, step {stop}")
+    for epoch in range(2, args.epochs + 1):
+        record(epoch, trainer.train_epoch(inject, epoch), f"epoch {epoch}")
     if args.plot:
         draw(results, args.plot)
 
