@@ -107,27 +107,44 @@ def run_sweep(
         for method in config.swept_methods()
         for lr in config.lr_grid_of(method)
     ]
-    runs_dir, durations = out / "runs", []
+
+    def train(spec: RunSpec, folder: Path) -> bool:
+        return _one_run(config, spec, split_dir, masks, retain, folder, show_progress, registry)
+
+    def summarize() -> dict[str, Any]:
+        return _write_summary(config, specs, masks, split_dir, out, report)
+
+    _train_free_runs(specs, out, train, summarize, report)
+    payload = summarize()
+    draw_sweep(payload, out / PLOT_FILE)
+    return payload
+
+
+def _train_free_runs(
+    specs: Sequence[RunSpec],
+    out: Path,
+    train: Callable[[RunSpec, Path], bool],
+    summarize: Callable[[], dict[str, Any]],
+    report: Report,
+) -> None:
+    """Finish every run no other live process holds, in order, summarizing after each one trained here."""
+    durations: list[float] = []
     for index, spec in enumerate(specs, start=1):
-        folder = runs_dir / spec.label
+        folder = out / "runs" / spec.label
+        heading = f"[run {index}/{len(specs)}] {spec.method} lr={spec.lr:g} seed={spec.seed}"
         if _finished(spec, folder, out) is None and (holder := folder_holder(folder)) is not None:
-            report(f"[run {index}/{len(specs)}] {spec.method} lr={spec.lr:g} seed={spec.seed}: process {holder} "
-                   "is training it; on to the next")  # fmt: skip
+            report(f"{heading}: process {holder} is training it; on to the next")
             continue
         remaining = len(specs) - index + 1
-        eta = f", about {_minutes(statistics.mean(durations) * remaining)} left" if durations else ""
-        report(f"[run {index}/{len(specs)}] {spec.method} lr={spec.lr:g} seed={spec.seed}{eta}")
+        report(heading + (f", about {_minutes(statistics.mean(durations) * remaining)} left" if durations else ""))
         started = time.perf_counter()
         try:
-            trained = _one_run(config, spec, split_dir, masks, retain, folder, show_progress, registry)
+            trained = train(spec, folder)
         except FolderBusy:  # another process took it since the look above
             continue
         if trained:
             durations.append(time.perf_counter() - started)
-            _write_summary(config, specs, masks, split_dir, out, report)
-    payload = _write_summary(config, specs, masks, split_dir, out, report)
-    draw_sweep(payload, out / PLOT_FILE)
-    return payload
+            summarize()
 
 
 @contextlib.contextmanager
