@@ -326,6 +326,9 @@ def test_methods_that_need_mastered_questions_refuse_none(tiny_model_dir, name):
         ("ewc", {"ewc_lambda": math.inf}, "--ewc-lambda inf: must be a positive number"),
         ("replay", {"replay_share": math.nan}, r"--replay-share nan: must be in \[0, 1\)"),
         ("agem", {"refresh_every": 0}, "--refresh-every 0: must be at least 1"),
+        ("dynamic", {"uncertain": "freeze"}, r"--uncertain freeze needs --confidence \(without it every sign counts\)"),
+        ("dynamic", {"confidence": -1.0}, "--confidence -1.0: must be a finite number >= 0"),
+        ("dynamic", {"confidence": 2.0, "uncertain": "drop"}, "--uncertain drop: choose one of pass, freeze"),
     ],
 )
 def test_bad_options_are_refused_in_one_line(name, options, message):

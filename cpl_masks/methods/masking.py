@@ -148,6 +148,8 @@ class SignOptions(RefreshOptions):
         super().__post_init__()
         check_confidence(self.confidence)
         check_uncertain(self.uncertain)
+        if self.uncertain not in (None, "pass") and self.confidence is None:  # refused before any model loads
+            raise CplError(f"--uncertain {self.uncertain} needs --confidence (without it every sign counts)")
 
 
 class DynamicCPL(Method):
