@@ -236,10 +236,7 @@ def print_retain(retain: Mask) -> None:
     say(f"retain set {retain.id[:12]}: {mastered.get('rows')} questions, model {model}, {scoring} scoring")
     confident = measure.confidence is not None
     if confident:
-        say(
-            f"{measure.objective} loss; a sign counts where |g_M| > {measure.confidence:g} standard errors, "
-            f"an uncertain entry: {measure.uncertain}"
-        )
+        say(measure.describe())
     positive, negative = positive - frozen, negative - frozen
     passing = entries - positive - negative - frozen
     rows = [("entries", entries, share(entries)), ("g_M > 0", positive, share(positive))]

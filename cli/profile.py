@@ -188,7 +188,7 @@ def profile(
             dtype=dtype,
             device=device,
             threads=threads,
-            measure=SignMeasure(objective or "answer", confidence, uncertain or "pass"),
+            measure=SignMeasure.given(objective, confidence, uncertain),
         )
         return
     if objective is not None or uncertain is not None:

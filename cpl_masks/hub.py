@@ -268,7 +268,7 @@ def model_card(mask: Mask, name: str, repo_id: str) -> str:
         ("task", metadata.get("task")),
         ("scoring", metadata.get("scoring")),
         ("rule", json.dumps(metadata.get("rule"))),
-        ("signs", _sign_measure(mask) if mask.kind == "retain" else None),
+        ("signs", retain_measure(mask).describe() if mask.kind == "retain" else None),
         ("parents", ", ".join(metadata.get("parents") or []) or None),
         ("created", metadata.get("created")),
     ]
@@ -307,14 +307,6 @@ cpl-masks pull {repo_id} --name {name.split("@")[0].split("/")[-1]}
 cpl-masks train --mask {name.split("@")[0]} --model {model.get("ref")} --data new_facts.jsonl --out runs/new
 ```
 """
-
-
-def _sign_measure(retain: Mask) -> str:
-    """How a retain set's signs were measured, in a few words for its card."""
-    measure = retain_measure(retain)
-    if measure.confidence is None:
-        return f"{measure.objective} loss, every sign"
-    return f"{measure.objective} loss, where |g_M| > {measure.confidence:g} standard errors (else {measure.uncertain})"
 
 
 def _retain_card(front: str, name: str, repo_id: str, table: str, model: str | None) -> str:

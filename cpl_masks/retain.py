@@ -59,27 +59,31 @@ class SignMeasure:
 
     def __post_init__(self) -> None:
         check_objective(self.objective)
-        check_confidence(self.confidence)
-        check_uncertain(self.uncertain)
+        number = isinstance(self.confidence, int | float) and not isinstance(self.confidence, bool)
+        if self.confidence is not None and not (number and 0 <= self.confidence < math.inf):
+            raise CplError(f"--confidence {str(self.confidence)[:40]}: must be a finite number >= 0")
+        if self.uncertain not in UNCERTAIN:
+            raise CplError(f"--uncertain {str(self.uncertain)[:40]}: choose one of {', '.join(UNCERTAIN)}")
         if self.uncertain != "pass" and self.confidence is None:
             raise CplError(f"--uncertain {self.uncertain} needs --confidence (without it every sign counts)")
+
+    @classmethod
+    def given(cls, objective: str | None, confidence: float | None, uncertain: str | None) -> SignMeasure:
+        """The measure from options as given, None taking the default; refuses what does not go together."""
+        return cls(objective or "answer", confidence, uncertain or "pass")
 
     def to_metadata(self) -> dict[str, Any]:
         """The fields a retain set records under ``retain``."""
         return {"objective": self.objective, "confidence": self.confidence, "uncertain": self.uncertain}
 
-
-def check_confidence(value: Any) -> None:
-    """Refuse a confidence threshold that is not a finite number >= 0 (None: no threshold)."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if value is not None and not (number and 0 <= value < math.inf):
-        raise CplError(f"--confidence {str(value)[:40]}: must be a finite number >= 0")
-
-
-def check_uncertain(value: Any) -> None:
-    """Refuse an ``--uncertain`` that is not one of :data:`UNCERTAIN` (None: not given)."""
-    if value is not None and value not in UNCERTAIN:
-        raise CplError(f"--uncertain {str(value)[:40]}: choose one of {', '.join(UNCERTAIN)}")
+    def describe(self) -> str:
+        """The measure in a few words, for reports and model cards."""
+        if self.confidence is None:
+            return f"{self.objective} loss, every sign"
+        return (
+            f"{self.objective} loss, a sign where |g_M| > {self.confidence:g} standard errors "
+            f"(an uncertain entry: {self.uncertain})"
+        )
 
 
 def measure_signs(
@@ -221,11 +225,7 @@ def retain_measure(retain: Mask, given: Mapping[str, Any] | None = None) -> Sign
     recorded = retain.metadata.get("retain") or {}
     where = f"retain set {retain.id[:12]}"
     try:
-        measure = SignMeasure(
-            objective=recorded.get("objective") or "answer",
-            confidence=recorded.get("confidence"),
-            uncertain=recorded.get("uncertain") or "pass",
-        )
+        measure = SignMeasure.given(recorded.get("objective"), recorded.get("confidence"), recorded.get("uncertain"))
     except CplError as error:
         raise CplError(f"{where}: its recorded sign measure is invalid ({error})") from None
     for key, wanted in measure.to_metadata().items():

@@ -26,15 +26,7 @@ from cpl_masks.masks import Mask, weights_metadata
 from cpl_masks.methods.base import Method, MethodContext, RefreshOptions, ScheduleOptions, option
 from cpl_masks.methods.reference import mastered_signs
 from cpl_masks.profile import reprofile
-from cpl_masks.retain import (
-    CONFIDENCE_HELP,
-    UNCERTAIN_HELP,
-    SignMeasure,
-    check_confidence,
-    check_uncertain,
-    refreshed_retain,
-    retain_measure,
-)
+from cpl_masks.retain import CONFIDENCE_HELP, UNCERTAIN_HELP, SignMeasure, refreshed_retain, retain_measure
 from cpl_masks.selection import Rule
 from cpl_masks.signs import PackedSigns
 
@@ -146,10 +138,11 @@ class SignOptions(RefreshOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_confidence(self.confidence)
-        check_uncertain(self.uncertain)
-        if self.uncertain not in (None, "pass") and self.confidence is None:  # refused before any model loads
-            raise CplError(f"--uncertain {self.uncertain} needs --confidence (without it every sign counts)")
+        self.measure()  # refuses options that do not go together, before any model loads
+
+    def measure(self) -> SignMeasure:
+        """How the signs are measured, from these options alone (a retain set brings its own)."""
+        return SignMeasure.given(self.objective, self.confidence, self.uncertain)
 
 
 class DynamicCPL(Method):
@@ -172,7 +165,7 @@ class DynamicCPL(Method):
         elif options.keep_signs:
             raise CplError("--keep-signs needs --retain (the retain set the kept signs descend from)")
         else:
-            measure = SignMeasure(options.objective or "answer", options.confidence, options.uncertain or "pass")
+            measure = options.measure()
         self.measure = measure
         self.reference = mastered_signs(context, options, measure)
         self.keep_signs = options.keep_signs
