@@ -132,7 +132,7 @@ def _train_free_runs(
     for index, spec in enumerate(specs, start=1):
         folder = out / "runs" / spec.label
         heading = f"[run {index}/{len(specs)}] {spec.method} lr={spec.lr:g} seed={spec.seed}"
-        if _finished(spec, folder, out) is None and (holder := folder_holder(folder)) is not None:
+        if not _over(folder) and (holder := folder_holder(folder)) is not None:
             report(f"{heading}: process {holder} is training it; on to the next")
             continue
         remaining = len(specs) - index + 1
@@ -316,6 +316,11 @@ def _retain_text(config: SweepConfig, out: Path) -> str | None:
     return str(path.resolve())
 
 
+def _over(folder: Path) -> bool:
+    """Whether a run is over: finished, or recorded as diverged."""
+    return (folder / RUN).is_file() or (folder / DIVERGED).is_file()
+
+
 def _finished(spec: RunSpec, folder: Path, sweep_dir: Path) -> dict[str, Any] | None:
     """A run's summary if it is over (finished or diverged), else None."""
     if (folder / RUN).is_file():
@@ -341,7 +346,7 @@ def _one_run(
     Raises:
         FolderBusy: another process holds the run's folder.
     """
-    if _finished(spec, folder, folder.parent.parent) is not None:
+    if _over(folder):
         return False
     try:
         if (folder / CHECKPOINT / "state.json").is_file():
