@@ -280,10 +280,15 @@ def folder_holder(path: str | os.PathLike) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        return _owner(fd)
     finally:
         os.close(fd)  # releases the probe's lock, if it got it
     return None
+
+
+def _owner(fd: int) -> str:
+    """The pid a lock file holds (written by its holder), or "unknown"."""
+    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
 
 
 class FolderBusy(CplError):
@@ -311,7 +316,7 @@ def lock_folder(
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            owner = _owner(fd)
             if wait is None:
                 raise FolderBusy(
                     f"{folder}: another process (pid {owner}) is writing this {what}; wait for it or stop it first"

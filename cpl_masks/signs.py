@@ -61,8 +61,7 @@ class PackedSigns:
             if freeze_uncertain:
                 uncertain = (error > 0) & ~(positive | negative)
                 positive, negative = positive | uncertain, negative | uncertain
-            signs.positive[name], signs.negative[name] = pack_bits(positive), pack_bits(negative)
-            signs.shapes[name] = mean.shape
+            signs._put(name, positive, negative)
         return signs
 
     @classmethod
@@ -73,8 +72,7 @@ class PackedSigns:
         signs = cls({}, {}, {})
         for name, shape in shapes.items():
             positive = torch.randint(0, 2, shape, generator=generator, dtype=torch.uint8).bool()
-            signs.positive[name], signs.negative[name] = pack_bits(positive), pack_bits(~positive)
-            signs.shapes[name] = torch.Size(shape)
+            signs._put(name, positive, ~positive)
         return signs
 
     def drop_disagreeing(self, model: torch.nn.Module) -> None:
@@ -85,8 +83,12 @@ class PackedSigns:
 
     def add(self, name: str, gradient: torch.Tensor) -> None:
         """Record the signs of one tensor of ``g_M``."""
-        self.positive[name], self.negative[name] = _planes(gradient)
-        self.shapes[name] = gradient.shape
+        self._put(name, gradient > 0, gradient < 0)
+
+    def _put(self, name: str, positive: torch.Tensor, negative: torch.Tensor) -> None:
+        """Record one tensor's two planes from bool tensors of its shape."""
+        self.positive[name], self.negative[name] = pack_bits(positive), pack_bits(negative)
+        self.shapes[name] = positive.shape
 
     def disagreeing(self, name: str, gradient: torch.Tensor) -> torch.Tensor:
         """Bool (``gradient``'s shape): the entries where ``gradient ⊙ g_M < 0``."""
