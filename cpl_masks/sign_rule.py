@@ -62,7 +62,7 @@ class SignRuleHandle:
     def _keep(self, name: str, parameter: torch.nn.Parameter) -> None:
         """Post-accumulate-grad hook: zero the entries of the gradient that disagree in sign with g_M."""
         if not self._paused:
-            parameter.grad.masked_fill_(self.signs.disagreeing(name, parameter.grad), 0)
+            self.signs.drop_disagreeing_in(name, parameter.grad)
 
     def refresh(self) -> None:
         """Recompute sign(g_M) over the retain set's questions at the model's current weights, measured as

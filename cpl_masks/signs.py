@@ -79,7 +79,11 @@ class PackedSigns:
         """Zero, in place, the gradient entries of ``model`` whose sign disagrees with these (``g ⊙ g_M < 0``)."""
         for name, parameter in model.named_parameters():
             if parameter.grad is not None:
-                parameter.grad.masked_fill_(self.disagreeing(name, parameter.grad), 0)  # one tensor at a time
+                self.drop_disagreeing_in(name, parameter.grad)  # one tensor at a time
+
+    def drop_disagreeing_in(self, name: str, gradient: torch.Tensor) -> None:
+        """Zero, in place, the entries of one tensor's gradient whose sign disagrees with these."""
+        gradient.masked_fill_(self.disagreeing(name, gradient), 0)
 
     def add(self, name: str, gradient: torch.Tensor) -> None:
         """Record the signs of one tensor of ``g_M``."""
