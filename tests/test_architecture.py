@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"cpl_masks": ROOT / "cpl_masks", "cpl_masks.cli": ROOT / "cli", "cpl_masks.registry": ROOT / "registry"}
 
@@ -74,3 +76,18 @@ def test_the_import_graph_has_no_circle():
 def test_the_cycle_finder_finds_a_circle():
     assert cycle_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle_in({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_subpackage_is_installed():
+    """A folder of modules missing from pyproject's package list works in an editable install and breaks
+    a wheel (``cpl_masks.methods`` once did: ``import cpl_masks`` failed on a machine with a plain install)."""
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    folders = {
+        ".".join((package, *init.parent.relative_to(folder).parts))
+        for package, folder in PACKAGES.items()
+        for init in folder.rglob("__init__.py")
+    }
+    assert "cpl_masks.methods" in folders
+    assert set(setuptools["packages"]) == folders
+    assert {name: ROOT / path for name, path in setuptools["package-dir"].items()} == PACKAGES
