@@ -171,27 +171,34 @@ def _write_summary(
 
 
 _SUMMARY_ONLY = ("out", "forgetting_budget")  # arguments that change the report, not the runs
+_RUN_CHOICE = ("seeds", "methods", "lr_grid", "method_lr_grid", "keep_fraction_grid")  # which runs, not how
 
 
 def _claim_folder(out: Path, config: SweepConfig) -> None:
-    """Record the arguments in a new folder, or check that an existing sweep folder has the same ones.
+    """Record the arguments in a new folder, or check that an existing sweep folder has compatible ones.
 
     The forgetting budget only changes which runs are reported, so a finished sweep can be judged
-    again under another budget without training anything.
+    again under another budget without training anything. The seeds, methods, rate grids and shares
+    only choose which runs the sweep holds, so they may change too: a sweep grows by more seeds or
+    methods, or a copy of its folder runs other seeds on another machine, on the same split and masks
+    (the folder then records the newest choice). How each run trains may not change.
     """
     saved = out / CONFIG_FILE
     wanted = asdict(config)
     if saved.is_file():
         previous = json.loads(saved.read_text(encoding="utf-8"))
         defaults = asdict(SweepConfig(model="", data="", out=""))  # keys an older sweep did not record yet
+        recorded = {key: previous.get(key, defaults[key]) for key in wanted}
         changed = sorted(
-            key for key in wanted if key not in _SUMMARY_ONLY and previous.get(key, defaults[key]) != wanted[key]
+            key for key in wanted if key not in _SUMMARY_ONLY + _RUN_CHOICE and recorded[key] != wanted[key]
         )
         if changed:
             raise CplError(
                 f"--out {out}: holds a sweep with other arguments ({', '.join(changed)}); "
                 "use another folder or the same arguments to resume it"
             )
+        if any(recorded[key] != wanted[key] for key in _RUN_CHOICE):
+            write_json(saved, wanted)
         return
     if out.exists() and any(child.name != LOCK_NAME for child in out.iterdir()):
         raise CplError(f"--out {out}: not empty and not a sweep folder; choose an empty or new folder")

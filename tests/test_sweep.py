@@ -150,6 +150,31 @@ def test_a_sweep_folder_refuses_other_arguments(tiny_model_dir, data_file, tmp_p
     assert not any(line.startswith(("splitting", "profiling")) for line in lines)
 
 
+def test_a_sweep_grows_by_seeds_and_methods_on_its_split_and_masks(tiny_model_dir, data_file, tmp_path):
+    """More seeds or methods on a finished sweep (or other seeds on a copy of its folder) train only the
+    new runs, on the same split and CPL mask, and the report covers every run the newest command names."""
+    out = tmp_path / "sweep"
+    run_sweep(config_for(tiny_model_dir, data_file, out, lr_grid=[1e-3]), show_progress=False)
+    first, mask = out / "runs" / "full-lr0.001-s0" / "run.json", out / "masks" / "cpl.safetensors"
+    stamps = first.stat().st_mtime_ns, mask.stat().st_mtime_ns
+    lines: list[str] = []
+    grown = config_for(tiny_model_dir, data_file, out, lr_grid=[1e-3], seeds=[0, 1], methods=["full", "mask", "random"])
+    payload = run_sweep(grown, report=lines.append, show_progress=False)
+    assert (first.stat().st_mtime_ns, mask.stat().st_mtime_ns) == stamps
+    assert not any(line.startswith(("splitting", "profiling")) for line in lines)
+    assert sorted(run["run_dir"] for run in payload["runs"]) == [
+        f"runs/{method}-lr0.001-s{seed}" for method in ("full", "mask", "random") for seed in (0, 1)
+    ]
+    assert payload["complete"] is True
+    assert json.loads((out / "sweep_config.json").read_text())["seeds"] == [0, 1]
+    shutil.copytree(out, tmp_path / "copy", ignore=shutil.ignore_patterns("runs"))
+    elsewhere = run_sweep(
+        config_for(tiny_model_dir, data_file, tmp_path / "copy", lr_grid=[1e-3], seeds=[2]), report=lines.append
+    )
+    assert [run["run_dir"] for run in elsewhere["runs"]] == ["runs/full-lr0.001-s2", "runs/mask-lr0.001-s2"]
+    assert not any(line.startswith(("splitting", "profiling")) for line in lines)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

