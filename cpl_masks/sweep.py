@@ -171,17 +171,18 @@ def _write_summary(
 
 
 _SUMMARY_ONLY = ("out", "forgetting_budget")  # arguments that change the report, not the runs
-_RUN_CHOICE = ("seeds", "methods", "lr_grid", "method_lr_grid", "keep_fraction_grid")  # which runs, not how
+_RUN_CHOICE = ("seeds", "methods", "lr_grid", "method_lr_grid")  # which runs, not how each trains
 
 
 def _claim_folder(out: Path, config: SweepConfig) -> None:
     """Record the arguments in a new folder, or check that an existing sweep folder has compatible ones.
 
     The forgetting budget only changes which runs are reported, so a finished sweep can be judged
-    again under another budget without training anything. The seeds, methods, rate grids and shares
-    only choose which runs the sweep holds, so they may change too: a sweep grows by more seeds or
-    methods, or a copy of its folder runs other seeds on another machine, on the same split and masks
-    (the folder then records the newest choice). How each run trains may not change.
+    again under another budget without training anything. The seeds, methods and rate grids only
+    choose which runs the sweep holds, so they may change too: a sweep grows by more seeds or methods,
+    or a copy of its folder runs other seeds on another machine, on the same split and masks (the
+    folder then records the newest choice). How each run trains may not change, nor the kept shares,
+    whose cuts need scores the CPL mask was profiled with or without.
     """
     saved = out / CONFIG_FILE
     wanted = asdict(config)
