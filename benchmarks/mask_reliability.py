@@ -81,27 +81,30 @@ def selections(
             for gradient in question_gradients(loaded.model, scorer, rows[done:size], objective=loss):
                 sums[key].add(gradient)
         done = size
-        moments = {key: total.moments() for key, total in sums.items()}
         taken[size] = {rule: {} for rule in rules}
-        if any(rule in MASK_RULES for rule in rules):
-            m, i = moments["mastered"], moments["inject"]
-            for name, g_m in m.mean.items():
-                g_i = i.mean[name]
-                if "sign" in rules:
-                    taken[size]["sign"][name] = pack_bits(g_m * g_i < 0)
-                if "confidence" in rules:
-                    t = t_statistic(g_m, g_i, m.standard_error[name], i.standard_error[name])
-                    taken[size]["confidence"][name] = pack_bits(t < -confidence)
-        retain = moments.get("retain", moments.get("mastered"))
-        if "retain signs" in rules:
-            taken[size]["retain signs"] = planes(PackedSigns.of(retain.mean))
-        if "confident retain signs" in rules:
-            per_tensor = ((name, retain.mean[name], retain.standard_error[name]) for name in retain.mean)
-            taken[size]["confident retain signs"] = planes(
-                PackedSigns.significant(per_tensor, confidence, freeze_uncertain=False)
-            )
+        by_tensor = zip(*(total.moments_by_tensor() for total in sums.values()), strict=True)
+        for per_set in by_tensor:  # one tensor of every pass at a time: Gemma's whole moments do not fit
+            moments = dict(zip(sums, per_set, strict=True))  # pass -> (name, mean, standard error)
+            take_tensor(taken[size], moments, rules, confidence)
         print(f"  {size} questions per set: {time.strftime('%H:%M:%S')}", flush=True)
     return taken
+
+
+def take_tensor(taken: dict, moments: dict, rules: list[str], confidence: float) -> None:
+    """Add one tensor's selection by each rule to ``taken`` (rule -> name -> packed bits or sign planes)."""
+    if any(rule in MASK_RULES for rule in rules):
+        name, g_m, error_m = moments["mastered"]
+        _, g_i, error_i = moments["inject"]
+        if "sign" in rules:
+            taken["sign"][name] = pack_bits(g_m * g_i < 0)
+        if "confidence" in rules:
+            taken["confidence"][name] = pack_bits(t_statistic(g_m, g_i, error_m, error_i) < -confidence)
+    name, mean, error = moments.get("retain", moments.get("mastered"))
+    if "retain signs" in rules:
+        taken["retain signs"] |= planes(PackedSigns.of({name: mean}))
+    if "confident retain signs" in rules:
+        significant = PackedSigns.significant([(name, mean, error)], confidence, freeze_uncertain=False)
+        taken["confident retain signs"] |= planes(significant)
 
 
 def planes(signs: PackedSigns) -> dict:

@@ -98,10 +98,20 @@ class GradientSums:
         count = self._count()
         mean, error = {}, {}
         for name in self.total:
-            total = distributed.all_reduce_sum(self.total[name].clone())
-            squares = distributed.all_reduce_sum(self.squares[name].clone())
-            mean[name], error[name] = _mean_and_error(total, squares, count)
+            mean[name], error[name] = self._moment(name, count)
         return GradientMoments(mean, error)
+
+    def moments_by_tensor(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """Each tensor's (name, mean, standard error) so far, one at a time, the sums kept: a prefix's moments
+        at the cost of one tensor's copy instead of the whole model's. Every rank must call it."""
+        count = self._count()
+        for name in self.total:
+            yield name, *self._moment(name, count)
+
+    def _moment(self, name: str, count: float) -> tuple[torch.Tensor, torch.Tensor]:
+        total = distributed.all_reduce_sum(self.total[name].clone())
+        squares = distributed.all_reduce_sum(self.squares[name].clone())
+        return _mean_and_error(total, squares, count)
 
     def drain(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """Each tensor's (name, mean, standard error) in turn, freeing its sums as it goes: the peak stays at

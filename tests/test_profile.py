@@ -276,6 +276,17 @@ def test_gradient_sums_give_moments_that_match_the_per_question_mean_and_standar
     assert_relative_close(moments.standard_error, expected)
 
 
+def test_moments_tensor_by_tensor_equal_the_whole_and_keep_the_sums(tiny):
+    scorer = make_scorer("letter", tiny.tokenizer)
+    sums = gradient_sums(tiny.model, scorer, MASTERED)
+    whole = sums.moments()
+    for _ in range(2):  # the sums are kept: a second look gives the same
+        by_tensor = list(sums.moments_by_tensor())
+        assert [name for name, _, _ in by_tensor] == list(whole.mean)
+        for name, mean, error in by_tensor:
+            assert torch.equal(mean, whole.mean[name]) and torch.equal(error, whole.standard_error[name])
+
+
 def test_the_confidence_rule_freezes_only_entries_whose_t_statistic_is_below_minus_k(tiny):
     scorer = make_scorer("letter", tiny.tokenizer)
     stats = {}
