@@ -32,3 +32,9 @@ for UNCERTAIN in pass freeze; do
     --name "paper-pool-128-choices-c2-$UNCERTAIN" --threads 1 --out "$R/pool-128-choices-c2-$UNCERTAIN.safetensors"
   run a-retain-pool128-choices-c2-$UNCERTAIN "${A[@]}" --retain "$R/pool-128-choices-c2-$UNCERTAIN.safetensors"
 done
+# more seeds of task A's decisive pair (issue 15: ≥ 3 seeds), read against the paper queue's runs of the same seed:
+# SEEDS="1 2" benchmarks/retain_choices.sh OUT
+for SEED in ${SEEDS:-}; do
+  run a-retain-pool128-choices-s$SEED "${A[@]}" --retain "$R/pool-128-choices.safetensors" --seed $SEED
+  run a-random-signs-s$SEED "${A[@]}" --mode random-signs --seed $SEED
+done
