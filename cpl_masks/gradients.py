@@ -95,31 +95,27 @@ class GradientSums:
 
     def moments(self) -> GradientMoments:
         """Mean and standard error over every rank's questions so far (all-reduced; every rank must call it)."""
-        count = self._count()
-        mean, error = {}, {}
-        for name in self.total:
-            mean[name], error[name] = self._moment(name, count)
-        return GradientMoments(mean, error)
+        by_tensor = list(self.moments_by_tensor())
+        return GradientMoments({name: mean for name, mean, _ in by_tensor}, {name: se for name, _, se in by_tensor})
 
     def moments_by_tensor(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """Each tensor's (name, mean, standard error) so far, one at a time, the sums kept: a prefix's moments
         at the cost of one tensor's copy instead of the whole model's. Every rank must call it."""
-        count = self._count()
-        for name in self.total:
-            yield name, *self._moment(name, count)
-
-    def _moment(self, name: str, count: float) -> tuple[torch.Tensor, torch.Tensor]:
-        total = distributed.all_reduce_sum(self.total[name].clone())
-        squares = distributed.all_reduce_sum(self.squares[name].clone())
-        return _mean_and_error(total, squares, count)
+        return self._by_tensor(keep_sums=True)
 
     def drain(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """Each tensor's (name, mean, standard error) in turn, freeing its sums as it goes: the peak stays at
         the sums, without a second copy of the moments. The sums are spent afterwards. Every rank must call it."""
+        return self._by_tensor(keep_sums=False)
+
+    def _by_tensor(self, keep_sums: bool) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         count = self._count()
         for name in list(self.total):
-            total = distributed.all_reduce_sum(self.total.pop(name))
-            squares = distributed.all_reduce_sum(self.squares.pop(name))
+            if keep_sums:  # _mean_and_error reuses the squares in place: work on copies
+                total, squares = self.total[name].clone(), self.squares[name].clone()
+            else:
+                total, squares = self.total.pop(name), self.squares.pop(name)
+            total, squares = distributed.all_reduce_sum(total), distributed.all_reduce_sum(squares)
             yield name, *_mean_and_error(total, squares, count)
 
     def _count(self) -> float:

@@ -280,11 +280,13 @@ def test_moments_tensor_by_tensor_equal_the_whole_and_keep_the_sums(tiny):
     scorer = make_scorer("letter", tiny.tokenizer)
     sums = gradient_sums(tiny.model, scorer, MASTERED)
     whole = sums.moments()
+    # copies: a result may share storage with the sums, and a later look must not change what was seen
+    expected = {name: (whole.mean[name].clone(), whole.standard_error[name].clone()) for name in whole.mean}
     for _ in range(2):  # the sums are kept: a second look gives the same
         by_tensor = list(sums.moments_by_tensor())
-        assert [name for name, _, _ in by_tensor] == list(whole.mean)
+        assert [name for name, _, _ in by_tensor] == list(expected)
         for name, mean, error in by_tensor:
-            assert torch.equal(mean, whole.mean[name]) and torch.equal(error, whole.standard_error[name])
+            assert torch.equal(mean, expected[name][0]) and torch.equal(error, expected[name][1])
 
 
 def test_the_confidence_rule_freezes_only_entries_whose_t_statistic_is_below_minus_k(tiny):
