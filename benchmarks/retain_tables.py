@@ -13,7 +13,12 @@ interval over questions).
 ``--queue retain-gemma`` reads the same experiment on Gemma 3 270M (``benchmarks/retain_gemma.sh``: task A
 only, its references the paper-gemma queue's seed-0 runs).
 
+``--seeds 0,1,2`` reads instead the runs repeated at those seeds (the retain set, its random-signs control
+and the re-profiled mask of ``benchmarks/reprofiled.sh``, against the paper queue's runs of the same seed):
+each seed's counts, and the differences summed over the seeds, paired by question with all its seeds.
+
 Usage: .venv/bin/python benchmarks/retain_tables.py OUT [--queue retain|retain-gemma] [--epoch 6] [--plot retain.png]
+       [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -84,6 +89,40 @@ QUEUES = {  # queue -> (its folder under OUT, its runs)
     "retain-gemma": ("retain-gemma", GEMMA_RUNS),
 }
 
+SEEDED_RUNS = {  # queue -> label -> run folder at {seed}; {suffix}: "" at seed 0 (the first run), else -s{seed}
+    "retain": {
+        "A full": "paper/runs/full-lr3e-05-s{seed}",
+        "A mask": "paper/runs/mask-lr3e-05-s{seed}",
+        "A dynamic (own M)": "paper/runs/dynamic-lr3e-05-s{seed}",
+        "A mask re-profiled": "paper-extra/mask-reprofiled-s{seed}",
+        "A retain pool-128 (choices)": "retain/runs/a-retain-pool128-choices{suffix}",
+        "A random signs": "retain/runs/a-random-signs{suffix}",
+    },
+    "retain-gemma": {
+        "A full": "paper-gemma-all/runs/full-lr1e-05-s{seed}",
+        "A mask": "paper-gemma-all/runs/mask-lr1e-05-s{seed}",
+        "A dynamic (own M)": "paper-gemma-all/runs/dynamic-lr1e-05-s{seed}",
+        "A mask re-profiled": "paper-gemma-extra/mask-reprofiled-s{seed}",
+        "A retain pool-128 (choices)": "retain-gemma/runs/a-retain-pool128-choices{suffix}",
+        "A random signs": "retain-gemma/runs/a-random-signs{suffix}",
+    },
+}
+SEEDED_COMPARISONS = [
+    ("A retain pool-128 (choices)", "A full"),
+    ("A retain pool-128 (choices)", "A random signs"),
+    ("A retain pool-128 (choices)", "A dynamic (own M)"),
+    ("A random signs", "A full"),
+    ("A dynamic (own M)", "A full"),
+    ("A mask re-profiled", "A mask"),
+    ("A mask re-profiled", "A full"),
+    ("A dynamic (own M)", "A mask re-profiled"),
+]
+
+
+def seeded_folder(out: Path, template: str, seed: int) -> Path:
+    """A repeated run's folder at ``seed``."""
+    return out / template.format(seed=seed, suffix="" if seed == 0 else f"-s{seed}")
+
 
 def groups(folder: Path) -> dict[str, set[str]]:
     """The held-out questions by where they sit: in pool-128, the rest of the pool (reach), the demo's."""
@@ -119,17 +158,18 @@ def count_rows(by_epoch: dict[int, dict[str, dict[str, dict[str, bool]]]]) -> li
     return rows
 
 
-def paired_rows(results: dict[str, dict[str, dict[str, bool]]]) -> list[str]:
-    """Each comparison's differences (run − reference) with the 95 % interval and p."""
+def paired_rows(results: dict[str, list[dict[str, dict[str, bool]]]], comparisons: list[tuple[str, str]]) -> list[str]:
+    """Each comparison's differences (run − reference) with the 95 % interval and p, summed over the
+    seeds each label holds (one outcome record per seed, aligned by seed)."""
     rows = ["| run − reference | " + " | ".join(HEADERS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for run, reference in COMPARISONS:
+    for run, reference in comparisons:
         if run not in results or reference not in results:
             continue
         cells = []
         for name in COLUMNS:
-            keys = sorted(results[reference][name])
-            a = [[results[reference][name][key] for key in keys]]
-            b = [[results[run][name][key] for key in keys]]
+            keys = sorted(results[reference][0][name])
+            a = [[seed[name][key] for key in keys] for seed in results[reference]]
+            b = [[seed[name][key] for key in keys] for seed in results[run]]
             cells.append(describe_difference(compare_paired(a, b).to_dict()))
         rows.append(f"| {run} − {reference} | " + " | ".join(cells) + " |")
     return rows
@@ -167,6 +207,29 @@ def draw(folders: dict[str, Path], epochs: list[int], where: dict[str, set[str]]
     plt.close(figure)
 
 
+def print_seeded(out: Path, queue: str, seeds: list[int], epoch: int, where: dict[str, set[str]]) -> None:
+    """Each repeated run's counts at ``epoch`` per seed, and the comparisons summed over ``seeds``
+    (a label is left out unless every seed has reached that epoch)."""
+    results: dict[str, list[dict[str, dict[str, bool]]]] = {}
+    for label, template in SEEDED_RUNS[queue].items():
+        folders = [seeded_folder(out, template, seed) for seed in seeds]
+        missing = [str(folder) for folder in folders if not (folder / "questions.jsonl").is_file()]
+        try:
+            if missing:
+                raise CplError(f"not run: {', '.join(missing)}")
+            results[label] = [outcomes(folder, epoch, where) for folder in folders]
+        except CplError as error:  # not run at some seed, or short of that epoch
+            print(f"{label}: left out ({error})")
+    print(f"epoch {epoch}, seeds {', '.join(map(str, seeds))}\n")
+    rows = ["| run | seed | " + " | ".join(HEADERS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for label, by_seed in results.items():
+        for seed, found in zip(seeds, by_seed, strict=True):
+            cells = [f"{sum(found[name].values())}/{len(found[name])}" for name in COLUMNS]
+            rows.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
+    print("\n".join(rows) + f"\n\npaired at epoch {epoch}, summed over the seeds:\n")
+    print("\n".join(paired_rows(results, SEEDED_COMPARISONS)))
+
+
 def main() -> None:
     """Print the count and paired tables at one epoch, and draw the curves."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -174,9 +237,13 @@ def main() -> None:
     parser.add_argument("--queue", choices=sorted(QUEUES), default="retain")
     parser.add_argument("--epoch", type=int, default=6, help="the epoch compared (counts: every second up to it)")
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds: read the repeated runs instead")
     args = parser.parse_args()
     queue_folder, runs = QUEUES[args.queue]
     where = groups(args.out / queue_folder)
+    if args.seeds is not None:
+        print_seeded(args.out, args.queue, [int(seed) for seed in args.seeds.split(",")], args.epoch, where)
+        return
     folders = {label: args.out / path for label, path in runs.items()}
     folders = {label: folder for label, folder in folders.items() if (folder / "questions.jsonl").is_file()}
     by_epoch: dict[int, dict[str, dict[str, dict[str, bool]]]] = {}
@@ -191,7 +258,7 @@ def main() -> None:
     print(f"epoch {args.epoch}; reach {len(where['reach'])} questions, pool-128 {len(where['in pool-128'])}\n")
     print("\n".join(count_rows(by_epoch)) + "\n")
     print(f"paired at epoch {args.epoch}:\n")
-    print("\n".join(paired_rows(results)))
+    print("\n".join(paired_rows({label: [found] for label, found in results.items()}, COMPARISONS)))
     if args.plot is not None:
         finished = {label: folder for label, folder in folders.items() if label in results}
         draw(finished, list(range(0, args.epoch + 1, 2)), where, args.plot)
