@@ -5,7 +5,7 @@
 # Usage: SEEDS="0 1 2" benchmarks/reprofiled.sh OUT paper|paper-gemma (after benchmarks/sweeps.sh OUT QUEUE)
 set -euo pipefail
 OUT=${1:?output folder}; QUEUE=${2:?paper or paper-gemma}; CPL="${CPL:-.venv/bin/cpl-masks}"
-S="$OUT/$QUEUE"; R="$OUT/$QUEUE-extra"
+S="$OUT/$QUEUE"; RUNS="$OUT/$QUEUE-extra"  # beside the queue's other single runs (paper-extra: the seed-0 run)
 case $QUEUE in
   paper) SETTINGS=(--epochs 12 --lr 3e-5) ;;
   paper-gemma) SETTINGS=(--model gemma3-270m --epochs 8 --lr 1e-5) ;;
