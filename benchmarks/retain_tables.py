@@ -175,29 +175,30 @@ def paired_rows(results: dict[str, list[dict[str, dict[str, bool]]]], comparison
     return rows
 
 
-def draw(folders: dict[str, Path], epochs: list[int], where: dict[str, set[str]], path: Path) -> None:
-    """Learned against forgotten-on-reach, one curve per run through its evaluated epochs; task A and B side by side."""
+def draw(folders: dict[str, list[Path]], epochs: list[int], where: dict[str, set[str]], path: Path) -> None:
+    """Learned against forgotten-on-reach, one curve per run (the mean over its seeds' folders) through its
+    evaluated epochs; task A and B side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for axis, task in zip(axes, ("A", "B"), strict=True):
-        if not any(label.startswith(task) for label in folders):
-            axis.set_visible(False)
-            continue
-        for label, folder in folders.items():
+    tasks = [task for task in ("A", "B") if any(label.startswith(task) for label in folders)]
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.5), squeeze=False)
+    for axis, task in zip(axes[0], tasks, strict=True):
+        for label, seeds in folders.items():
             if not label.startswith(task):
                 continue
-            points = [outcomes(folder, epoch, where) for epoch in epochs]
+            points = [[outcomes(folder, epoch, where) for folder in seeds] for epoch in epochs]
             axis.plot(
-                [sum(p["reach"].values()) for p in points],
-                [sum(p["learned"].values()) for p in points],
+                [sum(sum(p["reach"].values()) for p in point) / len(seeds) for point in points],
+                [sum(sum(p["learned"].values()) for p in point) / len(seeds) for point in points],
                 marker="o",
                 label=label[2:],
             )
-        axis.set_title(f"task {task} (epochs {epochs[0]}..{epochs[-1]})")
+        repeats = max(len(seeds) for seeds in folders.values())
+        mean = f", mean of {repeats} seeds" if repeats > 1 else ""
+        axis.set_title(f"task {task} (epochs {epochs[0]}..{epochs[-1]}{mean})")
         axis.set_xlabel("forgotten of the reach set (the pool's questions outside pool-128)")
         axis.set_ylabel("learned")
         axis.grid(alpha=0.3)
@@ -207,10 +208,34 @@ def draw(folders: dict[str, Path], epochs: list[int], where: dict[str, set[str]]
     plt.close(figure)
 
 
-def print_seeded(out: Path, queue: str, seeds: list[int], epoch: int, where: dict[str, set[str]]) -> None:
-    """Each repeated run's counts at ``epoch`` per seed, and the comparisons summed over ``seeds``
-    (a label is left out unless every seed has reached that epoch)."""
+def print_single(out: Path, runs: dict[str, str], epoch: int, where: dict[str, set[str]]) -> dict[str, list[Path]]:
+    """Every run's counts at each evaluated epoch up to ``epoch`` and the comparisons at ``epoch`` (one seed);
+    returns the folders of the runs that reached it."""
+    folders = {label: out / path for label, path in runs.items()}
+    folders = {label: folder for label, folder in folders.items() if (folder / "questions.jsonl").is_file()}
+    by_epoch: dict[int, dict[str, dict[str, dict[str, bool]]]] = {}
+    for at in range(2, epoch + 1, 2):
+        by_epoch[at] = {}
+        for label, folder in folders.items():
+            try:
+                by_epoch[at][label] = outcomes(folder, at, where)
+            except CplError as error:  # a run still short of that epoch
+                print(f"{label}: {error}")
+    results = by_epoch[epoch]
+    print(f"epoch {epoch}; reach {len(where['reach'])} questions, pool-128 {len(where['in pool-128'])}\n")
+    print("\n".join(count_rows(by_epoch)) + "\n")
+    print(f"paired at epoch {epoch}:\n")
+    print("\n".join(paired_rows({label: [found] for label, found in results.items()}, COMPARISONS)))
+    return {label: [folder] for label, folder in folders.items() if label in results}
+
+
+def print_seeded(
+    out: Path, queue: str, seeds: list[int], epoch: int, where: dict[str, set[str]]
+) -> dict[str, list[Path]]:
+    """Each repeated run's counts at ``epoch`` per seed, and the comparisons summed over ``seeds``; returns
+    the folders of the runs shown (a label is left out unless every seed has reached that epoch)."""
     results: dict[str, list[dict[str, dict[str, bool]]]] = {}
+    shown: dict[str, list[Path]] = {}
     for label, template in SEEDED_RUNS[queue].items():
         folders = [seeded_folder(out, template, seed) for seed in seeds]
         missing = [str(folder) for folder in folders if not (folder / "questions.jsonl").is_file()]
@@ -218,6 +243,7 @@ def print_seeded(out: Path, queue: str, seeds: list[int], epoch: int, where: dic
             if missing:
                 raise CplError(f"not run: {', '.join(missing)}")
             results[label] = [outcomes(folder, epoch, where) for folder in folders]
+            shown[label] = folders
         except CplError as error:  # not run at some seed, or short of that epoch
             print(f"{label}: left out ({error})")
     print(f"epoch {epoch}, seeds {', '.join(map(str, seeds))}\n")
@@ -228,6 +254,7 @@ def print_seeded(out: Path, queue: str, seeds: list[int], epoch: int, where: dic
             rows.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
     print("\n".join(rows) + f"\n\npaired at epoch {epoch}, summed over the seeds:\n")
     print("\n".join(paired_rows(results, SEEDED_COMPARISONS)))
+    return shown
 
 
 def main() -> None:
@@ -241,27 +268,14 @@ def main() -> None:
     args = parser.parse_args()
     queue_folder, runs = QUEUES[args.queue]
     where = groups(args.out / queue_folder)
+    epochs = list(range(0, args.epoch + 1, 2))
     if args.seeds is not None:
-        print_seeded(args.out, args.queue, [int(seed) for seed in args.seeds.split(",")], args.epoch, where)
-        return
-    folders = {label: args.out / path for label, path in runs.items()}
-    folders = {label: folder for label, folder in folders.items() if (folder / "questions.jsonl").is_file()}
-    by_epoch: dict[int, dict[str, dict[str, dict[str, bool]]]] = {}
-    for epoch in range(2, args.epoch + 1, 2):
-        by_epoch[epoch] = {}
-        for label, folder in folders.items():
-            try:
-                by_epoch[epoch][label] = outcomes(folder, epoch, where)
-            except CplError as error:  # a run still short of that epoch
-                print(f"{label}: {error}")
-    results = by_epoch[args.epoch]
-    print(f"epoch {args.epoch}; reach {len(where['reach'])} questions, pool-128 {len(where['in pool-128'])}\n")
-    print("\n".join(count_rows(by_epoch)) + "\n")
-    print(f"paired at epoch {args.epoch}:\n")
-    print("\n".join(paired_rows({label: [found] for label, found in results.items()}, COMPARISONS)))
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+        shown = print_seeded(args.out, args.queue, seeds, args.epoch, where)
+    else:
+        shown = print_single(args.out, runs, args.epoch, where)
     if args.plot is not None:
-        finished = {label: folder for label, folder in folders.items() if label in results}
-        draw(finished, list(range(0, args.epoch + 1, 2)), where, args.plot)
+        draw(shown, epochs, where, args.plot)
 
 
 if __name__ == "__main__":
