@@ -111,6 +111,7 @@ SEEDED_COMPARISONS = [
     ("A retain pool-128 (choices)", "A full"),
     ("A retain pool-128 (choices)", "A random signs"),
     ("A retain pool-128 (choices)", "A dynamic (own M)"),
+    ("A retain pool-128 (choices)", "A mask"),
     ("A random signs", "A full"),
     ("A dynamic (own M)", "A full"),
     ("A mask re-profiled", "A mask"),
@@ -132,9 +133,9 @@ def groups(folder: Path) -> dict[str, set[str]]:
 
 
 def outcomes(folder: Path, epoch: int, where: dict[str, set[str]]) -> dict[str, dict[str, bool]]:
-    """Per question at ``epoch``: learned, forgotten (M), and held-out forgotten split by ``where``."""
+    """Per question at ``epoch``: learned, forgotten (M), and held-out forgotten split by ``where`` and in all."""
     found = question_outcomes(read_question_records(folder), epoch)
-    heldout = found.pop("heldout_forgotten")
+    heldout = found["held-out"] = found.pop("heldout_forgotten")
     for name, ids in where.items():
         found[name] = {key: value for key, value in heldout.items() if key in ids}
     pooled = set().union(*where.values())
@@ -142,8 +143,8 @@ def outcomes(folder: Path, epoch: int, where: dict[str, set[str]]) -> dict[str, 
     return found
 
 
-COLUMNS = ("learned", "forgotten", "reach", "in pool-128", "demo held-out")
-HEADERS = ("learned", "forgotten (M)", "reach", "in pool-128", "demo held-out")
+COLUMNS = ("learned", "forgotten", "reach", "in pool-128", "demo held-out", "held-out")
+HEADERS = ("learned", "forgotten (M)", "reach", "in pool-128", "demo held-out", "held-out (all)")
 
 
 def count_rows(by_epoch: dict[int, dict[str, dict[str, dict[str, bool]]]]) -> list[str]:
