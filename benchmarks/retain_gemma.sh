@@ -18,10 +18,13 @@ TRAIN=(--model gemma3-270m --epochs 8 --eval-every 2 --lr 1e-5 --optimizer sgd -
   --threads 1 --heldout "$SPLIT/mastered_heldout.jsonl" --data "$SPLIT/inject.jsonl" --mastered "$SPLIT/mastered.jsonl")
 source "$(dirname "$0")/queue_run.sh"
 run a-retain-pool128-choices --retain "$R/pool-128-choices.safetensors"
-# more seeds of the retain set (issue 15: >= 3 seeds), read against the paper-gemma runs of the same seed:
-# SEEDS="1 2" benchmarks/retain_gemma.sh OUT
+# more seeds of the retain set and of its control (issue 15: >= 3 seeds), read against the paper-gemma runs of
+# the same seed: SEEDS="1 2" benchmarks/retain_gemma.sh OUT
 for SEED in ${SEEDS:-}; do
   run a-retain-pool128-choices-s$SEED --retain "$R/pool-128-choices.safetensors" --seed $SEED
+done
+for SEED in ${SEEDS:-}; do
+  run a-random-signs-s$SEED --mode random-signs --seed $SEED
 done
 run a-random-signs --mode random-signs
 run a-dynamic-choices --mode dynamic --objective choices
