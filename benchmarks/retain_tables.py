@@ -147,6 +147,11 @@ COLUMNS = ("learned", "forgotten", "reach", "in pool-128", "demo held-out", "hel
 HEADERS = ("learned", "forgotten (M)", "reach", "in pool-128", "demo held-out", "held-out (all)")
 
 
+def count_cells(found: dict[str, dict[str, bool]]) -> list[str]:
+    """How many questions each outcome holds, of how many, in column order."""
+    return [f"{sum(found[name].values())}/{len(found[name])}" for name in COLUMNS]
+
+
 def count_rows(by_epoch: dict[int, dict[str, dict[str, dict[str, bool]]]]) -> list[str]:
     """Counts per run and evaluated epoch: how many questions each outcome holds, of how many."""
     rows = ["| run | epoch | " + " | ".join(HEADERS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
@@ -154,8 +159,7 @@ def count_rows(by_epoch: dict[int, dict[str, dict[str, dict[str, bool]]]]) -> li
     for label in labels:
         for epoch, results in by_epoch.items():
             if label in results:
-                cells = [f"{sum(results[label][name].values())}/{len(results[label][name])}" for name in COLUMNS]
-                rows.append(f"| {label} | {epoch} | " + " | ".join(cells) + " |")
+                rows.append(f"| {label} | {epoch} | " + " | ".join(count_cells(results[label])) + " |")
     return rows
 
 
@@ -251,8 +255,7 @@ def print_seeded(
     rows = ["| run | seed | " + " | ".join(HEADERS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
     for label, by_seed in results.items():
         for seed, found in zip(seeds, by_seed, strict=True):
-            cells = [f"{sum(found[name].values())}/{len(found[name])}" for name in COLUMNS]
-            rows.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
+            rows.append(f"| {label} | {seed} | " + " | ".join(count_cells(found)) + " |")
     print("\n".join(rows) + f"\n\npaired at epoch {epoch}, summed over the seeds:\n")
     print("\n".join(paired_rows(results, SEEDED_COMPARISONS)))
     return shown
