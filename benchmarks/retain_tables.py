@@ -24,12 +24,12 @@ Usage: .venv/bin/python benchmarks/retain_tables.py OUT [--queue retain|retain-g
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 from cpl_masks.data import load_questions
 from cpl_masks.errors import CplError
-from cpl_masks.evaluate import describe_difference, question_outcomes, read_question_records
-from cpl_masks.stats import compare_paired
+from cpl_masks.evaluate import compare_outcomes, describe_difference, question_outcomes, read_question_records
 
 RUNS = {  # label -> run folder, relative to OUT (the retain queue, SmolLM2)
     "A full": "paper/runs/full-lr3e-05-s0",
@@ -132,9 +132,15 @@ def groups(folder: Path) -> dict[str, set[str]]:
     return {"in pool-128": in_retain, "reach": reach}
 
 
+@functools.cache
+def records(folder: Path) -> list[dict]:
+    """A run's per-question records, read once: the tables and the figure read every epoch of each run."""
+    return read_question_records(folder)
+
+
 def outcomes(folder: Path, epoch: int, where: dict[str, set[str]]) -> dict[str, dict[str, bool]]:
     """Per question at ``epoch``: learned, forgotten (M), and held-out forgotten split by ``where`` and in all."""
-    found = question_outcomes(read_question_records(folder), epoch)
+    found = question_outcomes(records(folder), epoch)
     heldout = found["held-out"] = found.pop("heldout_forgotten")
     for name, ids in where.items():
         found[name] = {key: value for key, value in heldout.items() if key in ids}
@@ -145,6 +151,7 @@ def outcomes(folder: Path, epoch: int, where: dict[str, set[str]]) -> dict[str, 
 
 COLUMNS = ("learned", "forgotten", "reach", "in pool-128", "demo held-out", "held-out")
 HEADERS = ("learned", "forgotten (M)", "reach", "in pool-128", "demo held-out", "held-out (all)")
+MEASURED_ON = dict(zip(COLUMNS, ("inject", "mastered", "reach", "pool-128", "demo held-out", "held-out"), strict=True))
 
 
 def count_cells(found: dict[str, dict[str, bool]]) -> list[str]:
@@ -170,13 +177,10 @@ def paired_rows(results: dict[str, list[dict[str, dict[str, bool]]]], comparison
     for run, reference in comparisons:
         if run not in results or reference not in results:
             continue
-        cells = []
-        for name in COLUMNS:
-            keys = sorted(results[reference][0][name])
-            a = [[seed[name][key] for key in keys] for seed in results[reference]]
-            b = [[seed[name][key] for key in keys] for seed in results[run]]
-            cells.append(describe_difference(compare_paired(a, b).to_dict()))
-        rows.append(f"| {run} − {reference} | " + " | ".join(cells) + " |")
+        found = compare_outcomes(list(zip(results[reference], results[run], strict=True)), MEASURED_ON)
+        rows.append(
+            f"| {run} − {reference} | " + " | ".join(describe_difference(found[name]) for name in COLUMNS) + " |"
+        )
     return rows
 
 
@@ -244,13 +248,15 @@ def print_seeded(
     for label, template in SEEDED_RUNS[queue].items():
         folders = [seeded_folder(out, template, seed) for seed in seeds]
         missing = [str(folder) for folder in folders if not (folder / "questions.jsonl").is_file()]
+        if missing:
+            print(f"{label}: left out (not run: {', '.join(missing)})")
+            continue
         try:
-            if missing:
-                raise CplError(f"not run: {', '.join(missing)}")
             results[label] = [outcomes(folder, epoch, where) for folder in folders]
-            shown[label] = folders
-        except CplError as error:  # not run at some seed, or short of that epoch
+        except CplError as error:  # a seed short of that epoch
             print(f"{label}: left out ({error})")
+            continue
+        shown[label] = folders
     print(f"epoch {epoch}, seeds {', '.join(map(str, seeds))}\n")
     rows = ["| run | seed | " + " | ".join(HEADERS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
     for label, by_seed in results.items():

@@ -226,9 +226,13 @@ def describe_difference(entry: Mapping[str, Any]) -> str:
 
 def compare_outcomes(
     pairs: Sequence[tuple[Mapping[str, Mapping[str, bool]], Mapping[str, Mapping[str, bool]]]],
+    outcomes: Mapping[str, str] = OUTCOMES,
 ) -> dict[str, dict[str, Any]]:
     """Per outcome, run B against run A over pairs of runs (one pair per seed), paired by question
     (every pair of one split, so each question's seeds are one unit of :mod:`cpl_masks.stats`).
+
+    ``outcomes`` names the outcomes compared, each with the set it is measured on (for the error):
+    :data:`OUTCOMES` by default, or finer ones a caller derived, such as held-out forgetting by subset.
 
     Returns the :func:`cpl_masks.stats.compare_paired` record of ``B − A`` for each outcome both
     runs of every pair measured.
@@ -236,15 +240,15 @@ def compare_outcomes(
     Raises:
         CplError: a pair's runs did not evaluate the same questions (not one split).
     """
-    groups: dict[str, tuple[list[list[bool]], list[list[bool]]]] = {name: ([], []) for name in OUTCOMES}
+    groups: dict[str, tuple[list[list[bool]], list[list[bool]]]] = {name: ([], []) for name in outcomes}
     questions: dict[str, list[str]] = {}  # every pair's questions, in one order: the seeds align by question
     for a, b in pairs:
-        for name in OUTCOMES:
+        for name, measured_on in outcomes.items():
             if name not in a or name not in b:
                 continue
             keys = questions.setdefault(name, sorted(a[name]))
             if set(a[name]) != set(keys) or set(b[name]) != set(keys):
-                raise CplError(f"the runs did not evaluate the same {OUTCOMES[name]} questions (not one split)")
+                raise CplError(f"the runs did not evaluate the same {measured_on} questions (not one split)")
             groups[name][0].append([a[name][key] for key in keys])
             groups[name][1].append([b[name][key] for key in keys])
     return {name: compare_paired(a, b).to_dict() for name, (a, b) in groups.items() if a}

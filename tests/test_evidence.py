@@ -146,6 +146,17 @@ def test_runs_are_compared_question_by_question():
         compare_outcomes([(reference, outcomes([1, 1], [0, 0, 0]))])
 
 
+def test_outcomes_a_caller_derived_are_compared_over_seeds_and_checked_for_one_split():
+    def subset(values: list[int]) -> dict[str, dict[str, bool]]:
+        return {"reach": {f"r{k}": bool(v) for k, v in enumerate(values)}}
+
+    seeds = [(subset([1, 1, 0]), subset([0, 1, 0])), (subset([1, 0, 0]), subset([0, 0, 0]))]
+    found = compare_outcomes(seeds, {"reach": "pool"})
+    assert set(found) == {"reach"} and found["reach"]["difference"] == -2 and found["reach"]["seeds"] == 2
+    with pytest.raises(CplError, match="did not evaluate the same pool questions"):
+        compare_outcomes([*seeds, (subset([1, 0]), subset([0, 0]))], {"reach": "pool"})
+
+
 @pytest.fixture
 def sweep_files(tmp_path):
     data = write_rows(tmp_path / "quiz.jsonl", [q.to_record() for q in make_questions(40, seed=5)])
