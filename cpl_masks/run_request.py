@@ -46,7 +46,7 @@ class RunRequest:
     def check(self) -> None:
         """Refuse bad options before any model loads, naming the option."""
         mode = self.resolved_mode()
-        method_options(mode, self.method_options)
+        METHODS[mode].cls.check_options(method_options(mode, self.method_options), retain=self.retain is not None)
         self.config.check()
         if self.retain_text is not None and not Path(self.retain_text).is_file():
             raise CplError(f"--retain-text {self.retain_text}: no such file")

@@ -13,7 +13,7 @@ running sum, so the step's final gradient agrees in sign with g_M wherever it is
 
 The signs start as the retain set's own (profiled at these weights) and are recomputed over its
 questions, at the current weights, at the start of every epoch after the first (a Trainer
-callback) and every ``refresh_every`` optimizer steps; a hand-written loop calls
+callback) and every ``refresh_every`` optimizer steps (0: never); a hand-written loop calls
 :meth:`SignRuleHandle.refresh` when it wants. A refresh runs in eval mode, with the rule's hooks
 paused, between optimizer steps (it takes over ``.grad`` for its own pass). Unlike a freeze mask
 the rule moves entries a step leaves at zero only through the optimizer's own state (momentum,
@@ -112,7 +112,8 @@ def apply_retain(
         target: a ``torch.nn.Module`` or a ``Trainer`` (whose epochs then refresh the signs).
         tokenizer: to score the retain set's questions; default: the Trainer's ``processing_class``.
         batch_size: questions per forward pass of a refresh.
-        refresh_every: with a Trainer, also refresh every K optimizer steps.
+        refresh_every: with a Trainer, also refresh every K optimizer steps; 0: never, the stored
+            signs steer to the end (no callback is added).
         allow_other_weights: accept weights other than those the signs were profiled at.
 
     Raises:
@@ -126,11 +127,11 @@ def apply_retain(
     tokenizer = tokenizer if tokenizer is not None else getattr(trainer, "processing_class", None)
     if tokenizer is None:
         raise CplError("apply: a retain set needs the tokenizer (tokenizer=...) to score its questions")
-    if refresh_every is not None and refresh_every < 1:
-        raise CplError(f"refresh_every {refresh_every}: must be at least 1")
+    if refresh_every is not None and refresh_every < 0:
+        raise CplError(f"refresh_every {refresh_every}: must be at least 1 (or 0: never)")
     retain.check_model(model, allow_other_weights=allow_other_weights)
     handle = SignRuleHandle(retain, model, tokenizer, batch_size=batch_size, refresh_every=refresh_every)
-    if trainer is not None:
+    if trainer is not None and refresh_every != 0:
         callback = _refresh_callback_class()(handle)
         trainer.add_callback(callback)
         handle._trainer = (trainer, callback)

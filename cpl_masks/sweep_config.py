@@ -109,8 +109,10 @@ class SweepConfig:
         if not (isinstance(self.eval_every, int) and self.eval_every >= 1):
             raise CplError(f"--eval-every {self.eval_every}: must be a whole number of epochs, at least 1")
         modes = {training_mode(method) for method in self.methods}
-        for name in modes:
-            method_options(name, applicable_options(name, self.method_options))
+        for method in self.methods:
+            name = training_mode(method)
+            options = method_options(name, applicable_options(name, self.method_options))
+            METHODS[name].cls.check_options(options, retain=method.startswith(RETAIN_PREFIX))
         unused = set(self.method_options) - {key for name in modes for key in option_names(name)}
         if unused:
             raise CplError(f"--{sorted(unused)[0].replace('_', '-')}: none of the swept methods takes it")

@@ -288,6 +288,20 @@ def test_random_signs_steer_each_step_by_signs_drawn_from_seed_epoch_and_step(ti
     assert 0.4 < share.float().mean().item() < 0.6  # about half of each step's entries dropped
 
 
+def test_random_signs_that_never_refresh_keep_the_first_draw_resumed_or_not(tiny_model_dir):
+    loaded = fresh(tiny_model_dir)
+    model = loaded.model
+    method = make_method("random-signs", context_for(loaded, seed=3), {"refresh_every": 0})
+    method.before_step(model, 1, 0)
+    first = method.signs
+    method.before_step(model, 2, 0)
+    assert method.signs is first  # an epoch's start redraws nothing
+    resumed = make_method("random-signs", context_for(loaded, seed=3), {"refresh_every": 0})
+    resumed.before_step(model, 3, 0)  # a run resumed at epoch 3 draws its first signs again
+    assert all(torch.equal(resumed.signs.positive[name], first.positive[name]) for name in first.positive)
+    assert all(torch.equal(resumed.signs.negative[name], first.negative[name]) for name in first.negative)
+
+
 # --- all baselines -----------------------------------------------------------------------------------
 
 
@@ -325,7 +339,7 @@ def test_methods_that_need_mastered_questions_refuse_none(tiny_model_dir, name):
         ("ewc", {"ewc_lambda": 0.0}, "--ewc-lambda 0.0: must be a positive number"),
         ("ewc", {"ewc_lambda": math.inf}, "--ewc-lambda inf: must be a positive number"),
         ("replay", {"replay_share": math.nan}, r"--replay-share nan: must be in \[0, 1\)"),
-        ("agem", {"refresh_every": 0}, "--refresh-every 0: must be at least 1"),
+        ("agem", {"refresh_every": -1}, r"--refresh-every -1: must be at least 1 \(or 0: never\)"),
         ("dynamic", {"uncertain": "freeze"}, r"--uncertain freeze needs --confidence \(without it every sign counts\)"),
         ("dynamic", {"confidence": -1.0}, "--confidence -1.0: must be a finite number >= 0"),
         ("dynamic", {"confidence": 2.0, "uncertain": "drop"}, "--uncertain drop: choose one of pass, freeze"),

@@ -214,6 +214,44 @@ def test_training_from_a_retain_set_equals_the_dynamic_rule_step_for_step(tiny_m
     assert any((step[name] == 0).any() for step in dynamic_steps for name in step)  # the rule did zero entries
 
 
+def test_a_run_that_never_refreshes_steers_by_the_stored_signs_to_the_end_resumed_or_not(
+    tiny_model_dir, retain, monkeypatch
+):
+    import cpl_masks.retain as reference  # where the rule's signs are measured
+
+    refreshes = []
+    original = reference.mean_gradients
+    monkeypatch.setattr(reference, "mean_gradients", lambda *a, **k: refreshes.append(1) or original(*a, **k))
+    loaded = fresh(tiny_model_dir)
+    scorer = make_scorer("letter", loaded.tokenizer)
+    context = MethodContext(scorer, retain_questions(retain), retain, batch_size=4)
+    never = make_method("dynamic", context, {"refresh_every": 0})
+    trainer = Trainer(loaded.model, scorer, never, TrainConfig(lr=0.5, optimizer="sgd", show_progress=False))
+    before = snapshot(loaded.model)
+    for epoch in (1, 2):
+        trainer.train_epoch(INJECT, epoch)
+    resumed = make_method("dynamic", context, {"refresh_every": 0})
+    resumed.before_step(loaded.model, 3, 0)  # a run resumed at epoch 3, at weights the signs were not measured at
+    assert refreshes == []
+    assert any(not torch.equal(before[name], weight) for name, weight in snapshot(loaded.model).items())
+    stored = retain.signs()
+    for method in (never, resumed):
+        assert all(torch.equal(method.reference.value.sign(name), stored.sign(name)) for name in stored.positive)
+
+
+def test_never_refreshing_needs_stored_signs_and_is_refused_before_the_model_loads(split_files, tmp_path):
+    inject, mastered, _ = split_files
+    common = ["--data", str(inject), "--model", str(tmp_path / "no-model"), "--refresh-every", "0"]
+    train = ["train", "--mastered", str(mastered), "--out", str(tmp_path / "run"), "--mode"]
+    sweep = ["sweep", "--out", str(tmp_path / "sweep"), "--lr-grid", "1e-4", "--methods"]
+    for mode, refused in (("dynamic", "--refresh-every 0 needs --retain"), ("agem", "agem keeps g_M itself")):
+        for command in ([*train, mode], [*sweep, f"full,{mode}"]):
+            result = runner.invoke(app, [*command, *common])
+            assert result.exit_code == 2 and refused in result.output, (command, result.output)
+            assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
 @pytest.fixture
 def split_files(tmp_path):
     inject = write_rows(tmp_path / "inject.jsonl", [q.to_record() for q in INJECT[:4]])
@@ -343,23 +381,31 @@ def test_a_retain_set_is_pushed_and_pulled_as_a_retain_set(server, retain, tmp_p
     assert again.id == retain.id and retain_questions(again) == MASTERED
 
 
-def test_a_trainer_steps_only_along_entries_that_agree_with_g_m_and_refreshes_each_epoch(tiny_model_dir, tmp_path):
-    """SGD without momentum: each step moves an entry only where -update agrees in sign with the current g_M."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
+def sgd_trainer(tiny_model_dir, tmp_path):
+    """A transformers Trainer of the tiny model: plain SGD at lr 1, 2 epochs of 2 steps, no clipping."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
     from transformers import Trainer as HFTrainer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.pad_token = tokenizer.eos_token
-    retain = profile_retain(fresh(tiny_model_dir), MASTERED, scoring="letter", batch_size=4, show_progress=False)
     args = {**TRAIN_ARGS, "max_steps": -1, "num_train_epochs": 2, "optim": "sgd", "weight_decay": 0.0}
     args.update(learning_rate=1.0, max_grad_norm=0.0, gradient_accumulation_steps=1, per_device_train_batch_size=4)
-    trainer = HFTrainer(
+    return HFTrainer(
         model=model,
         args=TrainingArguments(output_dir=str(tmp_path / "trainer"), **args),
         train_dataset=token_dataset(tokenizer),
         processing_class=tokenizer,
     )
+
+
+def test_a_trainer_steps_only_along_entries_that_agree_with_g_m_and_refreshes_each_epoch(tiny_model_dir, tmp_path):
+    """SGD without momentum: each step moves an entry only where -update agrees in sign with the current g_M."""
+    from transformers import TrainerCallback
+
+    trainer = sgd_trainer(tiny_model_dir, tmp_path)
+    model = trainer.model
+    retain = profile_retain(fresh(tiny_model_dir), MASTERED, scoring="letter", batch_size=4, show_progress=False)
     handle = retain.apply(trainer)
     signs_at = [handle.signs]  # the stored signs, then each refresh's
     updates = []
@@ -384,3 +430,15 @@ def test_a_trainer_steps_only_along_entries_that_agree_with_g_m_and_refreshes_ea
     assert not trainer.callback_handler.callbacks or all(
         type(callback).__name__ != "SignRefreshCallback" for callback in trainer.callback_handler.callbacks
     )
+
+
+def test_a_trainer_that_never_refreshes_keeps_the_stored_signs(tiny_model_dir, tmp_path, retain):
+    trainer = sgd_trainer(tiny_model_dir, tmp_path)
+    before = snapshot(trainer.model)
+    handle = apply_retain(retain, trainer, refresh_every=0)
+    stored = handle.signs
+    trainer.train()
+    assert handle.refreshes == 0 and handle.signs is stored
+    assert any(not torch.equal(before[name], weight) for name, weight in snapshot(trainer.model).items())
+    with pytest.raises(CplError, match=r"^refresh_every -1: must be at least 1 \(or 0: never\)$"):
+        apply_retain(retain, trainer, refresh_every=-1)

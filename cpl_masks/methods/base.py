@@ -68,16 +68,26 @@ class ScheduleOptions:
     """Options of methods that refresh what they steer by at each epoch's start: also every K steps."""
 
     refresh_every: int | None = option(
-        None, "also recompute g_M (random-signs: draw the signs again) every K steps (default: once per epoch)"
+        None,
+        "also recompute g_M (random-signs: draw the signs again) every K steps (default: once per epoch; "
+        "0: never, what the first step steers by is kept to the end)",
     )
 
     def __post_init__(self) -> None:
-        if self.refresh_every is not None and self.refresh_every < 1:
-            raise CplError(f"--refresh-every {self.refresh_every}: must be at least 1")
+        if self.refresh_every is not None and self.refresh_every < 0:
+            raise CplError(f"--refresh-every {self.refresh_every}: must be at least 1 (or 0: never)")
 
-    def due(self, step_in_epoch: int) -> bool:
-        """Whether a refresh is due before this step: at an epoch's start, and every ``refresh_every`` steps."""
+    @property
+    def never(self) -> bool:
+        """Whether what the first step steers by is kept to the end (``--refresh-every 0``)."""
+        return self.refresh_every == 0
+
+    def due(self, epoch: int, step_in_epoch: int) -> bool:
+        """Whether a refresh is due before this step: at an epoch's start, and every ``refresh_every`` steps;
+        only before the run's first step when it never refreshes."""
         every = self.refresh_every
+        if self.never:
+            return (epoch, step_in_epoch) == (1, 0)
         return step_in_epoch == 0 or (every is not None and step_in_epoch % every == 0)
 
 
@@ -112,6 +122,10 @@ class Method:
     """Base of every training method; each hook's default leaves training as plain fine-tuning."""
 
     name: ClassVar[str]
+
+    @classmethod
+    def check_options(cls, options: Any, *, retain: bool) -> None:
+        """Refuse options this method cannot honour (``retain``: a retain set is given) before any model loads."""
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Make the model trainable as the method wants; returns the module to train (maybe a wrapper)."""

@@ -159,24 +159,39 @@ class DynamicCPL(Method):
         options = options or SignOptions()
         context.require_mastered(self.name)
         self.retain = context.mask
+        self.check_options(options, retain=self.retain is not None)
         if self.retain is not None:
             self.retain.require_kind("retain", "--mode dynamic")
             measure = retain_measure(self.retain, vars(options))
-        elif options.keep_signs:
-            raise CplError("--keep-signs needs --retain (the retain set the kept signs descend from)")
         else:
             measure = options.measure()
         self.measure = measure
         self.reference = mastered_signs(context, options, measure)
+        self.never = options.never
         self.keep_signs = options.keep_signs
         self.refreshed: list[Mask] = []
+
+    @classmethod
+    def check_options(cls, options: SignOptions, *, retain: bool) -> None:
+        """Refuse what needs a retain set without one: keeping refreshed signs, and never refreshing."""
+        if retain:
+            return
+        if options.keep_signs:
+            raise CplError("--keep-signs needs --retain (the retain set the kept signs descend from)")
+        if options.never:
+            raise CplError(
+                "--refresh-every 0 needs --retain: a run that never refreshes steers by stored signs to the end "
+                "(a resumed run reads them again); profile them with cpl-masks profile --kind retain"
+            )
 
     def before_step(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> None:
         """Recompute ``g_M`` at the start of each epoch and every ``refresh_every`` steps within it.
 
-        A run's very first step starts from the retain set's signs, profiled at these same weights.
+        A run's very first step starts from the retain set's signs, profiled at these same weights; a
+        run that never refreshes keeps them to the end, resumed or not.
         """
-        if self.retain is not None and (epoch, step_in_epoch) == (1, 0):
+        starting = (epoch, step_in_epoch) == (1, 0) or (self.never and self.reference.kept is None)
+        if self.retain is not None and starting:
             self.reference.hold(self.retain.signs().to(next(model.parameters()).device))
             return
         refreshed = self.reference.refresh_if_due(model, epoch, step_in_epoch)
@@ -215,11 +230,19 @@ class RandomSigns(Method):
         self.signs: PackedSigns | None = None
 
     def before_step(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> None:
-        """Draw the signs again when the schedule says so."""
-        if self.schedule.due(step_in_epoch):
-            shapes = {name: parameter.shape for name, parameter in model.named_parameters()}
-            drawn = PackedSigns.random(shapes, f"cpl-masks:random-signs:{self.seed}:{epoch}:{step_in_epoch}")
-            self.signs = drawn.to(next(model.parameters()).device)
+        """Draw the signs again when the schedule says so; a run that never refreshes keeps its first draw,
+        drawn again on resume."""
+        if self.schedule.never:
+            if self.signs is None:
+                self._draw(model, 1, 0)
+        elif self.schedule.due(epoch, step_in_epoch):
+            self._draw(model, epoch, step_in_epoch)
+
+    def _draw(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> None:
+        """The signs drawn for the refresh at (epoch, step): the same in every process and resume."""
+        shapes = {name: parameter.shape for name, parameter in model.named_parameters()}
+        drawn = PackedSigns.random(shapes, f"cpl-masks:random-signs:{self.seed}:{epoch}:{step_in_epoch}")
+        self.signs = drawn.to(next(model.parameters()).device)
 
     def mask_gradients(self, model: torch.nn.Module) -> None:
         """Zero, in place, the gradient entries whose sign disagrees with the drawn signs."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from cpl_masks.errors import CplError
 from cpl_masks.methods.base import Method, MethodContext, RefreshOptions
 from cpl_masks.methods.reference import mastered_gradient
 
@@ -33,9 +34,17 @@ class AGEM(Method):
 
     def __init__(self, context: MethodContext, options: RefreshOptions | None = None) -> None:
         context.require_mastered(self.name)
-        self.reference = mastered_gradient(context, options or RefreshOptions())
+        options = options or RefreshOptions()
+        self.check_options(options, retain=False)
+        self.reference = mastered_gradient(context, options)
         self.steps = 0  # steps seen by this process (a resumed run counts from its resume)
         self.projected_steps = 0  # of those, the steps whose gradient was projected
+
+    @classmethod
+    def check_options(cls, options: RefreshOptions, *, retain: bool) -> None:
+        """Refuse never refreshing: A-GEM keeps g_M itself, which no file stores for a resumed run."""
+        if options.never:
+            raise CplError("--refresh-every 0: agem keeps g_M itself, which no file stores to resume from")
 
     def before_step(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> None:
         """Recompute ``g_M`` at the start of each epoch and every ``refresh_every`` steps within it."""

@@ -41,7 +41,7 @@ class MasteredReference(Generic[Kept]):
 
     def refresh_if_due(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> bool:
         """Recompute ``g_M`` when an epoch starts or ``refresh_every`` steps have passed; True when it did."""
-        if not self.schedule.due(step_in_epoch):
+        if not self.schedule.due(epoch, step_in_epoch):
             return False
         self.kept = None  # free the old one before building the new one
         self.kept = self.measure(model, self.sample(epoch, step_in_epoch))

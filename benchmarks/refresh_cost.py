@@ -1,0 +1,123 @@
+"""Protection against the cost of refreshing g_M (issue 15), for RESULTS.md: the per-step rule's runs on the
+paper queue's split (``benchmarks/refresh_cost.sh``), each placed at what its refreshes cost in passes over M
+an epoch, from never refreshing (0) to all of M once an epoch (1). At one epoch: each run's counts, its
+differences against the every-epoch refresh and against full fine-tuning of the same seed (paired by
+question: McNemar's exact test and a bootstrap interval), and a figure of the three outcomes against the cost.
+
+Usage: .venv/bin/python benchmarks/refresh_cost.py OUT [--seed 0] [--epoch 12] [--plot refresh-cost.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from cpl_masks.errors import CplError
+from cpl_masks.evaluate import OUTCOMES, compare_outcomes, describe_difference, question_outcomes, read_question_records
+
+RUNS = {  # label -> run folder relative to OUT, at {seed}
+    "never (stored signs)": "paper-extra/dynamic-never-s{seed}",
+    "8 of M drawn": "paper-extra/dynamic-sample8-s{seed}",
+    "16 of M drawn": "paper-extra/dynamic-sample16-s{seed}",
+    "35 of M drawn": "paper-extra/dynamic-sample35-s{seed}",
+    "all of M": "paper/runs/dynamic-lr3e-05-s{seed}",
+}
+EVERY_EPOCH, FULL = "all of M", "paper/runs/full-lr3e-05-s{seed}"
+HEADERS = ("learned", "forgotten (M)", "held-out forgotten")
+
+
+def passes_per_epoch(folder: Path, records: list[dict]) -> float:
+    """What an epoch's refreshes of g_M cost, in passes over M, from the run's configuration: a refresh at
+    each epoch's start and every ``refresh_every`` steps (0: never), each over ``refresh_sample`` questions."""
+    request = json.loads((folder / "config.json").read_text(encoding="utf-8"))["request"]
+    every, sample = request["method_options"].get("refresh_every"), request["method_options"].get("refresh_sample")
+    if every == 0:
+        return 0.0
+    if request.get("retain") is not None:
+        raise SystemExit(f"{folder}: a refreshing retain run steers by its retain set's questions, not by M")
+    sizes = {record["set"]: len(record["id"]) for record in records if record["epoch"] == 0}
+    steps = math.ceil(sizes["inject"] / request["config"]["batch_size"])
+    refreshes = 1 if every is None else math.ceil(steps / every)
+    return refreshes * min(sample or sizes["mastered"], sizes["mastered"]) / sizes["mastered"]
+
+
+def count(found: dict[str, dict[str, bool]], outcome: str) -> int:
+    """How many questions had ``outcome``."""
+    return sum(found[outcome].values())
+
+
+def against(found: dict, reference: dict) -> str:
+    """``found − reference`` per outcome, paired by question; blank for a run against itself."""
+    if found is reference:
+        return ""
+    entries = compare_outcomes([(reference, found)])
+    return " / ".join(describe_difference(entries[outcome]) for outcome in OUTCOMES)
+
+
+def table(points: dict[str, tuple[float, dict]], full: dict, epoch: int) -> list[str]:
+    """One row per run: its cost, counts, and differences against the every-epoch refresh and full fine-tuning."""
+    joined = " / ".join(HEADERS)
+    rows = [
+        f"| run (epoch {epoch}) | passes over M an epoch | {' | '.join(HEADERS)} | "
+        f"against all of M: {joined} | against full: {joined} |",
+        "|---" * (4 + len(HEADERS)) + "|",
+    ]
+    every_epoch = points[EVERY_EPOCH][1]
+    for label, (passes, found) in {**points, "full fine-tuning": (math.nan, full)}.items():
+        counts = [f"{count(found, outcome)}/{len(found[outcome])}" for outcome in OUTCOMES]
+        cost = "-" if math.isnan(passes) else f"{passes:.2f}"
+        differences = f"{against(found, every_epoch)} | {against(found, full)}"
+        rows.append(f"| {label} | {cost} | {' | '.join(counts)} | {differences} |")
+    return rows
+
+
+def draw(points: dict[str, tuple[float, dict]], full: dict, epoch: int, path: Path) -> None:
+    """Each outcome against the refresh cost, one panel each, full fine-tuning as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ordered = sorted(points.values(), key=lambda point: point[0])
+    figure, axes = plt.subplots(1, len(OUTCOMES), figsize=(4.2 * len(OUTCOMES), 3.8))
+    for axis, outcome, header in zip(axes, OUTCOMES, HEADERS, strict=True):
+        axis.plot([passes for passes, _ in ordered], [count(found, outcome) for _, found in ordered], marker="o")
+        axis.axhline(count(full, outcome), linestyle="--", color="grey", label="full fine-tuning")
+        axis.set_xlabel("refresh cost (passes over M an epoch)")
+        axis.set_title(f"{header} (of {len(full[outcome])}), epoch {epoch}")
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main() -> None:
+    """Print the table at one epoch and draw the figure."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="the OUT folder of benchmarks/sweeps.sh and refresh_cost.sh")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epoch", type=int, default=12)
+    parser.add_argument("--plot", type=Path, default=None)
+    args = parser.parse_args()
+    points = {}
+    for label, template in RUNS.items():
+        folder = args.out / template.format(seed=args.seed)
+        records = read_question_records(folder, missing_ok=True)
+        try:
+            if records is None:
+                raise CplError(f"not run: {folder}")
+            points[label] = (passes_per_epoch(folder, records), question_outcomes(records, args.epoch))
+        except CplError as error:  # not run, or still short of that epoch
+            print(f"{label}: left out ({error})")
+    full = question_outcomes(read_question_records(args.out / FULL.format(seed=args.seed)), args.epoch)
+    print("\n".join(table(points, full, args.epoch)))
+    if args.plot is not None:
+        draw(points, full, args.epoch, args.plot)
+
+
+if __name__ == "__main__":
+    main()
