@@ -1,10 +1,11 @@
-"""Protection against the cost of refreshing g_M (issue 15), for RESULTS.md: the per-step rule's runs on the
+"""Protection against the cost of refreshing g_M (issue 15), for RESULTS.md: the per-step rule's runs on a
 paper queue's split (``benchmarks/refresh_cost.sh``), each placed at what its refreshes cost in passes over M
 an epoch, from never refreshing (0) to all of M once an epoch (1). At one epoch: each run's counts, its
 differences against the every-epoch refresh and against full fine-tuning of the same seed (paired by
 question: McNemar's exact test and a bootstrap interval), and a figure of the three outcomes against the cost.
 
-Usage: .venv/bin/python benchmarks/refresh_cost.py OUT [--seed 0] [--epoch 12] [--plot refresh-cost.png]
+Usage: .venv/bin/python benchmarks/refresh_cost.py OUT [--queue paper|paper-gemma] [--seed 0] [--epoch 12]
+       [--plot refresh-cost.png]
 """
 
 from __future__ import annotations
@@ -17,14 +18,19 @@ from pathlib import Path
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import OUTCOMES, compare_outcomes, describe_difference, question_outcomes, read_question_records
 
-RUNS = {  # label -> run folder relative to OUT, at {seed}
-    "never (stored signs)": "paper-extra/dynamic-never-s{seed}",
-    "8 of M drawn": "paper-extra/dynamic-sample8-s{seed}",
-    "16 of M drawn": "paper-extra/dynamic-sample16-s{seed}",
-    "35 of M drawn": "paper-extra/dynamic-sample35-s{seed}",
-    "all of M": "paper/runs/dynamic-lr3e-05-s{seed}",
-}
-EVERY_EPOCH, FULL = "all of M", "paper/runs/full-lr3e-05-s{seed}"
+QUEUES = {"paper": ("3e-05", 12), "paper-gemma": ("1e-05", 8)}  # queue -> its learning rate in run names, epochs
+EVERY_EPOCH = "all of M"
+
+
+def runs(queue: str) -> tuple[dict[str, str], str]:
+    """The queue's per-step rule runs (label -> folder relative to OUT, at {seed}) and its full fine-tuning run."""
+    lr = QUEUES[queue][0]
+    found = {"never (stored signs)": f"{queue}-extra/dynamic-never-s{{seed}}"}
+    found |= {f"{n} of M drawn": f"{queue}-extra/dynamic-sample{n}-s{{seed}}" for n in (8, 16, 35)}
+    found[EVERY_EPOCH] = f"{queue}/runs/dynamic-lr{lr}-s{{seed}}"
+    return found, f"{queue}/runs/full-lr{lr}-s{{seed}}"
+
+
 HEADERS = ("learned", "forgotten (M)", "held-out forgotten")
 
 
@@ -99,12 +105,15 @@ def main() -> None:
     """Print the table at one epoch and draw the figure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the OUT folder of benchmarks/sweeps.sh and refresh_cost.sh")
+    parser.add_argument("--queue", choices=sorted(QUEUES), default="paper")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epoch", type=int, default=12)
+    parser.add_argument("--epoch", type=int, default=None, help="default: the queue's last (paper 12, paper-gemma 8)")
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
+    args.epoch = args.epoch or QUEUES[args.queue][1]
+    templates, full_template = runs(args.queue)
     points = {}
-    for label, template in RUNS.items():
+    for label, template in templates.items():
         folder = args.out / template.format(seed=args.seed)
         records = read_question_records(folder, missing_ok=True)
         try:
@@ -113,7 +122,7 @@ def main() -> None:
             points[label] = (passes_per_epoch(folder, records), question_outcomes(records, args.epoch))
         except CplError as error:  # not run, or still short of that epoch
             print(f"{label}: left out ({error})")
-    full = question_outcomes(read_question_records(args.out / FULL.format(seed=args.seed)), args.epoch)
+    full = question_outcomes(read_question_records(args.out / full_template.format(seed=args.seed)), args.epoch)
     print("\n".join(table(points, full, args.epoch)))
     if args.plot is not None:
         draw(points, full, args.epoch, args.plot)

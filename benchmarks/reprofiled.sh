@@ -5,16 +5,7 @@
 # Usage: SEEDS="0 1 2" benchmarks/reprofiled.sh OUT paper|paper-gemma (after benchmarks/sweeps.sh OUT QUEUE)
 set -euo pipefail
 OUT=${1:?output folder}; QUEUE=${2:?paper or paper-gemma}; CPL="${CPL:-.venv/bin/cpl-masks}"
-S="$OUT/$QUEUE"; RUNS="$OUT/$QUEUE-extra"  # beside the queue's other single runs (paper-extra: the seed-0 run)
-case $QUEUE in
-  paper) SETTINGS=(--epochs 12 --lr 3e-5) ;;
-  paper-gemma) SETTINGS=(--model gemma3-270m --epochs 8 --lr 1e-5) ;;
-  *) echo "unknown queue: $QUEUE (paper or paper-gemma)" >&2; exit 2 ;;
-esac
-TRAIN=("${SETTINGS[@]}" --eval-every 2 --optimizer sgd --batch-size 1 --scoring loglik --task demo --threads 1
-  --data "$S/split/inject.jsonl" --mastered "$S/split/mastered.jsonl" --heldout "$S/split/mastered_heldout.jsonl"
-  --retain-text "$S/retain.txt")
-source "$(dirname "$0")/queue_run.sh"
+source "$(dirname "$0")/paper_queue.sh"
 for SEED in ${SEEDS:-0 1 2}; do
   run mask-reprofiled-s$SEED --mask "$S/masks/cpl.safetensors" --reprofile-every 1000 --seed $SEED
 done
