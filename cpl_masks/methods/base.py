@@ -85,9 +85,9 @@ class ScheduleOptions:
     def due(self, epoch: int, step_in_epoch: int) -> bool:
         """Whether a refresh is due before this step: at an epoch's start, and every ``refresh_every`` steps;
         only before the run's first step when it never refreshes."""
-        every = self.refresh_every
         if self.never:
             return (epoch, step_in_epoch) == (1, 0)
+        every = self.refresh_every
         return step_in_epoch == 0 or (every is not None and step_in_epoch % every == 0)
 
 
