@@ -1,7 +1,7 @@
 # Sourced by the single runs on a paper queue's split (reprofiled.sh, refresh_cost.sh), with OUT and QUEUE set:
-# S, the queue's folder; MODEL, its --model option; RUNS, where the single runs go (beside paper-extra's seed-0 runs); TRAIN, the queue's
-# settings (paper: SmolLM2, 12 epochs at lr 3e-5; paper-gemma: Gemma 3 270M, 8 epochs at lr 1e-5), split and
-# retain text; and queue_run.sh's run.
+# S, the queue's folder; MODEL, its --model option; RUNS, where the single runs go (beside paper-extra's seed-0
+# runs); TRAIN, the queue's settings (paper: SmolLM2, 12 epochs at lr 3e-5; paper-gemma: Gemma 3 270M, 8 epochs
+# at lr 1e-5), split and retain text; and queue_run.sh's run.
 S="$OUT/$QUEUE"; RUNS="$OUT/$QUEUE-extra"
 case $QUEUE in
   paper) MODEL=(); SETTINGS=(--epochs 12 --lr 3e-5) ;;

@@ -17,9 +17,11 @@ from pathlib import Path
 
 from cpl_masks.errors import CplError
 from cpl_masks.evaluate import OUTCOMES, compare_outcomes, describe_difference, question_outcomes, read_question_records
+from cpl_masks.methods import ScheduleOptions
 
 QUEUES = {"paper": ("3e-05", 12), "paper-gemma": ("1e-05", 8)}  # queue -> its learning rate in run names, epochs
 EVERY_EPOCH = "all of M"
+HEADERS = ("learned", "forgotten (M)", "held-out forgotten")
 
 
 def runs(queue: str) -> tuple[dict[str, str], str]:
@@ -31,22 +33,19 @@ def runs(queue: str) -> tuple[dict[str, str], str]:
     return found, f"{queue}/runs/full-lr{lr}-s{{seed}}"
 
 
-HEADERS = ("learned", "forgotten (M)", "held-out forgotten")
-
-
 def passes_per_epoch(folder: Path, records: list[dict]) -> float:
-    """What an epoch's refreshes of g_M cost, in passes over M, from the run's configuration: a refresh at
-    each epoch's start and every ``refresh_every`` steps (0: never), each over ``refresh_sample`` questions."""
+    """What an epoch after the first spends refreshing g_M, in passes over M: the refreshes the run's own
+    schedule makes due (:meth:`ScheduleOptions.due`), each over ``refresh_sample`` questions or all of M."""
     request = json.loads((folder / "config.json").read_text(encoding="utf-8"))["request"]
-    every, sample = request["method_options"].get("refresh_every"), request["method_options"].get("refresh_sample")
-    if every == 0:
-        return 0.0
-    if request.get("retain") is not None:
-        raise SystemExit(f"{folder}: a refreshing retain run steers by its retain set's questions, not by M")
+    options = request["method_options"]
     sizes = {record["set"]: len(record["id"]) for record in records if record["epoch"] == 0}
     steps = math.ceil(sizes["inject"] / request["config"]["batch_size"])
-    refreshes = 1 if every is None else math.ceil(steps / every)
-    return refreshes * min(sample or sizes["mastered"], sizes["mastered"]) / sizes["mastered"]
+    schedule = ScheduleOptions(options.get("refresh_every"))
+    refreshes = sum(schedule.due(2, step) for step in range(steps))
+    if refreshes and request.get("retain") is not None:
+        raise SystemExit(f"{folder}: a refreshing retain run steers by its retain set's questions, not by M")
+    mastered = sizes["mastered"]
+    return refreshes * min(options.get("refresh_sample") or mastered, mastered) / mastered
 
 
 def count(found: dict[str, dict[str, bool]], outcome: str) -> int:
