@@ -167,7 +167,6 @@ class DynamicCPL(Method):
             measure = options.measure()
         self.measure = measure
         self.reference = mastered_signs(context, options, measure)
-        self.never = options.never
         self.keep_signs = options.keep_signs
         self.refreshed: list[Mask] = []
 
@@ -190,7 +189,7 @@ class DynamicCPL(Method):
         A run's very first step starts from the retain set's signs, profiled at these same weights; a
         run that never refreshes keeps them to the end, resumed or not.
         """
-        starting = (epoch, step_in_epoch) == (1, 0) or (self.never and self.reference.kept is None)
+        starting = (epoch, step_in_epoch) == (1, 0) or (self.reference.schedule.never and self.reference.kept is None)
         if self.retain is not None and starting:
             self.reference.hold(self.retain.signs().to(next(model.parameters()).device))
             return
