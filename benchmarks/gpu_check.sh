@@ -53,7 +53,7 @@ import json
 import sys
 from pathlib import Path
 
-from cpl_masks.masks import read_header
+from cpl_masks.masks.format import read_header
 
 out = Path(sys.argv[1])
 rows = []

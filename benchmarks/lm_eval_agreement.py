@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from cpl_masks.models import DEFAULT_MODEL, _pretrained_folder, load_model
-from cpl_masks.scoring import LoglikScorer, score_questions
+from cpl_masks.scoring.scorers import LoglikScorer, score_questions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scoring_bench import _Recorder, before, read_set

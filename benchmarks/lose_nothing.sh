@@ -46,7 +46,7 @@ time $CPL train --mask $E/recut.safetensors --data $E/split/inject.jsonl --maste
 ls $E/run2 2>&1
 step "bfloat16 model with its float32 mask"
 "$PWD/.venv/bin/python" - <<PY
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
 from cpl_masks.models import load_model, DEFAULT_MODEL
 loaded = load_model(DEFAULT_MODEL, dtype="bfloat16")
 Mask.load("$E/mask.safetensors").check_model(loaded.model)
@@ -90,7 +90,7 @@ kill -TERM $TRAIN; wait $TRAIN; echo "exit $?"; tail -2 $E/held.log
 step "18: hostile metadata (escape sequences, rich markup) is shown, not obeyed"
 "$PY" - <<PY
 import torch
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
 bits = {"model.layers.0.mlp.up_proj.weight": torch.rand(3, 5) > 0.5}
 hostile = "\x1b[2J[link=https://evil.example]click[/link] [/]"
 Mask.from_bool(bits, {"model": {"ref": "org/" + hostile}, "scoring": hostile, "parents": []}).save("$E/hostile.safetensors")
@@ -124,7 +124,7 @@ printf '{"question": "what \\ud800?", "choices": ["a", "b"], "answer": 0}\n' > $
 $CPL split --data $E/deep.jsonl --out $E/s18c; $CPL split --data $E/surrogate.jsonl --out $E/s18c
 "$PY" - <<PY
 import json, os
-from cpl_masks.data import load_questions
+from cpl_masks.data.questions import load_questions
 path = "$E/swap.jsonl"
 rows = [{"question": f"q{i}?", "choices": ["x", "y"], "answer": "A"} for i in range(8)]
 open(path, "w").write("".join(json.dumps(r) + "\n" for r in rows)); before = os.stat(path)

@@ -36,15 +36,15 @@ from pathlib import Path
 
 import torch
 
-from cpl_masks.bits import pack_bits, unpack_bits
-from cpl_masks.data import load_questions
-from cpl_masks.files import write_json
-from cpl_masks.gradients import GradientSums, question_gradients
+from cpl_masks.data.questions import load_questions
+from cpl_masks.data.split import resolve_scoring
+from cpl_masks.masks.bits import pack_bits, unpack_bits
+from cpl_masks.masks.signs import PackedSigns
 from cpl_masks.models import load_model
-from cpl_masks.scoring import make_scorer
-from cpl_masks.selection import t_statistic
-from cpl_masks.signs import PackedSigns
-from cpl_masks.split import resolve_scoring
+from cpl_masks.profiling.gradients import GradientSums, question_gradients
+from cpl_masks.profiling.selection import t_statistic
+from cpl_masks.scoring.scorers import make_scorer
+from cpl_masks.utils.files import write_json
 
 MASK_RULES = ("sign", "confidence")  # frozen bits, from g_M and g_I of the answer loss
 SIGN_RULES = ("retain signs", "confident retain signs")  # sign planes of g_M alone

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from cpl_masks import Mask, diff, load_model, load_questions, profile
-from cpl_masks.files import write_json
+from cpl_masks.utils.files import write_json
 
 
 def chance_agreement(first: Mask, second: Mask) -> float:

@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from cpl_masks.evaluate import OUTCOMES, describe_difference
-from cpl_masks.sweep_report import aggregate, best_per_method, final_points, paired_comparisons
+from cpl_masks.evaluation.outcomes import OUTCOMES, describe_difference
+from cpl_masks.sweep.report import aggregate, best_per_method, final_points, paired_comparisons
 
 
 def curve_rows(points: list[dict]) -> list[str]:

@@ -2,7 +2,7 @@
 
 Picks ``--questions`` mastered and as many injection questions from ARC-Challenge by SmolLM2's own
 letter predictions, then profiles them twice, each in its own subprocess so peak RSS is measured
-separately: the library's batched :func:`cpl_masks.profile.profile` and the paper-style loop
+separately: the library's batched :func:`cpl_masks.profiling.freeze_mask.profile` and the paper-style loop
 (batch 1, one backward per question, gradients summed in ``.grad``). Prints and writes (``--json``)
 the time ratio, peak-memory ratio and mask agreement.
 
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from cpl_masks.data import load_questions, write_questions
-from cpl_masks.mask_stats import diff
-from cpl_masks.masks import Mask
+from cpl_masks.data.questions import load_questions, write_questions
+from cpl_masks.masks.format import Mask
+from cpl_masks.masks.stats import diff
 from cpl_masks.models import DEFAULT_MODEL, load_model
-from cpl_masks.profile import profile
-from cpl_masks.scoring import batches, make_scorer, score_questions
+from cpl_masks.profiling.freeze_mask import profile
+from cpl_masks.scoring.scorers import batches, make_scorer, score_questions
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "arc_challenge.jsonl"
 

@@ -16,7 +16,13 @@ import math
 from pathlib import Path
 
 from cpl_masks.errors import CplError
-from cpl_masks.evaluate import OUTCOMES, compare_outcomes, describe_difference, question_outcomes, read_question_records
+from cpl_masks.evaluation.outcomes import (
+    OUTCOMES,
+    compare_outcomes,
+    describe_difference,
+    question_outcomes,
+    read_question_records,
+)
 from cpl_masks.methods import ScheduleOptions
 
 QUEUES = {"paper": ("3e-05", 12), "paper-gemma": ("1e-05", 8)}  # queue -> its learning rate in run names, epochs

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cpl_masks.sweep_report import aggregate, best_per_method
+from cpl_masks.sweep.report import aggregate, best_per_method
 
 
 def _pct(value: float | None, spread: float | None = None, seeds: int = 1) -> str:

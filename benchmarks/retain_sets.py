@@ -15,7 +15,7 @@ import argparse
 import random
 from pathlib import Path
 
-from cpl_masks.data import load_questions, write_questions
+from cpl_masks.data.questions import load_questions, write_questions
 
 DEMO_TASK_A_ROWS = 160  # the paper queue's --limit
 

@@ -27,9 +27,14 @@ import argparse
 import functools
 from pathlib import Path
 
-from cpl_masks.data import load_questions
+from cpl_masks.data.questions import load_questions
 from cpl_masks.errors import CplError
-from cpl_masks.evaluate import compare_outcomes, describe_difference, question_outcomes, read_question_records
+from cpl_masks.evaluation.outcomes import (
+    compare_outcomes,
+    describe_difference,
+    question_outcomes,
+    read_question_records,
+)
 
 RUNS = {  # label -> run folder, relative to OUT (the retain queue, SmolLM2)
     "A full": "paper/runs/full-lr3e-05-s0",

@@ -2,7 +2,7 @@
 
 For each question set, scores the same questions with ``before`` (one sequence per (question,
 choice) pair, batches in input order: the scoring as it was) and ``after`` (one packed sequence per
-question, batches ordered by length: :func:`cpl_masks.scoring.score_questions` today), repetitions
+question, batches ordered by length: :func:`cpl_masks.scoring.scorers.score_questions` today), repetitions
 interleaved and their order alternated so a busy machine slows both alike. Each repetition uses
 fresh scorers, so both pay their tokenization. Prints, and writes with ``--json``, questions per
 second (median over repetitions), the speed-up, and the agreement: the largest difference between
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from cpl_masks.data import BUILTIN_DEMO, Question, load_questions
+from cpl_masks.data.questions import BUILTIN_DEMO, Question, load_questions
 from cpl_masks.models import DEFAULT_MODEL, load_model
-from cpl_masks.scoring import LoglikScorer, batches, score_questions
+from cpl_masks.scoring.scorers import LoglikScorer, batches, score_questions
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

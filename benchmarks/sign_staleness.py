@@ -19,15 +19,15 @@ import argparse
 import time
 from pathlib import Path
 
-from cpl_masks.bits import count_set_bits
-from cpl_masks.data import load_questions
-from cpl_masks.files import write_json
+from cpl_masks.data.questions import load_questions
+from cpl_masks.masks.bits import count_set_bits
+from cpl_masks.masks.signs import PackedSigns
 from cpl_masks.methods import MethodContext, make_method
 from cpl_masks.models import load_model
-from cpl_masks.retain import SignMeasure, measure_signs
-from cpl_masks.scoring import make_scorer
-from cpl_masks.signs import PackedSigns
-from cpl_masks.train import TrainConfig, Trainer
+from cpl_masks.profiling.retain import SignMeasure, measure_signs
+from cpl_masks.scoring.scorers import make_scorer
+from cpl_masks.training.loop import TrainConfig, Trainer
+from cpl_masks.utils.files import write_json
 
 OBJECTIVES = ("answer", "choices")
 

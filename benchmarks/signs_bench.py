@@ -35,8 +35,8 @@ from cpl_masks.methods.base import RefreshOptions
 from cpl_masks.methods.masking import DynamicCPL
 from cpl_masks.methods.reference import mastered_gradient
 from cpl_masks.models import load_model
-from cpl_masks.scoring import make_scorer
-from cpl_masks.train import TrainConfig, Trainer
+from cpl_masks.scoring.scorers import make_scorer
+from cpl_masks.training.loop import TrainConfig, Trainer
 
 VARIANTS = ("full", "dynamic-float", "dynamic", "dynamic-confident")
 OPTIONS = {"dynamic-confident": ("dynamic", {"confidence": 2.0})}  # signs that count only where |t| > 2

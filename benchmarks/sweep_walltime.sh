@@ -10,7 +10,7 @@ BEFORE=$(cd "${1:?worktree of the earlier commit}" && pwd); OUT=${2:?output fold
 cd "$(dirname "$0")/.."
 PY="$PWD/.venv/bin/python"; DATA=$(cd ../shared/data && pwd)
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-"$PY" -c "from cpl_masks.demo_data import retain_text; print(retain_text(), end='')" > "$OUT/retain.txt"
+"$PY" -c "from cpl_masks.data.demo import retain_text; print(retain_text(), end='')" > "$OUT/retain.txt"
 for side in before after; do
   root=$PWD; [ $side = before ] && root=$BEFORE
   start=$(date +%s.%N)

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from cpl_masks.data import load_questions
-from cpl_masks.evaluate import epoch_metrics, evaluate_sets
+from cpl_masks.data.questions import load_questions
+from cpl_masks.evaluation.outcomes import epoch_metrics, evaluate_sets
 from cpl_masks.methods import MethodContext, make_method
 from cpl_masks.methods.masking import DynamicCPL
 from cpl_masks.models import load_model
-from cpl_masks.profile import profile
-from cpl_masks.scoring import make_scorer
-from cpl_masks.train import TrainConfig, Trainer, optimizer_state_bytes
+from cpl_masks.profiling.freeze_mask import profile
+from cpl_masks.scoring.scorers import make_scorer
+from cpl_masks.training.loop import TrainConfig, Trainer, optimizer_state_bytes
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "arc_challenge.jsonl"
 MASK_FILE = Path("/tmp/cpl-train-bench-mask.safetensors")
@@ -53,7 +53,7 @@ def rss() -> int:
 
 
 def method_for(name: str, scorer, mastered, g_m_batch: int = 1):
-    from cpl_masks.masks import Mask
+    from cpl_masks.masks.format import Mask
 
     mask = Mask.load(MASK_FILE, scores=False) if name == "mask" else None
     return make_method(name, MethodContext(scorer, mastered, mask, batch_size=g_m_batch))

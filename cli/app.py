@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from cpl_masks import distributed
 from cpl_masks.cli import hub, masks, profile, split, sweep
 from cpl_masks.cli import registry as registry_commands
 from cpl_masks.cli import train as train_commands
 from cpl_masks.cli.method_options import with_method_options
+from cpl_masks.utils import distributed
 
 HELP = "Reusable freeze masks for teaching a language model new facts without forgetting old ones."
 

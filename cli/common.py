@@ -18,9 +18,9 @@ from rich.segment import Segments
 from rich.table import Table
 from safetensors import SafetensorError
 
-from cpl_masks.data import FieldNames
+from cpl_masks.data.questions import FieldNames
 from cpl_masks.errors import CplError
-from cpl_masks.files import describe_os_error
+from cpl_masks.utils.files import describe_os_error
 
 stdout = Console()
 stderr = Console(stderr=True)

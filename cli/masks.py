@@ -11,7 +11,6 @@ from typing import Annotated, Any
 
 import typer
 
-from cpl_masks.algebra import OPERATIONS, combine, recut
 from cpl_masks.cli.common import (
     print_json,
     print_table,
@@ -19,13 +18,14 @@ from cpl_masks.cli.common import (
     say,
 )
 from cpl_masks.errors import CplError
-from cpl_masks.files import atomic_write, check_output_file
-from cpl_masks.mask_stats import diff as diff_masks
-from cpl_masks.mask_stats import draw_share_heatmap, summarize
-from cpl_masks.masks import Mask
+from cpl_masks.masks.algebra import OPERATIONS, combine, recut
+from cpl_masks.masks.format import Mask
+from cpl_masks.masks.stats import diff as diff_masks
+from cpl_masks.masks.stats import draw_share_heatmap, summarize
+from cpl_masks.profiling.retain import retain_measure
+from cpl_masks.profiling.selection import Rule
 from cpl_masks.registry import Registry
-from cpl_masks.retain import retain_measure
-from cpl_masks.selection import Rule
+from cpl_masks.utils.files import atomic_write, check_output_file
 
 MaskArgument = Annotated[str, typer.Argument(help="Mask: file path, id or id prefix, name@vN, or name (latest).")]
 OutOption = Annotated[

@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import typer
 
-from cpl_masks import distributed
 from cpl_masks.cli.common import (
     BatchSizeOption,
     DeviceOption,
@@ -30,21 +29,22 @@ from cpl_masks.cli.masks import (
     print_summary,
     save_and_register,
 )
-from cpl_masks.controls import CONTROLS, control_mask
-from cpl_masks.data import load_questions
-from cpl_masks.distributed import Processes
+from cpl_masks.data.questions import load_questions
+from cpl_masks.data.split import resolve_scoring
 from cpl_masks.errors import CplError
-from cpl_masks.mask_file import KINDS
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
+from cpl_masks.masks.reading import KINDS
 from cpl_masks.models import DEFAULT_MODEL, load_model
-from cpl_masks.profile import check_rule_runs
-from cpl_masks.profile import profile as profile_model
+from cpl_masks.profiling.controls import CONTROLS, control_mask
+from cpl_masks.profiling.freeze_mask import check_rule_runs
+from cpl_masks.profiling.freeze_mask import profile as profile_model
+from cpl_masks.profiling.retain import CONFIDENCE_HELP, UNCERTAIN_HELP, SignMeasure, profile_retain
+from cpl_masks.profiling.selection import Rule
 from cpl_masks.registry import Registry
 from cpl_masks.registry.names import check_task
-from cpl_masks.retain import CONFIDENCE_HELP, UNCERTAIN_HELP, SignMeasure, profile_retain
-from cpl_masks.scorer import OBJECTIVE_HELP
-from cpl_masks.selection import Rule
-from cpl_masks.split import resolve_scoring
+from cpl_masks.scoring.base import OBJECTIVE_HELP
+from cpl_masks.utils import distributed
+from cpl_masks.utils.distributed import Processes
 
 RULES = ("sign", *CONTROLS)
 

@@ -23,10 +23,10 @@ from cpl_masks.cli.common import (
     print_table,
     reports_errors,
 )
-from cpl_masks.data import check_limit, load_questions
-from cpl_masks.files import check_output_dir
+from cpl_masks.data.questions import check_limit, load_questions
+from cpl_masks.data.split import HELDOUT, INJECT, MASTERED, SCORES, SUMMARY, split_questions, write_split
 from cpl_masks.models import DEFAULT_MODEL, load_model
-from cpl_masks.split import HELDOUT, INJECT, MASTERED, SCORES, SUMMARY, split_questions, write_split
+from cpl_masks.utils.files import check_output_dir
 
 SPLIT_FILES = (MASTERED, INJECT, HELDOUT, SCORES, SUMMARY)  # what split writes into --out
 

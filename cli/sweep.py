@@ -19,12 +19,12 @@ from cpl_masks.cli.common import (
     reports_interrupts,
     say,
 )
-from cpl_masks.data import check_limit
+from cpl_masks.data.questions import check_limit
 from cpl_masks.errors import CplError
 from cpl_masks.models import DEFAULT_MODEL
-from cpl_masks.sweep import PLOT_FILE, RESULT_FILE, run_sweep
-from cpl_masks.sweep_config import DEFAULT_LR_GRID, DEFAULT_METHODS, SweepConfig
-from cpl_masks.sweep_report import PAIRED_COLUMNS, SWEEP_COLUMNS, paired_table_rows, sweep_table_rows
+from cpl_masks.sweep.config import DEFAULT_LR_GRID, DEFAULT_METHODS, SweepConfig
+from cpl_masks.sweep.report import PAIRED_COLUMNS, SWEEP_COLUMNS, paired_table_rows, sweep_table_rows
+from cpl_masks.sweep.run import PLOT_FILE, RESULT_FILE, run_sweep
 
 DEFAULTS = SweepConfig(model="", data="", out="")  # the options' defaults are the config's, written once there
 

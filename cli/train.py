@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 import typer
 
-from cpl_masks import distributed
 from cpl_masks.cli.common import (
     DeviceOption,
     DtypeOption,
@@ -23,9 +22,9 @@ from cpl_masks.cli.common import (
     say,
     stdout,
 )
-from cpl_masks.data import load_questions
+from cpl_masks.data.questions import load_questions
 from cpl_masks.errors import CplError
-from cpl_masks.evaluate import (
+from cpl_masks.evaluation.outcomes import (
     COMPARE_COLUMNS,
     METRIC_COLUMNS,
     OUTCOMES,
@@ -39,15 +38,16 @@ from cpl_masks.evaluate import (
     question_outcomes,
     read_question_records,
 )
-from cpl_masks.files import check_output_file, folder_in_use
 from cpl_masks.methods import METHODS
 from cpl_masks.models import DEFAULT_MODEL
 from cpl_masks.registry.names import check_task
-from cpl_masks.run_folder import restartable, saved_config
-from cpl_masks.run_record import RUN, RunRecord
-from cpl_masks.run_request import RunRequest
-from cpl_masks.train import TrainConfig
-from cpl_masks.training_run import resume_run, start_run
+from cpl_masks.training.folder import restartable, saved_config
+from cpl_masks.training.loop import TrainConfig
+from cpl_masks.training.record import RUN, RunRecord
+from cpl_masks.training.request import RunRequest
+from cpl_masks.training.run import resume_run, start_run
+from cpl_masks.utils import distributed
+from cpl_masks.utils.files import check_output_file, folder_in_use
 
 DEFAULTS = TrainConfig()  # the options' defaults are the config's, written once there
 RESUME_CHANGES = ("lr", "epochs")  # the options --resume accepts; all others are the run's saved ones

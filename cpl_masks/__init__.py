@@ -1,42 +1,42 @@
 """cpl-masks: reusable freeze masks for knowledge injection without forgetting.
 
-The pipeline, one module per stage: :mod:`~cpl_masks.data` (question sets), :mod:`~cpl_masks.models`
-(loading and fingerprints), :mod:`~cpl_masks.scoring` (answers and the answer loss),
-:mod:`~cpl_masks.split` (mastered vs. to-inject, and a forgetting pool), :mod:`~cpl_masks.profile`
-(gradients into a mask), :mod:`~cpl_masks.retain` (a retain set: the signs of g_M, reusable across
-tasks), :mod:`~cpl_masks.masks` (the file format of both), :mod:`~cpl_masks.methods`,
-:mod:`~cpl_masks.train` and :mod:`~cpl_masks.training_run` (one loop for every method; a finished
-run's record is a :class:`~cpl_masks.run_record.RunRecord`),
-:mod:`~cpl_masks.evaluate` (learned and forgotten, question by question), :mod:`~cpl_masks.sweep`
-(every method at every learning rate) and :mod:`~cpl_masks.sweep_report` (its points, budget and
-paired comparisons, with :mod:`~cpl_masks.stats`), :mod:`cpl_masks.registry` (provenance),
-:mod:`~cpl_masks.hub` (push and pull), :mod:`~cpl_masks.integrations` (a mask in transformers'
-``Trainer``, TRL or any loop) and :mod:`~cpl_masks.sign_rule` (a retain set's per-step rule there).
+The pipeline, one module per stage: :mod:`~cpl_masks.data.questions` (question sets), :mod:`~cpl_masks.models`
+(loading and fingerprints), :mod:`~cpl_masks.scoring.scorers` (answers and the answer loss),
+:mod:`~cpl_masks.data.split` (mastered vs. to-inject, and a forgetting pool), :mod:`~cpl_masks.profiling.freeze_mask`
+(gradients into a mask), :mod:`~cpl_masks.profiling.retain` (a retain set: the signs of g_M, reusable across
+tasks), :mod:`~cpl_masks.masks.format` (the file format of both), :mod:`~cpl_masks.methods`,
+:mod:`~cpl_masks.training.loop` and :mod:`~cpl_masks.training.run` (one loop for every method; a finished
+run's record is a :class:`~cpl_masks.training.record.RunRecord`),
+:mod:`~cpl_masks.evaluation.outcomes` (learned and forgotten, question by question), :mod:`~cpl_masks.sweep.run`
+(every method at every learning rate) and :mod:`~cpl_masks.sweep.report` (its points, budget and
+paired comparisons, with :mod:`~cpl_masks.evaluation.stats`), :mod:`cpl_masks.registry` (provenance),
+:mod:`~cpl_masks.hub` (push and pull), :mod:`~cpl_masks.integrations.trainer` (a mask in transformers'
+``Trainer``, TRL or any loop) and :mod:`~cpl_masks.integrations.sign_rule` (a retain set's per-step rule there).
 """
 
-from cpl_masks.algebra import combine, recut
-from cpl_masks.controls import gradient_magnitude_mask, random_mask
-from cpl_masks.data import FieldNames, Question, load_questions, questions_sha256, write_questions
+from cpl_masks.data.questions import FieldNames, Question, load_questions, questions_sha256, write_questions
+from cpl_masks.data.split import Split, forgetting_pool, split_questions, write_split
 from cpl_masks.errors import CplError
-from cpl_masks.evaluate import compare_outcomes, question_outcomes, read_question_records
-from cpl_masks.integrations import MaskHandle, apply, apply_mask, load_mask
-from cpl_masks.mask_stats import diff, summarize
-from cpl_masks.masks import Mask, read_header
+from cpl_masks.evaluation.outcomes import compare_outcomes, question_outcomes, read_question_records
+from cpl_masks.evaluation.stats import compare_paired, mcnemar_exact, paired_bootstrap
+from cpl_masks.integrations.sign_rule import SignRuleHandle, apply_retain
+from cpl_masks.integrations.trainer import MaskHandle, apply, apply_mask, load_mask
+from cpl_masks.masks.algebra import combine, recut
+from cpl_masks.masks.format import Mask, read_header
+from cpl_masks.masks.stats import diff, summarize
 from cpl_masks.methods import METHODS, Method, MethodContext, make_method
 from cpl_masks.models import DEFAULT_MODEL, LoadedModel, load_model, model_fingerprint
-from cpl_masks.profile import profile
-from cpl_masks.retain import profile_retain, retain_questions
-from cpl_masks.run_record import RunRecord
-from cpl_masks.run_request import RunRequest
-from cpl_masks.scoring import SCORINGS, Scores, make_scorer, score_questions
-from cpl_masks.selection import Rule
-from cpl_masks.sign_rule import SignRuleHandle, apply_retain
-from cpl_masks.split import Split, forgetting_pool, split_questions, write_split
-from cpl_masks.stats import compare_paired, mcnemar_exact, paired_bootstrap
-from cpl_masks.sweep import run_sweep
-from cpl_masks.sweep_config import SweepConfig
-from cpl_masks.train import TrainConfig
-from cpl_masks.training_run import resume_run, start_run
+from cpl_masks.profiling.controls import gradient_magnitude_mask, random_mask
+from cpl_masks.profiling.freeze_mask import profile
+from cpl_masks.profiling.retain import profile_retain, retain_questions
+from cpl_masks.profiling.selection import Rule
+from cpl_masks.scoring.scorers import SCORINGS, Scores, make_scorer, score_questions
+from cpl_masks.sweep.config import SweepConfig
+from cpl_masks.sweep.run import run_sweep
+from cpl_masks.training.loop import TrainConfig
+from cpl_masks.training.record import RunRecord
+from cpl_masks.training.request import RunRequest
+from cpl_masks.training.run import resume_run, start_run
 
 __version__ = "0.1.0"
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from cpl_masks.errors import CplError
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
 from cpl_masks.models import DEFAULT_MODEL
+from cpl_masks.profiling.retain import retain_measure
 from cpl_masks.registry import Registry, Transfer
 from cpl_masks.registry.names import MAX_TASK_CHARS
-from cpl_masks.retain import retain_measure
 
 MASK_FILENAME = "mask.safetensors"
 PROVENANCE_FILENAME = "provenance.json"
@@ -343,7 +343,7 @@ cpl-masks train --retain {name.split("@")[0]} --model {model} \\
 
 def per_layer_figure(mask: Mask) -> bytes:
     """PNG bytes of the ``inspect`` heatmap (collaborative share, layers x module types) for the model card."""
-    from cpl_masks.mask_stats import draw_share_heatmap
+    from cpl_masks.masks.stats import draw_share_heatmap
 
     buffer = io.BytesIO()
     draw_share_heatmap(mask, buffer)

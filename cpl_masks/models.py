@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from cpl_masks.errors import CplError
-from cpl_masks.files import home_dir, sha256_file
+from cpl_masks.utils.files import home_dir, sha256_file
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cpl_masks.errors import CplError
-from cpl_masks.files import home_dir, sha256_file
-from cpl_masks.masks import Mask, read_header
+from cpl_masks.masks.format import Mask, read_header
 from cpl_masks.registry.maintenance import Maintenance
 from cpl_masks.registry.names import mask_name
 from cpl_masks.registry.queries import (
@@ -39,6 +38,7 @@ from cpl_masks.registry.queries import (
 )
 from cpl_masks.registry.schema import DATABASE_NAME, check_home, connect, transaction
 from cpl_masks.registry.store import STORE_NAME, Store
+from cpl_masks.utils.files import home_dir, sha256_file
 
 
 @dataclass

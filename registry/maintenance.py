@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cpl_masks.errors import CplError
-from cpl_masks.files import sha256_file
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
 from cpl_masks.registry.queries import alias_row, find, label, names_of, refuse_bare_name, relatives
 from cpl_masks.registry.schema import connect, transaction
 from cpl_masks.registry.store import Store
+from cpl_masks.utils.files import sha256_file
 
 STALE_STAGED_S = 600.0  # a staged copy untouched this long belongs to a dead process
 

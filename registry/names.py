@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cpl_masks.data import BUILTIN_DEMO
+from cpl_masks.data.questions import BUILTIN_DEMO
 from cpl_masks.errors import CplError
 
 MAX_TASK_CHARS = 64  # a task name is a word or two, not a paragraph

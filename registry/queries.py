@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cpl_masks.errors import CplError
-from cpl_masks.masks import read_header
+from cpl_masks.masks.format import read_header
 from cpl_masks.registry.names import split_versioned, task_name
 
 # every name@vN: the one each mask was first registered under (alias 0) and its aliases (alias 1)

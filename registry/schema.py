@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cpl_masks.errors import CplError
-from cpl_masks.files import default_file_mode
+from cpl_masks.utils.files import default_file_mode
 
 DATABASE_NAME = "registry.sqlite3"
 BUSY_TIMEOUT_S = 60.0

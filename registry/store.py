@@ -16,8 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from cpl_masks.files import default_file_mode, disk_error
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
+from cpl_masks.utils.files import default_file_mode, disk_error
 
 STORE_NAME = "masks"
 SUFFIX = ".safetensors"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpl_masks.data import Question
+from cpl_masks.data.questions import Question
 from tests.fake_hub import TOKEN, FakeHubServer
 
 CHAT_TEMPLATE = (

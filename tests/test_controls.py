@@ -9,14 +9,14 @@ import torch
 from typer.testing import CliRunner
 
 from cpl_masks.cli.app import app
-from cpl_masks.controls import _largest_bits, gradient_magnitude_mask, random_mask
 from cpl_masks.errors import CplError
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
 from cpl_masks.models import load_model
-from cpl_masks.profile import profile
+from cpl_masks.profiling.controls import _largest_bits, gradient_magnitude_mask, random_mask
+from cpl_masks.profiling.freeze_mask import profile
+from cpl_masks.profiling.selection import Rule
 from cpl_masks.registry import Registry
-from cpl_masks.scoring import make_scorer
-from cpl_masks.selection import Rule
+from cpl_masks.scoring.scorers import make_scorer
 from tests.conftest import make_questions, write_rows
 from tests.helpers import assert_frozen_unchanged, snapshot
 from tests.test_profile import reference_gradients

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from cpl_masks.data import (
+from cpl_masks.data.demo import demo_rows, general_rows, invented_rows
+from cpl_masks.data.questions import (
     BUILTIN_DEMO,
     MAX_TEXT_CHARS,
     FieldNames,
@@ -15,7 +16,6 @@ from cpl_masks.data import (
     questions_sha256,
     write_questions,
 )
-from cpl_masks.demo_data import demo_rows, general_rows, invented_rows
 from cpl_masks.errors import CplError
 from tests.conftest import make_questions, write_rows
 

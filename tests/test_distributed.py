@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpl_masks.gradients import mean_gradients
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
 from cpl_masks.methods import MethodContext
 from cpl_masks.methods.masking import StaticMask
 from cpl_masks.models import load_model, model_fingerprint
-from cpl_masks.profile import profile
-from cpl_masks.scoring import make_scorer
-from cpl_masks.train import TrainConfig, Trainer
+from cpl_masks.profiling.freeze_mask import profile
+from cpl_masks.profiling.gradients import mean_gradients
+from cpl_masks.scoring.scorers import make_scorer
+from cpl_masks.training.loop import TrainConfig, Trainer
 from tests.conftest import make_questions, write_rows
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
@@ -69,7 +69,7 @@ def spawn(task: str, *args: object) -> None:
 
 
 def _rank_main(rank: int, task: str, *args: object) -> None:
-    from cpl_masks import distributed
+    from cpl_masks.utils import distributed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
@@ -80,7 +80,7 @@ def _rank_main(rank: int, task: str, *args: object) -> None:
 
 def profile_both(model_dir: str, out: str) -> None:
     """Profile a fresh model under each wrapping; rank 0 saves each mask (ranks must agree)."""
-    from cpl_masks import distributed
+    from cpl_masks.utils import distributed
 
     for wrapping in WRAPPINGS:
         mask = profile(fresh(model_dir), MASTERED, INJECT, batch_size=2, show_progress=False, wrapping=wrapping)
@@ -94,7 +94,7 @@ def profile_both(model_dir: str, out: str) -> None:
 def one_step(model_dir: str, mask_path: str, out: str) -> None:
     """One static-mask step of each optimizer under each wrapping; rank 0 saves the whole weights
     and the gradients the optimizer stepped with."""
-    from cpl_masks import distributed
+    from cpl_masks.utils import distributed
 
     for wrapping in WRAPPINGS:
         for optimizer, lr in OPTIMIZERS.items():
@@ -122,7 +122,7 @@ def stepped_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 def whole(gradients: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each captured gradient whole, on the CPU (a collective under FSDP2: every rank calls it)."""
-    from cpl_masks import distributed
+    from cpl_masks.utils import distributed
 
     return {name: full.cpu() for name, full in distributed.full_tensors(gradients.items())}
 
@@ -254,8 +254,9 @@ def test_torchrun_example_profiles_and_trains_with_rank_zero_writing(tiny_model_
 
 
 FAILING = """
-import importlib, sys, time
-from cpl_masks import distributed
+import sys, time
+from cpl_masks.profiling import freeze_mask
+from cpl_masks.utils import distributed
 from cpl_masks.cli.app import app
 from cpl_masks.errors import CplError
 
@@ -265,7 +266,7 @@ def broken(*args, **kwargs):
     raise CplError("injected failure")
 
 if distributed.launch_env().rank == 1:
-    importlib.import_module("cpl_masks.profile").mean_gradients = broken  # the package's `profile` is the function
+    freeze_mask.mean_gradients = broken
 app(sys.argv[2:])
 """
 
@@ -315,7 +316,7 @@ LEAVING_RANK = """
 import atexit, sys
 from pathlib import Path
 import torch
-from cpl_masks import distributed
+from cpl_masks.utils import distributed
 
 late = ("torch.distributed.nn", "torch.distributed.fsdp")
 assert not any(name in sys.modules for name in late), "the premise: nothing imported these yet"

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cpl_masks.cli.app import app
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
 from cpl_masks.models import load_model
 from tests.helpers import assert_frozen_unchanged, snapshot
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from cpl_masks.evaluate import (
+from cpl_masks.evaluation.outcomes import (
     comparison_rows,
     count_transitions,
     draw_comparison,
@@ -16,7 +16,7 @@ from cpl_masks.evaluate import (
     metrics_table_rows,
     text_loss,
 )
-from cpl_masks.scoring import Scores, make_scorer, score_questions
+from cpl_masks.scoring.scorers import Scores, make_scorer, score_questions
 from tests.conftest import make_questions
 from tests.test_run_record import a_record
 

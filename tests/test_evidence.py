@@ -8,15 +8,20 @@ import pytest
 from typer.testing import CliRunner
 
 from cpl_masks.cli.app import app
-from cpl_masks.data import load_questions
+from cpl_masks.data.questions import load_questions
+from cpl_masks.data.split import POOL_PREFIX, split_questions, write_split
 from cpl_masks.errors import CplError
-from cpl_masks.evaluate import compare_outcomes, outcome_differences, question_outcomes, read_question_records
-from cpl_masks.scoring import make_scorer, score_questions
-from cpl_masks.split import POOL_PREFIX, split_questions, write_split
-from cpl_masks.sweep import run_sweep
-from cpl_masks.sweep_config import SweepConfig
-from cpl_masks.sweep_report import aggregate, best_per_method, final_points, learned_forgotten_auc
-from cpl_masks.training_run import resume_run, start_run
+from cpl_masks.evaluation.outcomes import (
+    compare_outcomes,
+    outcome_differences,
+    question_outcomes,
+    read_question_records,
+)
+from cpl_masks.scoring.scorers import make_scorer, score_questions
+from cpl_masks.sweep.config import SweepConfig
+from cpl_masks.sweep.report import aggregate, best_per_method, final_points, learned_forgotten_auc
+from cpl_masks.sweep.run import run_sweep
+from cpl_masks.training.run import resume_run, start_run
 from tests.conftest import make_questions, write_rows
 from tests.test_resume import interrupted
 from tests.test_train import make_request
@@ -211,7 +216,7 @@ def test_compare_lists_the_questions_two_runs_disagree_on(tiny_model_dir, run_fi
 def test_a_multi_epoch_sweep_killed_mid_run_resumes_to_the_same_points(
     tiny_model_dir, sweep_files, tmp_path, monkeypatch
 ):
-    from cpl_masks.train import Trainer
+    from cpl_masks.training.loop import Trainer
 
     data, pool = sweep_files
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cpl_masks import hub
 from cpl_masks.cli.app import app
 from cpl_masks.errors import CplError
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
 from cpl_masks.registry import Registry
 from tests.fake_hub import TOKEN
 

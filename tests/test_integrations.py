@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cpl_masks.errors import CplError
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
 from cpl_masks.models import model_fingerprint
 from cpl_masks.registry import Registry
 from tests.conftest import WORDS

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from cpl_masks.cli.app import app
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
 from tests.conftest import make_questions
 
 runner = CliRunner()
@@ -165,7 +165,7 @@ def test_mask_inputs_report_bad_files_in_one_line(split_dir, tmp_path):
 def test_threshold_refuses_non_finite_scores_of_an_old_file(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from cpl_masks.masks import read_header
+    from cpl_masks.masks.format import read_header
 
     monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
     bits = {"w": torch.tensor([True, False, True])}

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cpl_masks.algebra import combine
-from cpl_masks.bits import pack_bits, unpack_bits
 from cpl_masks.errors import CplError
-from cpl_masks.mask_stats import diff, layer_of, module_type, summarize
-from cpl_masks.masks import Mask, content_id, read_header, scores_sha256
+from cpl_masks.masks.algebra import combine
+from cpl_masks.masks.bits import pack_bits, unpack_bits
+from cpl_masks.masks.format import Mask, content_id, read_header, scores_sha256
+from cpl_masks.masks.stats import diff, layer_of, module_type, summarize
 from cpl_masks.models import model_fingerprint
 from tests.data.make_golden_mask import BITS, GOLDEN, METADATA, SCORES, golden_mask
 
@@ -256,7 +256,7 @@ def test_check_model_accepts_its_model_and_refuses_other_weights(tiny):
 
 
 def test_check_model_accepts_the_same_checkpoint_in_bfloat16(tiny, tiny_model_dir):
-    from cpl_masks.masks import weights_metadata
+    from cpl_masks.masks.format import weights_metadata
     from cpl_masks.models import load_model
 
     bits = {name: torch.ones(parameter.shape, dtype=torch.bool) for name, parameter in tiny.model.named_parameters()}

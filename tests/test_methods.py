@@ -13,8 +13,8 @@ from cpl_masks.methods import METHODS, MethodContext, epoch_order, make_method, 
 from cpl_masks.methods.projection import total_dot
 from cpl_masks.methods.replay import replay_count
 from cpl_masks.models import load_model
-from cpl_masks.scoring import make_scorer, pad_left
-from cpl_masks.train import TrainConfig, Trainer
+from cpl_masks.scoring.scorers import make_scorer, pad_left
+from cpl_masks.training.loop import TrainConfig, Trainer
 from tests.conftest import make_questions, write_rows
 from tests.helpers import snapshot
 

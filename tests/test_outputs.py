@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from cpl_masks.cli.app import app
 from cpl_masks.errors import CplError
-from cpl_masks.files import check_output_file
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
+from cpl_masks.utils.files import check_output_file
 from tests.conftest import make_questions, write_rows
 
 
@@ -128,8 +128,8 @@ def test_a_file_created_while_the_command_runs_is_not_replaced_without_overwrite
 
 
 def test_files_get_the_users_umask_not_0600(tmp_path, home):
-    from cpl_masks.files import write_json
     from cpl_masks.registry import Registry
+    from cpl_masks.utils.files import write_json
 
     previous = os.umask(0o022)
     try:
@@ -174,7 +174,7 @@ def test_split_never_writes_over_its_own_data(tmp_path):
 
 
 def test_check_output_dir_refuses_an_input_folder_as_out_even_with_overwrite(tmp_path, tiny_model_dir):
-    from cpl_masks.files import check_output_dir
+    from cpl_masks.utils.files import check_output_dir
 
     for out in (tiny_model_dir, tiny_model_dir / "run"):
         with pytest.raises(CplError, match="holds or is this command's input"):
@@ -216,7 +216,7 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
 
 LOCK_HOLDER = """
 import sys, time
-from cpl_masks.files import lock_folder
+from cpl_masks.utils.files import lock_folder
 with lock_folder(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(60)
@@ -227,7 +227,7 @@ def test_lock_folder_refuses_a_second_writer_and_dies_with_its_process(tmp_path)
     import subprocess
     import sys
 
-    from cpl_masks.files import LOCK_NAME, check_output_dir, lock_folder
+    from cpl_masks.utils.files import LOCK_NAME, check_output_dir, lock_folder
 
     folder = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
@@ -249,7 +249,7 @@ def test_lock_folder_refuses_a_second_writer_and_dies_with_its_process(tmp_path)
 def test_publishing_without_hard_links_still_never_replaces(tmp_path, monkeypatch):
     import errno
 
-    from cpl_masks.files import atomic_write
+    from cpl_masks.utils.files import atomic_write
 
     def no_links(source, target):
         raise OSError(errno.EPERM, "Operation not permitted")

@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from cpl_masks.algebra import recut
+from cpl_masks.data.split import resolve_scoring
 from cpl_masks.errors import CplError
-from cpl_masks.gradients import gradient_sums, mean_gradients
+from cpl_masks.masks.algebra import recut
 from cpl_masks.models import load_model, model_fingerprint
-from cpl_masks.profile import profile, sign_agreement
-from cpl_masks.scoring import make_scorer
-from cpl_masks.selection import Rule, bf16_keys
-from cpl_masks.split import resolve_scoring
+from cpl_masks.profiling.freeze_mask import profile, sign_agreement
+from cpl_masks.profiling.gradients import gradient_sums, mean_gradients
+from cpl_masks.profiling.selection import Rule, bf16_keys
+from cpl_masks.scoring.scorers import make_scorer
 from tests.conftest import make_questions
 
 MASTERED = make_questions(9, seed=11, prefix="m")

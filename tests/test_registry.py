@@ -18,10 +18,10 @@ from cpl_masks.cli.app import app
 from cpl_masks.cli.common import stdout
 from cpl_masks.cli.masks import save_and_register
 from cpl_masks.errors import CplError
-from cpl_masks.files import sha256_file
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
 from cpl_masks.registry import Registry, schema, store
 from cpl_masks.registry.names import default_task, run_task, task_name
+from cpl_masks.utils.files import sha256_file
 
 
 @pytest.fixture(autouse=True)
@@ -261,9 +261,9 @@ def test_the_database_uses_wal_and_foreign_keys(registry):
 def test_a_profiled_mask_and_its_runs_share_a_task_and_runs_go_to_the_registry_passed_in(
     tmp_path, tiny_model_dir, registry
 ):
-    from cpl_masks.run_request import RunRequest
-    from cpl_masks.train import TrainConfig
-    from cpl_masks.training_run import start_run
+    from cpl_masks.training.loop import TrainConfig
+    from cpl_masks.training.request import RunRequest
+    from cpl_masks.training.run import start_run
     from tests.conftest import make_questions, write_rows
 
     files = {}

@@ -18,8 +18,8 @@ import torch
 
 from cpl_masks.errors import CplError
 from cpl_masks.registry import Registry
-from cpl_masks.run_folder import restartable
-from cpl_masks.training_run import resume_run, start_run
+from cpl_masks.training.folder import restartable
+from cpl_masks.training.run import resume_run, start_run
 from tests.conftest import make_questions, write_rows
 from tests.test_train import fresh, make_request, random_mask, saved_weights
 
@@ -69,7 +69,7 @@ def test_unwritable_out_is_refused_before_the_model_loads(tiny_model_dir, run_fi
     def no_model(*args, **kwargs):
         raise AssertionError("the model loaded before the output folder was checked")
 
-    monkeypatch.setattr("cpl_masks.training_run.load_model", no_model)
+    monkeypatch.setattr("cpl_masks.training.run.load_model", no_model)
     (tmp_path / "notes.txt").write_text("mine")
     blocked = make_request(tiny_model_dir, run_files, tmp_path / "notes.txt" / "run")
     with pytest.raises(CplError, match=r"^--out .*notes\.txt/run: cannot be created, .*notes\.txt is a file$"):
@@ -77,7 +77,7 @@ def test_unwritable_out_is_refused_before_the_model_loads(tiny_model_dir, run_fi
 
 
 def test_read_only_out_is_refused_before_the_model_loads(tiny_model_dir, run_files, tmp_path, monkeypatch):
-    monkeypatch.setattr("cpl_masks.training_run.load_model", lambda *args, **kwargs: pytest.fail("model loaded"))
+    monkeypatch.setattr("cpl_masks.training.run.load_model", lambda *args, **kwargs: pytest.fail("model loaded"))
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     real_access = os.access  # root may write anywhere, so the folder also reads as unwritable to the check
@@ -133,7 +133,7 @@ def test_resume_refuses_inputs_that_changed_or_are_gone(tiny_model_dir, run_file
     mask_path = random_mask(fresh(tiny_model_dir).model).save(tmp_path / "mask.safetensors")
     out = tmp_path / "run"
     interrupted(make_request(tiny_model_dir, run_files, out, mode=None, mask=str(mask_path)), epoch=1)
-    monkeypatch.setattr("cpl_masks.training_run.load_model", no_model)
+    monkeypatch.setattr("cpl_masks.training.run.load_model", no_model)
     inject = run_files[0]
     original = inject.read_text()
     inject.write_text(original + json.dumps(make_questions(1, 53, "x")[0].to_record()) + "\n")

@@ -9,19 +9,19 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cpl_masks.algebra import combine
 from cpl_masks.cli.app import app
 from cpl_masks.errors import CplError
-from cpl_masks.gradients import mean_gradients
-from cpl_masks.integrations import apply_mask
-from cpl_masks.mask_file import read_header
-from cpl_masks.masks import Mask
+from cpl_masks.integrations.sign_rule import apply_retain
+from cpl_masks.integrations.trainer import apply_mask
+from cpl_masks.masks.algebra import combine
+from cpl_masks.masks.format import Mask
+from cpl_masks.masks.reading import read_header
 from cpl_masks.methods import MethodContext, make_method
+from cpl_masks.profiling.gradients import mean_gradients
+from cpl_masks.profiling.retain import UNCERTAIN, SignMeasure, profile_retain, retain_questions
 from cpl_masks.registry import Registry
-from cpl_masks.retain import UNCERTAIN, SignMeasure, profile_retain, retain_questions
-from cpl_masks.scoring import make_scorer
-from cpl_masks.sign_rule import apply_retain
-from cpl_masks.train import TrainConfig, Trainer
+from cpl_masks.scoring.scorers import make_scorer
+from cpl_masks.training.loop import TrainConfig, Trainer
 from tests.conftest import make_questions, write_rows
 from tests.helpers import snapshot
 from tests.test_hub import switch_registry
@@ -217,7 +217,7 @@ def test_training_from_a_retain_set_equals_the_dynamic_rule_step_for_step(tiny_m
 def test_a_run_that_never_refreshes_steers_by_the_stored_signs_to_the_end_resumed_or_not(
     tiny_model_dir, retain, monkeypatch
 ):
-    import cpl_masks.retain as reference  # where the rule's signs are measured
+    import cpl_masks.profiling.retain as reference  # where the rule's signs are measured
 
     refreshes = []
     original = reference.mean_gradients

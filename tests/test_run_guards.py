@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from cpl_masks.cli.app import app
 from cpl_masks.errors import CplError
-from cpl_masks.files import folder_in_use, lock_folder
 from cpl_masks.registry import Registry
-from cpl_masks.sweep import run_sweep
-from cpl_masks.sweep_config import RunSpec, SweepConfig
-from cpl_masks.training_run import start_run
+from cpl_masks.sweep.config import RunSpec, SweepConfig
+from cpl_masks.sweep.run import run_sweep
+from cpl_masks.training.run import start_run
+from cpl_masks.utils.files import folder_in_use, lock_folder
 from tests.conftest import make_questions, write_rows
 from tests.test_train import fresh, make_request, random_mask
 
@@ -129,7 +129,7 @@ def train_args(model_dir, run_files, out, *extra: str) -> list[str]:
 def test_an_interrupted_train_says_how_to_resume_and_resume_takes_repeated_values(
     tiny_model_dir, run_files, tmp_path, monkeypatch
 ):
-    import cpl_masks.training_run as training_run
+    import cpl_masks.training.run as training_run
 
     out = tmp_path / "run"
     original = training_run.save_checkpoint

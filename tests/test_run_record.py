@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cpl_masks.errors import CplError
-from cpl_masks.run_record import RUN, RunRecord
+from cpl_masks.training.record import RUN, RunRecord
 
 NEWER_KEYS = ("method", "made_masks", "baseline_source", "distributed", "resume_changes")
 

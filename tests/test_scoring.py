@@ -8,10 +8,10 @@ import warnings
 import pytest
 import torch
 
-from cpl_masks.data import Question
+from cpl_masks.data.questions import Question
 from cpl_masks.errors import CplError
 from cpl_masks.models import load_model
-from cpl_masks.scoring import (
+from cpl_masks.scoring.scorers import (
     LetterScorer,
     LoglikScorer,
     context_length,
@@ -116,8 +116,8 @@ def test_profile_and_training_refuse_an_over_long_question_naming_its_file_and_r
     from typer.testing import CliRunner
 
     from cpl_masks.cli.app import app
-    from cpl_masks.data import load_questions
-    from cpl_masks.profile import profile
+    from cpl_masks.data.questions import load_questions
+    from cpl_masks.profiling.freeze_mask import profile
 
     inject = write_rows(tmp_path / "inject.jsonl", [q.to_record() for q in QUESTIONS[:3]] + ["", LONG_ROW])
     mastered = write_rows(tmp_path / "mastered.jsonl", [q.to_record() for q in QUESTIONS[3:6]])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cpl_masks.errors import CplError
-from cpl_masks.selection import Rule, encode_scores, touched_entries
+from cpl_masks.profiling.selection import Rule, encode_scores, touched_entries
 
 SCORES = {
     "a": torch.tensor([0.0, 1.0, 0.0, -1.0]),

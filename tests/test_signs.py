@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cpl_masks.bits import pack_bits, pack_bits_torch, packed_size, unpack_bits, unpack_bits_torch
-from cpl_masks.signs import PackedSigns
+from cpl_masks.masks.bits import pack_bits, pack_bits_torch, packed_size, unpack_bits, unpack_bits_torch
+from cpl_masks.masks.signs import PackedSigns
 
 SHAPES = {"a": (7,), "b": (3, 5), "c": (2, 4, 8)}  # sizes 7, 15, 64: ragged and whole last bytes
 

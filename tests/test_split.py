@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from cpl_masks.cli.app import app
-from cpl_masks.data import load_questions
+from cpl_masks.data.questions import load_questions
+from cpl_masks.data.split import split_questions, split_scores, write_split
 from cpl_masks.errors import CplError
 from cpl_masks.models import load_model, model_fingerprint
-from cpl_masks.scoring import make_scorer, score_questions
-from cpl_masks.split import split_questions, split_scores, write_split
+from cpl_masks.scoring.scorers import make_scorer, score_questions
 from tests.conftest import SHARED_DATA, make_questions, write_rows
 
 runner = CliRunner()
@@ -67,7 +67,7 @@ def test_split_reports_bad_data_in_one_line(tiny_model_dir, tmp_path):
 
 
 def test_split_refuses_a_question_longer_than_the_context_before_scoring(tiny_model_dir, tmp_path, monkeypatch):
-    import cpl_masks.split as split_module
+    import cpl_masks.data.split as split_module
 
     rows = [{"id": "ok", "question": "what is the capital?", "choices": ["paris", "rome"], "answer": "A"}]
     rows += ["", {"id": "huge", "question": "the " * 2000, "choices": ["paris", "rome"], "answer": "B"}]
@@ -127,8 +127,8 @@ def test_split_on_smollm2_over_arc(tmp_path):
 
 
 def test_recorded_scoring_reads_split_json_beside_a_question_file(tmp_path):
+    from cpl_masks.data.split import recorded_scoring
     from cpl_masks.errors import CplError
-    from cpl_masks.split import recorded_scoring
 
     data = tmp_path / "inject.jsonl"
     assert recorded_scoring(data) is None

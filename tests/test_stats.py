@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cpl_masks.errors import CplError
-from cpl_masks.stats import Interval, compare_paired, mcnemar_exact, paired_bootstrap
+from cpl_masks.evaluation.stats import Interval, compare_paired, mcnemar_exact, paired_bootstrap
 
 
 def table(b01: int, b10: int, both: int = 0, neither: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -10,12 +10,12 @@ from typer.testing import CliRunner
 
 from cpl_masks.cli.app import app
 from cpl_masks.errors import CplError
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
 from cpl_masks.registry import Registry
 from cpl_masks.registry.names import mask_name
-from cpl_masks.sweep import run_sweep
-from cpl_masks.sweep_config import DEFAULT_METHODS, SweepConfig
-from cpl_masks.sweep_report import aggregate, best_per_method, pareto_front, sweep_table_rows
+from cpl_masks.sweep.config import DEFAULT_METHODS, SweepConfig
+from cpl_masks.sweep.report import aggregate, best_per_method, pareto_front, sweep_table_rows
+from cpl_masks.sweep.run import run_sweep
 from tests.conftest import make_questions, write_rows
 
 
@@ -297,7 +297,7 @@ def test_a_retain_set_runs_in_a_sweep_paired_with_full_the_dynamic_rule_and_rand
     tiny_model_dir, data_file, tmp_path
 ):
     from cpl_masks.models import load_model
-    from cpl_masks.retain import profile_retain
+    from cpl_masks.profiling.retain import profile_retain
 
     kept = make_questions(6, seed=77, prefix="k")  # questions of another task: a retain set reused here
     loaded = load_model(str(tiny_model_dir), device="cpu", threads=1)

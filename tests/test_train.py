@@ -9,20 +9,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpl_masks.data import load_questions
+from cpl_masks.data.questions import load_questions
+from cpl_masks.data.split import resolve_scoring
 from cpl_masks.errors import CplError
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
 from cpl_masks.methods import MethodContext, epoch_order, make_method
 from cpl_masks.methods.masking import DynamicCPL, FullFineTuning, StaticMask
 from cpl_masks.models import load_model, model_fingerprint
-from cpl_masks.profile import profile
+from cpl_masks.profiling.freeze_mask import profile
 from cpl_masks.registry import Registry
-from cpl_masks.run_record import RunRecord
-from cpl_masks.run_request import RunRequest
-from cpl_masks.scoring import LetterScorer, make_scorer
-from cpl_masks.split import resolve_scoring
-from cpl_masks.train import MaskedAdamW, TrainConfig, Trainer, TrainingDiverged, optimizer_state_bytes
-from cpl_masks.training_run import resume_run, start_run
+from cpl_masks.scoring.scorers import LetterScorer, make_scorer
+from cpl_masks.training.loop import MaskedAdamW, TrainConfig, Trainer, TrainingDiverged, optimizer_state_bytes
+from cpl_masks.training.record import RunRecord
+from cpl_masks.training.request import RunRequest
+from cpl_masks.training.run import resume_run, start_run
 from tests.conftest import make_questions, write_rows
 from tests.helpers import assert_frozen_unchanged, snapshot
 
@@ -159,7 +159,7 @@ def test_dynamic_mode_is_the_papers_rule(tiny_model_dir):
 
 
 def test_refresh_every_recomputes_g_m_every_k_steps(tiny_model_dir, monkeypatch):
-    import cpl_masks.retain as reference  # where the rule's signs are measured
+    import cpl_masks.profiling.retain as reference  # where the rule's signs are measured
 
     refreshes = []
     original = reference.mean_gradients
@@ -184,7 +184,7 @@ def test_refresh_every_recomputes_g_m_every_k_steps(tiny_model_dir, monkeypatch)
 
 
 def test_refresh_sample_draws_n_questions_of_m_per_refresh_the_same_after_a_resume(tiny_model_dir, monkeypatch):
-    import cpl_masks.retain as reference  # where the rule's signs are measured
+    import cpl_masks.profiling.retain as reference  # where the rule's signs are measured
 
     seen: list[list[str]] = []
     original = reference.mean_gradients

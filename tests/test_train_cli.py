@@ -54,7 +54,7 @@ def test_train_full_and_mask_then_compare(tiny_model_dir, files, tmp_path):
 
 def stopped_run(model_dir, files, out, epoch: int) -> None:
     """A run (2 epochs, lr 0.05) interrupted once ``epoch`` is published (0: before any checkpoint)."""
-    from cpl_masks.training_run import start_run
+    from cpl_masks.training.run import start_run
     from tests.test_train import make_request
 
     def stop(rows):

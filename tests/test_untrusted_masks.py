@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 
 from cpl_masks.cli.app import app
 from cpl_masks.errors import CplError
-from cpl_masks.mask_stats import diff, summarize
-from cpl_masks.masks import Mask, read_header
+from cpl_masks.masks.format import Mask, read_header
+from cpl_masks.masks.stats import diff, summarize
 from cpl_masks.registry.catalog import source_of
 from cpl_masks.registry.names import default_task, mask_name
 

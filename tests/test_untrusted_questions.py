@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cpl_masks.data import load_questions
+from cpl_masks.data.questions import load_questions
 from cpl_masks.errors import CplError
 from tests.conftest import make_questions, write_rows
 

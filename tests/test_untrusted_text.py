@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cpl_masks.cli.app import app
 from cpl_masks.cli.common import untrusted
 from cpl_masks.errors import CplError
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
 from cpl_masks.registry.names import check_task, mask_name, slug
 
 HOSTILE = "\x1b[2J\x1b]8;;https://evil.example\x07[link=https://evil.example]click[/link] [/] [bold]\x9b31m\u202eevil"

@@ -1,4 +1,4 @@
-"""Training methods, one family per module, all driven by the one loop in :mod:`cpl_masks.train`.
+"""Training methods, one family per module, all driven by the one loop in :mod:`cpl_masks.training.loop`.
 
 ``METHODS`` is the one table of methods: each name maps to its class, its options dataclass (whose
 fields carry their default and help text, from which the CLI's ``train`` and ``sweep`` options are

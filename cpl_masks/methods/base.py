@@ -1,6 +1,6 @@
 """The shape every training method has: hooks the one training loop calls at fixed points.
 
-A method never owns a loop. :class:`~cpl_masks.train.Trainer` asks it, in order, to
+A method never owns a loop. :class:`~cpl_masks.training.loop.Trainer` asks it, in order, to
 
 1. ``prepare`` the model once (freeze tensors, wrap it in an adapter, snapshot reference weights);
 2. give each epoch's ``stream`` of training questions (the injection set, shuffled; replay mixes
@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from cpl_masks.data import Question
+from cpl_masks.data.questions import Question
 from cpl_masks.errors import CplError
-from cpl_masks.scorer import OBJECTIVE_HELP, check_objective
-from cpl_masks.scoring import Scorer
+from cpl_masks.scoring.base import OBJECTIVE_HELP, check_objective
+from cpl_masks.scoring.scorers import Scorer
 
 if TYPE_CHECKING:
-    from cpl_masks.masks import Mask
+    from cpl_masks.masks.format import Mask
 
 
 @dataclass

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from cpl_masks.data import Question
+from cpl_masks.data.questions import Question
 from cpl_masks.errors import CplError
 from cpl_masks.methods.base import Method, MethodContext, option
-from cpl_masks.scoring import Scorer
+from cpl_masks.scoring.scorers import Scorer
 
 
 @dataclass

@@ -9,7 +9,7 @@
   every K steps, every tensor keeping a bool mask that each new profile overwrites in place.
 * :class:`DynamicCPL` (``dynamic``, the paper's loop): ``g_M`` is recomputed over the mastered set at
   the start of every epoch (and every K steps with ``refresh_every``) and held as its signs, two bits
-  per entry (:class:`~cpl_masks.signs.PackedSigns`); each step's gradient ``g`` keeps only the
+  per entry (:class:`~cpl_masks.masks.signs.PackedSigns`); each step's gradient ``g`` keeps only the
   entries where ``g ⊙ g_M ≥ 0``.
 * :class:`RandomSigns` (``random-signs``): the same rule steered by random signs, its control.
 """
@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from cpl_masks.errors import CplError
-from cpl_masks.masks import Mask, weights_metadata
+from cpl_masks.masks.format import Mask, weights_metadata
+from cpl_masks.masks.signs import PackedSigns
 from cpl_masks.methods.base import Method, MethodContext, RefreshOptions, ScheduleOptions, option
 from cpl_masks.methods.reference import mastered_signs
-from cpl_masks.profile import reprofile
-from cpl_masks.retain import CONFIDENCE_HELP, UNCERTAIN_HELP, SignMeasure, refreshed_retain, retain_measure
-from cpl_masks.selection import Rule
-from cpl_masks.signs import PackedSigns
+from cpl_masks.profiling.freeze_mask import reprofile
+from cpl_masks.profiling.retain import CONFIDENCE_HELP, UNCERTAIN_HELP, SignMeasure, refreshed_retain, retain_measure
+from cpl_masks.profiling.selection import Rule
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """``g_M`` at the current weights, kept fresh for the methods that steer by it: the whole gradient
 (A-GEM projects onto it) or only its signs (the dynamic rule needs no more, measured as its
-:class:`~cpl_masks.retain.SignMeasure` says)."""
+:class:`~cpl_masks.profiling.retain.SignMeasure` says)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Generic, TypeVar
 
 import torch
 
-from cpl_masks.data import Question
-from cpl_masks.gradients import mean_gradients
+from cpl_masks.data.questions import Question
+from cpl_masks.masks.signs import PackedSigns
 from cpl_masks.methods.base import MethodContext, RefreshOptions
-from cpl_masks.retain import SignMeasure, measure_signs
-from cpl_masks.signs import PackedSigns
+from cpl_masks.profiling.gradients import mean_gradients
+from cpl_masks.profiling.retain import SignMeasure, measure_signs
 
 Kept = TypeVar("Kept")
 

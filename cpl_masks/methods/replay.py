@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cpl_masks.data import Question
+from cpl_masks.data.questions import Question
 from cpl_masks.errors import CplError
 from cpl_masks.methods.base import Method, MethodContext, epoch_order, option
 

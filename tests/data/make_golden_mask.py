@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from cpl_masks.masks import Mask
+from cpl_masks.masks.format import Mask
 
 GOLDEN = Path(__file__).with_name("golden_mask.safetensors")
 BITS = {  # name -> collaborative bits, in model order; sizes cover a partial last byte and a 2-D tensor

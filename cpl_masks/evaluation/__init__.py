@@ -1,0 +1,1 @@
+"""Evaluation: learned and forgotten, question by question, and paired statistics between methods."""

@@ -1,0 +1,1 @@
+"""Profiling: gradients over M and I turned into a freeze mask, its controls, and retain sets."""

@@ -1,0 +1,1 @@
+"""Scoring: how a model answers a question, and the answer loss that training descends."""

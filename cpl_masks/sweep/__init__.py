@@ -1,0 +1,1 @@
+"""Sweeps: every method at every learning rate, judged under a forgetting budget."""

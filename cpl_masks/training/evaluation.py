@@ -1,0 +1,128 @@
+"""A run's evaluation at the current weights: every set's scores, the retain text's loss, a mask's drift,
+and the epoch-0 baseline they are measured against (:mod:`cpl_masks.evaluation.outcomes` holds the measures)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cpl_masks.data.questions import questions_sha256
+from cpl_masks.data.split import split_scores
+from cpl_masks.evaluation.outcomes import epoch_metrics, evaluate_sets, question_records, text_loss
+from cpl_masks.masks.format import Mask
+from cpl_masks.profiling.freeze_mask import sign_agreement
+from cpl_masks.scoring.scorers import Scores
+from cpl_masks.training.loop import Trainer
+from cpl_masks.training.request import RunData, RunRequest
+
+
+class RunEvaluation:
+    """Scores a run's question sets (and its retain text, and a mask's drift) at the current weights."""
+
+    def __init__(
+        self, request: RunRequest, trainer: Trainer, tokenizer: Any, data: RunData, mask: Mask | None, fingerprint: str
+    ):
+        self.request, self.trainer, self.tokenizer, self.data, self.mask = request, trainer, tokenizer, data, mask
+        self.fingerprint = fingerprint
+        self.retain_text = Path(request.retain_text).read_text(encoding="utf-8") if request.retain_text else None
+
+    def scores(self, epoch: int) -> dict[str, Scores]:
+        """Every set's scores after ``epoch``."""
+        config = self.trainer.config
+        with self.trainer.autocast():
+            return evaluate_sets(
+                self.trainer.model,
+                self.trainer.scorer,
+                self.data.sets(),
+                batch_size=config.eval_batch_size,
+                epoch=epoch,
+                show_progress=config.show_progress,
+            )
+
+    def retain_loss(self) -> float | None:
+        """Loss on the retain text, if the run has one."""
+        if self.retain_text is None:
+            return None
+        with self.trainer.autocast():
+            return text_loss(self.trainer.model, self.tokenizer, self.retain_text)
+
+    def drift(self, epoch: int) -> dict[str, Any] | None:
+        """Agreement of the static mask with the sign rule at the current weights (``--track-drift``).
+
+        At epoch 0 a mask cut by the plain sign rule from these very weights and questions agrees by
+        construction: that is recorded without profiling again (two gradient passes).
+        """
+        if not self.request.track_drift or self.mask is None:
+            return None
+        if epoch == 0 and self.profiled_here():
+            return {"all": 1.0, "touched": 1.0, "by_construction": True}
+        data, trainer = self.data, self.trainer
+        return sign_agreement(
+            trainer.model,
+            trainer.scorer,
+            self.mask,
+            data.mastered,
+            data.inject,
+            batch_size=trainer.config.eval_batch_size,
+        )
+
+    def profiled_here(self) -> bool:
+        """Whether the mask was cut by the plain sign rule from this run's weights, scoring and questions."""
+        metadata = (self.mask.metadata if self.mask is not None else None) or {}
+        rule, data = metadata.get("rule") or {}, metadata.get("data") or {}
+        plain = rule.get("threshold") == 0.0 and not any(
+            rule.get(key) for key in ("keep_fraction", "freeze_pattern", "train_pattern")
+        )
+        same_data = all(
+            isinstance(data.get(name), dict) and data[name].get("sha256") == questions_sha256(questions)
+            for name, questions in (("mastered", self.data.mastered), ("inject", self.data.inject))
+        )
+        same_model = (metadata.get("model") or {}).get("fingerprint") == self.fingerprint
+        return plain and same_data and same_model and metadata.get("scoring") == self.trainer.scorer.name
+
+    def evaluate(
+        self, epoch: int, baseline: Baseline, train_loss: float | None = None
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The metrics row after ``epoch`` against the epoch-0 ``baseline`` (epoch 0 is the baseline itself),
+        and the per-question records of that evaluation."""
+        retain = baseline.retain_loss if epoch == 0 else self.retain_loss()
+        current = baseline.scores if epoch == 0 else self.scores(epoch)
+        row = epoch_metrics(
+            epoch,
+            baseline.scores,
+            current,
+            train_loss=train_loss,
+            retain_loss=None if retain is None else (baseline.retain_loss, retain),
+        )
+        row["mask_agreement"] = self.drift(epoch)
+        return row, question_records(epoch, self.data.sets(), current)
+
+
+@dataclass
+class Baseline:
+    """The untouched model's scores of every set and its retain-text loss: what epoch 0 is measured against."""
+
+    scores: dict[str, Scores]
+    retain_loss: float | None
+    source: str  # "split" (taken from the split's scores.jsonl) or "scored"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, for the checkpoint."""
+        return {**asdict(self), "scores": {name: asdict(scores) for name, scores in self.scores.items()}}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Baseline:
+        """Rebuild a baseline saved by :meth:`to_dict`."""
+        scores = {name: Scores(**entry) for name, entry in values["scores"].items()}
+        return cls(scores=scores, retain_loss=values["retain_loss"], source=values["source"])
+
+
+def epoch_zero(evaluation: RunEvaluation, fingerprint: str) -> Baseline:
+    """Epoch 0 from the split's own scores when they fit these weights and files, else scored now."""
+    trainer, request = evaluation.trainer, evaluation.request
+    known = split_scores(request.inject, evaluation.data.sets(), fingerprint=fingerprint, scoring=trainer.scorer.name)
+    retain = evaluation.retain_loss()
+    if known is not None:
+        return Baseline(scores=known, retain_loss=retain, source="split")
+    return Baseline(scores=evaluation.scores(0), retain_loss=retain, source="scored")

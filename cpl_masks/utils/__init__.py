@@ -1,0 +1,1 @@
+"""Shared components: atomic files and locks, distributed ranks, progress bars, package versions."""
