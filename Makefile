@@ -36,8 +36,8 @@ demo: setup
 	$(CPL) profile --mastered $(DEMO)/split/mastered.jsonl --inject $(DEMO)/split/inject.jsonl \
 		--name demo --out $(DEMO)/mask.safetensors --overwrite
 	$(CPL) inspect $(DEMO)/mask.safetensors --plot $(DEMO)/mask.png --overwrite > /dev/null
-	for run in "cpl --mask $(DEMO)/mask.safetensors" "full --mode full"; do set -- $$run; \
-		$(CPL) train $$2 $$3 --data $(DEMO)/split/inject.jsonl --mastered $(DEMO)/split/mastered.jsonl \
+	for run in "cpl --mask $(DEMO)/mask.safetensors" "full --method full"; do set -- $$run; \
+		$(CPL) train $$2 $$3 --inject $(DEMO)/split/inject.jsonl --mastered $(DEMO)/split/mastered.jsonl \
 			--heldout $(DEMO)/split/mastered_heldout.jsonl --epochs $(DEMO_EPOCHS) --lr 1e-3 --task demo \
 			--out $(DEMO)/$$1 --overwrite || exit 1; done
 	$(CPL) compare $(DEMO)/cpl $(DEMO)/full --plot $(DEMO)/compare.png --overwrite

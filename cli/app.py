@@ -7,6 +7,7 @@ import typer
 from cpl_masks.cli import hub, masks, profile, split, sweep
 from cpl_masks.cli import registry as registry_commands
 from cpl_masks.cli import train as train_commands
+from cpl_masks.cli.common import new_app
 from cpl_masks.cli.method_options import with_method_options
 from cpl_masks.utils import distributed
 
@@ -16,9 +17,7 @@ HELP = "Reusable freeze masks for teaching a language model new facts without fo
 def build_app() -> typer.Typer:
     """The application with every command; ``train`` and ``sweep`` take the options of the methods
     table as it stands now, so a method added to it before this call is on the command line too."""
-    app = typer.Typer(
-        name="cpl-masks", help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False
-    )
+    app = new_app(name="cpl-masks", help=HELP)
     app.callback(help=HELP)(lambda: None)
     app.command()(split.split)
     app.command()(profile.profile)

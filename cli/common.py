@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 
 from cpl_masks.data.questions import FieldNames
 from cpl_masks.errors import CplError
+from cpl_masks.scoring.base import SCORINGS_HELP
 from cpl_masks.utils.files import describe_os_error
 
 stdout = Console()
@@ -38,9 +39,7 @@ ModelOption = Annotated[
 DtypeOption = Annotated[str, typer.Option(help="Weights dtype: float32 or bfloat16.")]
 DeviceOption = Annotated[str, typer.Option(help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")]
 ThreadsOption = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")]
-ScoringOption = Annotated[
-    str, typer.Option(help="letter (chat models, the paper's), loglik or loglik-norm (base models).")
-]
+ScoringOption = Annotated[str, typer.Option(help=f"{SCORINGS_HELP}.")]
 BatchSizeOption = Annotated[int, typer.Option(help="Questions per forward pass.")]
 EvalBatchSizeOption = Annotated[
     int, typer.Option(help="Questions per forward pass when evaluating and computing reference gradients.")
@@ -51,6 +50,45 @@ QuestionFieldOption = Annotated[str, typer.Option(help="Field holding the questi
 ChoicesFieldOption = Annotated[str, typer.Option(help="Field holding the list of choices.")]
 AnswerFieldOption = Annotated[str, typer.Option(help="Field holding the answer: a letter or a 0-based index.")]
 OverwriteOption = Annotated[bool, typer.Option(help="Write into a non-empty output folder.")]
+TrackTextOption = Annotated[
+    str | None,
+    typer.Option(help="A general text file whose loss is tracked per epoch as a measure of forgetting."),
+]
+
+
+def old_spelling(old: str, new: str, *short: str) -> Any:
+    """A hidden option under a renamed option's old spelling, still accepted (see :func:`renamed`)."""
+    return typer.Option(old, *short, hidden=True, help=f"Old spelling of {new}.")
+
+
+def renamed(value: Any, old_value: Any, old: str, new: str) -> Any:
+    """The value of a renamed option given under either spelling; the old one warns on stderr.
+
+    Raises:
+        CplError: both spellings were given.
+    """
+    if old_value is None:
+        return value
+    if value is not None:
+        raise CplError(f"{old} is the old spelling of {new}; give one of them")
+    stderr.print(f"warning: {old} is renamed {new}; the old spelling will go", highlight=False, soft_wrap=True)
+    return old_value
+
+
+def new_app(**settings: Any) -> typer.Typer:
+    """A Typer app with the settings every command group shares.
+
+    Help is click's plain layout (``rich_markup_mode=None``): it wraps each option's help in one
+    column beside its name, readable at 80 columns, where rich's panels squeeze it into a sliver.
+    A paragraph after a ``\\b`` line (the examples) keeps its line breaks.
+    """
+    return typer.Typer(
+        rich_markup_mode=None,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_show_locals=False,
+        **settings,
+    )
 
 
 def fields(question: str, choices: str, answer: str) -> FieldNames:

@@ -18,9 +18,13 @@ def push(
     private: Annotated[bool, typer.Option(help="Create the repo as private.")] = False,
     revision: Annotated[str | None, typer.Option(help="Branch to commit to (created if missing).")] = None,
 ) -> None:
-    """Upload a mask with a model card and its provenance to the Hub (token from HF_TOKEN).
+    """Upload a registered mask to the Hugging Face Hub.
 
-    Example: cpl-masks push smollm2-135m-instruct/arc --repo-id me/smollm2-arc-mask
+    Upload a mask with a model card and its provenance to the Hub (token from HF_TOKEN).
+
+    \b
+    Example:
+      cpl-masks push smollm2-135m-instruct/arc --repo-id me/smollm2-arc-mask
     """
     result = hub.push(ref, repo_id, registry=Registry(), private=private, revision=revision)
     print_table(
@@ -40,9 +44,13 @@ def pull(
     target: Annotated[str, typer.Argument(help="Hub repo OWNER/NAME, optionally @REVISION (branch, tag or commit).")],
     name: Annotated[str | None, typer.Option("--name", help="Task part of the registry name.")] = None,
 ) -> None:
-    """Download a mask from the Hub, verify its content id, and register it.
+    """Download a mask from the Hub, verify it, register it.
 
-    Example: cpl-masks pull me/smollm2-arc-mask@main --name arc
+    Download a mask from the Hub, verify its content id, and register it.
+
+    \b
+    Example:
+      cpl-masks pull me/smollm2-arc-mask@main --name arc
     """
     result = hub.pull(target, registry=Registry(), task=name)
     print_table(

@@ -23,7 +23,7 @@ from cpl_masks.masks.format import Mask
 from cpl_masks.masks.stats import diff as diff_masks
 from cpl_masks.masks.stats import draw_share_heatmap, summarize
 from cpl_masks.profiling.retain import retain_measure
-from cpl_masks.profiling.selection import Rule
+from cpl_masks.profiling.selection import Cut
 from cpl_masks.registry import Registry
 from cpl_masks.utils.files import atomic_write, check_output_file
 
@@ -49,9 +49,13 @@ def inspect(
     plot: Annotated[Path | None, typer.Option(help="Write a heatmap (layers x module types) to this PNG.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --plot file (never the mask itself).")] = False,
 ) -> None:
-    """Show a mask's provenance and collaborative shares by module type and layer.
+    """Show a mask's provenance and shares by module and layer.
 
-    Example: cpl-masks inspect smollm2-135m-instruct/arc@v1 --plot shares.png
+    Show a mask's provenance and collaborative shares by module type and layer.
+
+    \b
+    Example:
+      cpl-masks inspect smollm2-135m-instruct/arc@v1 --plot shares.png
     """
     path = Registry().resolve(mask)
     if plot is not None:
@@ -85,9 +89,13 @@ def _inspect_retain(retain: Mask, as_json: bool) -> None:
 
 @reports_errors
 def diff(first: MaskArgument, second: MaskArgument, as_json: JsonOption = False) -> None:
-    """Compare two masks: agreement and Jaccard of their collaborative sets, by module type and layer.
+    """Compare two masks by module type and layer.
 
-    Example: cpl-masks diff smollm2-135m-instruct/arc@v1 smollm2-135m-instruct/csqa@v1
+    Compare two masks: agreement and Jaccard of their collaborative sets, by module type and layer.
+
+    \b
+    Example:
+      cpl-masks diff smollm2-135m-instruct/arc@v1 smollm2-135m-instruct/csqa@v1
     """
     registry = Registry()
     result = diff_masks(*(Mask.load(registry.resolve(ref), scores=False) for ref in (first, second)))
@@ -109,9 +117,14 @@ def combine_command(
     overwrite: OverwriteMaskOption = False,
     name: NameOption = None,
 ) -> None:
-    """Mask algebra: the and / or / majority of several masks; the result records its parents.
+    """Combine masks: and / or / majority.
 
-    Example: cpl-masks combine --op and arc-mask.safetensors csqa-mask.safetensors -o both.safetensors
+    Mask algebra: the and / or / majority of several masks; the result records its parents.
+
+    \b
+    Example:
+      cpl-masks combine --op and arc-mask.safetensors csqa-mask.safetensors \\
+          -o both.safetensors
     """
     registry = Registry()
     paths = [registry.resolve(ref) for ref in masks]
@@ -130,14 +143,19 @@ def threshold(
     overwrite: OverwriteMaskOption = False,
     name: NameOption = None,
 ) -> None:
-    """Re-cut a mask's stored scores at another threshold or keep fraction, without profiling again.
+    """Re-cut a mask from its stored scores, without profiling.
+
+    Re-cut a mask's stored scores at another threshold or keep fraction, without profiling again.
 
     Without --name the re-cut is filed as <model>/<task>.recut, so the task's bare name keeps
     meaning its latest profiled mask.
 
-    Example: cpl-masks threshold smollm2-135m-instruct/arc@v1 --keep-fraction 0.3 -o arc-30.safetensors
+    \b
+    Example:
+      cpl-masks threshold smollm2-135m-instruct/arc@v1 --keep-fraction 0.3 \\
+          -o arc-30.safetensors
     """
-    Rule(threshold=threshold, keep_fraction=keep_fraction)  # refuses a bad cut before the scores load
+    Cut(threshold=threshold, keep_fraction=keep_fraction)  # refuses a bad cut before the scores load
     registry = Registry()
     path = registry.resolve(mask)
     check_outputs(out, overwrite, registry, inputs=[path])

@@ -36,17 +36,20 @@ from cpl_masks.masks.format import Mask
 from cpl_masks.masks.reading import KINDS
 from cpl_masks.models import DEFAULT_MODEL, load_model
 from cpl_masks.profiling.controls import CONTROLS, control_mask
-from cpl_masks.profiling.freeze_mask import check_rule_runs
+from cpl_masks.profiling.freeze_mask import check_cut_runs
 from cpl_masks.profiling.freeze_mask import profile as profile_model
 from cpl_masks.profiling.retain import CONFIDENCE_HELP, UNCERTAIN_HELP, SignMeasure, profile_retain
-from cpl_masks.profiling.selection import Rule
+from cpl_masks.profiling.selection import Cut
 from cpl_masks.registry import Registry
 from cpl_masks.registry.names import check_task
-from cpl_masks.scoring.base import OBJECTIVE_HELP
-from cpl_masks.utils import distributed
+from cpl_masks.scoring.base import DEFAULT_SCORING, OBJECTIVE_HELP, SCORINGS_HELP
+from cpl_masks.utils import distributed, sharding
 from cpl_masks.utils.distributed import Processes
 
 RULES = ("sign", *CONTROLS)
+RULE_HELP = "sign (CPL: g_M*g_I >= T), or a control with --like: " + ", ".join(
+    f"{name} ({control.summary})" for name, control in CONTROLS.items()
+)
 
 
 def check_retain_options(*, inject: Path | None, mastered: Path | None, given: dict[str, Any]) -> None:
@@ -101,11 +104,9 @@ def profile(
     model: ModelOption = DEFAULT_MODEL,
     scoring: Annotated[
         str | None,
-        typer.Option(help="letter, loglik or loglik-norm (default: --like's, else split.json's, else letter)."),
+        typer.Option(help=f"{SCORINGS_HELP}; default: --like's, else split.json's, else {DEFAULT_SCORING}."),
     ] = None,
-    rule: Annotated[
-        str, typer.Option(help="sign (CPL: g_M*g_I >= T), or a control with --like: random, gradient-magnitude.")
-    ] = "sign",
+    rule: Annotated[str, typer.Option(help=RULE_HELP)] = "sign",
     like: Annotated[
         str | None, typer.Option(help="Control rules: the mask whose per-tensor collaborative counts to copy.")
     ] = None,
@@ -154,13 +155,22 @@ def profile(
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
 ) -> None:
-    """Measure which parameters conflict with what the model masters, and save the freeze mask.
+    """Profile a freeze mask (or a retain set) from gradients.
 
-    --rule random|gradient-magnitude --like MASK: a control with MASK's count in every tensor instead.
-    --kind retain: the signs of g_M over --mastered, for the per-step rule (train --retain).
+    Measure which parameters conflict with what the model masters, and save the freeze mask.
+
+    \b
+    --rule random|gradient-magnitude --like MASK: a control mask, with MASK's
+      count of trainable entries in every tensor.
+    --kind retain: the signs of g_M over --mastered, a retain set for the
+      per-step rule (train --retain).
+
     Under torchrun (or accelerate launch) each rank profiles its share and rank 0 saves and registers.
 
-    Example: cpl-masks profile --mastered runs/split/mastered.jsonl --inject runs/split/inject.jsonl
+    \b
+    Example:
+      cpl-masks profile --mastered runs/split/mastered.jsonl \\
+          --inject runs/split/inject.jsonl
     """
     if kind not in KINDS:
         raise CplError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
@@ -196,8 +206,8 @@ def profile(
         raise CplError(f"{option} applies to --kind retain (a freeze mask's g_M and g_I are of the answer loss)")
     sign_only = {**sign_only, "--confidence": confidence, "--distributed": wrapping}
     check_rule_options(rule, like, mastered=mastered, inject=inject, sign_only=sign_only)
-    distributed.wrapping_for(wrapping)  # refuses an unknown name before any model loads
-    cut = Rule.from_options(
+    sharding.wrapping_for(wrapping)  # refuses an unknown name before any model loads
+    cut = Cut.from_options(
         threshold, keep_fraction, confidence, freeze_pattern=freeze_pattern, train_pattern=train_pattern
     )
     if name is not None:
@@ -211,7 +221,7 @@ def profile(
         mask = make_control(control, registry, model=model, dtype=dtype, device=device, threads=threads)
         processes.on_main(lambda: save_and_register(mask, out, task=name, registry=registry, overwrite=overwrite))
         return
-    check_rule_runs(cut, wrapping)
+    check_cut_runs(cut, wrapping)
     scoring = resolve_scoring(scoring, data_path=mastered)
     mastered_questions, inject_questions = load_questions(mastered), load_questions(inject)
     loaded = processes.main_first(lambda: load_model(model, dtype=dtype, device=device, threads=threads))
@@ -219,7 +229,7 @@ def profile(
         loaded,
         mastered_questions,
         inject_questions,
-        rule=cut,
+        cut=cut,
         scoring=scoring,
         batch_size=batch_size,
         save_scores=save_scores,
@@ -272,7 +282,7 @@ def check_rule_options(
         raise CplError(f"--rule {rule}: choose one of {', '.join(RULES)}")
     if rule == "sign":
         if like is not None:
-            raise CplError("--like applies only to a control rule (--rule random or --rule gradient-magnitude)")
+            raise CplError(f"--like applies only to a control rule (--rule {' or '.join(CONTROLS)})")
         missing = [option for option, path in (("--mastered", mastered), ("--inject", inject)) if path is None]
         if missing:
             raise CplError(f"--rule sign needs {' and '.join(missing)} (the split's question files)")
@@ -282,8 +292,8 @@ def check_rule_options(
     given = [option for option, value in sign_only.items() if value is not None]
     if given:
         raise CplError(f"{given[0]} applies only to --rule sign, not to the {rule} control")
-    if rule == "gradient-magnitude" and inject is None:
-        raise CplError("--rule gradient-magnitude needs --inject (the questions whose gradient ranks the entries)")
+    if CONTROLS[rule].needs_inject and inject is None:
+        raise CplError(f"--rule {rule} needs --inject (the questions whose gradient ranks the entries)")
 
 
 @dataclass

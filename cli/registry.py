@@ -9,10 +9,10 @@ from typing import Annotated, Any
 import typer
 from rich.tree import Tree
 
-from cpl_masks.cli.common import print_json, print_table, reports_errors, say, stdout, untrusted
+from cpl_masks.cli.common import new_app, print_json, print_table, reports_errors, say, stdout, untrusted
 from cpl_masks.registry import Health, Registry, Removal, StrayFile
 
-app = typer.Typer(help="The mask registry: provenance, reuse across tasks, lineage.", no_args_is_help=True)
+app = new_app(help="The mask registry: provenance, reuse across tasks, lineage.")
 RefArgument = Annotated[str, typer.Argument(help="Mask: file path, id or id prefix, name@vN, or name (latest).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
@@ -24,9 +24,13 @@ def list_command(
     task: Annotated[str | None, typer.Option(help="Only masks of this task.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List registered masks with their share of collaborative entries and how often they were reused.
+    """List registered masks, their shares and reuse.
 
-    Example: cpl-masks registry list --model smollm2-135m-instruct
+    List registered masks with their share of collaborative entries and how often they were reused.
+
+    \b
+    Example:
+      cpl-masks registry list --model smollm2-135m-instruct
     """
     masks = Registry().list_masks(model=model, task=task)
     if as_json:
@@ -60,9 +64,13 @@ def source_cell(item: dict[str, Any]) -> str:
 @app.command()
 @reports_errors
 def show(ref: RefArgument, as_json: JsonOption = False) -> None:
-    """Show a mask's provenance and every task it was used on, with the results.
+    """Show a mask's provenance and the tasks it was used on.
 
-    Example: cpl-masks registry show smollm2-135m-instruct/arc@v1
+    Show a mask's provenance and every task it was used on, with the results.
+
+    \b
+    Example:
+      cpl-masks registry show smollm2-135m-instruct/arc@v1
     """
     details = Registry().show(ref)
     if as_json:
@@ -135,9 +143,13 @@ def out_of(count: float | None, total: int | None) -> str:
 @app.command()
 @reports_errors
 def lineage(ref: RefArgument, as_json: JsonOption = False) -> None:
-    """Show the masks a mask was combined from (parents) and the masks combined from it (children).
+    """Show the masks a mask was combined from, and into.
 
-    Example: cpl-masks registry lineage 3fa9c2
+    Show the masks a mask was combined from (parents) and the masks combined from it (children).
+
+    \b
+    Example:
+      cpl-masks registry lineage 3fa9c2
     """
     tree = Registry().lineage(ref)
     if as_json:
@@ -164,9 +176,13 @@ def runs(
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List recorded training runs with their mask and results, also runs whose mask was removed.
+    """List recorded training runs with their mask and results.
 
-    Example: cpl-masks registry runs --task arc
+    List recorded training runs with their mask and results, also runs whose mask was removed.
+
+    \b
+    Example:
+      cpl-masks registry runs --task arc
     """
     recorded = Registry().runs(task=task, mask=mask)
     if as_json:
@@ -192,9 +208,13 @@ def add(
     path: Annotated[Path, typer.Argument(help="Mask file to register (its content id is verified).")],
     name: Annotated[str | None, typer.Option("--name", help="Task name the registry files the mask under.")] = None,
 ) -> None:
-    """Register a mask file, for example one `registry gc` kept because it has no row.
+    """Register a mask file.
 
-    Example: cpl-masks registry add arc-mask.safetensors --name arc
+    Register a mask file, for example one `registry gc` kept because it has no row.
+
+    \b
+    Example:
+      cpl-masks registry add arc-mask.safetensors --name arc
     """
     say(f"registered {path} as {Registry().register(path, task=name)}")
 
@@ -202,11 +222,15 @@ def add(
 @app.command()
 @reports_errors
 def verify() -> None:
-    """Re-hash every registered mask file; report missing or corrupt ones (exit status 1 if any).
+    """Re-hash every registered mask file; report what is wrong.
+
+    Re-hash every registered mask file; report missing or corrupt ones (exit status 1 if any).
 
     Also lists stray store files: not registered, misplaced, or named after another content id.
 
-    Example: cpl-masks registry verify
+    \b
+    Example:
+      cpl-masks registry verify
     """
     health = Registry().verify()
     report(health, f"checked {health.checked} masks")
@@ -240,11 +264,15 @@ def rm(
         bool, typer.Option(help="Remove it even though recorded runs or registered children reference it.")
     ] = False,
 ) -> None:
-    """Remove one version of a mask and its stored file; its recorded runs stay, still naming it.
+    """Remove one version of a mask and its stored file.
+
+    Remove one version of a mask and its stored file; its recorded runs stay, still naming it.
 
     Refuses a mask that runs or children reference unless --force. Version numbers are never reused.
 
-    Example: cpl-masks registry rm smollm2-135m-instruct/arc@v1
+    \b
+    Example:
+      cpl-masks registry rm smollm2-135m-instruct/arc@v1
     """
     print_removal(Registry().remove(ref, force=force))
 
@@ -270,11 +298,15 @@ def print_removal(removal: Removal) -> None:
 def gc(
     force: Annotated[bool, typer.Option(help="Also delete stray store files that are valid masks.")] = False,
 ) -> None:
-    """Delete store files no registered mask points to (left by interrupted registrations), printing each.
+    """Delete store files no registered mask points to.
+
+    Delete store files no registered mask points to (left by interrupted registrations), printing each.
 
     A stray file that is a valid mask is kept unless --force: register it again with `registry add`.
 
-    Example: cpl-masks registry gc
+    \b
+    Example:
+      cpl-masks registry gc
     """
     health = Registry().collect_garbage(force=force)
     for path in [*health.removed, *health.leftovers]:

@@ -26,6 +26,7 @@ from cpl_masks.cli.common import (
 from cpl_masks.data.questions import check_limit, load_questions
 from cpl_masks.data.split import HELDOUT, INJECT, MASTERED, SCORES, SUMMARY, split_questions, write_split
 from cpl_masks.models import DEFAULT_MODEL, load_model
+from cpl_masks.scoring.base import DEFAULT_SCORING
 from cpl_masks.utils.files import check_output_dir
 
 SPLIT_FILES = (MASTERED, INJECT, HELDOUT, SCORES, SUMMARY)  # what split writes into --out
@@ -38,7 +39,7 @@ def split(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for mastered/inject files and split.json.")],
     model: ModelOption = DEFAULT_MODEL,
-    scoring: ScoringOption = "letter",
+    scoring: ScoringOption = DEFAULT_SCORING,
     holdout_fraction: Annotated[float, typer.Option(help="Share of mastered questions kept out of profiling.")] = 0.0,
     min_margin: Annotated[
         float, typer.Option(help="Mastered only when right by at least this score margin (keeps out lucky guesses).")
@@ -60,10 +61,14 @@ def split(
     threads: ThreadsOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Score every question and split them into mastered (M) and injection (I) sets.
+    """Split questions into mastered (M) and injection (I) sets.
 
+    Score every question and split them into mastered (M) and injection (I) sets.
+
+    \b
     Example:
-        cpl-masks split --data questions.jsonl --out runs/split --holdout-fraction 0.2
+      cpl-masks split --data questions.jsonl --out runs/split \\
+          --holdout-fraction 0.2
     """
     # before the slow model load: a non-empty folder, the registry's, or one whose files are the inputs
     check_output_dir(out, overwrite=overwrite, inputs=[data, heldout_data], writes=SPLIT_FILES)

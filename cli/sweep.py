@@ -13,8 +13,11 @@ from cpl_masks.cli.common import (
     EvalBatchSizeOption,
     EvalEveryOption,
     ModelOption,
+    ScoringOption,
     ThreadsOption,
+    old_spelling,
     print_table,
+    renamed,
     reports_errors,
     reports_interrupts,
     say,
@@ -77,7 +80,7 @@ def sweep(
     forgetting_budget: Annotated[
         float, typer.Option(help="Largest share of held-out mastered questions a method may forget.")
     ] = DEFAULTS.forgetting_budget,
-    scoring: Annotated[str, typer.Option(help="letter, loglik or loglik-norm.")] = DEFAULTS.scoring,
+    scoring: ScoringOption = DEFAULTS.scoring,
     holdout_fraction: Annotated[
         float, typer.Option(help="Share of mastered questions held out.")
     ] = DEFAULTS.holdout_fraction,
@@ -94,7 +97,7 @@ def sweep(
     ] = None,
     heldout_limit: Annotated[int | None, typer.Option(help="Keep at most N pool questions.")] = None,
     eval_every: EvalEveryOption = DEFAULTS.eval_every,
-    retain_text: Annotated[
+    track_text: Annotated[
         str | None, typer.Option(help="General text whose loss tracks forgetting (builtin:demo writes its own).")
     ] = None,
     track_drift: Annotated[
@@ -104,11 +107,17 @@ def sweep(
     dtype: DtypeOption = "float32",
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
+    retain_text: Annotated[str | None, old_spelling("--retain-text", "--track-text")] = None,
     method_options: dict[str, Any] | None = None,
 ) -> None:
-    """Split, profile, make control masks, and train every method at every learning rate; report each at its best.
+    """Train every method at every learning rate; report each.
 
-    Example: cpl-masks sweep --data builtin:demo --limit 96 --lr-grid 1e-4,1e-3,3e-3 --seeds 0,1 --out runs/sweep
+    Split, profile, make control masks, and train every method at every learning rate; report each at its best.
+
+    \b
+    Example:
+      cpl-masks sweep --data builtin:demo --limit 96 --lr-grid 1e-4,1e-3,3e-3 \\
+          --seeds 0,1 --out runs/sweep
     """
     check_limit(limit)  # before the sweep folder records the arguments
     config = SweepConfig(
@@ -130,7 +139,7 @@ def sweep(
         heldout_data=heldout_data,
         heldout_limit=heldout_limit,
         eval_every=eval_every,
-        retain_text=retain_text,
+        retain_text=renamed(track_text, retain_text, "--retain-text", "--track-text"),
         method_options=method_options or {},
         track_drift=track_drift,
         eval_batch_size=eval_batch_size,

@@ -15,8 +15,11 @@ from cpl_masks.cli.common import (
     ModelOption,
     OverwriteOption,
     ThreadsOption,
+    TrackTextOption,
     fail,
+    old_spelling,
     print_table,
+    renamed,
     reports_errors,
     reports_interrupts,
     say,
@@ -41,6 +44,7 @@ from cpl_masks.evaluation.outcomes import (
 from cpl_masks.methods import METHODS
 from cpl_masks.models import DEFAULT_MODEL
 from cpl_masks.registry.names import check_task
+from cpl_masks.scoring.base import SCORINGS_HELP
 from cpl_masks.training.folder import restartable, saved_config
 from cpl_masks.training.loop import TrainConfig
 from cpl_masks.training.record import RUN, RunRecord
@@ -51,7 +55,7 @@ from cpl_masks.utils.files import check_output_file, folder_in_use
 
 DEFAULTS = TrainConfig()  # the options' defaults are the config's, written once there
 RESUME_CHANGES = ("lr", "epochs")  # the options --resume accepts; all others are the run's saved ones
-MODE_HELP = "How to train (--mask alone implies mask): " + ", ".join(
+METHOD_HELP = "How to train (--mask alone implies mask): " + ", ".join(
     f"{name} ({spec.summary})" for name, spec in METHODS.items()
 )
 
@@ -86,7 +90,13 @@ def _resume_changes(ctx: typer.Context, saved: dict[str, Any]) -> dict[str, Any]
     return {name: ctx.params[name] for name in RESUME_CHANGES if _given(ctx, name)}
 
 
-_REQUEST_FIELDS = {"data": "inject", "wrapping": "distributed"}  # option name -> its name in the saved request
+# option name -> its name in the saved request (the old spellings too)
+_REQUEST_FIELDS = {
+    "method": "mode",
+    "track_text": "retain_text",
+    "data": "inject",
+    "wrapping": "distributed",
+}
 
 
 def _saved_value(saved: dict[str, Any], name: str) -> Any:
@@ -108,15 +118,15 @@ def _same(given: Any, saved: Any) -> bool:
 @distributed.reports_rank_errors
 def train(
     ctx: typer.Context,
-    data: Annotated[
-        str | None, typer.Option("--data", "-d", help="Injection set I (inject.jsonl): facts to learn.")
+    inject: Annotated[
+        str | None, typer.Option("--inject", "-i", help="Injection set I (inject.jsonl): facts to learn.")
     ] = None,
     mastered: Annotated[
         str | None, typer.Option(help="Mastered set M (mastered.jsonl): what must not be forgotten.")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder for the run.")] = None,
     mask: Annotated[str | None, typer.Option(help="Freeze mask: file, id, name@vN or name (static CPL).")] = None,
-    mode: Annotated[str | None, typer.Option(help=MODE_HELP)] = None,
+    method: Annotated[str | None, typer.Option(help=METHOD_HELP)] = None,
     retain: Annotated[
         str | None,
         typer.Option(
@@ -142,21 +152,19 @@ def train(
     momentum: Annotated[float, typer.Option(help="Momentum of --optimizer momentum.")] = DEFAULTS.momentum,
     scoring: Annotated[
         str | None,
-        typer.Option(help="letter, loglik or loglik-norm (default: the mask's, else split.json's)."),
+        typer.Option(help=f"{SCORINGS_HELP}; default: the mask's, else split.json's."),
     ] = None,
     force: Annotated[bool, typer.Option(help="Train with a scoring other than the mask's.")] = False,
     task: Annotated[
         str | None,
         typer.Option(
-            help="Task recorded with the run (default: the --data file's stem; a split's folder for inject.jsonl)."
+            help="Task recorded with the run (default: the --inject file's stem; a split's folder for inject.jsonl)."
         ),
     ] = None,
     allow_other_weights: Annotated[
         bool, typer.Option(help="Use a mask profiled on other weights of the same architecture.")
     ] = False,
-    retain_text: Annotated[
-        str | None, typer.Option(help="A general text file; its loss is tracked per epoch as a measure of forgetting.")
-    ] = None,
+    track_text: TrackTextOption = None,
     track_drift: Annotated[
         bool, typer.Option(help="With --mask: record the mask's agreement with the sign rule after every epoch.")
     ] = False,
@@ -172,23 +180,31 @@ def train(
         typer.Option(
             "--distributed",
             help="Under torchrun/accelerate launch: ddp (default; replicated weights) or fsdp2 "
-            "(sharded weights, gradients, masks and optimizer state; --mask or --mode full).",
+            "(sharded weights, gradients, masks and optimizer state; --mask or --method full).",
         ),
     ] = None,
     dtype: DtypeOption = "float32",
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
     overwrite: OverwriteOption = False,
+    data: Annotated[str | None, old_spelling("--data", "--inject", "-d")] = None,
+    mode: Annotated[str | None, old_spelling("--mode", "--method")] = None,
+    retain_text: Annotated[str | None, old_spelling("--retain-text", "--track-text")] = None,
     method_options: dict[str, Any] | None = None,
 ) -> None:
-    """Fine-tune on the injection set, evaluating learned and forgotten questions after every epoch
-    (or every --eval-every epochs); questions.jsonl keeps each question's result at every evaluation.
+    """Fine-tune on the injection set; count learned and forgotten.
+
+    Learned and forgotten questions are evaluated after every epoch (or every --eval-every epochs);
+    questions.jsonl keeps each question's result at every evaluation.
 
     Under torchrun (or accelerate launch) each rank trains and evaluates its share; rank 0 writes.
 
-    Example: cpl-masks train --mask runs/mask.safetensors --data runs/split/inject.jsonl
-    --mastered runs/split/mastered.jsonl --heldout runs/split/mastered_heldout.jsonl
-    --epochs 3 --lr 1e-4 --out runs/cpl
+    \b
+    Example:
+      cpl-masks train --mask runs/mask.safetensors \\
+          --inject runs/split/inject.jsonl --mastered runs/split/mastered.jsonl \\
+          --heldout runs/split/mastered_heldout.jsonl --epochs 3 --lr 1e-4 \\
+          --out runs/cpl
     """
     stdout.quiet = distributed.launch_env().rank != 0  # rank 0 alone prints
     if resume is not None:
@@ -196,8 +212,13 @@ def train(
         with reports_interrupts(f"cpl-masks train --resume {resume}"):
             run = resume_run(resume, on_epoch=_print_epoch, **changes)
     else:
+        inject = renamed(inject, data, "--data", "--inject")
+        method = renamed(method, mode, "--mode", "--method")
+        track_text = renamed(track_text, retain_text, "--retain-text", "--track-text")
         missing = [
-            option for option, value in (("--data", data), ("--mastered", mastered), ("--out", out)) if value is None
+            option
+            for option, value in (("--inject", inject), ("--mastered", mastered), ("--out", out))
+            if value is None
         ]
         if missing:
             fail(f"{', '.join(missing)} required (or --resume DIR to continue a run)")
@@ -213,13 +234,13 @@ def train(
             distributed=wrapping,
         )
         request = RunRequest(
-            inject=str(data),
+            inject=str(inject),
             mastered=str(mastered),
             heldout=heldout,
             out=str(out),
             model=model,
             mask=mask,
-            mode=mode,
+            mode=method,
             retain=retain,
             method_options=method_options or {},
             scoring=scoring,
@@ -229,7 +250,7 @@ def train(
             dtype=dtype,
             device=device,
             threads=threads,
-            retain_text=retain_text,
+            retain_text=track_text,
             track_drift=track_drift,
             eval_every=eval_every,
             config=config,
@@ -254,13 +275,17 @@ def compare(
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --plot file.")] = False,
 ) -> None:
-    """Compare finished runs: learned, forgotten, held-out forgotten, time and peak memory.
+    """Compare finished runs, question by question.
+
+    Compare finished runs: learned, forgotten, held-out forgotten, time and peak memory.
 
     Runs of one split are also compared question by question with the first run: each difference
     with its 95 % bootstrap interval and exact McNemar p ("no detectable difference" when the
     interval holds 0).
 
-    Example: cpl-masks compare runs/cpl runs/full --questions --plot runs/compare.png
+    \b
+    Example:
+      cpl-masks compare runs/cpl runs/full --questions --plot runs/compare.png
     """
     if questions and len(runs) != 2:
         raise CplError(f"--questions compares two runs; {len(runs)} were given")

@@ -1,18 +1,25 @@
 """cpl-masks: reusable freeze masks for knowledge injection without forgetting.
 
-The pipeline, one module per stage: :mod:`~cpl_masks.data.questions` (question sets), :mod:`~cpl_masks.models`
-(loading and fingerprints), :mod:`~cpl_masks.scoring.scorers` (answers and the answer loss),
-:mod:`~cpl_masks.data.split` (mastered vs. to-inject, and a forgetting pool), :mod:`~cpl_masks.profiling.freeze_mask`
-(gradients into a mask), :mod:`~cpl_masks.profiling.retain` (a retain set: the signs of g_M, reusable across
-tasks), :mod:`~cpl_masks.masks.format` (the file format of both), :mod:`~cpl_masks.methods`,
-:mod:`~cpl_masks.training.loop` and :mod:`~cpl_masks.training.run` (one loop for every method; a finished
-run's record is a :class:`~cpl_masks.training.record.RunRecord`),
-:mod:`~cpl_masks.evaluation.outcomes` (learned and forgotten, question by question), :mod:`~cpl_masks.sweep.run`
-(every method at every learning rate) and :mod:`~cpl_masks.sweep.report` (its points, budget and
-paired comparisons, with :mod:`~cpl_masks.evaluation.stats`), :mod:`cpl_masks.registry` (provenance),
-:mod:`~cpl_masks.hub` (push and pull), :mod:`~cpl_masks.integrations.trainer` (a mask in transformers'
-``Trainer``, TRL or any loop) and :mod:`~cpl_masks.integrations.sign_rule` (a retain set's per-step rule there).
+The library, one subpackage per concern (the CLI, :mod:`cpl_masks.cli`, and the provenance
+registry, :mod:`cpl_masks.registry`, stand beside it):
+
+* :mod:`~cpl_masks.data`: question sets, the built-in demo set, the split into mastered (M) and injection (I);
+* :mod:`~cpl_masks.models`: loading a model and the fingerprint of its exact weights;
+* :mod:`~cpl_masks.scoring`: how a model answers a question, and the answer loss training descends;
+* :mod:`~cpl_masks.profiling`: g_M and g_I into a freeze mask, its control masks, and retain sets;
+* :mod:`~cpl_masks.masks`: the file format of both, read as untrusted bytes; algebra and statistics;
+* :mod:`~cpl_masks.methods` and :mod:`~cpl_masks.training`: one loop for every method, and a run around it;
+* :mod:`~cpl_masks.evaluation`: learned and forgotten, question by question, and paired statistics;
+* :mod:`~cpl_masks.sweep`: every method at every learning rate, judged under a forgetting budget;
+* :mod:`~cpl_masks.hub` (push and pull) and :mod:`~cpl_masks.integrations` (a mask or a retain set
+  in transformers' ``Trainer``, TRL or any loop);
+* :mod:`~cpl_masks.utils`: atomic files and locks, ranks and sharding, progress bars, versions.
+
+Every public name below is importable from ``cpl_masks`` itself.
 """
+
+import warnings
+from typing import Any
 
 from cpl_masks.data.questions import FieldNames, Question, load_questions, questions_sha256, write_questions
 from cpl_masks.data.split import Split, forgetting_pool, split_questions, write_split
@@ -29,7 +36,7 @@ from cpl_masks.models import DEFAULT_MODEL, LoadedModel, load_model, model_finge
 from cpl_masks.profiling.controls import gradient_magnitude_mask, random_mask
 from cpl_masks.profiling.freeze_mask import profile
 from cpl_masks.profiling.retain import profile_retain, retain_questions
-from cpl_masks.profiling.selection import Rule
+from cpl_masks.profiling.selection import Cut
 from cpl_masks.scoring.scorers import SCORINGS, Scores, make_scorer, score_questions
 from cpl_masks.sweep.config import SweepConfig
 from cpl_masks.sweep.run import run_sweep
@@ -51,6 +58,7 @@ __all__ = [
     "METHODS",
     "SCORINGS",
     "CplError",
+    "Cut",
     "FieldNames",
     "LoadedModel",
     "Mask",
@@ -58,7 +66,6 @@ __all__ = [
     "Method",
     "MethodContext",
     "Question",
-    "Rule",
     "RunRecord",
     "RunRequest",
     "Scores",
@@ -100,3 +107,13 @@ __all__ = [
     "write_questions",
     "write_split",
 ]
+
+_RENAMED = {"Rule": "Cut"}  # an old public name -> its new one
+
+
+def __getattr__(name: str) -> Any:
+    """Old spellings of renamed public names stay importable, with a ``DeprecationWarning``."""
+    if name in _RENAMED:
+        warnings.warn(f"cpl_masks.{name} is renamed cpl_masks.{_RENAMED[name]}", DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module 'cpl_masks' has no attribute {name!r}")

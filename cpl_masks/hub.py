@@ -304,7 +304,7 @@ Full provenance: [`{PROVENANCE_FILENAME}`]({PROVENANCE_FILENAME}).
 
 ```bash
 cpl-masks pull {repo_id} --name {name.split("@")[0].split("/")[-1]}
-cpl-masks train --mask {name.split("@")[0]} --model {model.get("ref")} --data new_facts.jsonl --out runs/new
+cpl-masks train --mask {name.split("@")[0]} --model {model.get("ref")} --inject new_facts.jsonl --out runs/new
 ```
 """
 
@@ -336,7 +336,7 @@ Full provenance: [`{PROVENANCE_FILENAME}`]({PROVENANCE_FILENAME}).
 ```bash
 cpl-masks pull {repo_id} --name {name.split("@")[0].split("/")[-1].removesuffix(".retain")}
 cpl-masks train --retain {name.split("@")[0]} --model {model} \\
-    --data new_facts.jsonl --mastered kept.jsonl --out runs/new
+    --inject new_facts.jsonl --mastered kept.jsonl --out runs/new
 ```
 """
 

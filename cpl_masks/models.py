@@ -122,7 +122,7 @@ def load_model(
         if threads < 1:
             raise CplError(f"--threads {threads}: must be at least 1")
         torch.set_num_threads(threads)
-    folder = _pretrained_folder(ref)
+    folder = pretrained_folder(ref)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -171,8 +171,9 @@ def model_fingerprint(model: torch.nn.Module, *, rounded_to: torch.dtype | None 
     return digest.hexdigest()
 
 
-def _pretrained_folder(ref: str) -> str:
-    """Turn any model reference into something ``from_pretrained`` reads (a folder or a hub id)."""
+def pretrained_folder(ref: str) -> str:
+    """Turn any model reference into what ``from_pretrained`` reads (a folder or a hub id), so other tools
+    (lm-evaluation-harness, your own script) load the same weights; a GGUF file is dequantized once."""
     if ref in BUILTIN_MODELS:
         return str(cached_gguf_folder(builtin_gguf_path(ref)))
     path = Path(ref).expanduser()

@@ -162,7 +162,7 @@ class Registry(Maintenance):
             return path
         with self.connect() as connection:
             row = find(connection, ref)
-        stored = self.store.artifact_path(row["id"])
+        stored = self.store.path_of(row["id"])
         if not stored.is_file():
             raise CplError(
                 f"mask {ref}: registered as {label(row)} but its file is missing (run `cpl-masks registry verify`)"
@@ -242,7 +242,7 @@ class Registry(Maintenance):
             "children": children,
             "runs": [run_summary(run) for run in runs],
             "transfers": [dict(transfer) for transfer in transfers],
-            "path": str(self.store.artifact_path(row["id"])),
+            "path": str(self.store.path_of(row["id"])),
         }
 
     def lineage(self, ref: str) -> dict[str, Any]:

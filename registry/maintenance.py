@@ -84,7 +84,7 @@ class Maintenance:
             rows = connection.execute("SELECT id, name, version, sha256 FROM masks ORDER BY name, version").fetchall()
         for row in rows:
             health.checked += 1
-            path = self.store.artifact_path(row["id"])
+            path = self.store.path_of(row["id"])
             if not path.is_file():
                 health.missing.append(f"{label(row)} ({row['id'][:12]})")
             elif sha256_file(path) != row["sha256"]:
@@ -136,7 +136,7 @@ class Maintenance:
                     held = _references(label(row), runs, children)
                     raise CplError(f"registry rm {ref}: {held}; pass --force to remove it (its runs stay on record)")
                 transfers = connection.execute("SELECT COUNT(*) FROM transfers WHERE mask_id = ?", (row["id"],))
-                path = self.store.artifact_path(row["id"])
+                path = self.store.path_of(row["id"])
                 in_use = f"registry rm {ref}: a running command (train, sweep) is using this mask"
                 stack.enter_context(_flocked(path, fcntl.LOCK_EX, f"{in_use}; wait for it to finish or stop it"))
                 aliases = names_of(connection, row["id"])[1:]
@@ -156,7 +156,7 @@ class Maintenance:
             CplError: the mask is being removed right now.
         """
         refusal = f"mask {mask_id[:12]}: another process is removing it from the registry"
-        return _flocked(self.store.artifact_path(mask_id), fcntl.LOCK_SH, refusal)
+        return _flocked(self.store.path_of(mask_id), fcntl.LOCK_SH, refusal)
 
     def collect_garbage(self, *, force: bool = False) -> Health:
         """Remove stray store files and abandoned staged copies; report rows whose file is missing.
@@ -182,7 +182,7 @@ class Maintenance:
             health.missing = [
                 f"{label(row)} ({row['id'][:12]})"
                 for row in connection.execute("SELECT id, name, version FROM masks ORDER BY name, version")
-                if not self.store.artifact_path(row["id"]).is_file()
+                if not self.store.path_of(row["id"]).is_file()
             ]
         return health
 

@@ -1,4 +1,4 @@
-"""The content-addressed artifact store: one mask file per content id, beside the database.
+"""The content-addressed store: one mask file (a freeze mask or a retain set) per content id, beside the database.
 
 Files are written to a temporary name inside the store first (the slow part, done without any
 lock) and renamed onto ``<id[:2]>/<id>.safetensors`` by the registering transaction, so a file only
@@ -31,7 +31,7 @@ class Store:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def artifact_path(self, mask_id: str) -> Path:
+    def path_of(self, mask_id: str) -> Path:
         """Where the mask with this content id lives in the store."""
         return self.folder / mask_id[:2] / f"{mask_id}{SUFFIX}"
 
@@ -73,7 +73,7 @@ class Store:
 
     def place(self, staged: Path, mask_id: str) -> Path:
         """Rename a staged file onto its content-addressed path (atomic within the store's filesystem)."""
-        target = self.artifact_path(mask_id)
+        target = self.path_of(mask_id)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, target)
         return target
@@ -91,7 +91,7 @@ class Store:
     def placed_id(self, path: Path) -> str | None:
         """The content id a store file's name claims, when it sits where that id belongs; else None."""
         claimed = path.name.removesuffix(SUFFIX)
-        return claimed if _CONTENT_ID.match(claimed) and path == self.artifact_path(claimed) else None
+        return claimed if _CONTENT_ID.match(claimed) and path == self.path_of(claimed) else None
 
     def staged_leftovers(self) -> list[Path]:
         """Temporary copies left behind by processes that died while copying."""

@@ -91,3 +91,33 @@ def test_every_subpackage_is_installed():
     assert "cpl_masks.methods" in folders
     assert set(setuptools["packages"]) == folders
     assert {name: ROOT / path for name, path in setuptools["package-dir"].items()} == PACKAGES
+
+
+TOP_LEVEL = {"__init__", "errors", "models", "hub"}  # the package's own modules beside its subpackages
+MAX_LINES = 450  # a module read in one sitting
+
+
+def test_the_library_is_grouped_by_concern():
+    """At the top of ``cpl_masks/`` only the package, its error type and two stages stand; the rest lives
+    in a subpackage named for what it does."""
+    top = {path.stem for path in (ROOT / "cpl_masks").glob("*.py")}
+    assert top == TOP_LEVEL
+    assert {"data", "scoring", "masks", "profiling", "methods", "training", "evaluation", "sweep"} <= {
+        path.parent.name for path in (ROOT / "cpl_masks").glob("*/__init__.py")
+    }
+
+
+def test_every_module_is_short_enough_to_read_in_one_sitting():
+    long = {
+        name: lines
+        for name, path in module_files().items()
+        if (lines := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_the_public_names_are_importable_from_the_package():
+    import cpl_masks
+
+    missing = [name for name in cpl_masks.__all__ if not hasattr(cpl_masks, name)]
+    assert not missing and callable(cpl_masks.profile) and cpl_masks.Mask.from_ref is not None

@@ -14,7 +14,7 @@ from cpl_masks.masks.format import Mask
 from cpl_masks.models import load_model
 from cpl_masks.profiling.controls import _largest_bits, gradient_magnitude_mask, random_mask
 from cpl_masks.profiling.freeze_mask import profile
-from cpl_masks.profiling.selection import Rule
+from cpl_masks.profiling.selection import Cut
 from cpl_masks.registry import Registry
 from cpl_masks.scoring.scorers import make_scorer
 from tests.conftest import make_questions, write_rows
@@ -29,8 +29,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def like(tiny) -> Mask:
     """A CPL mask of the tiny model, with the embeddings forced frozen (a tensor of count 0)."""
-    rule = Rule(freeze_pattern="embed")
-    return profile(tiny, MASTERED, INJECT, rule=rule, batch_size=4, task="facts", show_progress=False)
+    rule = Cut(freeze_pattern="embed")
+    return profile(tiny, MASTERED, INJECT, cut=rule, batch_size=4, task="facts", show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def test_cli_refuses_in_one_line_before_loading_a_model(files, monkeypatch, args
 def test_a_control_mask_trains_through_the_mask_path(files, tiny_model_dir, tmp_path, like):
     mask_path = random_mask(like, seed=1).save(tmp_path / "random.safetensors")
     before = snapshot(load_model(str(tiny_model_dir), device="cpu").model)
-    train = ["train", "--mask", mask_path, "--data", files["inject"], "--mastered", files["mastered"]]
+    train = ["train", "--mask", mask_path, "--inject", files["inject"], "--mastered", files["mastered"]]
     options = ["--model", tiny_model_dir, "--device", "cpu", "--threads", "1", "--epochs", "1", "--lr", "0.05"]
     result = invoke(*train, *options, "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output

@@ -22,7 +22,7 @@ from cpl_masks.models import load_model, model_fingerprint
 from cpl_masks.profiling.freeze_mask import profile
 from cpl_masks.profiling.gradients import mean_gradients
 from cpl_masks.scoring.scorers import make_scorer
-from cpl_masks.training.loop import TrainConfig, Trainer
+from cpl_masks.training.loop import TrainConfig, TrainingLoop
 from tests.conftest import make_questions, write_rows
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
@@ -107,7 +107,7 @@ def one_step(model_dir: str, mask_path: str, out: str) -> None:
                 torch.save({"weights": weights, "gradients": gradients}, Path(out) / f"{wrapping}-{optimizer}.pt")
 
 
-def stepped_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
+def stepped_gradients(trainer: TrainingLoop) -> dict[str, torch.Tensor]:
     """Fills, at the optimizer's step, with every parameter's (reduced, masked) gradient: under FSDP2
     this rank's shard, gathered whole by :func:`whole` outside the hook, so no collective runs in it."""
     gradients: dict[str, torch.Tensor] = {}
@@ -122,17 +122,17 @@ def stepped_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 def whole(gradients: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each captured gradient whole, on the CPU (a collective under FSDP2: every rank calls it)."""
-    from cpl_masks.utils import distributed
+    from cpl_masks.utils import sharding
 
-    return {name: full.cpu() for name, full in distributed.full_tensors(gradients.items())}
+    return {name: full.cpu() for name, full in sharding.full_tensors(gradients.items())}
 
 
-def masked_trainer(model_dir: str, mask_path: str, optimizer: str, lr: float, wrapping: str | None) -> Trainer:
+def masked_trainer(model_dir: str, mask_path: str, optimizer: str, lr: float, wrapping: str | None) -> TrainingLoop:
     loaded = fresh(model_dir)
     scorer = make_scorer("letter", loaded.tokenizer)
     method = StaticMask(MethodContext(scorer, [], Mask.load(mask_path)))
     config = TrainConfig(lr=lr, optimizer=optimizer, batch_size=len(STEP), show_progress=False, distributed=wrapping)
-    return Trainer(loaded.model, scorer, method, config)
+    return TrainingLoop(loaded.model, scorer, method, config)
 
 
 def half_mask(model) -> Mask:
@@ -296,7 +296,7 @@ def test_bfloat16_weights_train_as_float32_masters_and_save_back(tiny_model_dir)
     mask = half_mask(loaded.model)
     scorer = make_scorer("letter", loaded.tokenizer)
     config = TrainConfig(lr=1e-4, batch_size=len(STEP), show_progress=False)
-    trainer = Trainer(loaded.model, scorer, StaticMask(MethodContext(scorer, [], mask)), config)
+    trainer = TrainingLoop(loaded.model, scorer, StaticMask(MethodContext(scorer, [], mask)), config)
     trainer.train_epoch(STEP, 1)
     masters = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     assert all(value.dtype == torch.float32 for value in masters.values())

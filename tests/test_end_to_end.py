@@ -39,7 +39,7 @@ def test_split_profile_train_and_registry_on_smollm2(tmp_path, monkeypatch):
     assert 0.0 < mask.collaborative_share() < 1.0
 
     run = tmp_path / "run"
-    cli("train", "--mask", "smollm2-135m-instruct/facts", "--data", str(split / "inject.jsonl"),
+    cli("train", "--mask", "smollm2-135m-instruct/facts", "--inject", str(split / "inject.jsonl"),
         "--mastered", str(split / "mastered.jsonl"), "--epochs", "1", "--lr", "1e-3", "--out", str(run))  # fmt: skip
     before = snapshot(load_model().model)
     trained = load_file(str(run / "model" / "model.safetensors"))

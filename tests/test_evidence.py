@@ -216,7 +216,7 @@ def test_compare_lists_the_questions_two_runs_disagree_on(tiny_model_dir, run_fi
 def test_a_multi_epoch_sweep_killed_mid_run_resumes_to_the_same_points(
     tiny_model_dir, sweep_files, tmp_path, monkeypatch
 ):
-    from cpl_masks.training.loop import Trainer
+    from cpl_masks.training.loop import TrainingLoop
 
     data, pool = sweep_files
 
@@ -226,7 +226,7 @@ def test_a_multi_epoch_sweep_killed_mid_run_resumes_to_the_same_points(
                            heldout_data=str(pool), heldout_limit=10, track_drift=False)  # fmt: skip
 
     whole = run_sweep(config(str(tmp_path / "whole")), show_progress=False, report=lambda _: None)
-    original, calls = Trainer.train_epoch, []
+    original, calls = TrainingLoop.train_epoch, []
 
     def dies_in_the_second_run(self, questions, epoch):
         calls.append(epoch)
@@ -234,10 +234,10 @@ def test_a_multi_epoch_sweep_killed_mid_run_resumes_to_the_same_points(
             raise KeyboardInterrupt
         return original(self, questions, epoch)
 
-    monkeypatch.setattr(Trainer, "train_epoch", dies_in_the_second_run)
+    monkeypatch.setattr(TrainingLoop, "train_epoch", dies_in_the_second_run)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(config(str(tmp_path / "broken")), show_progress=False, report=lambda _: None)
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    monkeypatch.setattr(TrainingLoop, "train_epoch", original)
     resumed = run_sweep(config(str(tmp_path / "broken")), show_progress=False, report=lambda _: None)
 
     def figures(payload: dict) -> list:

@@ -60,8 +60,8 @@ def test_a_new_method_is_one_class_and_one_table_entry(tiny_model_dir, tmp_path,
     assert "(default 0.5)" in help_of(application, "train", "--toy-scale")
     inject = write_rows(tmp_path / "inject.jsonl", [q.to_record() for q in make_questions(4, 91, "i")])
     mastered = write_rows(tmp_path / "mastered.jsonl", [q.to_record() for q in make_questions(4, 92, "m")])
-    train = ["train", "--model", str(tiny_model_dir), "--data", str(inject), "--mastered", str(mastered),
-             "--mode", "toy", "--toy-scale", "0.25", "--epochs", "1", "--out", str(tmp_path / "run"),
+    train = ["train", "--model", str(tiny_model_dir), "--inject", str(inject), "--mastered", str(mastered),
+             "--method", "toy", "--toy-scale", "0.25", "--epochs", "1", "--out", str(tmp_path / "run"),
              "--device", "cpu", "--threads", "1"]  # fmt: skip
     result = CliRunner().invoke(application, train)
     assert result.exit_code == 0, result.output

@@ -1,4 +1,4 @@
-"""The baseline methods: LoRA, replay, A-GEM and EWC, each through its hooks and through the Trainer."""
+"""The baseline methods: LoRA, replay, A-GEM and EWC, each through its hooks and through the training loop."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from cpl_masks.methods.projection import total_dot
 from cpl_masks.methods.replay import replay_count
 from cpl_masks.models import load_model
 from cpl_masks.scoring.scorers import make_scorer, pad_left
-from cpl_masks.training.loop import TrainConfig, Trainer
+from cpl_masks.training.loop import TrainConfig, TrainingLoop
 from tests.conftest import make_questions, write_rows
 from tests.helpers import snapshot
 
@@ -34,11 +34,11 @@ def context_for(loaded, mastered=MASTERED, *, seed: int = 0, scoring: str = "let
     return MethodContext(scorer=make_scorer(scoring, loaded.tokenizer), mastered=mastered, batch_size=4, seed=seed)
 
 
-def trainer_for(loaded, name: str, options=None, **config) -> Trainer:
-    """A Trainer running method ``name`` on ``loaded`` (batches of two, no progress bars)."""
+def trainer_for(loaded, name: str, options=None, **config) -> TrainingLoop:
+    """A TrainingLoop running method ``name`` on ``loaded`` (batches of two, no progress bars)."""
     context = context_for(loaded)
     settings = {"lr": 0.05, "batch_size": 2, "show_progress": False, **config}
-    return Trainer(loaded.model, context.scorer, make_method(name, context, options), TrainConfig(**settings))
+    return TrainingLoop(loaded.model, context.scorer, make_method(name, context, options), TrainConfig(**settings))
 
 
 # --- LoRA -------------------------------------------------------------------------------------------
@@ -319,17 +319,17 @@ def test_each_baseline_trains_an_epoch(tiny_model_dir, name):
 @pytest.mark.parametrize("name", ["replay", "agem", "ewc", "dynamic"])
 def test_methods_that_need_mastered_questions_refuse_none(tiny_model_dir, name):
     context = MethodContext(scorer=None, mastered=[])
-    with pytest.raises(CplError, match=rf"^--mode {name} needs a non-empty mastered set \(--mastered\)$"):
+    with pytest.raises(CplError, match=rf"^--method {name} needs a non-empty mastered set \(--mastered\)$"):
         make_method(name, context)
 
 
 @pytest.mark.parametrize(
     ("name", "options", "message"),
     [
-        ("replay", {"lora_rank": 4}, "--lora-rank does not apply to --mode replay"),
-        ("lora", {"refresh_every": 2}, "--refresh-every does not apply to --mode lora"),
-        ("ewc", {"replay_share": 0.5}, "--replay-share does not apply to --mode ewc"),
-        ("agem", {"ewc_lambda": 1.0}, "--ewc-lambda does not apply to --mode agem"),
+        ("replay", {"lora_rank": 4}, "--lora-rank does not apply to --method replay"),
+        ("lora", {"refresh_every": 2}, "--refresh-every does not apply to --method lora"),
+        ("ewc", {"replay_share": 0.5}, "--replay-share does not apply to --method ewc"),
+        ("agem", {"ewc_lambda": 1.0}, "--ewc-lambda does not apply to --method agem"),
         ("lora", {"lora_rank": 0}, "--lora-rank 0: must be at least 1"),
         ("lora", {"lora_alpha": 0}, "--lora-alpha 0: must be positive"),
         ("lora", {"lora_dropout": 1.0}, r"--lora-dropout 1.0: must be in \[0, 1\)"),
@@ -374,8 +374,8 @@ def test_cli_refuses_an_option_of_another_method(tmp_path, monkeypatch):
     monkeypatch.setenv("CPL_MASKS_HOME", str(tmp_path / "home"))
     data = write_rows(tmp_path / "inject.jsonl", [q.to_record() for q in INJECT])
     mastered = write_rows(tmp_path / "mastered.jsonl", [q.to_record() for q in MASTERED])
-    args = ["train", "--data", str(data), "--mastered", str(mastered), "--out", str(tmp_path / "run")]
-    result = CliRunner().invoke(app, [*args, "--mode", "replay", "--lora-rank", "4"])
+    args = ["train", "--inject", str(data), "--mastered", str(mastered), "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, [*args, "--method", "replay", "--lora-rank", "4"])
     assert result.exit_code == 2
-    assert "--lora-rank does not apply to --mode replay" in result.output
+    assert "--lora-rank does not apply to --method replay" in result.output
     assert not (tmp_path / "run").exists()

@@ -15,7 +15,7 @@ from cpl_masks.masks.algebra import recut
 from cpl_masks.models import load_model, model_fingerprint
 from cpl_masks.profiling.freeze_mask import profile, sign_agreement
 from cpl_masks.profiling.gradients import gradient_sums, mean_gradients
-from cpl_masks.profiling.selection import Rule, bf16_keys
+from cpl_masks.profiling.selection import Cut, bf16_keys
 from cpl_masks.scoring.scorers import make_scorer
 from tests.conftest import make_questions
 
@@ -113,8 +113,8 @@ def test_profiling_leaves_the_model_as_it_was(tiny):
     assert model_fingerprint(tiny.model) == before
 
 
-def keep(fraction: float, **patterns) -> Rule:
-    return Rule(threshold=None, keep_fraction=fraction, **patterns)
+def keep(fraction: float, **patterns) -> Cut:
+    return Cut(threshold=None, keep_fraction=fraction, **patterns)
 
 
 def flat(mask, values) -> torch.Tensor:
@@ -124,7 +124,7 @@ def flat(mask, values) -> torch.Tensor:
 
 @pytest.mark.parametrize("fraction", [0.3, 0.75, 0.8])  # 0.75 and 0.8 cut into the entries scoring exactly 0
 def test_keep_fraction_keeps_exactly_the_share_and_equals_a_recut(tiny, profiled, reference, fraction):
-    cut = profile(tiny, MASTERED, INJECT, rule=keep(fraction), batch_size=4, show_progress=False)
+    cut = profile(tiny, MASTERED, INJECT, cut=keep(fraction), batch_size=4, show_progress=False)
     assert cut.collaborative_count() == math.ceil(fraction * cut.entries)
     keys = flat(cut, lambda name: bf16_keys(profiled.scores[name]))
     kept = flat(cut, cut.collaborative)
@@ -149,7 +149,7 @@ def test_recut_at_zero_reproduces_the_threshold_mask(profiled):
 
 def test_patterns_force_whole_tensors(tiny):
     rule = keep(0.5, freeze_pattern="embed", train_pattern="norm")
-    mask = profile(tiny, MASTERED, INJECT, rule=rule, save_scores=True, show_progress=False)
+    mask = profile(tiny, MASTERED, INJECT, cut=rule, save_scores=True, show_progress=False)
     eligible = sum(mask.entries_of(name) for name in mask.names if rule.forced(name) is None)
     forced_on = sum(mask.entries_of(name) for name in mask.names if rule.forced(name))
     assert mask.collaborative_count() == math.ceil(0.5 * eligible) + forced_on
@@ -161,8 +161,8 @@ def test_patterns_force_whole_tensors(tiny):
 
 
 def test_a_recut_keeps_the_patterns_and_says_it_is_a_recut(tiny):
-    rule = Rule(threshold=0.0, freeze_pattern="embed", train_pattern="norm")
-    mask = profile(tiny, MASTERED, INJECT, rule=rule, save_scores=True, show_progress=False)
+    rule = Cut(threshold=0.0, freeze_pattern="embed", train_pattern="norm")
+    mask = profile(tiny, MASTERED, INJECT, cut=rule, save_scores=True, show_progress=False)
     cut = recut(mask, keep_fraction=0.2)
     assert cut.metadata["rule"] == {
         "threshold": None,
@@ -298,7 +298,7 @@ def test_the_confidence_rule_freezes_only_entries_whose_t_statistic_is_below_min
         stats[key] = {n: (v.mean(0), v.std(0, correction=1) / len(rows) ** 0.5) for n, v in stacked.items()}
     frozen_shares = []
     for k in (0.0, 1.0, 2.0):
-        mask = profile(tiny, MASTERED, INJECT, rule=Rule.from_options(None, None, k), show_progress=False)
+        mask = profile(tiny, MASTERED, INJECT, cut=Cut.from_options(None, None, k), show_progress=False)
         assert mask.metadata["rule"]["statistic"] == "t" and mask.metadata["rule"]["threshold"] == -k
         frozen_shares.append(1 - mask.collaborative_share())
         for name in mask.names:
@@ -313,7 +313,7 @@ def test_the_confidence_rule_freezes_only_entries_whose_t_statistic_is_below_min
 
 def test_confidence_and_threshold_are_refused_together_and_a_keep_fraction_ranks_by_t():
     with pytest.raises(CplError, match="--confidence or --threshold"):
-        Rule.from_options(0.1, None, 2.0)
+        Cut.from_options(0.1, None, 2.0)
     with pytest.raises(CplError, match="--confidence -1"):
-        Rule.from_options(None, None, -1.0)
-    assert Rule.from_options(None, 0.3, 2.0) == Rule(None, 0.3, statistic="t")
+        Cut.from_options(None, None, -1.0)
+    assert Cut.from_options(None, 0.3, 2.0) == Cut(None, 0.3, statistic="t")

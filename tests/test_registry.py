@@ -81,7 +81,7 @@ def test_names_versions_and_every_kind_of_reference(tmp_path, registry):
     assert registry.register(first) == "tiny-model/arc@v1"  # same content: same name
     first_id = Mask.load(first).id
     stored = registry.resolve("tiny-model/arc@v1")
-    assert stored == registry.store.artifact_path(first_id) and stored.read_bytes() == first.read_bytes()
+    assert stored == registry.store.path_of(first_id) and stored.read_bytes() == first.read_bytes()
     assert registry.resolve("tiny-model/arc").read_bytes() == second.read_bytes()
     assert registry.resolve(first_id) == stored
     assert registry.resolve(first_id[:10].upper()) == stored
@@ -212,7 +212,7 @@ def test_a_process_killed_mid_registration_leaves_only_a_stray_file_that_gc_remo
     mask_id = Mask.load(path).id
     [stray] = registry.verify().strays
     assert (stray.path, stray.problem, stray.mask_id) == (
-        registry.store.artifact_path(mask_id),
+        registry.store.path_of(mask_id),
         "not registered",
         mask_id,
     )
@@ -323,8 +323,8 @@ def fill_old_registry(registry: Registry, version: int, parent: Path, child: Pat
                     json.dumps(mask.metadata),
                 ),
             )
-            registry.store.artifact_path(mask.id).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, registry.store.artifact_path(mask.id))
+            registry.store.path_of(mask.id).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, registry.store.path_of(mask.id))
         parent_id, child_id = Mask.load(parent).id, Mask.load(child).id
         connection.execute("INSERT INTO mask_parents VALUES (?, ?, 0)", (child_id, parent_id))
         connection.execute(
@@ -410,7 +410,7 @@ def test_gc_keeps_valid_stray_masks_unless_forced_and_verify_reports_misplaced_f
     folder = registry.store.folder
     misplaced = valid.save(folder / "elsewhere" / f"{valid.id}.safetensors")
     badly_named = other.save(folder / other.id[:2] / "copy.safetensors")
-    misnamed = valid.save(registry.store.artifact_path(other.id))  # valid bits under another id's name
+    misnamed = valid.save(registry.store.path_of(other.id))  # valid bits under another id's name
     junk = folder / "ab" / ("ab" + "0" * 62 + ".safetensors")
     junk.parent.mkdir(exist_ok=True)
     junk.write_bytes(b"not a mask")
@@ -583,7 +583,7 @@ def test_every_load_from_the_registry_verifies_the_stored_sha256(tmp_path, regis
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"question": "one two?", "choices": ["one", "two"], "answer": "A"}\n')
     train = cli(
-        "train", "--mask", "tiny-model/arc", "--model", str(tiny_model_dir), "--data", str(questions),
+        "train", "--mask", "tiny-model/arc", "--model", str(tiny_model_dir), "--inject", str(questions),
         "--mastered", str(questions), "--out", str(tmp_path / "run"), "--device", "cpu", "--epochs", "1",
     )  # fmt: skip
     assert train.exit_code == 2 and "differs from the sha256" in " ".join(train.output.split()), train.output

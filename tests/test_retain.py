@@ -21,7 +21,7 @@ from cpl_masks.profiling.gradients import mean_gradients
 from cpl_masks.profiling.retain import UNCERTAIN, SignMeasure, profile_retain, retain_questions
 from cpl_masks.registry import Registry
 from cpl_masks.scoring.scorers import make_scorer
-from cpl_masks.training.loop import TrainConfig, Trainer
+from cpl_masks.training.loop import TrainConfig, TrainingLoop
 from tests.conftest import make_questions, write_rows
 from tests.helpers import snapshot
 from tests.test_hub import switch_registry
@@ -193,7 +193,7 @@ def test_training_from_a_retain_set_equals_the_dynamic_rule_step_for_step(tiny_m
         context = MethodContext(scorer, mastered, retain if source == "retain" else None, batch_size=4)
         options = {"refresh_every": 2, **(measure.to_metadata() if source == "dynamic" else {})}
         method = make_method("dynamic", context, options)
-        trainer = Trainer(loaded.model, scorer, method, TrainConfig(lr=0.5, optimizer="sgd", show_progress=False))
+        trainer = TrainingLoop(loaded.model, scorer, method, TrainConfig(lr=0.5, optimizer="sgd", show_progress=False))
         steps: list[dict[str, torch.Tensor]] = []
         original = method.mask_gradients
 
@@ -226,7 +226,7 @@ def test_a_run_that_never_refreshes_steers_by_the_stored_signs_to_the_end_resume
     scorer = make_scorer("letter", loaded.tokenizer)
     context = MethodContext(scorer, retain_questions(retain), retain, batch_size=4)
     never = make_method("dynamic", context, {"refresh_every": 0})
-    trainer = Trainer(loaded.model, scorer, never, TrainConfig(lr=0.5, optimizer="sgd", show_progress=False))
+    trainer = TrainingLoop(loaded.model, scorer, never, TrainConfig(lr=0.5, optimizer="sgd", show_progress=False))
     before = snapshot(loaded.model)
     for epoch in (1, 2):
         trainer.train_epoch(INJECT, epoch)
@@ -242,7 +242,7 @@ def test_a_run_that_never_refreshes_steers_by_the_stored_signs_to_the_end_resume
 def test_never_refreshing_needs_stored_signs_and_is_refused_before_the_model_loads(split_files, tmp_path):
     inject, mastered, _ = split_files
     common = ["--data", str(inject), "--model", str(tmp_path / "no-model"), "--refresh-every", "0"]
-    train = ["train", "--mastered", str(mastered), "--out", str(tmp_path / "run"), "--mode"]
+    train = ["train", "--mastered", str(mastered), "--out", str(tmp_path / "run"), "--method"]
     sweep = ["sweep", "--out", str(tmp_path / "sweep"), "--lr-grid", "1e-4", "--methods"]
     for mode, refused in (("dynamic", "--refresh-every 0 needs --retain"), ("agem", "agem keeps g_M itself")):
         for command in ([*train, mode], [*sweep, f"full,{mode}"]):
@@ -281,7 +281,7 @@ def test_profile_retain_then_train_with_it_keeping_each_refresh(tiny_model_dir, 
     assert refused.exit_code == 2 and "is a retain set" in refused.output
 
     def train(out: str, evaluated, *options: str):
-        args = ["train", "--data", str(inject), "--mastered", str(evaluated), "--out", str(tmp_path / out), *common]
+        args = ["train", "--inject", str(inject), "--mastered", str(evaluated), "--out", str(tmp_path / out), *common]
         return invoke([*args, "--epochs", "2", "--lr", "0.5", "--optimizer", "sgd", *options])
 
     # reused on another task: forgetting is measured on other questions, the rule steers by the retain set's
@@ -297,7 +297,7 @@ def test_profile_retain_then_train_with_it_keeping_each_refresh(tiny_model_dir, 
     assert [item["out_dir"] for item in Registry().runs(mask=name)] == [run["out_dir"]]
 
     # the paper's rule steered by the same questions given as --mastered: the very same weights
-    direct = train("direct", mastered, "--mode", "dynamic")
+    direct = train("direct", mastered, "--method", "dynamic")
     assert direct.exit_code == 0, direct.output
     expected, actual = (load_file(tmp_path / out / "model" / "model.safetensors") for out in ("direct", "with-retain"))
     assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
@@ -314,7 +314,7 @@ def test_a_confident_retain_set_from_the_cli_trains_as_it_was_measured(tiny_mode
     counts = Mask.load(path).metadata["counts"]
     assert 0 < counts["frozen"] <= min(counts["positive"], counts["negative"])
 
-    train = ["train", "--data", str(inject), "--mastered", str(mastered), "--retain", str(path), *common]
+    train = ["train", "--inject", str(inject), "--mastered", str(mastered), "--retain", str(path), *common]
     train += ["--epochs", "1", "--lr", "0.5", "--optimizer", "sgd"]
     refused = runner.invoke(app, [*train, "--confidence", "2", "--out", str(tmp_path / "refused")])
     assert refused.exit_code == 2 and "--confidence 2.0: retain set" in refused.output
@@ -336,7 +336,7 @@ def test_the_wrong_kind_is_refused_in_one_line_before_the_model_loads(tiny_model
     result = runner.invoke(app, ["train", *common, "--retain", str(mask), "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "is a freeze mask, not a retain set" in result.output
     result = runner.invoke(
-        app, ["train", *common, "--retain", str(path), "--mode", "full", "--out", str(tmp_path / "c")]
+        app, ["train", *common, "--retain", str(path), "--method", "full", "--out", str(tmp_path / "c")]
     )
     assert result.exit_code == 2 and "--retain trains with the per-step rule" in result.output
     result = runner.invoke(app, ["profile", "--kind", "retain", "--mastered", str(mastered), "--inject", str(inject)])
@@ -432,6 +432,18 @@ def test_a_trainer_steps_only_along_entries_that_agree_with_g_m_and_refreshes_ea
     )
 
 
+def test_a_trainer_refreshes_on_the_training_loops_schedule(tiny_model_dir, tmp_path, retain):
+    """2 epochs of 2 steps, every step: due before every step but the run's first, as in the loop."""
+    from cpl_masks.methods.base import ScheduleOptions
+
+    trainer = sgd_trainer(tiny_model_dir, tmp_path)
+    handle = apply_retain(retain, trainer, refresh_every=1)
+    trainer.train()
+    schedule = ScheduleOptions(refresh_every=1)
+    due = [(epoch, step) for epoch in (1, 2) for step in (0, 1) if schedule.due(epoch, step)]
+    assert handle.refreshes == len(due) - 1 == 3
+
+
 def test_a_trainer_that_never_refreshes_keeps_the_stored_signs(tiny_model_dir, tmp_path, retain):
     trainer = sgd_trainer(tiny_model_dir, tmp_path)
     before = snapshot(trainer.model)
@@ -440,5 +452,5 @@ def test_a_trainer_that_never_refreshes_keeps_the_stored_signs(tiny_model_dir, t
     trainer.train()
     assert handle.refreshes == 0 and handle.signs is stored
     assert any(not torch.equal(before[name], weight) for name, weight in snapshot(trainer.model).items())
-    with pytest.raises(CplError, match=r"^refresh_every -1: must be at least 1 \(or 0: never\)$"):
+    with pytest.raises(CplError, match=r"^--refresh-every -1: must be at least 1 \(or 0: never\)$"):
         apply_retain(retain, trainer, refresh_every=-1)

@@ -53,7 +53,7 @@ def test_a_run_never_writes_over_its_inputs(tiny_model_dir, run_files, tmp_path)
 
 def test_a_refused_run_leaves_no_folder_even_after_taking_its_lock(tiny_model_dir, run_files, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(CplError, match="--mode nope"):
+    with pytest.raises(CplError, match="--method nope"):
         start_run(make_request(tiny_model_dir, run_files, out, mode="nope"))
     with pytest.raises(CplError, match="lora-targets"):  # refused once the model loaded, after the lock
         start_run(make_request(tiny_model_dir, run_files, out, mode="lora", method_options={"lora_targets": "nope"}))
@@ -122,8 +122,9 @@ def test_a_second_sweep_process_waits_while_the_first_writes_the_folder(tiny_mod
 
 def train_args(model_dir, run_files, out, *extra: str) -> list[str]:
     inject, mastered, _ = run_files
-    return ["train", "--data", str(inject), "--mastered", str(mastered), "--out", str(out), "--model", str(model_dir),
-            "--device", "cpu", "--threads", "1", "--epochs", "2", "--lr", "0.01", "--mode", "full", *extra]  # fmt: skip
+    return ["train", "--inject", str(inject), "--mastered", str(mastered), "--out", str(out), "--model", str(model_dir),
+            "--device", "cpu", "--threads", "1", "--epochs", "2", "--lr", "0.01", "--method", "full",
+            *extra]  # fmt: skip
 
 
 def test_an_interrupted_train_says_how_to_resume_and_resume_takes_repeated_values(
@@ -147,7 +148,7 @@ def test_an_interrupted_train_says_how_to_resume_and_resume_takes_repeated_value
     monkeypatch.setattr(training_run, "save_checkpoint", original)
     changed = runner.invoke(app, ["train", "--resume", str(out), "--seed", "1"])
     assert changed.exit_code == 2 and "--seed cannot change on --resume" in changed.output
-    same = runner.invoke(app, ["train", "--resume", str(out), "--seed", "0", "--data", str(run_files[0])])
+    same = runner.invoke(app, ["train", "--resume", str(out), "--seed", "0", "--inject", str(run_files[0])])
     assert same.exit_code == 0, same.output  # the run's own values, repeated, change nothing
     assert json.loads((out / "run.json").read_text())["resumed"] is True
 
@@ -177,7 +178,7 @@ def test_a_live_restartable_run_is_refused_without_being_announced_as_started_ag
     with pytest.raises(KeyboardInterrupt):
         start_run(make_request(tiny_model_dir, run_files, out), on_epoch=stop_at_epoch_zero)
     inject, mastered, _ = run_files
-    command = ["train", "--model", str(tiny_model_dir), "--mode", "full", "--data", str(inject)]
+    command = ["train", "--model", str(tiny_model_dir), "--method", "full", "--inject", str(inject)]
     command += ["--mastered", str(mastered), "--epochs", "1", "--threads", "1", "--out", str(out)]
     assert not folder_in_use(out)
     with lock_folder(out):

@@ -126,7 +126,7 @@ def test_profile_and_training_refuse_an_over_long_question_naming_its_file_and_r
     out = tmp_path / "run"
     result = CliRunner().invoke(
         app,
-        ["train", "--data", str(inject), "--mastered", str(mastered), "--out", str(out), "--mode", "full",
+        ["train", "--inject", str(inject), "--mastered", str(mastered), "--out", str(out), "--method", "full",
          "--model", str(tiny_model_dir), "--device", "cpu", "--epochs", "1"],
         catch_exceptions=False,
     )  # fmt: skip

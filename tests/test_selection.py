@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cpl_masks.errors import CplError
-from cpl_masks.profiling.selection import Rule, encode_scores, touched_entries
+from cpl_masks.profiling.selection import Cut, encode_scores, touched_entries
 
 SCORES = {
     "a": torch.tensor([0.0, 1.0, 0.0, -1.0]),
@@ -15,7 +15,7 @@ SCORES = {
 
 
 def keep(fraction: float, scores=SCORES, **patterns) -> dict[str, list]:
-    bits = Rule(threshold=None, keep_fraction=fraction, **patterns).cut(scores)
+    bits = Cut(threshold=None, keep_fraction=fraction, **patterns).select_all(scores)
     return {name: tensor.int().tolist() for name, tensor in bits.items()}
 
 
@@ -65,7 +65,7 @@ def test_a_fraction_of_nothing_keeps_nothing():
 )
 def test_rule_refuses_bad_options_naming_them(options, message):
     with pytest.raises(CplError) as error:
-        Rule(**options)
+        Cut(**options)
     assert str(error.value).startswith(message)
 
 
@@ -80,4 +80,4 @@ def test_stored_scores_mark_touched_entries_by_the_sign_of_zero():
 
 def test_a_threshold_is_compared_unrounded_with_bfloat16_scores():
     scores = {"w": torch.tensor([1.0, 1.0078125], dtype=torch.bfloat16)}  # neighbours in bfloat16
-    assert Rule(threshold=1.001).cut(scores)["w"].tolist() == [False, True]  # 1.001 would round to 1.0
+    assert Cut(threshold=1.001).select_all(scores)["w"].tolist() == [False, True]  # 1.001 would round to 1.0

@@ -61,7 +61,7 @@ def test_every_method_runs_through_the_sweep_and_is_reported(tiny_model_dir, dat
             "1",
             "--holdout-fraction",
             "0.3",
-            "--retain-text",
+            "--track-text",
             str(retain),
             "--forgetting-budget",
             "1.0",

@@ -19,7 +19,7 @@ from cpl_masks.models import load_model, model_fingerprint
 from cpl_masks.profiling.freeze_mask import profile
 from cpl_masks.registry import Registry
 from cpl_masks.scoring.scorers import LetterScorer, make_scorer
-from cpl_masks.training.loop import MaskedAdamW, TrainConfig, Trainer, TrainingDiverged, optimizer_state_bytes
+from cpl_masks.training.loop import MaskedAdamW, TrainConfig, TrainingDiverged, TrainingLoop, optimizer_state_bytes
 from cpl_masks.training.record import RunRecord
 from cpl_masks.training.request import RunRequest
 from cpl_masks.training.run import resume_run, start_run
@@ -55,7 +55,7 @@ def test_static_mask_changes_only_collaborative_entries(tiny_model_dir, optimize
     before = snapshot(loaded.model)
     config = TrainConfig(lr=0.05, optimizer=optimizer, batch_size=2, weight_decay=0.1, show_progress=False)
     scorer = make_scorer("letter", loaded.tokenizer)
-    trainer = Trainer(loaded.model, scorer, StaticMask(MethodContext(scorer, [], mask)), config)
+    trainer = TrainingLoop(loaded.model, scorer, StaticMask(MethodContext(scorer, [], mask)), config)
     for epoch in (1, 2):
         trainer.train_epoch(INJECT, epoch)  # 3 steps per epoch
     assert_frozen_unchanged(before, loaded.model, mask)
@@ -72,7 +72,7 @@ def test_masked_adamw_keeps_state_only_for_collaborative_entries(tiny_model_dir)
     mask = random_mask(loaded.model)
     config = TrainConfig(lr=1e-3, optimizer="adamw", show_progress=False)
     scorer = make_scorer("letter", loaded.tokenizer)
-    trainer = Trainer(loaded.model, scorer, StaticMask(MethodContext(scorer, [], mask)), config)
+    trainer = TrainingLoop(loaded.model, scorer, StaticMask(MethodContext(scorer, [], mask)), config)
     trainer.train_epoch(INJECT[:2], 1)
     assert isinstance(trainer.optimizer, MaskedAdamW)
     states = {name: trainer.optimizer.state[parameter] for name, parameter in trainer.named}
@@ -148,7 +148,7 @@ def test_dynamic_mode_is_the_papers_rule(tiny_model_dir):
     scorer = make_scorer("letter", loaded.tokenizer)
     before = snapshot(loaded.model)
     config = TrainConfig(lr=0.02, epochs=2, seed=3, show_progress=False)
-    trainer = Trainer(loaded.model, scorer, DynamicCPL(MethodContext(scorer, MASTERED, batch_size=4)), config)
+    trainer = TrainingLoop(loaded.model, scorer, DynamicCPL(MethodContext(scorer, MASTERED, batch_size=4)), config)
     for epoch in (1, 2):
         trainer.train_epoch(INJECT, epoch)
     expected = reference_dynamic(reference_model, scorer, INJECT, MASTERED, lr=0.02, epochs=2, seed=3)
@@ -175,7 +175,7 @@ def test_refresh_every_recomputes_g_m_every_k_steps(tiny_model_dir, monkeypatch)
         loaded = fresh(tiny_model_dir)
         scorer = make_scorer("letter", loaded.tokenizer)
         method = make_method("dynamic", MethodContext(scorer, MASTERED, batch_size=4), {"refresh_every": refresh_every})
-        trainer = Trainer(loaded.model, scorer, method, TrainConfig(lr=0.05, show_progress=False))
+        trainer = TrainingLoop(loaded.model, scorer, method, TrainConfig(lr=0.05, show_progress=False))
         for epoch in (1, 2):
             trainer.train_epoch(INJECT, epoch)
         assert len(refreshes) == expected, refresh_every
@@ -201,7 +201,7 @@ def test_refresh_sample_draws_n_questions_of_m_per_refresh_the_same_after_a_resu
         loaded = fresh(tiny_model_dir)
         scorer = make_scorer("letter", loaded.tokenizer)
         method = make_method("dynamic", MethodContext(scorer, MASTERED, batch_size=4, seed=5), options)
-        trainer = Trainer(loaded.model, scorer, method, TrainConfig(lr=0.05, show_progress=False))
+        trainer = TrainingLoop(loaded.model, scorer, method, TrainConfig(lr=0.05, show_progress=False))
         for epoch in epochs:
             trainer.train_epoch(INJECT, epoch)
         return list(seen)
@@ -216,7 +216,7 @@ def test_refresh_sample_draws_n_questions_of_m_per_refresh_the_same_after_a_resu
 def test_nan_loss_stops_training(tiny_model_dir):
     loaded = fresh(tiny_model_dir)
     config = TrainConfig(lr=1e12, show_progress=False)
-    trainer = Trainer(loaded.model, make_scorer("letter", loaded.tokenizer), FullFineTuning(), config)
+    trainer = TrainingLoop(loaded.model, make_scorer("letter", loaded.tokenizer), FullFineTuning(), config)
     with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+: the loss is (nan|inf)"):
         trainer.train_epoch(INJECT, 1)
 
@@ -390,7 +390,7 @@ def test_a_reprofiled_mask_is_the_profile_at_the_weights_it_was_made_at(tiny_mod
     first = profile(loaded, MASTERED, INJECT, batch_size=4, show_progress=False)
     context = MethodContext(scorer, MASTERED, first, inject=INJECT, batch_size=4)
     method = make_method("mask", context, {"reprofile_every": 4})
-    trainer = Trainer(loaded.model, scorer, method, TrainConfig(lr=0.5, show_progress=False))
+    trainer = TrainingLoop(loaded.model, scorer, method, TrainConfig(lr=0.5, show_progress=False))
     trainer.train_epoch(INJECT, 1)  # 6 steps: profiled again at step 4
     after_one = snapshot(loaded.model)
     trainer.train_epoch(INJECT, 2)  # and at the start of epoch 2, at the weights after epoch 1

@@ -25,7 +25,7 @@ def files(tmp_path, monkeypatch):
 def train_args(model_dir, files, out, *extra: str) -> list[str]:
     inject, mastered = files
     common = ["--model", str(model_dir), "--device", "cpu", "--threads", "1", "--epochs", "1", "--lr", "0.01"]
-    return ["train", "--data", str(inject), "--mastered", str(mastered), "--out", str(out), *common, *extra]
+    return ["train", "--inject", str(inject), "--mastered", str(mastered), "--out", str(out), *common, *extra]
 
 
 def invoke(args: list[str]):
@@ -33,7 +33,7 @@ def invoke(args: list[str]):
 
 
 def test_train_full_and_mask_then_compare(tiny_model_dir, files, tmp_path):
-    full = invoke(train_args(tiny_model_dir, files, tmp_path / "full", "--mode", "full"))
+    full = invoke(train_args(tiny_model_dir, files, tmp_path / "full", "--method", "full"))
     assert full.exit_code == 0, full.output
     assert "learned" in full.output and (tmp_path / "full" / "model" / "config.json").is_file()
     mask = random_mask(fresh(tiny_model_dir).model).save(tmp_path / "mask.safetensors")
@@ -79,7 +79,8 @@ def test_resume_from_the_cli(tiny_model_dir, files, tmp_path):
     ("extra", "flag"),
     [
         (("--optimizer", "adamw"), "--optimizer"),
-        (("-d", "other.jsonl"), "--data"),
+        (("-i", "other.jsonl"), "--inject"),
+        (("-d", "other.jsonl"), "--data"),  # the old spelling of --inject
         (("--distributed", "fsdp2"), "--distributed"),
         (("--force",), "--force"),
         (("--lr", "0.01", "--seed", "1"), "--seed"),  # another seed than the run's 0
@@ -95,7 +96,7 @@ def test_resume_refuses_options_that_cannot_change(tiny_model_dir, files, tmp_pa
 
 def test_a_run_stopped_before_its_first_checkpoint_starts_again_from_the_cli(tiny_model_dir, files, tmp_path):
     stopped_run(tiny_model_dir, files, tmp_path / "run", epoch=0)
-    again = invoke(train_args(tiny_model_dir, files, tmp_path / "run", "--mode", "full"))
+    again = invoke(train_args(tiny_model_dir, files, tmp_path / "run", "--method", "full"))
     assert again.exit_code == 0, again.output
     assert f"{tmp_path / 'run'}: a run that stopped before its first checkpoint; starting it again" in again.output
     assert json.loads((tmp_path / "run" / "run.json").read_text())["args"]["config"]["epochs"] == 1
@@ -105,13 +106,13 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again_from_the_cli(tin
     ("extra", "message"),
     [
         ((), "choose how to train"),
-        (("--mask", "m.safetensors", "--mode", "full"), "exclude each other"),
-        (("--mode", "mask"), "--mode mask needs --mask"),
-        (("--mode", "sideways"), "--mode sideways"),
-        (("--mode", "full", "--optimizer", "adam"), "--optimizer adam"),
-        (("--mode", "full", "--epochs", "0"), "--epochs 0"),
-        (("--mode", "full", "--optimizer", "momentum", "--momentum", "-5"), "--momentum -5.0: must be in [0, 1)"),
-        (("--mode", "full", "--weight-decay", "nan"), "--weight-decay nan: must be a number of at least 0"),
+        (("--mask", "m.safetensors", "--method", "full"), "exclude each other"),
+        (("--method", "mask"), "--method mask needs --mask"),
+        (("--method", "sideways"), "--method sideways"),
+        (("--method", "full", "--optimizer", "adam"), "--optimizer adam"),
+        (("--method", "full", "--epochs", "0"), "--epochs 0"),
+        (("--method", "full", "--optimizer", "momentum", "--momentum", "-5"), "--momentum -5.0: must be in [0, 1)"),
+        (("--method", "full", "--weight-decay", "nan"), "--weight-decay nan: must be a number of at least 0"),
         (("--mask", "nowhere.safetensors"), "nowhere.safetensors"),
     ],
 )
@@ -122,17 +123,36 @@ def test_bad_options_are_refused(tiny_model_dir, files, tmp_path, extra, message
     assert not (tmp_path / "out").exists()
 
 
+def test_old_spellings_still_train_and_warn(tiny_model_dir, files, tmp_path):
+    inject, _ = files
+    args = train_args(tiny_model_dir, files, tmp_path / "old", "--mode", "full")
+    args[args.index("--inject")] = "--data"
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    assert "warning: --data is renamed --inject" in result.output
+    assert "warning: --mode is renamed --method" in result.output
+    run = json.loads((tmp_path / "old" / "run.json").read_text())
+    assert run["mode"] == "full" and run["args"]["inject"] == str(inject)
+
+
+def test_both_spellings_of_one_option_are_refused(tiny_model_dir, files, tmp_path):
+    result = invoke(train_args(tiny_model_dir, files, tmp_path / "both", "--method", "full", "--mode", "full"))
+    assert result.exit_code == 2
+    assert "--mode is the old spelling of --method; give one of them" in result.output
+    assert not (tmp_path / "both").exists()
+
+
 def test_data_and_folder_errors(tiny_model_dir, tiny_base_model_dir, files, tmp_path):
     inject, mastered = files
-    missing = invoke(["train", "--data", str(inject), "--mode", "full"])
+    missing = invoke(["train", "--inject", str(inject), "--method", "full"])
     assert missing.exit_code == 2 and "--mastered, --out required" in missing.output
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    no_rows = invoke(train_args(tiny_model_dir, (empty, mastered), tmp_path / "a", "--mode", "full"))
+    no_rows = invoke(train_args(tiny_model_dir, (empty, mastered), tmp_path / "a", "--method", "full"))
     assert no_rows.exit_code == 2 and "empty" in no_rows.output
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
-    busy = invoke(train_args(tiny_model_dir, files, tmp_path / "busy", "--mode", "full"))
+    busy = invoke(train_args(tiny_model_dir, files, tmp_path / "busy", "--method", "full"))
     assert busy.exit_code == 2 and "--overwrite" in busy.output
     mask = random_mask(fresh(tiny_model_dir).model).save(tmp_path / "mask.safetensors")
     mismatch = invoke(train_args(tiny_model_dir, files, tmp_path / "b", "--mask", str(mask), "--scoring", "loglik"))

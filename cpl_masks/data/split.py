@@ -30,6 +30,7 @@ from typing import Any
 from cpl_masks.data.questions import Question, check_limit, questions_sha256, write_questions
 from cpl_masks.errors import CplError
 from cpl_masks.models import LoadedModel, model_fingerprint
+from cpl_masks.scoring.base import DEFAULT_SCORING
 from cpl_masks.scoring.scorers import SCORINGS, Scorer, Scores, make_scorer, score_questions
 from cpl_masks.utils.files import prepare_output_dir, write_json, write_jsonl
 from cpl_masks.utils.progress import progress_bar
@@ -56,7 +57,7 @@ def split_questions(
     loaded: LoadedModel,
     questions: Sequence[Question],
     *,
-    scoring: str = "letter",
+    scoring: str = DEFAULT_SCORING,
     holdout_fraction: float = 0.0,
     min_margin: float = 0.0,
     seed: int = 0,
@@ -212,7 +213,7 @@ def resolve_scoring(
     if requested is not None and requested not in SCORINGS:
         raise CplError(f"--scoring {requested}: choose one of {', '.join(SCORINGS)}")
     if requested is None:
-        return mask_scoring or (recorded_scoring(data_path) if data_path is not None else None) or "letter"
+        return mask_scoring or (recorded_scoring(data_path) if data_path is not None else None) or DEFAULT_SCORING
     if mask_scoring and requested != mask_scoring and not force:
         hint = "; pass --force to use it anyway" if force is False else ""
         raise CplError(f"--scoring {requested}: the mask was profiled with {mask_scoring} scoring{hint}")

@@ -278,7 +278,7 @@ def mean_change(before: Sequence[float], after: Sequence[float]) -> float:
 def text_loss(model: Any, tokenizer: Any, text: str, *, window: int = 256, batch_size: int = 8) -> float:
     """Mean next-token cross-entropy of ``model`` on ``text``, read in windows of ``window`` tokens.
 
-    A general text the model already predicts well (``--retain-text``) shows forgetting that
+    A general text the model already predicts well (``--track-text``) shows forgetting that
     multiple-choice answers of a small model are too noisy to show.
     """
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -12,8 +12,9 @@ the optimizer see only the kept entries, in any loop (the same mechanism, and th
 running sum, so the step's final gradient agrees in sign with g_M wherever it is non-zero.
 
 The signs start as the retain set's own (profiled at these weights) and are recomputed over its
-questions, at the current weights, at the start of every epoch after the first (a Trainer
-callback) and every ``refresh_every`` optimizer steps (0: never); a hand-written loop calls
+questions, at the current weights, on the schedule of the training loop's per-step rule
+(:class:`~cpl_masks.methods.base.ScheduleOptions`: each epoch's start after the first, and every
+``refresh_every`` optimizer steps within an epoch; 0: never), by a Trainer callback; a hand-written loop calls
 :meth:`SignRuleHandle.refresh` when it wants. A refresh runs in eval mode, with the rule's hooks
 paused, between optimizer steps (it takes over ``.grad`` for its own pass). Unlike a freeze mask
 the rule moves entries a step leaves at zero only through the optimizer's own state (momentum,
@@ -30,7 +31,9 @@ import torch
 from cpl_masks.errors import CplError
 from cpl_masks.masks.format import Mask
 from cpl_masks.masks.signs import PackedSigns
+from cpl_masks.methods.base import ScheduleOptions
 from cpl_masks.profiling.retain import measure_signs, retain_measure, retain_questions
+from cpl_masks.scoring.base import DEFAULT_SCORING
 from cpl_masks.scoring.scorers import make_scorer
 
 
@@ -41,15 +44,15 @@ class SignRuleHandle:
     """
 
     def __init__(
-        self, retain: Mask, model: torch.nn.Module, tokenizer: Any, *, batch_size: int, refresh_every: int | None
+        self, retain: Mask, model: torch.nn.Module, tokenizer: Any, *, batch_size: int, schedule: ScheduleOptions
     ) -> None:
         self.retain = retain
         self.model = model
-        self.scorer = make_scorer(retain.metadata.get("scoring") or "letter", tokenizer)
+        self.scorer = make_scorer(retain.metadata.get("scoring") or DEFAULT_SCORING, tokenizer)
         self.questions = retain_questions(retain)
         self.measure = retain_measure(retain)
         self.batch_size = batch_size
-        self.refresh_every = refresh_every
+        self.schedule = schedule
         self.signs: PackedSigns = retain.signs().to(next(model.parameters()).device)
         self.refreshes = 0
         self._paused = False
@@ -127,11 +130,10 @@ def apply_retain(
     tokenizer = tokenizer if tokenizer is not None else getattr(trainer, "processing_class", None)
     if tokenizer is None:
         raise CplError("apply: a retain set needs the tokenizer (tokenizer=...) to score its questions")
-    if refresh_every is not None and refresh_every < 0:
-        raise CplError(f"refresh_every {refresh_every}: must be at least 1 (or 0: never)")
+    schedule = ScheduleOptions(refresh_every=refresh_every)
     retain.check_model(model, allow_other_weights=allow_other_weights)
-    handle = SignRuleHandle(retain, model, tokenizer, batch_size=batch_size, refresh_every=refresh_every)
-    if trainer is not None and refresh_every != 0:
+    handle = SignRuleHandle(retain, model, tokenizer, batch_size=batch_size, schedule=schedule)
+    if trainer is not None and not schedule.never:
         callback = _refresh_callback_class()(handle)
         trainer.add_callback(callback)
         handle._trainer = (trainer, callback)
@@ -150,20 +152,24 @@ def _refresh_callback_class() -> type:
     from transformers import TrainerCallback
 
     class SignRefreshCallback(TrainerCallback):
-        """Refreshes sign(g_M) when an epoch after the first starts and every ``refresh_every`` steps."""
+        """Refreshes sign(g_M) before the optimizer steps its handle's schedule says are due."""
 
         def __init__(self, handle: SignRuleHandle) -> None:
             self.handle = handle
+            self.epoch = 0
+            self.step_in_epoch = 0
 
         def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            """The first epoch of a fresh run starts from the stored signs, profiled at these weights."""
-            if state.global_step > 0:
+            self.epoch += 1
+            self.step_in_epoch = 0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            """Before a step (gradients cleared); a fresh run's first step starts from the stored signs,
+            profiled at these weights."""
+            if state.global_step > 0 and self.handle.schedule.due(self.epoch, self.step_in_epoch):
                 self.handle.refresh()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            """After an optimizer step (gradients cleared), refresh every ``refresh_every`` steps."""
-            every = self.handle.refresh_every
-            if every is not None and state.global_step % every == 0:
-                self.handle.refresh()
+            self.step_in_epoch += 1
 
     return SignRefreshCallback

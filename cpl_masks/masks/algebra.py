@@ -13,7 +13,7 @@ import torch
 from cpl_masks.errors import CplError
 from cpl_masks.masks.format import Mask, check_finite_scores
 from cpl_masks.profiling.freeze_mask import kept_touched, touched_counts
-from cpl_masks.profiling.selection import Rule
+from cpl_masks.profiling.selection import Cut
 from cpl_masks.utils.versions import stamp
 
 OPERATIONS = ("and", "or", "majority")
@@ -57,7 +57,7 @@ def recut(mask: Mask, *, threshold: float | None = None, keep_fraction: float | 
     if mask.scores is None:
         raise CplError(f"mask {mask.id[:12]} has no stored scores; profile it again with --save-scores")
     previous = mask.metadata.get("rule") or {}
-    rule = Rule(
+    rule = Cut(
         threshold=threshold,
         keep_fraction=keep_fraction,
         freeze_pattern=previous.get("freeze_pattern"),
@@ -65,7 +65,7 @@ def recut(mask: Mask, *, threshold: float | None = None, keep_fraction: float | 
         statistic=previous.get("statistic", "product"),  # re-cut t-statistics stay t-statistics
     )
     check_finite_scores(mask.scores, f"mask {mask.id[:12]}")
-    bits = rule.cut({name: mask.scores[name] for name in mask.names})
+    bits = rule.select_all({name: mask.scores[name] for name in mask.names})
     metadata = {**mask.metadata, "rule": rule.to_metadata(), "parents": [mask.id], "recut_of": mask.id, **stamp()}
     metadata["tensors"] = _recount(mask, bits)
     metadata["counts"] = touched_counts(metadata["tensors"])

@@ -27,7 +27,7 @@ were added in, and is checked on load.
 **Retain sets** (``"kind": "retain"`` in the header; version ``2.0``, which readers of 1.x refuse)
 hold sign(g_M), the mean gradient over a set of questions the model must keep (of the answer loss,
 or of the cross-entropy over the choices: ``retain.objective``), at the weights it was profiled on:
-what the per-step rule (``--mode dynamic``) steers by. Per parameter,
+what the per-step rule (``--method dynamic``) steers by. Per parameter,
 two planes packed like a mask's bits: ``<name>`` where g_M > 0 and ``negative/<name>`` where
 g_M < 0 (both 0: g_M = 0). No scores. The metadata's ``retain.questions`` holds the questions
 themselves (canonical records, hashed as ``data.mastered.sha256``), so a pulled retain set can be
@@ -155,7 +155,7 @@ class Mask:
             raise CplError(f"{where}: mask {self.id[:12]} is a freeze mask, not a retain set (give it as --mask)")
         raise CplError(
             f"{where}: {self.id[:12]} is a retain set (the signs of g_M), not a freeze mask "
-            "(give it as --retain, with --mode dynamic)"
+            "(give it as --retain, with --method dynamic)"
         )
 
     def signs(self) -> PackedSigns:

@@ -74,7 +74,7 @@ def method_options(name: str, options: dict[str, Any] | None = None) -> Any:
     given = {key: value for key, value in (options or {}).items() if value is not None}
     for key in given:
         if key not in known:
-            raise CplError(f"--{key.replace('_', '-')} does not apply to --mode {name}")
+            raise CplError(f"--{key.replace('_', '-')} does not apply to --method {name}")
     return spec.options(**given)
 
 
@@ -100,7 +100,7 @@ def make_method(name: str, context: MethodContext, options: dict[str, Any] | Non
 
 def _spec(name: str) -> MethodSpec:
     if name not in METHODS:
-        raise CplError(f"--mode {name}: choose one of {', '.join(METHODS)}")
+        raise CplError(f"--method {name}: choose one of {', '.join(METHODS)}")
     return METHODS[name]
 
 

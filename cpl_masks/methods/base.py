@@ -51,7 +51,7 @@ class MethodContext:
     def require_mastered(self, mode: str) -> Sequence[Question]:
         """The mastered set, refusing an empty one: ``mode`` cannot steer by, replay or anchor on nothing."""
         if not self.mastered:
-            raise CplError(f"--mode {mode} needs a non-empty mastered set (--mastered)")
+            raise CplError(f"--method {mode} needs a non-empty mastered set (--mastered)")
         return self.mastered
 
 

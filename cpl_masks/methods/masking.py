@@ -28,7 +28,7 @@ from cpl_masks.methods.base import Method, MethodContext, RefreshOptions, Schedu
 from cpl_masks.methods.reference import mastered_signs
 from cpl_masks.profiling.freeze_mask import reprofile
 from cpl_masks.profiling.retain import CONFIDENCE_HELP, UNCERTAIN_HELP, SignMeasure, refreshed_retain, retain_measure
-from cpl_masks.profiling.selection import Rule
+from cpl_masks.profiling.selection import Cut
 
 
 @dataclass
@@ -67,13 +67,13 @@ class StaticMask(Method):
 
     def __init__(self, context: MethodContext, options: ReprofileOptions | None = None) -> None:
         if context.mask is None:
-            raise CplError("--mode mask needs --mask MASK")
+            raise CplError("--method mask needs --mask MASK")
         context.mask.require_kind("mask", "--mask")
         self.mask = context.mask
         self.context = context
         self.reprofile_every = (options or ReprofileOptions()).reprofile_every
         if self.reprofile_every is not None:
-            Rule.from_metadata(self.mask.metadata.get("rule"), f"--reprofile-every: mask {self.mask.id[:12]}")
+            Cut.from_metadata(self.mask.metadata.get("rule"), f"--reprofile-every: mask {self.mask.id[:12]}")
             if not context.inject or not context.mastered:
                 raise CplError("--reprofile-every needs the injection set and a non-empty mastered set (--mastered)")
         self.frozen: dict[str, torch.Tensor] = {}  # name -> bool (param shape), True = frozen entry
@@ -161,7 +161,7 @@ class DynamicCPL(Method):
         self.retain = context.mask
         self.check_options(options, retain=self.retain is not None)
         if self.retain is not None:
-            self.retain.require_kind("retain", "--mode dynamic")
+            self.retain.require_kind("retain", "--method dynamic")
             measure = retain_measure(self.retain, vars(options))
         else:
             measure = options.measure()

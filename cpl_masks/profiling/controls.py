@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,25 @@ from cpl_masks.profiling.freeze_mask import (
 )
 from cpl_masks.profiling.gradients import mean_gradients
 from cpl_masks.registry.names import default_task
+from cpl_masks.scoring.base import DEFAULT_SCORING
 from cpl_masks.scoring.scorers import make_scorer
 from cpl_masks.utils.progress import progress_bar
 from cpl_masks.utils.versions import stamp
 
-CONTROLS = ("random", "gradient-magnitude")
+
+@dataclass(frozen=True)
+class Control:
+    """A control rule: how it picks each tensor's entries, and what it needs to pick them."""
+
+    summary: str
+    needs_inject: bool  # ranks entries by the injection set's gradient: needs the model and the questions
+    seeded: bool  # its positions depend on the seed, so a sweep draws one per seed
+
+
+CONTROLS = {
+    "random": Control("uniformly random positions", needs_inject=False, seeded=True),
+    "gradient-magnitude": Control("the largest |g_I|", needs_inject=True, seeded=False),
+}
 
 
 def control_mask(
@@ -59,7 +74,7 @@ def control_mask(
     """The control mask ``rule`` makes of ``like``: the one builder the CLI and the sweep share.
 
     Args:
-        rule: one of :data:`CONTROLS`.
+        rule: a name of :data:`CONTROLS`.
         like: the mask whose per-tensor collaborative counts the control copies.
         seed: seeds the random control's positions.
         task: the task recorded in the control; by default ``like``'s task plus ``-<rule>``, so a
@@ -71,17 +86,17 @@ def control_mask(
         show_progress: show a progress bar over the injection set.
     """
     like.require_kind("mask", "--like")
-    if rule == "random":
-        return random_mask(like, seed=seed, task=task)
-    if rule != "gradient-magnitude":
+    if rule not in CONTROLS:
         raise CplError(f"--rule {rule}: choose one of {', '.join(CONTROLS)}")
+    if not CONTROLS[rule].needs_inject:
+        return random_mask(like, seed=seed, task=task)
     if model is None or inject_path is None:
-        raise CplError("the gradient-magnitude control needs the model and --inject")
+        raise CplError(f"the {rule} control needs the model and --inject")
     return gradient_magnitude_mask(
         model(),
         load_questions(inject_path),
         like,
-        scoring=scoring or like.metadata.get("scoring") or "letter",
+        scoring=scoring or like.metadata.get("scoring") or DEFAULT_SCORING,
         batch_size=batch_size,
         show_progress=show_progress,
         task=task,

@@ -2,8 +2,8 @@
 
 Two batched passes over the data give the mean answer-loss gradients ``g_I`` (injection set) and
 ``g_M`` (mastered set); the score ``s = g_M ⊙ g_I`` of each entry decides, through a
-:class:`~cpl_masks.profiling.selection.Rule`, whether it is collaborative (trainable) or frozen. The
-confidence rule scores by ``s``'s t-statistic instead, from a pass per question
+:class:`~cpl_masks.profiling.selection.Cut`, whether it is collaborative (trainable) or frozen. The
+confidence cut scores by ``s``'s t-statistic instead, from a pass per question
 (:func:`~cpl_masks.profiling.gradients.gradient_sums`) that also gives each entry's standard error.
 
 The gradients come from :mod:`cpl_masks.profiling.gradients`, so memory stays at the model, two float32
@@ -26,9 +26,9 @@ from cpl_masks.errors import CplError
 from cpl_masks.masks.format import SCORES_HASH_KEY, Mask, weights_metadata
 from cpl_masks.models import LoadedModel
 from cpl_masks.profiling.gradients import gradient_sums, mean_gradients
-from cpl_masks.profiling.selection import Rule, encode_scores, t_statistic, touched_entries
+from cpl_masks.profiling.selection import Cut, encode_scores, t_statistic, touched_entries
 from cpl_masks.scoring.scorers import Scorer, make_scorer
-from cpl_masks.utils import distributed
+from cpl_masks.utils import distributed, sharding
 from cpl_masks.utils.progress import progress_bar
 from cpl_masks.utils.versions import stamp
 
@@ -44,7 +44,7 @@ def profile(
     mastered: Sequence[Question],
     inject: Sequence[Question],
     *,
-    rule: Rule | None = None,
+    cut: Cut | None = None,
     scoring: str | None = None,
     batch_size: int = 16,
     save_scores: bool = False,
@@ -61,8 +61,8 @@ def profile(
         loaded: the model and tokenizer to profile.
         mastered: questions the model answers right (M).
         inject: questions it answers wrong, to be learned (I).
-        rule: how scores become bits: a threshold or a keep fraction, and tensor patterns
-            (default ``Rule()``: collaborative where ``s >= 0``).
+        cut: how scores become bits: a threshold or a keep fraction, and tensor patterns
+            (default ``Cut()``: collaborative where ``s >= 0``).
         scoring: the answer loss (``letter``, ``loglik`` or ``loglik-norm``); default: the one
             ``split.json`` beside ``data_paths["mastered"]`` records, else ``letter``
             (:func:`cpl_masks.data.split.resolve_scoring`).
@@ -86,24 +86,24 @@ def profile(
     """
     if not mastered or not inject:
         raise CplError("profile needs a non-empty mastered set and a non-empty injection set")
-    rule = rule or Rule()
+    cut = cut or Cut()
     scoring = resolve_scoring(scoring, data_path=(data_paths or {}).get("mastered"))
     scorer = make_scorer(scoring, loaded.tokenizer)
     scorer.check_fits(loaded.model, [*mastered, *inject])
     torch.manual_seed(seed)
     distributed.setup(str(loaded.device))  # joins the launcher's group if the caller has not
-    check_rule_runs(rule, wrapping)
+    check_cut_runs(cut, wrapping)
     weights = weights_metadata(loaded.model)  # of the whole weights, before any sharding
-    if distributed.wrapping_for(wrapping) == "fsdp2":
-        distributed.shard_model(loaded.model)
+    if sharding.wrapping_for(wrapping) == "fsdp2":
+        sharding.shard_model(loaded.model)
     device = loaded.device
     reset_peak_memory(device)
     started = time.perf_counter()
     shown = show_progress and distributed.is_main()
     with progress_bar("profile (I, then M)", len(inject) + len(mastered), shown) as advance:
         passes = {"batch_size": batch_size, "checkpointing": checkpointing, "advance": advance}
-        gradients = _gradients(rule, loaded.model, scorer, mastered, inject, **passes)
-    bits, stats, scores = _cut(rule, *gradients, keep_scores=save_scores or rule.keep_fraction is not None)
+        gradients = _gradients(cut, loaded.model, scorer, mastered, inject, **passes)
+    bits, stats, scores = _select(cut, *gradients, keep_scores=save_scores or cut.keep_fraction is not None)
     seconds = time.perf_counter() - started
     metadata = {
         "model": {"ref": loaded.ref, **weights},
@@ -111,7 +111,7 @@ def profile(
         "loss": LOSSES[scoring],
         "data": data_provenance({"mastered": mastered, "inject": inject}, data_paths),
         "task": task,
-        "rule": rule.to_metadata(),
+        "rule": cut.to_metadata(),
         "seed": seed,
         **stamp(),
         "parents": [],
@@ -125,7 +125,7 @@ def profile(
             "seconds": round(seconds, 3),
             **peak_memory(device),
             "processes": distributed.world_size(),
-            "wrapping": distributed.wrapping_for(wrapping),
+            "wrapping": sharding.wrapping_for(wrapping),
         },
     }
     return Mask.from_bool(bits, metadata, scores=scores if save_scores else None)
@@ -141,15 +141,15 @@ def reprofile(
     batch_size: int = 16,
     at: dict[str, int] | None = None,
 ) -> Mask:
-    """``parent``'s rule applied again at ``model``'s current weights: the mask a profile would give now.
+    """``parent``'s cut applied again at ``model``'s current weights: the mask a profile would give now.
 
     For a static mask that follows the weights during training (``--reprofile-every``). The result
     is a child of ``parent`` (``parents``, ``reprofile_of``), records the weights it was profiled at
     and ``at`` (the epoch and step), and keeps ``parent``'s data, scoring and task.
     """
-    rule = Rule.from_metadata(parent.metadata.get("rule"), f"mask {parent.id[:12]}")
-    gradients = _gradients(rule, model, scorer, mastered, inject, batch_size=batch_size)
-    bits, stats, _ = _cut(rule, *gradients, keep_scores=rule.keep_fraction is not None)
+    cut = Cut.from_metadata(parent.metadata.get("rule"), f"mask {parent.id[:12]}")
+    gradients = _gradients(cut, model, scorer, mastered, inject, batch_size=batch_size)
+    bits, stats, _ = _select(cut, *gradients, keep_scores=cut.keep_fraction is not None)
     kept = {key: value for key, value in parent.metadata.items() if key not in ("profile", SCORES_HASH_KEY)}
     metadata = {
         **kept,
@@ -168,7 +168,7 @@ Errors = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]  # standard err
 
 
 def _gradients(
-    rule: Rule,
+    cut: Cut,
     model: torch.nn.Module,
     scorer: Scorer,
     mastered: Sequence[Question],
@@ -178,8 +178,8 @@ def _gradients(
     checkpointing: bool = True,
     advance: Callable[[int], None] = lambda _n: None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Errors | None]:
-    """g_M and g_I as ``rule`` needs them: batched means, or (the t-statistic) per-question moments."""
-    if rule.statistic != "t":
+    """g_M and g_I as ``cut`` needs them: batched means, or (the t-statistic) per-question moments."""
+    if cut.statistic != "t":
         passes = {"batch_size": batch_size, "checkpointing": checkpointing, "advance": advance}
         g_inject = mean_gradients(model, scorer, inject, **passes)  # I first, as the progress bar says
         return mean_gradients(model, scorer, mastered, **passes), g_inject, None
@@ -201,14 +201,14 @@ def data_provenance(
     }
 
 
-def check_rule_runs(rule: Rule, wrapping: str | None) -> None:
-    """Refuse, before any model loads, a rule that cannot run under the requested wrapping."""
-    if rule.statistic == "t" and distributed.wrapping_for(wrapping) == "fsdp2":
+def check_cut_runs(cut: Cut, wrapping: str | None) -> None:
+    """Refuse, before any model loads, a cut that cannot run under the requested wrapping."""
+    if cut.statistic == "t" and sharding.wrapping_for(wrapping) == "fsdp2":
         raise CplError("--confidence cannot run under --distributed fsdp2 (per-question gradients); use ddp")
 
 
-def _cut(
-    rule: Rule,
+def _select(
+    cut: Cut,
     g_mastered: dict[str, torch.Tensor],
     g_inject: dict[str, torch.Tensor],
     errors: Errors | None,
@@ -228,12 +228,12 @@ def _cut(
     scores: dict[str, torch.Tensor] = {}
     for name in list(g_inject):
         grad_m, grad_i = g_mastered.pop(name), g_inject.pop(name)
-        placed = grad_i if distributed.is_dtensor(grad_i) else None  # FSDP2: both are shards placed alike
-        grad_m, grad_i = distributed.local(grad_m), distributed.local(grad_i)
+        placed = grad_i if sharding.is_dtensor(grad_i) else None  # FSDP2: both are shards placed alike
+        grad_m, grad_i = sharding.local(grad_m), sharding.local(grad_i)
         product = grad_m * grad_i  # (param shape, or this rank's shard of it) float32 s = g_M ⊙ g_I
         score = product if errors is None else t_statistic(grad_m, grad_i, errors[0].pop(name), errors[1].pop(name))
         touched = grad_i != 0  # bool, entries the injection gradient moves
-        kept = rule.select(name, score) if rule.keep_fraction is None else torch.zeros_like(touched)
+        kept = cut.select(name, score) if cut.keep_fraction is None else torch.zeros_like(touched)
         sums = torch.stack(
             [
                 touched.sum(dtype=torch.float64),
@@ -250,12 +250,12 @@ def _cut(
         stats[name] = {key: float(value) for key, value in zip(keys, sums.tolist())}
         stats[name].update(touched=int(sums[0]), touched_collaborative=int(sums[1]))
         if keep_scores:
-            scores[name] = _whole(encode_scores(score, touched), placed).cpu()
-        if rule.keep_fraction is None:
-            bits[name] = _whole(kept, placed).cpu()
+            scores[name] = sharding.whole_from_local(encode_scores(score, touched), placed).cpu()
+        if cut.keep_fraction is None:
+            bits[name] = sharding.whole_from_local(kept, placed).cpu()
         del grad_m, grad_i, product, score, touched, kept
-    if rule.keep_fraction is not None:
-        bits = rule.cut(scores)
+    if cut.keep_fraction is not None:
+        bits = cut.select_all(scores)
         for name, entry in stats.items():
             entry["touched_collaborative"] = kept_touched(bits[name], scores[name])
     return bits, stats, scores
@@ -264,21 +264,6 @@ def _cut(
 def kept_touched(bits: torch.Tensor, scores: torch.Tensor) -> int:
     """Collaborative entries among those ``g_I`` touches, from a tensor's bits and its stored scores."""
     return int((bits & touched_entries(scores)).sum())
-
-
-def _whole(shard: torch.Tensor, placed: torch.Tensor | None) -> torch.Tensor:
-    """The whole tensor of ``shard``, this rank's part of a tensor placed like ``placed`` (None: already whole).
-
-    One tensor is gathered at a time, so no rank ever holds more than one whole tensor of the model.
-    """
-    if placed is None:
-        return shard
-    from torch.distributed.tensor import DTensor
-
-    wire = shard.to(torch.uint8) if shard.dtype == torch.bool else shard  # gloo gathers no bool tensors
-    spread = DTensor.from_local(wire, placed.device_mesh, placed.placements, shape=placed.shape, stride=placed.stride())
-    whole = spread.full_tensor()
-    return whole.bool() if shard.dtype == torch.bool else whole
 
 
 def touched_counts(stats: dict[str, dict[str, Any]]) -> dict[str, int]:
@@ -313,10 +298,10 @@ def sign_agreement(
     *,
     batch_size: int = 16,
 ) -> dict[str, float]:
-    """How far a static mask still matches the sign rule ``g_M ⊙ g_I ≥ 0`` at the model's current weights.
+    """How far a static mask still matches the sign cut ``g_M ⊙ g_I ≥ 0`` at the model's current weights.
 
     A mask is profiled once, at the start; as training moves the weights the gradients it was cut
-    from change. ``all`` is the share of every entry whose bit agrees with the rule now, ``touched``
+    from change. ``all`` is the share of every entry whose bit agrees with the cut now, ``touched``
     the same among entries the injection gradient moves now (untouched entries score 0 and agree
     trivially).
     """
@@ -325,7 +310,7 @@ def sign_agreement(
     agree = touched = agree_touched = 0
     for name in mask.names:
         grad_i = g_inject.pop(name)
-        now = (g_mastered.pop(name) * grad_i) >= 0  # (param shape) bool, the rule at current weights
+        now = (g_mastered.pop(name) * grad_i) >= 0  # (param shape) bool, the cut at current weights
         same = now == mask.collaborative(name).to(now.device)  # (param shape) bool
         moved = grad_i != 0
         agree += int(same.sum())

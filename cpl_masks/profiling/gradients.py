@@ -22,7 +22,7 @@ from cpl_masks.data.questions import Question
 from cpl_masks.errors import CplError
 from cpl_masks.models import activation_checkpointing
 from cpl_masks.scoring.scorers import Scorer, batches
-from cpl_masks.utils import distributed
+from cpl_masks.utils import distributed, sharding
 
 
 def mean_gradients(
@@ -51,7 +51,7 @@ def mean_gradients(
     per_question = scorer.objective(objective)
     parameters = dict(model.named_parameters())  # deduplicates tied weights
     buffers: dict[str, torch.Tensor] = {}
-    sharded = any(distributed.is_dtensor(parameter) for parameter in parameters.values())
+    sharded = any(sharding.is_dtensor(parameter) for parameter in parameters.values())
     with _gradients_into(parameters, buffers), activation_checkpointing(model, checkpointing):
         for batch, weight in _rank_batches(questions, batch_size, equal_counts=sharded):
             losses = per_question(model, batch)  # (B,) per-question loss
@@ -170,7 +170,7 @@ def gradient_sums(
     ``objective`` as in :func:`mean_gradients`. It costs a pass per question (batch 1) and two
     float32 sums per entry; :meth:`GradientSums.moments` or :meth:`GradientSums.drain` gives the mean
     and its standard error. Under several processes each rank takes its share and the sums are
-    all-reduced; a model sharded with FSDP2 is refused (:func:`cpl_masks.profiling.freeze_mask.check_rule_runs`).
+    all-reduced; a model sharded with FSDP2 is refused (:func:`cpl_masks.profiling.freeze_mask.check_cut_runs`).
     """
     sums = GradientSums(model)
     per_question = question_gradients(
@@ -200,9 +200,9 @@ def _rank_batches(
 
 def _all_finite(gradient: torch.Tensor) -> bool:
     """Whether every entry is finite; for a DTensor, on every rank (the answer is the same everywhere)."""
-    if not distributed.is_dtensor(gradient):
+    if not sharding.is_dtensor(gradient):
         return bool(torch.isfinite(gradient).all())
-    bad = torch.tensor([float(not torch.isfinite(distributed.local(gradient)).all())], device=gradient.device)
+    bad = torch.tensor([float(not torch.isfinite(sharding.local(gradient)).all())], device=gradient.device)
     return not distributed.all_reduce_sum(bad).item()
 
 

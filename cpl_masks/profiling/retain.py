@@ -1,6 +1,6 @@
 """Retain sets: what the model must keep, stored as the signs the per-step rule steers by.
 
-The paper's rule (``--mode dynamic``) keeps the entries of each step's gradient ``g`` where
+The paper's rule (``--method dynamic``) keeps the entries of each step's gradient ``g`` where
 ``g ⊙ g_M ≥ 0``. ``g_M`` depends only on the mastered questions and the weights, not on what is
 injected, so it can be profiled once, without an injection set, and reused for any task on the
 same weights: a retain set holds sign(g_M) in two bits per entry (:class:`~cpl_masks.masks.signs.PackedSigns`)

@@ -1,4 +1,4 @@
-"""Which entries a mask calls collaborative: the rule that turns scores ``s = g_M ⊙ g_I`` into bits.
+"""Which entries a mask calls collaborative: the cut that turns scores ``s = g_M ⊙ g_I`` into bits.
 
 Three ways to cut, recorded in the mask's ``rule`` metadata:
 
@@ -44,10 +44,10 @@ STATISTICS = ("product", "t")
 
 
 @dataclass(frozen=True)
-class Rule:
+class Cut:
     """How scores become a mask; stored as the mask's ``rule`` metadata.
 
-    The one place that checks a rule's options (exactly one of ``threshold`` and ``keep_fraction``,
+    The one place that checks a cut's options (exactly one of ``threshold`` and ``keep_fraction``,
     their ranges, the patterns), so every command refuses the same mistakes in the same words.
     """
 
@@ -81,7 +81,7 @@ class Rule:
         *,
         freeze_pattern: str | None = None,
         train_pattern: str | None = None,
-    ) -> Rule:
+    ) -> Cut:
         """The rule the command line's options describe: the sign rule (threshold 0) when no cut is given;
         ``--confidence K`` scores by the t-statistic, cut at ``-K`` unless a keep fraction ranks by it."""
         if confidence is not None:
@@ -96,7 +96,7 @@ class Rule:
         return cls(threshold, keep_fraction, freeze_pattern, train_pattern, statistic)
 
     @classmethod
-    def from_metadata(cls, recorded: Any, where: str) -> Rule:
+    def from_metadata(cls, recorded: Any, where: str) -> Cut:
         """The sign rule a mask's ``rule`` metadata records, refusing a control's or a combination's."""
         names = {item.name for item in dataclasses.fields(cls)}
         if not isinstance(recorded, dict) or not set(recorded) <= names:
@@ -127,10 +127,10 @@ class Rule:
         if forced is not None:
             return torch.full(scores.shape, forced, dtype=torch.bool, device=scores.device)
         if self.threshold is None:
-            raise ValueError("a keep-fraction rule cuts all tensors at once: use Rule.cut")
+            raise ValueError("a keep-fraction rule cuts all tensors at once: use Cut.cut")
         return scores.float() >= self.threshold  # not in bfloat16: the threshold itself is not rounded
 
-    def cut(self, named_scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def select_all(self, named_scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Bool masks of every tensor; the mapping's order is the position order ties are broken in."""
         if self.keep_fraction is None:
             return {name: self.select(name, scores) for name, scores in named_scores.items()}

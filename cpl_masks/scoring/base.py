@@ -18,6 +18,8 @@ from cpl_masks.data.questions import Question
 from cpl_masks.errors import CplError
 
 SCORINGS = ("letter", "loglik", "loglik-norm")
+DEFAULT_SCORING = "letter"  # the paper's: a chat model answers with the choice's letter
+SCORINGS_HELP = "letter (chat models, the paper's), loglik or loglik-norm (base models)"
 OBJECTIVES = ("answer", "choices")  # the per-question losses a gradient can be taken of (Scorer.objective)
 OBJECTIVE_HELP = (
     "the loss g_M is the gradient of: answer (the correct choice's own loss, the paper's) or choices "

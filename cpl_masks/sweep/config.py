@@ -15,8 +15,8 @@ from cpl_masks.data.questions import check_limit
 from cpl_masks.errors import CplError
 from cpl_masks.methods import METHODS, method_options
 from cpl_masks.profiling.controls import CONTROLS
-from cpl_masks.training.loop import OPTIMIZERS, TrainConfig
-from cpl_masks.training.request import check_options_with
+from cpl_masks.training.loop import TrainConfig
+from cpl_masks.training.request import check_evaluation, check_options_with
 
 DEFAULT_METHODS = (
     "full",
@@ -101,13 +101,8 @@ class SweepConfig:
             raise CplError(f"--forgetting-budget {self.forgetting_budget}: must be a share in [0, 1]")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise CplError(f"--holdout-fraction {self.holdout_fraction}: a sweep needs a held-out share in (0, 1)")
-        if self.optimizer not in OPTIMIZERS:
-            raise CplError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
-        if self.retain_text is not None and not Path(self.retain_text).is_file():
-            raise CplError(f"--retain-text {self.retain_text}: no such file")
         check_limit(self.heldout_limit, "--heldout-limit")
-        if not (isinstance(self.eval_every, int) and self.eval_every >= 1):
-            raise CplError(f"--eval-every {self.eval_every}: must be a whole number of epochs, at least 1")
+        check_evaluation(self.eval_every, self.retain_text)
         modes = {training_mode(method) for method in self.methods}
         for method in self.methods:
             name = training_mode(method)

@@ -33,29 +33,29 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cpl_masks.data.demo import retain_text
-from cpl_masks.data.questions import BUILTIN_DEMO, Question, load_questions
-from cpl_masks.data.split import HELDOUT, INJECT, MASTERED, SUMMARY, split_questions, write_split
+from cpl_masks.data.split import HELDOUT, INJECT, MASTERED, SUMMARY
 from cpl_masks.errors import CplError
-from cpl_masks.masks.algebra import recut
 from cpl_masks.masks.format import Mask
-from cpl_masks.models import LoadedModel, load_model
-from cpl_masks.profiling.controls import CONTROLS, control_mask
-from cpl_masks.profiling.freeze_mask import profile
+from cpl_masks.profiling.controls import CONTROLS
 from cpl_masks.registry import Registry
-from cpl_masks.registry.names import task_name
 from cpl_masks.sweep.config import (
     RETAIN_PREFIX,
     REUSE_PREFIX,
     RunSpec,
     SweepConfig,
     applicable_options,
-    at_share,
-    file_prefix,
-    mask_methods,
     method_label,
     split_share,
     training_mode,
+)
+from cpl_masks.sweep.inputs import (
+    Report,
+    control_key,
+    make_masks,
+    make_split,
+    share_key,
+    sweep_task,
+    track_text,
 )
 from cpl_masks.sweep.report import (
     aggregate,
@@ -72,10 +72,9 @@ from cpl_masks.training.loop import TrainConfig, TrainingDiverged
 from cpl_masks.training.record import RUN, RunRecord
 from cpl_masks.training.request import RunRequest
 from cpl_masks.training.run import resume_run, start_run
-from cpl_masks.utils.files import LOCK_NAME, FolderBusy, atomic_write, folder_holder, lock_folder, write_json
+from cpl_masks.utils.files import LOCK_NAME, FolderBusy, folder_holder, lock_folder, write_json
 
 CONFIG_FILE, RESULT_FILE, PLOT_FILE, DIVERGED = "sweep_config.json", "sweep.json", "sweep.png", "diverged.json"
-Report = Callable[[str], None]
 
 
 def run_sweep(
@@ -98,9 +97,9 @@ def run_sweep(
     out = Path(config.out)
     with _sweep_lock(out, report):
         _claim_folder(out, config)
-        split_dir = _split(config, out / "split", report, show_progress)
-        masks = _masks(config, split_dir, out / "masks", report, show_progress)
-        retain = _retain_text(config, out)
+        split_dir = make_split(config, out / "split", report, show_progress)
+        masks = make_masks(config, split_dir, out / "masks", report, show_progress)
+        retain = track_text(config, out)
     specs = [  # seed by seed, so a sweep read before it ends already compares every method
         RunSpec(method, lr, seed)
         for seed in config.seeds
@@ -206,124 +205,6 @@ def _claim_folder(out: Path, config: SweepConfig) -> None:
     write_json(saved, wanted)
 
 
-def _split(config: SweepConfig, folder: Path, report: Report, show_progress: bool) -> Path:
-    """The split of the data (made once; reused on resume)."""
-    if (folder / SUMMARY).is_file():
-        return folder
-    report(f"splitting {config.data} with {config.model} ({config.scoring} scoring)")
-    questions = load_questions(config.data, limit=config.limit)
-    pool = _pool_candidates(config)
-    loaded = _load(config)
-    split = split_questions(
-        loaded,
-        questions,
-        scoring=config.scoring,
-        holdout_fraction=config.holdout_fraction,
-        min_margin=config.min_margin,
-        batch_size=config.eval_batch_size,
-        show_progress=show_progress,
-        pool=pool,
-        pool_limit=config.heldout_limit,
-    )
-    counts = split.summary["counts"]
-    held = counts["heldout"] + counts["pool"]
-    report(
-        f"held out: {held} mastered questions ({counts['heldout']} of the split, {counts['pool']} from the pool); "
-        f"one question is {1 / max(held, 1):.1%} of them"
-    )
-    for name, rows in (("mastered", split.mastered), ("held-out", split.heldout), ("injection", split.inject)):
-        if not rows:
-            raise CplError(f"--data {config.data}: the split has no {name} questions; use more data (--limit)")
-    return write_split(split, folder, overwrite=True)
-
-
-def _masks(config: SweepConfig, split_dir: Path, folder: Path, report: Report, show_progress: bool) -> dict[str, Path]:
-    """The mask file of every static-mask method and seed: ``{method}`` or ``{method}-s{seed}`` -> path."""
-    wanted = [name for name in config.methods if name in mask_methods()]
-    files = {name: prefix for name in config.methods if (prefix := file_prefix(name)) is not None}
-    paths: dict[str, Path] = {name: Path(name.removeprefix(prefix)).resolve() for name, prefix in files.items()}
-    if not wanted:
-        return paths
-    cpl = folder / "cpl.safetensors"
-    if not cpl.is_file():
-        report("profiling the CPL mask")
-        _profile(config, split_dir, show_progress).save(cpl)
-    cuts = {None: cpl}  # kept share (None: the sign rule's own) -> the CPL mask at that share
-    for fraction in config.keep_fraction_grid:
-        cuts[fraction] = folder / f"{at_share('cpl', fraction)}.safetensors"
-        if not cuts[fraction].is_file():
-            report(f"cutting the CPL mask to keep {fraction:g} of the entries")
-            recut(Mask.load(cpl), keep_fraction=fraction).save(cuts[fraction])
-    for fraction, cut in cuts.items():
-        if "mask" in wanted:
-            paths[_share_key("mask", fraction)] = cut
-        like = Mask.load(cut, scores=False)
-        for rule in CONTROLS:
-            for seed in config.seeds if rule in wanted else ():
-                key = _share_key(_control_key(rule, seed), fraction)
-                path = paths[key] = folder / f"{key}.safetensors"
-                if not path.is_file():
-                    report(f"making the {rule} control mask" + (f" at {fraction:g}" if fraction else ""))
-                    control_mask(
-                        rule,
-                        like,
-                        seed=seed,
-                        model=lambda: _load(config),
-                        inject_path=split_dir / INJECT,
-                        scoring=config.scoring,
-                        batch_size=config.eval_batch_size,
-                        show_progress=show_progress,
-                    ).save(path)  # the control's task is the CPL mask's task + "-<rule>", never the task itself
-    return paths
-
-
-def _profile(config: SweepConfig, split_dir: Path, show_progress: bool) -> Mask:
-    loaded = _load(config)
-    return profile(
-        loaded,
-        load_questions(split_dir / MASTERED),
-        load_questions(split_dir / INJECT),
-        scoring=config.scoring,
-        batch_size=config.eval_batch_size,
-        task=_task(config),
-        save_scores=bool(config.keep_fraction_grid),  # the grid's cuts are re-cut from the stored scores
-        data_paths={"mastered": str(split_dir / MASTERED), "inject": str(split_dir / INJECT)},
-        show_progress=show_progress,
-    )
-
-
-def _pool_candidates(config: SweepConfig) -> list[Question]:
-    """The forgetting pool's candidates: ``--heldout-data``, else for ``builtin:demo`` its general questions
-    (those in the split are dropped when the pool is made), else none."""
-    if config.heldout_data is not None:
-        return load_questions(config.heldout_data)
-    if config.data == BUILTIN_DEMO:
-        return [question for question in load_questions(BUILTIN_DEMO) if question.id.startswith("general-")]
-    return []
-
-
-def _load(config: SweepConfig) -> LoadedModel:
-    return load_model(config.model, dtype=config.dtype, device=config.device, threads=config.threads)
-
-
-def _task(config: SweepConfig) -> str:
-    """The task name masks and runs are recorded under: the data's name."""
-    return task_name(None, config.data)
-
-
-def _retain_text(config: SweepConfig, out: Path) -> str | None:
-    """The retain text: as given, else for the built-in demo data the demo's own fact table."""
-    if config.retain_text is not None:
-        return str(Path(config.retain_text).resolve())
-    if config.data != BUILTIN_DEMO:
-        return None
-    path = out / "retain.txt"
-    if not path.is_file():
-        with atomic_write(path) as handle:
-            handle.write(retain_text())
-    return str(path.resolve())
-
-
 def _over(folder: Path) -> bool:
     """Whether a run is over: finished, or recorded as diverged."""
     return (folder / RUN).is_file() or (folder / DIVERGED).is_file()
@@ -377,8 +258,8 @@ def _request(
     show_progress: bool,
 ) -> RunRequest:
     mode = training_mode(spec.method)
-    artifact = _mask_for(spec, masks)
-    mask, retain_set = (None, artifact) if spec.method.startswith(RETAIN_PREFIX) else (artifact, None)
+    mask_file = _mask_for(spec, masks)
+    mask, retain_set = (None, mask_file) if spec.method.startswith(RETAIN_PREFIX) else (mask_file, None)
     return RunRequest(
         inject=str(split_dir / INJECT),
         mastered=str(split_dir / MASTERED),
@@ -390,7 +271,7 @@ def _request(
         mode=mode,
         method_options=applicable_options(mode, config.method_options),
         scoring=config.scoring,
-        task=_task(config),
+        task=sweep_task(config),
         allow_other_weights=spec.method.startswith(REUSE_PREFIX),
         dtype=config.dtype,
         device=config.device,
@@ -412,16 +293,7 @@ def _request(
 
 def _mask_for(spec: RunSpec, masks: dict[str, Path]) -> Path | None:
     base, fraction = split_share(spec.method)
-    return masks.get(_share_key(_control_key(base, spec.seed) if base in CONTROLS else base, fraction))
-
-
-def _share_key(key: str, fraction: float | None) -> str:
-    return key if fraction is None else at_share(key, fraction)
-
-
-def _control_key(rule: str, seed: int) -> str:
-    """A control mask's key and file stem: the random control is drawn per seed, the others once."""
-    return f"{rule}-s{seed}" if rule == "random" else rule
+    return masks.get(share_key(control_key(base, spec.seed) if base in CONTROLS else base, fraction))
 
 
 def _run_summary(

@@ -13,7 +13,7 @@ from cpl_masks.evaluation.outcomes import epoch_metrics, evaluate_sets, question
 from cpl_masks.masks.format import Mask
 from cpl_masks.profiling.freeze_mask import sign_agreement
 from cpl_masks.scoring.scorers import Scores
-from cpl_masks.training.loop import Trainer
+from cpl_masks.training.loop import TrainingLoop
 from cpl_masks.training.request import RunData, RunRequest
 
 
@@ -21,7 +21,13 @@ class RunEvaluation:
     """Scores a run's question sets (and its retain text, and a mask's drift) at the current weights."""
 
     def __init__(
-        self, request: RunRequest, trainer: Trainer, tokenizer: Any, data: RunData, mask: Mask | None, fingerprint: str
+        self,
+        request: RunRequest,
+        trainer: TrainingLoop,
+        tokenizer: Any,
+        data: RunData,
+        mask: Mask | None,
+        fingerprint: str,
     ):
         self.request, self.trainer, self.tokenizer, self.data, self.mask = request, trainer, tokenizer, data, mask
         self.fingerprint = fingerprint

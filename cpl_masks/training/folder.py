@@ -10,8 +10,8 @@ training, ``e<epoch>-s<step>.safetensors``, written after each epoch), and at th
 method's ``save``: safetensors weights, or a LoRA adapter, and the tokenizer) and ``run.json``
 (:class:`cpl_masks.training.record.RunRecord`, which alone reads and writes it).
 
-Also the folder's claim: finding the run's mask or retain set (:func:`check_out_and_artifact`, and
-:func:`find_artifact` on resume) and holding the folder's lock and the registered file
+Also the folder's claim: finding the run's mask or retain set (:func:`check_out_and_mask_file`, and
+:func:`find_mask_file` on resume) and holding the folder's lock and the registered file
 (:func:`claimed`) while the run writes.
 
 These are the components both recipes use (:mod:`cpl_masks.training.run` and, through it,
@@ -34,7 +34,7 @@ from cpl_masks.evaluation.outcomes import QUESTIONS
 from cpl_masks.masks.format import Mask, read_header
 from cpl_masks.methods import Method
 from cpl_masks.registry import Registry
-from cpl_masks.training.loop import Trainer
+from cpl_masks.training.loop import TrainingLoop
 from cpl_masks.training.record import RUN
 from cpl_masks.training.request import RunRequest
 from cpl_masks.utils.distributed import Processes
@@ -118,7 +118,7 @@ def saved_config(out: Path) -> dict[str, Any]:
     return read_json(out / CONFIG)
 
 
-def save_checkpoint(processes: Processes, out: Path, trainer: Trainer, state: dict[str, Any]) -> None:
+def save_checkpoint(processes: Processes, out: Path, trainer: TrainingLoop, state: dict[str, Any]) -> None:
     """Write weights, optimizer and RNG state, then ``state.json`` naming them; drop older files.
 
     ``state.json`` is written last, so a crash at any point leaves the previous epoch's complete
@@ -134,7 +134,7 @@ def save_checkpoint(processes: Processes, out: Path, trainer: Trainer, state: di
     processes.on_main(lambda: _write_checkpoint(out / CHECKPOINT, payload, state))
 
 
-def _optimizer_state(trainer: Trainer) -> dict[str, Any] | None:
+def _optimizer_state(trainer: TrainingLoop) -> dict[str, Any] | None:
     """The optimizer's state dict, or None under FSDP2 when it holds per-rank shards (momentum, Adam)."""
     state = trainer.optimizer.state_dict()
     if trainer.wrapping == "fsdp2" and any(state["state"].values()):
@@ -166,7 +166,7 @@ def checkpoint_state(out: Path) -> dict[str, Any] | None:
     return json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else None
 
 
-def restore_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+def restore_checkpoint(trainer: TrainingLoop, checkpoint: dict[str, Any]) -> None:
     """Put a checkpoint's weights, optimizer state and RNG state back."""
     payload = checkpoint["payload"]
     if payload["optimizer"] is None:
@@ -207,13 +207,13 @@ def remove_path(path: Path) -> None:
         path.unlink()
 
 
-def check_out_and_artifact(request: RunRequest, overwrite: bool, registry: Registry) -> str | None:
+def check_out_and_mask_file(request: RunRequest, overwrite: bool, registry: Registry) -> str | None:
     """The file of a run's mask or retain set (checking the registry, which records it), then the output folder
     checked against the run's inputs, that file among them."""
     mask_path = None
-    if request.artifact is not None:
+    if request.mask_file is not None:
         registry.check()
-        mask_path = str(registry.resolve(request.artifact).resolve())
+        mask_path = str(registry.resolve(request.mask_file).resolve())
     check_out_folder(Path(request.out), overwrite, inputs=run_inputs(request, mask_path))
     return mask_path
 
@@ -237,7 +237,7 @@ def claimed(processes: Processes, out: Path, mask_path: str | None, registry: Re
             nonlocal owned
             held.enter_context(lock_folder(out))
             owned = True
-            mask_id = artifact_id_at(mask_path) if mask_path else None
+            mask_id = mask_file_id(mask_path) if mask_path else None
             if mask_id:
                 held.enter_context(registry.hold(mask_id))
 
@@ -251,12 +251,12 @@ def claimed(processes: Processes, out: Path, mask_path: str | None, registry: Re
             raise
 
 
-def find_artifact(out: Path, saved_path: str | None, mask_id: str | None, registry: Registry) -> str | None:
+def find_mask_file(out: Path, saved_path: str | None, mask_id: str | None, registry: Registry) -> str | None:
     """A resumed run's mask (or retain set) file: the saved path while it holds ``mask_id``, else ``registry``'s copy.
 
     Without a saved ``mask_id`` (an older ``config.json``) the saved path is taken as it is.
     """
-    if saved_path is None or mask_id is None or artifact_id_at(saved_path) == mask_id:
+    if saved_path is None or mask_id is None or mask_file_id(saved_path) == mask_id:
         return saved_path
     try:
         found = str(registry.resolve(mask_id).resolve())
@@ -264,7 +264,7 @@ def find_artifact(out: Path, saved_path: str | None, mask_id: str | None, regist
         found, reason = None, str(error)
     else:
         reason = f"the registry's {found} holds other bits"
-    if found is None or artifact_id_at(found) != mask_id:
+    if found is None or mask_file_id(found) != mask_id:
         raise CplError(
             f"--resume {out}: mask {mask_id[:12]} is no longer at {saved_path} (gone or other bits) "
             f"and cannot be found by its id: {reason}"
@@ -272,7 +272,7 @@ def find_artifact(out: Path, saved_path: str | None, mask_id: str | None, regist
     return found
 
 
-def artifact_id_at(path: str) -> str | None:
+def mask_file_id(path: str) -> str | None:
     """The content id of the mask-format file at ``path``, or None when there is none."""
     try:
         return read_header(path)["id"]

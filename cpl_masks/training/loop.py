@@ -32,7 +32,7 @@ from cpl_masks.data.questions import Question
 from cpl_masks.errors import CplError
 from cpl_masks.methods import METHODS, Method
 from cpl_masks.scoring.scorers import Scorer, batches
-from cpl_masks.utils import distributed
+from cpl_masks.utils import distributed, sharding
 from cpl_masks.utils.progress import progress_bar
 
 OPTIMIZERS = ("sgd", "momentum", "adamw")
@@ -68,8 +68,8 @@ class TrainConfig:
             raise CplError(f"--weight-decay {self.weight_decay}: must be a number of at least 0")
         if not 0 <= self.momentum < 1:
             raise CplError(f"--momentum {self.momentum}: must be in [0, 1)")
-        if self.distributed not in (None, *distributed.WRAPPINGS):
-            raise CplError(f"--distributed {self.distributed}: choose one of {', '.join(distributed.WRAPPINGS)}")
+        if self.distributed not in (None, *sharding.WRAPPINGS):
+            raise CplError(f"--distributed {self.distributed}: choose one of {', '.join(sharding.WRAPPINGS)}")
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain JSON values."""
@@ -110,8 +110,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         for parameter, frozen in zip(group["params"], self.frozen, strict=True):
             if parameter.grad is None:
                 continue
-            weights, grads = distributed.local(parameter), distributed.local(parameter.grad)  # (local shape)
-            keep = None if frozen is None else distributed.local(frozen).logical_not()  # bool, local shape
+            weights, grads = sharding.local(parameter), sharding.local(parameter.grad)  # (local shape)
+            keep = None if frozen is None else sharding.local(frozen).logical_not()  # bool, local shape
             grad = grads if keep is None else grads.masked_select(keep)  # (n_keep,)
             values = weights if keep is None else weights.masked_select(keep)  # (n_keep,) copy
             self._update(values, grad, self.state[parameter], group)
@@ -160,14 +160,14 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     Under FSDP2 that is this rank's shard only.
     """
     return sum(
-        distributed.local(value).numel() * value.element_size()
+        sharding.local(value).numel() * value.element_size()
         for state in optimizer.state.values()
         for value in state.values()
         if isinstance(value, torch.Tensor)
     )
 
 
-class Trainer:
+class TrainingLoop:
     """Runs epochs of one method with one optimizer on one model; checkpointable.
 
     ``model`` is the bare module: method hooks, evaluation and saving use it and its parameter
@@ -187,9 +187,9 @@ class Trainer:
             raise CplError("nothing to train: the mask freezes every parameter entry")
         frozen = method.frozen_entries()
         self._trainable = sum(p.numel() - (int(frozen[n].sum()) if n in frozen else 0) for n, p in named)
-        self.wrapping = distributed.wrapping_for(config.distributed)
+        self.wrapping = sharding.wrapping_for(config.distributed)
         shardable = [name for name, spec in METHODS.items() if spec.fsdp2]
-        self.network = distributed.wrap_for_training(self.model, self.wrapping, method.name, shardable)
+        self.network = sharding.wrap_for_training(self.model, self.wrapping, method.name, shardable)
         if self.wrapping == "fsdp2":
             _shard_masks(self.model, method)
         self.named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]  # FSDP2's own
@@ -273,7 +273,7 @@ class Trainer:
         if self.wrapping != "fsdp2":
             return {name: parameter.detach() for name, parameter in named}
         keep = distributed.is_main()
-        return {name: full.cpu() for name, full in distributed.full_tensors(named) if keep}
+        return {name: full.cpu() for name, full in sharding.full_tensors(named) if keep}
 
     def final_weights(self) -> dict[str, torch.Tensor] | None:
         """Ready the trained weights for saving, in the dtype they were loaded in (every rank calls it).
@@ -289,7 +289,7 @@ class Trainer:
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy checkpointed weights back into the model (under FSDP2, each rank its own shard)."""
         for name, parameter in self.model.named_parameters():
-            distributed.copy_full_into(parameter, weights[name])
+            sharding.copy_full_into(parameter, weights[name])
 
 
 def _float32_masters(model: torch.nn.Module) -> torch.dtype:
@@ -303,6 +303,6 @@ def _float32_masters(model: torch.nn.Module) -> torch.dtype:
 def _shard_masks(model: torch.nn.Module, method: Method) -> None:
     """Under FSDP2, turn the method's freeze masks into DTensor shards placed like their parameters."""
     frozen = method.frozen_entries()
-    distributed.shard_frozen_masks(model, frozen)
-    if not all(distributed.is_dtensor(mask) for mask in method.frozen_entries().values()):
-        raise CplError(f"--distributed fsdp2: --mode {method.name} keeps freeze masks that cannot be sharded")
+    sharding.shard_frozen_masks(model, frozen)
+    if not all(sharding.is_dtensor(mask) for mask in method.frozen_entries().values()):
+        raise CplError(f"--distributed fsdp2: --method {method.name} keeps freeze masks that cannot be sharded")

@@ -48,43 +48,42 @@ class RunRequest:
         mode = self.resolved_mode()
         METHODS[mode].cls.check_options(method_options(mode, self.method_options), retain=self.retain is not None)
         self.config.check()
-        if self.retain_text is not None and not Path(self.retain_text).is_file():
-            raise CplError(f"--retain-text {self.retain_text}: no such file")
+        check_evaluation(self.eval_every, self.retain_text)
         if self.track_drift and mode != "mask":
             raise CplError("--track-drift needs --mask (it measures how a static mask drifts from the sign rule)")
-        if not (isinstance(self.eval_every, int) and self.eval_every >= 1):
-            raise CplError(f"--eval-every {self.eval_every}: must be a whole number of epochs, at least 1")
         check_options_with(self.method_options, self.config)
         if self.track_drift and self.config.distributed == "fsdp2":
             raise CplError("--track-drift needs whole gradients: use --distributed ddp with it, not fsdp2")
 
     @property
-    def artifact(self) -> str | None:
-        """The stored selection the run reads: its freeze mask or its retain set (at most one is given)."""
+    def mask_file(self) -> str | None:
+        """The mask file the run reads, as given: its freeze mask or its retain set (at most one is given)."""
         return self.mask if self.mask is not None else self.retain
 
     @property
-    def artifact_option(self) -> str:
-        """The option that gave :attr:`artifact`, for messages: ``--mask`` or ``--retain``."""
+    def mask_file_option(self) -> str:
+        """The option that gave :attr:`mask_file`, for messages: ``--mask`` or ``--retain``."""
         return "--retain" if self.retain is not None else "--mask"
 
     def resolved_mode(self) -> str:
         """The training mode, refusing contradictory or missing choices."""
         if self.mode is not None and self.mode not in METHODS:
-            raise CplError(f"--mode {self.mode}: choose one of {', '.join(METHODS)}")
+            raise CplError(f"--method {self.mode}: choose one of {', '.join(METHODS)}")
         if self.retain is not None:
             if self.mask is not None or self.mode not in (None, "dynamic"):
-                given = "--mask" if self.mask is not None else f"--mode {self.mode}"
-                raise CplError(f"--retain trains with the per-step rule (--mode dynamic); it excludes {given}")
+                given = "--mask" if self.mask is not None else f"--method {self.mode}"
+                raise CplError(f"--retain trains with the per-step rule (--method dynamic); it excludes {given}")
             return "dynamic"
         if self.mask is not None:
             if self.mode not in (None, "mask"):
-                raise CplError(f"--mask and --mode {self.mode} exclude each other; give one of them")
+                raise CplError(f"--mask and --method {self.mode} exclude each other; give one of them")
             return "mask"
         if self.mode is None:
-            raise CplError(f"choose how to train: --mask MASK or --mode {'|'.join(m for m in METHODS if m != 'mask')}")
+            raise CplError(
+                f"choose how to train: --mask MASK or --method {'|'.join(m for m in METHODS if m != 'mask')}"
+            )
         if self.mode == "mask":
-            raise CplError("--mode mask needs --mask MASK")
+            raise CplError("--method mask needs --mask MASK")
         return self.mode
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +114,14 @@ class RunData:
         if self.heldout:
             sets["heldout"] = self.heldout
         return sets
+
+
+def check_evaluation(eval_every: int, track_text: str | None) -> None:
+    """Refuse evaluation options a run and a sweep share: ``--eval-every`` and ``--track-text``."""
+    if not (isinstance(eval_every, int) and eval_every >= 1):
+        raise CplError(f"--eval-every {eval_every}: must be a whole number of epochs, at least 1")
+    if track_text is not None and not Path(track_text).is_file():
+        raise CplError(f"--track-text {track_text}: no such file")
 
 
 def check_options_with(options: dict[str, Any], config: TrainConfig) -> None:

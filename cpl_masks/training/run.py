@@ -44,11 +44,11 @@ from cpl_masks.training.folder import (
     MADE_MASKS,
     METRICS,
     MODEL_DIR,
-    check_out_and_artifact,
+    check_out_and_mask_file,
     check_out_folder,
     checkpoint_state,
     claimed,
-    find_artifact,
+    find_mask_file,
     keep_made_masks,
     made_masks,
     read_checkpoint,
@@ -59,7 +59,7 @@ from cpl_masks.training.folder import (
     save_model,
     saved_config,
 )
-from cpl_masks.training.loop import Trainer, TrainingDiverged, optimizer_state_bytes
+from cpl_masks.training.loop import TrainingDiverged, TrainingLoop, optimizer_state_bytes
 from cpl_masks.training.record import RUN, RunRecord
 from cpl_masks.training.request import (
     RunData,
@@ -113,7 +113,7 @@ def start_run(
     request.check()
     registry = registry or Registry()
     processes = distributed.setup(request.device)
-    mask_path = processes.on_main(lambda: check_out_and_artifact(request, overwrite, registry))
+    mask_path = processes.on_main(lambda: check_out_and_mask_file(request, overwrite, registry))
     request = with_absolute_paths(request)
     with claimed(processes, Path(request.out), mask_path, registry):
         session = _open(processes, request, load_run_data(request), mask_path)
@@ -168,7 +168,7 @@ def resume_run(
     registry = registry or Registry()
     if saved["mask_path"] is not None:
         processes.on_main(registry.check)  # it records the finished run
-    mask_path = processes.on_main(lambda: find_artifact(out, saved["mask_path"], saved.get("mask_id"), registry))
+    mask_path = processes.on_main(lambda: find_mask_file(out, saved["mask_path"], saved.get("mask_id"), registry))
     with claimed(processes, out, mask_path, registry):
         session = _open(processes, request, data, mask_path, fingerprint=saved.get("model_fingerprint"))
         changes = [*saved.get("resume_changes", []), *([change] if change else [])]
@@ -191,7 +191,7 @@ class _Session:
     scoring: str
     fingerprint: str
     method: Method
-    trainer: Trainer
+    trainer: TrainingLoop
     evaluation: RunEvaluation
 
     def saved_inputs(self) -> dict[str, Any]:
@@ -214,7 +214,7 @@ def _open(
     config, mode = request.config, request.resolved_mode()
     mask = Mask.load(mask_path, scores=False) if mask_path else None
     if mask is not None:
-        mask.require_kind("retain" if request.retain is not None else "mask", request.artifact_option)
+        mask.require_kind("retain" if request.retain is not None else "mask", request.mask_file_option)
     retained = retain_questions(mask) if mask is not None and mask.kind == "retain" else None
     if retained is not None:
         retain_measure(mask, request.method_options)  # an option the file contradicts, refused before the model loads
@@ -240,7 +240,7 @@ def _open(
         scorer, steering, mask, inject=data.inject, batch_size=config.eval_batch_size, seed=config.seed
     )
     method = make_method(mode, context, request.method_options)
-    trainer = Trainer(loaded.model, scorer, method, config)
+    trainer = TrainingLoop(loaded.model, scorer, method, config)
     evaluation = RunEvaluation(request, trainer, loaded.tokenizer, data, mask, found)
     return _Session(request, data, loaded, mask, mask_path, scoring, found, method, trainer, evaluation)
 

@@ -1,6 +1,6 @@
 """Atomic file writes, content hashes, output checks and folder locks.
 
-Every artifact the tool writes goes to a temporary file in the destination folder first and is
+Every file the tool writes goes to a temporary file in the destination folder first and is
 renamed into place, so a crash or a bad input never leaves a half-written file behind; without
 ``--overwrite`` it is linked into place instead, which never replaces a file. Outputs are checked
 before any expensive work: never over an input, never in the registry's home. A folder a process

@@ -1,4 +1,4 @@
-"""Versions of the packages that shape results, stamped into every artifact."""
+"""Versions of the packages that shape results, stamped into every file the tool writes."""
 
 from __future__ import annotations
 
