@@ -119,12 +119,14 @@ INTERRUPTED_EXIT = 130  # what a shell reports for a command stopped by Ctrl-C
 
 
 @contextlib.contextmanager
-def reports_interrupts(resume: str) -> Iterator[None]:
+def reports_interrupts(resume: str | Callable[[], str | None]) -> Iterator[None]:
     """Ctrl-C (SIGINT) or SIGTERM inside: one line, ``interrupted; nothing was lost, resume with: ...``.
 
     SIGTERM is turned into the same ``KeyboardInterrupt`` while inside (the previous handler comes
     back on exit), so a killed command unwinds through its ``finally`` blocks like Ctrl-C. Exits
-    with status 130. ``resume`` is the command that continues the work.
+    with status 130. ``resume`` is the command that continues the work or, asked only once the command
+    was interrupted, a function that returns it when it can work and None when it cannot (the work had
+    not started: nothing was kept, and the same command starts it again).
     """
 
     def interrupt(signum: int, frame: Any) -> None:
@@ -134,9 +136,13 @@ def reports_interrupts(resume: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        stderr.print(
-            f"interrupted; nothing was lost, resume with: {untrusted(resume)}", highlight=False, soft_wrap=True
+        hint = resume() if callable(resume) else resume
+        message = (
+            f"interrupted; nothing was lost, resume with: {untrusted(hint)}"
+            if hint is not None
+            else "interrupted before the work started; nothing was kept, run the same command again"
         )
+        stderr.print(message, highlight=False, soft_wrap=True)
         raise typer.Exit(INTERRUPTED_EXIT) from None
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -22,6 +22,7 @@ from cpl_masks.masks.algebra import OPERATIONS, combine, recut
 from cpl_masks.masks.format import Mask
 from cpl_masks.masks.stats import diff as diff_masks
 from cpl_masks.masks.stats import draw_share_heatmap, summarize
+from cpl_masks.models import model_locations
 from cpl_masks.profiling.retain import retain_measure
 from cpl_masks.profiling.selection import Cut
 from cpl_masks.registry import Registry
@@ -164,10 +165,13 @@ def threshold(
     save_and_register(result, out, task=name, registry=registry, overwrite=overwrite)
 
 
-def check_outputs(out: Path | None, overwrite: bool, registry: Registry, *, inputs: list[Path | None]) -> None:
-    """Before any model loads: refuse an ``--out`` that would destroy a file, and a broken registry."""
+def check_outputs(
+    out: Path | None, overwrite: bool, registry: Registry, *, inputs: list[Path | None], model: str | None = None
+) -> None:
+    """Before any model loads: refuse an ``--out`` that would destroy a file or write into ``model``'s
+    folder (:func:`cpl_masks.models.model_locations`), and a broken registry."""
     if out is not None:
-        check_output_file(out, overwrite=overwrite, inputs=inputs)
+        check_output_file(out, overwrite=overwrite, inputs=[*inputs, *(model_locations(model) if model else [])])
     registry.check()
 
 

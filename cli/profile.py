@@ -213,7 +213,8 @@ def profile(
     if name is not None:
         check_task(name)
     registry = Registry()
-    check_outputs(out, overwrite, registry, inputs=[mastered, inject, registry.resolve(like) if like else None])
+    like_path = registry.resolve(like) if like else None
+    check_outputs(out, overwrite, registry, inputs=[mastered, inject, like_path], model=model)
     processes = distributed.setup(device)  # under torchrun: join the other ranks; rank 0 alone prints and writes
     stdout.quiet = not processes.is_main
     if rule != "sign":
@@ -247,7 +248,7 @@ def _profile_retain(mastered: Path, *, task: str | None, out: Path | None, overw
     if task is not None:
         check_task(task)
     registry = Registry()
-    check_outputs(out, overwrite, registry, inputs=[mastered])
+    check_outputs(out, overwrite, registry, inputs=[mastered], model=loading["model"])
     processes = distributed.setup(loading["device"])
     stdout.quiet = not processes.is_main
     retain = make_retain_set(processes, mastered, task=task, **loading)

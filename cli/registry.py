@@ -243,7 +243,10 @@ def report(health: Health, title: str) -> None:
     rows = [("missing file", item) for item in health.missing]
     rows += [("corrupt file", item) for item in health.corrupt]
     rows += [(f"stray file, {stray.problem} ({stray_hint(stray)})", str(stray.path)) for stray in health.strays]
-    rows += [("abandoned temporary copy", item) for item in health.leftovers]
+    rows += [
+        ("abandoned staged registration (no live process holds it; `registry gc` removes it)", item)
+        for item in health.leftovers
+    ]
     print_table(
         f"{title}: {'all intact' if not rows else f'{len(rows)} problems'}", ["problem", "path"], rows, whole=("path",)
     )
@@ -303,14 +306,17 @@ def gc(
     Delete store files no registered mask points to (left by interrupted registrations), printing each.
 
     A stray file that is a valid mask is kept unless --force: register it again with `registry add`.
+    A staged registration is removed once no live process holds it, never while one is writing it.
 
     \b
     Example:
       cpl-masks registry gc
     """
     health = Registry().collect_garbage(force=force)
-    for path in [*health.removed, *health.leftovers]:
+    for path in health.removed:
         say(f"removed {path}")
+    for path in health.leftovers:
+        say(f"removed {path} (an abandoned staged registration)")
     say(f"removed {len(health.removed)} stray files and {len(health.leftovers)} temporary copies")
     if health.kept:
         print_table(

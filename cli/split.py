@@ -25,7 +25,7 @@ from cpl_masks.cli.common import (
 )
 from cpl_masks.data.questions import check_limit, load_questions
 from cpl_masks.data.split import HELDOUT, INJECT, MASTERED, SCORES, SUMMARY, split_questions, write_split
-from cpl_masks.models import DEFAULT_MODEL, load_model
+from cpl_masks.models import DEFAULT_MODEL, load_model, model_locations
 from cpl_masks.scoring.base import DEFAULT_SCORING
 from cpl_masks.utils.files import check_output_dir
 
@@ -70,8 +70,9 @@ def split(
       cpl-masks split --data questions.jsonl --out runs/split \\
           --holdout-fraction 0.2
     """
-    # before the slow model load: a non-empty folder, the registry's, or one whose files are the inputs
-    check_output_dir(out, overwrite=overwrite, inputs=[data, heldout_data], writes=SPLIT_FILES)
+    # before the slow model load: a non-empty folder, the registry's, the model's, or one whose files are the inputs
+    inputs = [data, heldout_data, *model_locations(model)]
+    check_output_dir(out, overwrite=overwrite, inputs=inputs, writes=SPLIT_FILES)
     check_limit(heldout_limit, "--heldout-limit")
     names = fields(question_field, choices_field, answer_field)
     questions = load_questions(data, split=data_split, fields=names, limit=limit)

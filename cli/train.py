@@ -45,7 +45,7 @@ from cpl_masks.methods import METHODS
 from cpl_masks.models import DEFAULT_MODEL
 from cpl_masks.registry.names import check_task
 from cpl_masks.scoring.base import SCORINGS_HELP
-from cpl_masks.training.folder import restartable, saved_config
+from cpl_masks.training.folder import restartable, resumable, saved_config, saved_request
 from cpl_masks.training.loop import TrainConfig
 from cpl_masks.training.record import RUN, RunRecord
 from cpl_masks.training.request import RunRequest
@@ -112,6 +112,12 @@ def _same(given: Any, saved: Any) -> bool:
     if isinstance(given, Path) or (isinstance(given, str) and isinstance(saved, str) and Path(given).exists()):
         return isinstance(saved, str) and Path(given).resolve() == Path(saved).resolve()
     return given == saved
+
+
+def _resume_hint(out: Path) -> str | None:
+    """The command that resumes the run in ``out``, or None when ``--resume`` would be refused there (no
+    readable ``config.json`` yet: the run had not started)."""
+    return f"cpl-masks train --resume {out}" if resumable(out) else None
 
 
 @reports_errors
@@ -208,8 +214,10 @@ def train(
     """
     stdout.quiet = distributed.launch_env().rank != 0  # rank 0 alone prints
     if resume is not None:
-        changes = _resume_changes(ctx, saved_config(resume)["request"])
-        with reports_interrupts(f"cpl-masks train --resume {resume}"):
+        saved = saved_config(resume)
+        saved_request(resume, saved)  # a damaged config.json is refused naming it, before any option is compared
+        changes = _resume_changes(ctx, saved["request"])
+        with reports_interrupts(lambda: _resume_hint(resume)):
             run = resume_run(resume, on_epoch=_print_epoch, **changes)
     else:
         inject = renamed(inject, data, "--data", "--inject")
@@ -259,7 +267,7 @@ def train(
             check_task(task, "--task")
         if not overwrite and restartable(out) and not folder_in_use(out):  # a live writer is refused below
             say(f"{out}: a run that stopped before its first checkpoint; starting it again")
-        with reports_interrupts(f"cpl-masks train --resume {out}"):
+        with reports_interrupts(lambda: _resume_hint(out)):
             run = start_run(request, overwrite=overwrite, on_epoch=_print_epoch)
     print_table(f"{run.mode} training: all epochs", METRIC_COLUMNS, metrics_table_rows(run.metrics))
     say(f"model: {run.model_dir}")

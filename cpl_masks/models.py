@@ -190,6 +190,27 @@ def pretrained_folder(ref: str) -> str:
     return ref
 
 
+def model_locations(ref: str) -> list[Path]:
+    """Where a model reference's files live on disk, which no command may write into (its outputs' inputs).
+
+    A local folder or ``.gguf`` file, a built-in name's package folder (its GGUF), the cache of
+    dequantized GGUF copies, and a hub id's folder in the Hub cache. Nothing is loaded, hashed or converted.
+    """
+    cache = home_dir() / "models"
+    if ref in BUILTIN_MODELS:
+        spec = importlib.util.find_spec(BUILTIN_MODELS[ref].module)
+        package = [Path(spec.origin).parent] if spec is not None and spec.origin is not None else []
+        return [*package, cache]
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        return [path, cache]
+    if path.exists():
+        return [path]
+    from huggingface_hub import constants
+
+    return [Path(constants.HF_HUB_CACHE) / f"models--{ref.replace('/', '--')}"]
+
+
 def builtin_gguf_path(name: str) -> Path:
     """The GGUF file of a built-in model name, or a one-line error naming the pip command that installs it."""
     builtin = BUILTIN_MODELS[name]

@@ -19,12 +19,13 @@ from typing import Any
 from cpl_masks.errors import CplError
 from cpl_masks.masks.format import Mask, read_header
 from cpl_masks.registry.maintenance import Maintenance
-from cpl_masks.registry.names import mask_name
+from cpl_masks.registry.names import check_task, mask_name, source_of
 from cpl_masks.registry.queries import (
     NAMES,
     as_number,
     as_text,
     data_hash,
+    existing_file,
     find,
     label,
     lineage_tree,
@@ -37,8 +38,10 @@ from cpl_masks.registry.queries import (
     summary_of,
 )
 from cpl_masks.registry.schema import DATABASE_NAME, check_home, connect, transaction
-from cpl_masks.registry.store import STORE_NAME, Store
+from cpl_masks.registry.store import STORE_NAME, Staged, Store
 from cpl_masks.utils.files import home_dir, sha256_file
+
+__all__ = ["Registry", "Transfer", "source_of"]
 
 
 @dataclass
@@ -50,24 +53,6 @@ class Transfer:
     revision: str | None = None
     commit_sha: str | None = None
     url: str | None = None
-
-
-def source_of(metadata: dict[str, Any]) -> str:
-    """What made a mask, read once from its own metadata: ``retain`` (a retain set, profiled or refreshed),
-    ``control``, ``recut``, ``reprofiled``, ``combined`` or ``profiled``.
-
-    A pulled mask is what it was where it was made; where it came from is its ``repo_id`` and its
-    pull transfer.
-    """
-    if "retain" in metadata:
-        return "retain"
-    if "control" in (metadata.get("rule") or {}):
-        return "control"
-    if metadata.get("recut_of"):
-        return "recut"
-    if metadata.get("reprofile_of"):
-        return "reprofiled"
-    return "combined" if metadata.get("parents") else "profiled"
 
 
 class Registry(Maintenance):
@@ -112,30 +97,46 @@ class Registry(Maintenance):
         repo_id: str | None = None,
         revision: str | None = None,
         transfer: Transfer | None = None,
+        expected_id: str | None = None,
     ) -> str:
-        """Store a mask (a :class:`Mask`, or a file whose content id is verified) and file it; returns ``name@vN``.
+        """Store a mask (a :class:`Mask`, or a file) and file it; returns ``name@vN``.
 
-        The name is ``<model-slug>/<task>``; the source comes from the mask's metadata
+        A file is read once, copied into the store and hashed as it is copied; then the stored copy,
+        not the file, is verified (format, content id) and read for the name, kind and provenance, so
+        a file changed meanwhile is never filed under an id its stored bytes do not have.
+        ``expected_id`` (the id a caller verified before, e.g. a pull) refuses other bits.
+
+        The name is ``<model-slug>/<task>``; the source comes from the mask's kind and metadata
         (:func:`source_of`). Bits already registered (same content id) are not stored again: under
         the same name the existing ``name@vN`` is returned; under another name that name gets a new
         version pointing to the same mask (an alias), so the name asked for can always be found.
+
+        Raises:
+            CplError: the file is not a valid mask, or its stored copy is not ``expected_id``.
         """
         check_home(self.home)  # before the store folder is made in it
-        loaded = mask if isinstance(mask, Mask) else Mask.load(mask, scores=False)
-        source = source_of(loaded.metadata)
-        name = mask_name(loaded.metadata, task, source=source)
-        staging = self.store.staged_mask(loaded) if isinstance(mask, Mask) else self.store.staged_copy(Path(mask))
-        with staging as staged, self.connect() as connection, transaction(connection):
-            existing = connection.execute("SELECT * FROM masks WHERE id = ?", (loaded.id,)).fetchone()
-            if existing is None:
-                version = _next_version(connection, name)
-                _insert_mask(connection, loaded, name, version, source, staged, repo_id=repo_id, revision=revision)
-                self.store.place(staged, loaded.id)
-                registered = f"{name}@v{version}"
-            else:
-                registered = _name_for(connection, existing, name)
-            if transfer is not None:
-                _insert_transfer(connection, loaded.id, transfer)
+        if task is not None:
+            check_task(task)  # before the copy
+        if isinstance(mask, Mask):
+            staging, origin, expected_id = self.store.staged_mask(mask), f"mask {mask.id[:12]}", mask.id
+        else:
+            read_header(mask)  # a file that is no mask is refused before it is copied
+            staging, origin = self.store.staged_copy(Path(mask)), str(mask)
+        with staging as staged:
+            loaded = _verified(staged, origin, expected_id)
+            source = source_of(loaded.metadata, kind=loaded.kind)
+            name = mask_name(loaded.metadata, task, source=source)
+            with self.connect() as connection, transaction(connection):
+                existing = connection.execute("SELECT * FROM masks WHERE id = ?", (loaded.id,)).fetchone()
+                if existing is None:
+                    version = _next_version(connection, name)
+                    _insert_mask(connection, loaded, name, version, source, staged, repo_id=repo_id, revision=revision)
+                    self.store.place(staged.path, loaded.id)
+                    registered = f"{name}@v{version}"
+                else:
+                    registered = _name_for(connection, existing, name)
+                if transfer is not None:
+                    _insert_transfer(connection, loaded.id, transfer)
         return registered
 
     def add_transfer(self, mask_id: str, transfer: Transfer) -> None:
@@ -151,14 +152,16 @@ class Registry(Maintenance):
     def resolve(self, ref: str) -> Path:
         """The file behind a reference: the path itself if it is a file, else the registered stored file.
 
-        A stored file is verified against the sha256 recorded at registration on every resolve, so
-        no command (``train --mask NAME`` included) uses a store file that changed since.
+        A stored file is verified against the sha256 recorded at registration, and its header
+        against the registered id, on every resolve, so no command (``train --mask NAME`` included)
+        uses a store file that changed since, nor one whose recorded hash is of other bits (a file
+        swapped while an older release registered it; loading checks the header's id against the bits).
 
         Raises:
             CplError: the reference names nothing, matches several ids, or its stored file is gone or changed.
         """
-        path = Path(ref).expanduser()
-        if path.is_file():
+        path = existing_file(ref)
+        if path is not None:
             return path
         with self.connect() as connection:
             row = find(connection, ref)
@@ -167,7 +170,7 @@ class Registry(Maintenance):
             raise CplError(
                 f"mask {ref}: registered as {label(row)} but its file is missing (run `cpl-masks registry verify`)"
             )
-        if sha256_file(stored) != row["sha256"]:
+        if sha256_file(stored) != row["sha256"] or read_header(stored)["id"] != row["id"]:
             raise CplError(
                 f"mask {ref}: the stored file of {label(row)} ({stored}) differs from the sha256 recorded when it was"
                 " registered (changed on disk); run `cpl-masks registry verify`"
@@ -178,12 +181,13 @@ class Registry(Maintenance):
         """Record a training run that used a mask (``run`` is the run.json payload); returns the mask's ``name@vN``.
 
         Missing keys are stored as unknown; a mask file that is not registered yet is registered first.
-        The run row keeps the mask's ``name@vN``, so it stays readable after the mask is removed.
+        The run row keeps the mask's ``name@vN``, so it stays readable after the mask is removed. The
+        file's content id is verified (not taken from its header), and a registration must store it.
         """
-        mask_id = read_header(mask_path)["id"]
+        mask_id = Mask.load(mask_path, scores=False).id
         with self.connect() as connection:
             known = connection.execute("SELECT * FROM masks WHERE id = ?", (mask_id,)).fetchone()
-        ref = label(known) if known is not None else self.register(Path(mask_path))
+        ref = label(known) if known is not None else self.register(Path(mask_path), expected_id=mask_id)
         data, final = run.get("data") or {}, run.get("final") or {}
         with self.connect() as connection, transaction(connection):
             connection.execute(
@@ -280,7 +284,7 @@ def _insert_mask(
     name: str,
     version: int,
     source: str,
-    staged: Path,
+    staged: Staged,
     *,
     repo_id: str | None,
     revision: str | None,
@@ -303,8 +307,8 @@ def _insert_mask(
             source,
             repo_id,
             revision,
-            sha256_file(staged),
-            staged.stat().st_size,
+            staged.sha256,
+            staged.size,
             json.dumps(metadata, sort_keys=True),
         ),
     )
@@ -312,6 +316,26 @@ def _insert_mask(
         "INSERT OR IGNORE INTO mask_parents (child_id, parent_id, position) VALUES (?, ?, ?)",
         [(mask.id, parent, index) for index, parent in enumerate(metadata.get("parents") or [])],
     )
+
+
+def _verified(staged: Staged, origin: str, expected_id: str | None) -> Mask:
+    """The staged copy, loaded and verified: what is filed is what the store holds, never what was read before.
+
+    Its errors name ``origin`` (the file given, or the mask saved), not the staging file.
+
+    Raises:
+        CplError: the copy is not a valid mask, or not the ``expected_id`` the caller verified.
+    """
+    try:
+        loaded = Mask.load(staged.path, scores=False)
+    except CplError as error:
+        raise CplError(str(error).replace(str(staged.path), origin)) from None
+    if expected_id is not None and loaded.id != expected_id:
+        raise CplError(
+            f"{origin}: changed while it was being registered (its content id is now {loaded.id[:12]}, "
+            f"not {expected_id[:12]}); nothing was registered"
+        )
+    return loaded
 
 
 def _next_version(connection: sqlite3.Connection, name: str) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,6 @@ from cpl_masks.registry.queries import alias_row, find, label, names_of, refuse_
 from cpl_masks.registry.schema import connect, transaction
 from cpl_masks.registry.store import Store
 from cpl_masks.utils.files import sha256_file
-
-STALE_STAGED_S = 600.0  # a staged copy untouched this long belongs to a dead process
 
 
 @dataclass
@@ -41,9 +38,9 @@ class Health:
 
     checked: int = 0
     missing: list[str] = field(default_factory=list)  # "name@vN (id)" whose file is gone
-    corrupt: list[str] = field(default_factory=list)  # "name@vN (id)" whose bytes changed
+    corrupt: list[str] = field(default_factory=list)  # "name@vN (id)" whose bytes changed or are not that id
     strays: list[StrayFile] = field(default_factory=list)  # store files without a row, or not where they belong
-    leftovers: list[str] = field(default_factory=list)  # abandoned staged copies
+    leftovers: list[str] = field(default_factory=list)  # staged registrations no live process holds
     removed: list[str] = field(default_factory=list)  # paths gc deleted
     kept: list[StrayFile] = field(default_factory=list)  # valid masks gc left in place (no --force)
 
@@ -78,7 +75,13 @@ class Maintenance:
     store: Store
 
     def verify(self) -> Health:
-        """Re-hash every registered mask's file; list missing and corrupt ones, and stray store files."""
+        """Re-hash every registered mask's file; list missing and corrupt ones, stray store files and
+        abandoned staged registrations.
+
+        A file is intact when its bytes hash to the sha256 recorded at registration and its bits are
+        the registered content id: a recorded hash taken of other bytes than the id's (a file swapped
+        while an older release registered it) is found too.
+        """
         health = Health()
         with connect(self.database) as connection:
             rows = connection.execute("SELECT id, name, version, sha256 FROM masks ORDER BY name, version").fetchall()
@@ -87,7 +90,7 @@ class Maintenance:
             path = self.store.path_of(row["id"])
             if not path.is_file():
                 health.missing.append(f"{label(row)} ({row['id'][:12]})")
-            elif sha256_file(path) != row["sha256"]:
+            elif sha256_file(path) != row["sha256"] or _content_id(path) != row["id"]:
                 health.corrupt.append(f"{label(row)} ({row['id'][:12]})")
         health.strays = self._strays({row["id"] for row in rows})
         health.leftovers = [str(path) for path in self.store.staged_leftovers()]
@@ -159,11 +162,13 @@ class Maintenance:
         return _flocked(self.store.path_of(mask_id), fcntl.LOCK_SH, refusal)
 
     def collect_garbage(self, *, force: bool = False) -> Health:
-        """Remove stray store files and abandoned staged copies; report rows whose file is missing.
+        """Remove stray store files and abandoned staged registrations; report rows whose file is missing.
 
         A stray file that reads as a valid mask is kept (in ``kept``) unless ``force``: it may be
-        the only copy of a mask whose row was lost. Runs under the write lock, so it never races a
-        registration that is renaming its file into place.
+        the only copy of a mask whose row was lost. Staged registrations are removed only when no
+        live registration holds the store's lock, with or without ``force``, so a registration
+        running beside it never loses its file. Runs under the write lock, so it never races a registration
+        that is renaming its file into place.
         """
         health = Health()
         with connect(self.database) as connection, transaction(connection):
@@ -175,10 +180,7 @@ class Maintenance:
                     continue
                 stray.path.unlink(missing_ok=True)
                 health.removed.append(str(stray.path))
-            for path in self.store.staged_leftovers():
-                if time.time() - path.stat().st_mtime > STALE_STAGED_S:
-                    path.unlink(missing_ok=True)
-                    health.leftovers.append(str(path))
+            health.leftovers = [str(path) for path in self.store.discard_abandoned()]
             health.missing = [
                 f"{label(row)} ({row['id'][:12]})"
                 for row in connection.execute("SELECT id, name, version FROM masks ORDER BY name, version")

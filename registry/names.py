@@ -12,7 +12,8 @@ from cpl_masks.errors import CplError
 MAX_TASK_CHARS = 64  # a task name is a word or two, not a paragraph
 MAX_SLUG_CHARS = 96  # the longest Hub repo name
 _TASK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_VERSIONED = re.compile(r"^(?P<name>.+)@v(?P<version>\d+)$")
+_VERSIONED = re.compile(r"(?P<name>.+)@v(?P<version>[0-9]+)", re.DOTALL)  # whole string, ASCII digits only
+MAX_VERSION = 2**63 - 1  # the largest integer SQLite stores: no version is larger
 DERIVED_SUFFIXES = {"recut": ".recut", "reprofiled": ".reprofiled"}  # source -> suffix of its default name
 _GENERIC_STEMS = {"inject", "injection", "mastered", "train", "data", "questions", "split"}
 
@@ -82,8 +83,28 @@ def run_task(explicit: str | None, inject_path: str | None, *, inject_sha256: st
     return task_name(explicit, inject_path)
 
 
+def source_of(metadata: dict[str, Any], *, kind: str = "mask") -> str:
+    """What made a mask: ``retain`` (a retain set, profiled or refreshed), ``control``, ``recut``,
+    ``reprofiled``, ``combined`` or ``profiled``.
+
+    ``kind`` is the file's own (:attr:`~cpl_masks.masks.format.Mask.kind`, from its header): a retain
+    set is one by its kind, never by a ``retain`` key in its metadata, which any file may carry or
+    lack. A pulled mask is what it was where it was made; where it came from is its ``repo_id`` and
+    its pull transfer.
+    """
+    if kind == "retain":
+        return "retain"
+    if "control" in (metadata.get("rule") or {}):
+        return "control"
+    if metadata.get("recut_of"):
+        return "recut"
+    if metadata.get("reprofile_of"):
+        return "reprofiled"
+    return "combined" if metadata.get("parents") else "profiled"
+
+
 def mask_name(metadata: dict[str, Any], task: str | None, *, source: str | None = None) -> str:
-    """The unversioned registry name ``<model-slug>/<task>`` for a mask.
+    """The unversioned registry name ``<model-slug>/<task>`` for a mask whose :func:`source_of` is ``source``.
 
     A re-cut given no task is filed under ``<task>.recut``, so it never becomes the latest version
     of the profiled mask's name (which a bare name resolves to); a retain set always under
@@ -99,6 +120,16 @@ def mask_name(metadata: dict[str, Any], task: str | None, *, source: str | None 
 
 
 def split_versioned(ref: str) -> tuple[str, int] | None:
-    """``name@vN`` as ``(name, N)``; None for anything else."""
-    match = _VERSIONED.match(ref)
-    return (match["name"], int(match["version"])) if match else None
+    """``name@vN`` (the whole reference, N in ASCII digits) as ``(name, N)``; None for anything else.
+
+    Raises:
+        CplError: N is larger than any version can be (SQLite stores at most a 64-bit integer).
+    """
+    match = _VERSIONED.fullmatch(ref)
+    if match is None:
+        return None
+    digits = match["version"].lstrip("0") or "0"
+    if len(digits) > len(str(MAX_VERSION)) or int(digits) > MAX_VERSION:
+        shown = digits if len(digits) <= 24 else f"{digits[:20]}... ({len(digits):,} digits)"
+        raise CplError(f"mask {match['name'][:200]}@v{shown}: no such version (versions go up to {MAX_VERSION})")
+    return match["name"], int(digits)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cpl_masks.errors import CplError
-from cpl_masks.masks.format import read_header
+from cpl_masks.masks.format import Mask
 from cpl_masks.registry.names import split_versioned, task_name
 
 # every name@vN: the one each mask was first registered under (alias 0) and its aliases (alias 1)
@@ -22,6 +22,36 @@ NAMES = (
     "(SELECT name, version, id AS mask_id, 0 AS alias FROM masks"
     " UNION ALL SELECT name, version, mask_id, 1 AS alias FROM aliases)"
 )
+
+
+def existing_file(ref: str) -> Path | None:
+    """The file a reference names when it is a path to an existing file, else None (never an exception).
+
+    A reference is the user's text: ``~user`` of no user, a name too long for the filesystem, a NUL
+    byte or a folder that cannot be searched are simply not files here.
+    """
+    try:
+        path = Path(ref).expanduser()
+        return path if path.is_file() else None
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: ``~user`` whose home is unknown
+        return None
+
+
+def check_reference(ref: str) -> str:
+    """Refuse a reference that cannot be looked up: empty, or text that is not valid Unicode (undecodable argv).
+
+    Raises:
+        CplError: ``ref`` is empty (it would be a prefix of every id), or holds lone surrogates,
+            which the database cannot store or compare.
+    """
+    if not ref:
+        raise CplError("mask '': an empty reference names no mask; give a file, an id prefix, name@vN or a name")
+    try:
+        ref.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = ref.encode("utf-8", "backslashreplace").decode("utf-8")[:200]
+        raise CplError(f"mask {shown}: not a registered name or id (holds bytes that are not UTF-8)") from None
+    return ref
 
 
 def alias_row(connection: sqlite3.Connection, ref: str) -> sqlite3.Row | None:
@@ -34,7 +64,7 @@ def alias_row(connection: sqlite3.Connection, ref: str) -> sqlite3.Row | None:
 
 def refuse_bare_name(connection: sqlite3.Connection, ref: str) -> None:
     """Refuse a registry name without ``@vN``: removing "the latest" is too easy to get wrong."""
-    if split_versioned(ref) is not None or Path(ref).expanduser().is_file():
+    if existing_file(ref) is not None or split_versioned(check_reference(ref)) is not None:
         return
     latest = latest_row(connection, ref)
     if latest is not None:
@@ -44,15 +74,21 @@ def refuse_bare_name(connection: sqlite3.Connection, ref: str) -> None:
 
 
 def find(connection: sqlite3.Connection, ref: str) -> sqlite3.Row:
-    """The row a reference names: file path, ``name@vN``, ``name`` (latest), or id / unique id prefix."""
-    path = Path(ref).expanduser()
-    if path.is_file():
-        mask_id = read_header(path)["id"]
+    """The row a reference names: file path, ``name@vN``, ``name`` (latest), or id / unique id prefix.
+
+    A file names the mask its bits are (its content id verified), never the id its header claims.
+
+    Raises:
+        CplError: the reference names nothing, several ids, or an invalid or unregistered file.
+    """
+    path = existing_file(ref)
+    if path is not None:
+        mask_id = Mask.load(path, scores=False).id
         row = connection.execute("SELECT * FROM masks WHERE id = ?", (mask_id,)).fetchone()
         if row is None:
             raise CplError(f"mask {ref}: file is not registered (id {mask_id[:12]})")
         return row
-    versioned = split_versioned(ref)
+    versioned = split_versioned(check_reference(ref))
     if versioned is not None:
         row = connection.execute(
             f"SELECT m.* FROM {NAMES} n JOIN masks m ON m.id = n.mask_id WHERE n.name = ? AND n.version = ?", versioned
@@ -104,6 +140,7 @@ def label(row: sqlite3.Row) -> str:
 
 def run_matcher(connection: sqlite3.Connection, rows: list[sqlite3.Row], ref: str) -> Callable[[sqlite3.Row], bool]:
     """A test for run rows of the mask ``ref`` names, registered or removed (``name@vN`` or id prefix kept)."""
+    check_reference(ref)
     with contextlib.suppress(CplError):
         mask_id = find(connection, ref)["id"]
         return lambda row: row["mask_id"] == mask_id

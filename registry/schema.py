@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cpl_masks.errors import CplError
-from cpl_masks.utils.files import default_file_mode
+from cpl_masks.utils.files import check_outside_model, default_file_mode
 
 DATABASE_NAME = "registry.sqlite3"
 BUSY_TIMEOUT_S = 60.0
@@ -212,13 +212,14 @@ def create(path: Path) -> None:
 
 
 def check_home(home: Path) -> None:
-    """Refuse a registry folder that is a file, or lies under one (``$CPL_MASKS_HOME`` set to a file)."""
+    """Refuse a registry folder that is a file, lies under one (``$CPL_MASKS_HOME`` set to a file) or in a model."""
     existing = home.absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         where = "is a file" if existing == home.absolute() else f"cannot be created, {existing} is a file"
         raise CplError(f"registry folder {home} (CPL_MASKS_HOME): {where}, not a folder")
+    check_outside_model(home, "registry folder (CPL_MASKS_HOME)")  # never among a model's weights
 
 
 def check_not_empty(path: Path) -> None:

@@ -146,7 +146,7 @@ def rewrite_header(path, target, change) -> None:
     ("change", "message"),
     [
         (lambda h: h.update(format="other"), "unknown mask format 'other'"),
-        (lambda h: h.update(version="3.0"), "version '3.0' is not supported"),
+        (lambda h: h.update(version="4.0"), "version '4.0' is not supported"),
         (lambda h: h.update(id="0" * 64), "content id mismatch"),
         (lambda h: h.pop("shapes"), "lacks shapes"),
         (lambda h: h["shapes"].update({"extra.weight": [3]}), "lacks tensor extra.weight"),

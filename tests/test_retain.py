@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from cpl_masks.cli.app import app
 from cpl_masks.errors import CplError
+from cpl_masks.hub import markdown_text
 from cpl_masks.integrations.sign_rule import apply_retain
 from cpl_masks.integrations.trainer import apply_mask
 from cpl_masks.masks.algebra import combine
@@ -49,7 +50,7 @@ def test_a_retain_set_holds_the_signs_of_g_m_and_its_questions(tiny_model_dir, r
 
     path = retain.save(tmp_path / "retain.safetensors")
     header = read_header(path)
-    assert (header["kind"], header["version"], header["id"]) == ("retain", "2.0", retain.id)
+    assert (header["kind"], header["version"], header["id"]) == ("retain", "3.0", retain.id)
     again = Mask.load(path)
     assert again.kind == "retain" and again.id == retain.id
     assert all(torch.equal(again.signs().sign(name), signs.sign(name)) for name in g_m)
@@ -369,7 +370,8 @@ def test_a_retain_set_is_pushed_and_pulled_as_a_retain_set(server, retain, tmp_p
     repo = server.hub.repos["me/facts-retain"]
     files = repo.commits[repo.branches["main"]]
     card = files["README.md"].decode()
-    assert "retain set" in card and "--retain" in card and "| signs | answer loss, every sign |" in card
+    assert "retain set" in card and "--retain" in card
+    assert f"| signs | {markdown_text('answer loss, every sign')} |" in card  # cells escaped for Markdown
     assert json.loads(files["provenance.json"])["kind"] == "retain" and "per_layer.png" not in files
 
     switch_registry(tmp_path, monkeypatch, "elsewhere")

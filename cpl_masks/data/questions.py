@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import string
@@ -26,15 +27,26 @@ from pathlib import Path
 from typing import Any
 
 from cpl_masks.data.demo import demo_rows
+from cpl_masks.data.sources import (
+    LongNumber,
+    Rows,
+    is_local,
+    loads,
+    numbered,
+    read_file,
+    read_hub_dataset,
+    read_saved_dataset,
+)
 from cpl_masks.errors import CplError
 from cpl_masks.utils.files import write_jsonl
 
 LETTERS = string.ascii_uppercase
 MIN_CHOICES, MAX_CHOICES = 2, len(LETTERS)
-FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 BUILTIN_DEMO = "builtin:demo"  # the generated demo set (cpl_masks.data.demo)
 MAX_TEXT_CHARS = 100_000  # far beyond any model's context; refuses runaway fields before tokenizing
+MAX_ID_CHARS = 1_000  # an id names a question in records and messages; far longer is not an id
 _INDEX = re.compile(r"^-?[0-9]+$")
+_MAX_INDEX_DIGITS = 18  # a longer string of digits (zero-padded or not) is refused as out of range
 _OPTION_LINE = re.compile(r"^\s*([A-Z])\s*[:.)]\s+(.*\S)\s*$")
 
 
@@ -128,10 +140,10 @@ def parse_questions(records: Any, name: str) -> list[Question]:
     """Validate canonical question records held elsewhere (a retain set's metadata), as a file's rows are."""
     if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
         raise CplError(f"{name}: the questions are not a list of objects")
-    return _parse_rows(_numbered(records), name, FieldNames())
+    return _parse_rows(numbered(records), name, FieldNames())
 
 
-def _parse_rows(rows: list[tuple[int, dict]], name: str, fields: FieldNames) -> list[Question]:
+def _parse_rows(rows: Rows, name: str, fields: FieldNames) -> list[Question]:
     if not rows:
         raise CplError(f"{name}: no questions (the data is empty)")
     questions = [_parse_row(row, number, name, fields) for number, row in rows]
@@ -149,171 +161,23 @@ def check_limit(limit: int | None, option: str = "--limit") -> None:
         raise CplError(f"{option} {limit}: must be at least 1 (or left out for all questions)")
 
 
-def _read_rows(source: str | os.PathLike, split: str | None) -> tuple[list[tuple[int, dict]], str]:
+def _read_rows(source: str | os.PathLike, split: str | None) -> tuple[Rows, str]:
     """The source's rows, each with the number error messages give it, and the source's name."""
     if str(source) == BUILTIN_DEMO:
-        return _numbered(demo_rows()), BUILTIN_DEMO
+        return numbered(demo_rows()), BUILTIN_DEMO
     path = Path(source)
     if path.is_file():
-        return _read_file(path), str(path)
+        return read_file(path), str(path)
     if path.is_dir():
-        return _numbered(_read_saved_dataset(path, split)), str(path)
-    if path.suffix.lower() in FILE_FORMATS or os.sep in str(source) or str(source).startswith("."):
+        return numbered(read_saved_dataset(path, split)), str(path)
+    if is_local(source):
         raise CplError(f"{source}: no such file or folder")
-    return _numbered(_read_hub_dataset(str(source), split)), str(source)
-
-
-def _numbered(rows: list[dict], numbers: Sequence[int] | None = None) -> list[tuple[int, dict]]:
-    """Pair each row with its number: the given ones (JSONL line numbers), else its 1-based position."""
-    return list(zip(numbers or range(1, len(rows) + 1), rows))
-
-
-def _read_file(path: Path) -> list[tuple[int, dict]]:
-    """A local file's rows: JSON and JSONL parsed here (every row checked), CSV and Parquet by ``datasets``."""
-    suffix = path.suffix.lower()
-    if suffix not in FILE_FORMATS:
-        known = ", ".join(sorted(FILE_FORMATS))
-        raise CplError(f"{path}: unknown file type {suffix or '(none)'}; use one of {known}")
-    if path.stat().st_size == 0:
-        raise CplError(f"{path}: no questions (the file is empty)")
-    if suffix in (".jsonl", ".json", ".csv"):
-        raw_lines = _utf8_lines(path)
-        if suffix == ".jsonl":
-            return _read_jsonl(path, raw_lines)
-        if suffix == ".json":
-            return _numbered(_read_json_document(path))
-    return _numbered(_read_with_datasets(path, suffix))
-
-
-def _utf8_lines(path: Path) -> list[bytes]:
-    """The file's lines, after finding non-UTF-8 bytes (``datasets`` would report them vaguely)."""
-    with open(path, "rb") as handle:
-        raw_lines = handle.read().splitlines()
-    for number, raw in enumerate(raw_lines, start=1):
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise CplError(f"{path}: row {number}: not valid UTF-8 (byte {error.start + 1})") from error
-    return raw_lines
-
-
-def _read_jsonl(path: Path, raw_lines: list[bytes]) -> list[tuple[int, dict]]:
-    """Each non-blank line as a JSON object, numbered by its line (blank lines count, as editors show)."""
-    rows = []
-    for number, raw in enumerate(raw_lines, start=1):
-        if raw.strip():
-            rows.append((number, _json_object(raw, f"{path}: row {number}")))
-    if not rows:
-        raise CplError(f"{path}: no questions (the file has only blank lines)")
-    return rows
-
-
-def _json_object(text: str | bytes, where: str) -> dict:
-    """One JSON object of a question file: valid JSON, not nested absurdly deep, valid Unicode throughout."""
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise CplError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from error
-    except RecursionError as error:
-        raise CplError(f"{where}: JSON nested too deeply") from error
-    if not isinstance(row, dict):
-        raise CplError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    _check_unicode(row, where)
-    return row
-
-
-def _check_unicode(row: dict, where: str) -> None:
-    """Refuse a string holding a lone surrogate (JSON lets ``\\ud800`` through; no text can contain it)."""
-    try:
-        json.dumps(row, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as error:
-        bad = ord(error.object[error.start])
-        raise CplError(f"{where}: a string holds a lone surrogate (\\u{bad:04x}), which is not valid Unicode") from None
-    except (RecursionError, ValueError) as error:
-        raise CplError(f"{where}: JSON nested too deeply") from error
-
-
-def _read_json_document(path: Path) -> list[dict]:
-    """A ``.json`` file: a list of question objects, or an object of equal-length columns."""
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise CplError(f"{path}: invalid JSON ({error.msg} at line {error.lineno})") from error
-    except RecursionError as error:
-        raise CplError(f"{path}: JSON nested too deeply") from error
-    if isinstance(document, dict) and document and all(isinstance(column, list) for column in document.values()):
-        lengths = {len(column) for column in document.values()}
-        if len(lengths) != 1:
-            raise CplError(f"{path}: the columns of the JSON object differ in length ({sorted(lengths)})")
-        document = [dict(zip(document, values)) for values in zip(*document.values())]
-    if not isinstance(document, list):
-        raise CplError(f"{path}: expected a list of question objects (or an object of columns)")
-    if not document:
-        raise CplError(f"{path}: no questions (the file is empty)")
-    for number, row in enumerate(document, start=1):
-        if not isinstance(row, dict):
-            raise CplError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
-        _check_unicode(row, f"{path}: row {number}")
-    return document
-
-
-def _read_with_datasets(path: Path, suffix: str) -> list[dict]:
-    """A CSV or Parquet file's rows through ``datasets``, with a cache that lives only for this read.
-
-    ``datasets`` keys its cache of a local file by path and modification time, so a file rewritten
-    with the same size and an old mtime would give the old rows; a fresh cache cannot be stale.
-    """
-    import tempfile
-
-    import datasets
-
-    datasets.disable_progress_bars()
-    with tempfile.TemporaryDirectory(prefix="cpl-masks-datasets-") as cache:
-        try:
-            dataset = datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train", cache_dir=cache)
-            return dataset.to_list()
-        except Exception as error:  # datasets wraps parser errors in many types
-            raise CplError(f"{path}: cannot be read as {suffix[1:]}: {_first_line(error)}") from error
-
-
-def _read_saved_dataset(path: Path, split: str | None) -> list[dict]:
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as error:
-        raise CplError(f"{path}: not a dataset folder written by save_to_disk ({_first_line(error)})") from error
-    if isinstance(loaded, datasets.DatasetDict):
-        loaded = _pick_split(loaded, split, str(path))
-    return loaded.to_list()
-
-
-def _read_hub_dataset(name: str, split: str | None) -> list[dict]:
-    import datasets
-
-    try:
-        loaded = datasets.load_dataset(name, split=split)
-    except Exception as error:
-        raise CplError(f"{name}: cannot load this dataset ({_first_line(error)})") from error
-    if isinstance(loaded, datasets.DatasetDict):
-        loaded = _pick_split(loaded, split, name)
-    return loaded.to_list()
-
-
-def _pick_split(dataset_dict: Any, split: str | None, name: str) -> Any:
-    splits = list(dataset_dict)
-    if split is None and len(splits) == 1:
-        return dataset_dict[splits[0]]
-    if split not in dataset_dict:
-        raise CplError(f"{name}: choose a split with --split (available: {', '.join(splits)})")
-    return dataset_dict[split]
+    return numbered(read_hub_dataset(str(source), split)), str(source)
 
 
 def _parse_row(row: dict, number: int, name: str, fields: FieldNames) -> Question:
     where = f"{name}: row {number}"
-    text = row.get(fields.question)
-    if not isinstance(text, str) or not text.strip():
-        raise CplError(f"{where}: missing field '{fields.question}' (a non-empty string)")
+    text = _question_text(row.get(fields.question), where, fields.question)
     answer_field = fields.answer if row.get(fields.answer) is not None else "label"
     answer = row.get(answer_field)
     if answer is None:
@@ -321,28 +185,84 @@ def _parse_row(row: dict, number: int, name: str, fields: FieldNames) -> Questio
     raw_choices = row.get(fields.choices)
     preformatted = raw_choices is None
     choices = _options_from_prompt(text, where) if preformatted else _parse_choices(raw_choices, where, fields)
-    if not MIN_CHOICES <= len(choices) <= MAX_CHOICES:
-        raise CplError(f"{where}: {len(choices)} choices; between {MIN_CHOICES} and {MAX_CHOICES} are supported")
-    _check_lengths(text, choices, where, fields)
+    _check_count(len(choices), where)
     _check_distinct(choices, where)
-    question_id = row.get("id")
     return Question(
-        id=f"row-{number}" if question_id in (None, "") else str(question_id),
+        id=_question_id(row.get("id"), number, where),
         question=text,
         choices=choices,
         answer=_parse_answer(answer, choices, where, answer_field),
-        preformatted=preformatted or bool(row.get("preformatted")),
+        preformatted=_preformatted(row.get("preformatted"), where) or preformatted,
         source=name,
         row=number,
     )
 
 
-def _check_lengths(text: str, choices: tuple[str, ...], where: str, fields: FieldNames) -> None:
-    """Refuse a field longer than :data:`MAX_TEXT_CHARS` before anything tokenizes it."""
-    for field_name, value in ((fields.question, text), *((fields.choices, choice) for choice in choices)):
-        if len(value) > MAX_TEXT_CHARS:
-            limit = f"at most {MAX_TEXT_CHARS:,} are allowed"
-            raise CplError(f"{where}: field '{field_name}' is {len(value):,} characters long; {limit}")
+def _question_text(value: Any, where: str, field_name: str) -> str:
+    """The question (or whole prompt): non-empty text of at most :data:`MAX_TEXT_CHARS` characters."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise CplError(f"{where}: missing field '{field_name}' (a non-empty string)")
+    if not isinstance(value, str):
+        raise CplError(f"{where}: field '{field_name}' must be text (a non-empty string), not {_kind(value)}")
+    return _capped(value, where, f"field '{field_name}'", MAX_TEXT_CHARS)
+
+
+def _question_id(value: Any, number: int, where: str) -> str:
+    """The row's id as text (``row-N`` when it has none), at most :data:`MAX_ID_CHARS` characters."""
+    if value is None or value == "":
+        return f"row-{number}"
+    return _capped(_text_of(value, where, "field 'id'"), where, "field 'id'", MAX_ID_CHARS)
+
+
+def _preformatted(value: Any, where: str) -> bool:
+    """The optional ``preformatted`` flag: true, false or absent; any other value is refused, not read as truthy."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise CplError(f"{where}: field 'preformatted' must be true or false, not {_kind(value)}")
+
+
+def _text_of(value: Any, where: str, what: str) -> str:
+    """A text field's value: text as it is, a number as JSON spells it (``7`` is ``"7"``, ``0.5`` is ``"0.5"``).
+
+    The same rule for every source, so a number means the same from JSON, CSV and Parquet; null, booleans,
+    lists, objects, non-finite and overlong numbers are refused rather than turned into text like ``"None"``.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return json.dumps(value)
+    raise CplError(f"{where}: {what} must be text or a finite number, not {_kind(value)}")
+
+
+def _kind(value: Any) -> str:
+    """How a message names a value of the wrong type: ``null``, ``a boolean``, ``a list``, ``nan``..."""
+    kinds = {type(None): "null", bool: "a boolean", list: "a list", tuple: "a list", dict: "an object"}
+    if type(value) in kinds:
+        return kinds[type(value)]
+    if isinstance(value, (float, LongNumber)):
+        return repr(value)
+    return f"a value of type {type(value).__name__}"
+
+
+def _capped(value: str, where: str, what: str, limit: int) -> str:
+    """``value`` when it has at most ``limit`` characters; refused before anything tokenizes or records it."""
+    if len(value) > limit:
+        raise CplError(f"{where}: {what} is {len(value):,} characters long; at most {limit:,} are allowed")
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A value from a row as a message quotes it: its repr, shortened so that the message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}... ({len(text):,} characters)"
+
+
+def _check_count(count: int, where: str) -> None:
+    """Refuse fewer than :data:`MIN_CHOICES` or more than :data:`MAX_CHOICES` choices (one letter each)."""
+    if not MIN_CHOICES <= count <= MAX_CHOICES:
+        raise CplError(f"{where}: {count} choices; between {MIN_CHOICES} and {MAX_CHOICES} are supported")
 
 
 def _check_distinct(choices: tuple[str, ...], where: str) -> None:
@@ -354,23 +274,29 @@ def _check_distinct(choices: tuple[str, ...], where: str) -> None:
     for index, choice in enumerate(choices):
         if choice in first:
             letters = f"{LETTERS[first[choice]]} and {LETTERS[index]}"
-            raise CplError(f"{where}: duplicate choice {choice!r} (options {letters}); every choice must differ")
+            raise CplError(f"{where}: duplicate choice {_shown(choice)} (options {letters}); every choice must differ")
         first[choice] = index
 
 
 def _parse_choices(raw: Any, where: str, fields: FieldNames) -> tuple[str, ...]:
+    """The choices: a list (or a CSV cell's JSON list, or the hub's ``{"text": [...]}``) of texts or numbers."""
+    name = fields.choices
     if isinstance(raw, str):  # CSV cells hold the list as JSON text
         try:
-            raw = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError):
-            raise CplError(f"{where}: field '{fields.choices}' is not a list (nor a JSON list)") from None
+            raw = loads(raw, where)
+        except CplError:
+            raise CplError(f"{where}: field '{name}' is not a list (nor a JSON list)") from None
     if isinstance(raw, dict) and "text" in raw:  # the hub's {"label": [...], "text": [...]} shape
         raw = raw["text"]
     if not isinstance(raw, (list, tuple)):
-        raise CplError(f"{where}: field '{fields.choices}' is not a list")
-    choices = tuple(str(choice).strip() for choice in raw)
+        raise CplError(f"{where}: field '{name}' is not a list")
+    _check_count(len(raw), where)
+    texts = (_text_of(value, where, f"field '{name}': choice {letter}") for letter, value in zip(LETTERS, raw))
+    choices = tuple(text.strip() for text in texts)
     if any(not choice for choice in choices):
-        raise CplError(f"{where}: field '{fields.choices}' has an empty choice")
+        raise CplError(f"{where}: field '{name}' has an empty choice")
+    for choice in choices:
+        _capped(choice, where, f"field '{name}'", MAX_TEXT_CHARS)
     return choices
 
 
@@ -385,26 +311,32 @@ def _options_from_prompt(prompt: str, where: str) -> tuple[str, ...]:
 
 
 def _parse_answer(answer: Any, choices: tuple[str, ...], where: str, field: str) -> int:
+    """The correct choice's index from a letter, a 0-based index (a number or its digits) or the choice's text.
+
+    A number is always an index, from any source; a string is a letter first, then digits, then a choice's text.
+    """
     count = len(choices)
     if isinstance(answer, bool):
         raise CplError(f"{where}: field '{field}' is a boolean, expected a letter or a 0-based index")
     if isinstance(answer, str):
-        key = answer.strip()
+        key = _capped(answer, where, f"field '{field}'", MAX_TEXT_CHARS).strip()
         if len(key) == 1 and key.upper() in LETTERS:
             index = LETTERS.index(key.upper())
         elif _INDEX.match(key):
-            index = int(key)
+            index = int(key) if len(key) <= _MAX_INDEX_DIGITS else -1  # never int() of thousands of digits
         elif key in choices:
             index = choices.index(key)
         else:
-            raise CplError(f"{where}: answer {answer!r} is neither a letter, an index nor one of the choices")
+            raise CplError(f"{where}: answer {_shown(answer)} is neither a letter, an index nor one of the choices")
     elif isinstance(answer, int) or (isinstance(answer, float) and answer.is_integer()):
         index = int(answer)
+    elif isinstance(answer, LongNumber):
+        raise CplError(f"{where}: field '{field}' is {answer!r}, not one of the {count} choices' indexes")
     else:
-        raise CplError(f"{where}: field '{field}' must be a letter or a 0-based index, got {answer!r}")
+        raise CplError(f"{where}: field '{field}' must be a letter or a 0-based index, got {_shown(answer)}")
     if not 0 <= index < count:
         valid = f"A-{LETTERS[count - 1]} or 0-{count - 1}"
-        raise CplError(f"{where}: answer {answer!r} is not among the {count} choices ({valid})")
+        raise CplError(f"{where}: answer {_shown(answer)} is not among the {count} choices ({valid})")
     return index
 
 
@@ -412,10 +344,5 @@ def _check_unique_ids(questions: list[Question]) -> None:
     seen: dict[str, int] = {}
     for question in questions:
         if question.id in seen:
-            raise CplError(f"{question.where}: duplicate id {question.id!r} (first at row {seen[question.id]})")
+            raise CplError(f"{question.where}: duplicate id {_shown(question.id)} (first at row {seen[question.id]})")
         seen[question.id] = question.row
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:200]

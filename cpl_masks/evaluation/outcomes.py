@@ -275,24 +275,48 @@ def mean_change(before: Sequence[float], after: Sequence[float]) -> float:
 
 
 @torch.no_grad()
-def text_loss(model: Any, tokenizer: Any, text: str, *, window: int = 256, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy of ``model`` on ``text``, read in windows of ``window`` tokens.
+def text_windows(tokenizer: Any, text: str, *, window: int = 256, name: str = "the text") -> list[list[int]]:
+    """The token windows :func:`text_loss` scores, each with at least one token to predict.
 
-    A general text the model already predicts well (``--track-text``) shows forgetting that
-    multiple-choice answers of a small model are too noisy to show.
+    Each window starts with the tokenizer's BOS token when it has one; without one, a window's first
+    token is only context, so a one-token text leaves nothing to predict.
+
+    Raises:
+        CplError: naming ``name``, when the text gives no token to predict (its loss would be NaN).
     """
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     windows = [bos + ids[start : start + window] for start in range(0, len(ids), window)]
+    scored = [tokens for tokens in windows if len(tokens) > 1]
+    if not scored:
+        raise CplError(
+            f"{name}: no token to predict ({len(ids)} token{'s' if len(ids) != 1 else ''} with this tokenizer, "
+            f"{'a' if bos else 'no'} BOS token); give a longer text"
+        )
+    return scored
+
+
+@torch.no_grad()  # scored, never trained on: no graph kept per window
+def text_loss(
+    model: Any, tokenizer: Any, text: str, *, window: int = 256, batch_size: int = 8, name: str = "the text"
+) -> float:
+    """Mean next-token cross-entropy of ``model`` on ``text``, read in windows of ``window`` tokens.
+
+    A general text the model already predicts well (``--track-text``) shows forgetting that
+    multiple-choice answers of a small model are too noisy to show.
+
+    Raises:
+        CplError: naming ``name``, when the text gives no token to predict (never a NaN for an empty text).
+    """
     total, count = 0.0, 0
-    for batch in batches([w for w in windows if len(w) > 1], batch_size):
+    for batch in batches(text_windows(tokenizer, text, window=window, name=name), batch_size):
         inputs = pad_left(batch, tokenizer.pad_token_id, model.device)
         logits = model(**inputs, use_cache=False).logits[:, :-1, :].float()  # (B, T-1, V)
         real = inputs["attention_mask"].bool()  # (B, T)
         targets = inputs["input_ids"][:, 1:].masked_fill(~(real[:, :-1] & real[:, 1:]), -100)  # (B, T-1)
         total += float(F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum"))
         count += int((targets != -100).sum())
-    return total / count if count else float("nan")
+    return total / count  # every window has a target, so count > 0
 
 
 def metrics_table_rows(rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:

@@ -64,9 +64,11 @@ def load_mask(ref: str, *, scores: bool = False, registry: Registry | None = Non
     """Load a mask from a file path, a registry reference, or a Hub repo ``owner/name[@revision]``.
 
     The registry is asked first (a file path, an id or unique id prefix, ``name@vN`` or ``name``),
-    since registry names look like repo ids too; a reference it does not know that reads as a repo
-    id is pulled from the Hub through :func:`cpl_masks.hub.pull`: into the Hub cache, its content id
-    verified, then registered (so its registry name works offline afterwards).
+    since registry names look like repo ids too. Only a reference the registry does not know at all
+    (neither it nor its part before ``@``) that reads as a valid repo id is pulled from the Hub,
+    through :func:`cpl_masks.hub.pull`: into the Hub cache, its content id verified, then registered
+    (so its registry name works offline afterwards). A name the registry knows whose stored file is
+    missing or changed is an error, never a cue to fetch a stranger's repo of that name.
     ``hf://owner/name[@revision]`` always goes to the Hub.
 
     Args:
@@ -75,24 +77,43 @@ def load_mask(ref: str, *, scores: bool = False, registry: Registry | None = Non
         registry: the registry to ask and to register a pulled mask in (None: the default one).
 
     Raises:
-        CplError: nothing by that name, a failed or unverifiable download, or a bad file.
+        CplError: nothing by that name, a damaged stored file, a failed or unverifiable download, or a bad file.
     """
-    from cpl_masks.hub import is_repo_id, pull
+    from cpl_masks.hub import pull
     from cpl_masks.registry import Registry
 
     registry = registry or Registry()
     if ref.startswith(HUB_PREFIX):
         return Mask.load(pull(ref.removeprefix(HUB_PREFIX), registry=registry).path, scores=scores)
     try:
-        return Mask.load(registry.resolve(ref), scores=scores)
+        path = registry.resolve(ref)
     except CplError as error:
-        if not is_repo_id(ref.partition("@")[0]) or ref.endswith(".safetensors") or Path(ref).exists():
+        if not _unknown_hub_ref(ref, registry):
             raise
         try:
             path = pull(ref, registry=registry).path
         except CplError as hub_error:
             raise CplError(f"{error}; as a Hub repo: {hub_error}") from hub_error
     return Mask.load(path, scores=scores)
+
+
+def _unknown_hub_ref(ref: str, registry: Registry) -> bool:
+    """Whether ``ref`` may go to the Hub: a valid ``owner/name[@revision]``, no file name, and a reference
+    the registry knows nothing of (neither ``ref`` nor its name before ``@``, whatever state its file is in)."""
+    from cpl_masks.hub import is_hub_target
+
+    if ref.endswith(".safetensors") or Path(ref).expanduser().exists() or not is_hub_target(ref):
+        return False
+    return not any(_registry_knows(registry, candidate) for candidate in {ref, ref.partition("@")[0]})
+
+
+def _registry_knows(registry: Registry, ref: str) -> bool:
+    """Whether the registry has a row for ``ref`` (its file is not read: a damaged file is still known)."""
+    try:
+        registry.show(ref)
+    except CplError:
+        return False
+    return True
 
 
 @dataclass

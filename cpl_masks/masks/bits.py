@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 
+CHUNK_ENTRIES = 1 << 22  # entries a training step unpacks at a time (a multiple of 8): 4 MiB of bool
 _BIT_VALUES = tuple(1 << bit for bit in range(8))
 _POPCOUNT = torch.tensor([bin(value).count("1") for value in range(256)], dtype=torch.int64)  # (256,)
 
@@ -58,3 +59,12 @@ def count_set_bits(packed: torch.Tensor) -> int:
     if packed.device.type == "cpu" and hasattr(np, "bitwise_count"):  # numpy >= 2: a native popcount
         return int(np.bitwise_count(packed.numpy()).sum(dtype=np.int64))
     return int(_POPCOUNT.to(packed.device)[packed.to(torch.int64)].sum())
+
+
+def padding_is_clear(packed: torch.Tensor, count: int) -> bool:
+    """Whether the unused high bits of the last byte of ``count`` packed entries are all 0, as the format requires.
+
+    A set padding bit is no entry, yet a popcount would count it: a share over 100 %.
+    """
+    used = count % 8
+    return used == 0 or packed.numel() == 0 or int(packed[-1]) >> used == 0

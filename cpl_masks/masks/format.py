@@ -1,12 +1,13 @@
 """The freeze-mask file: one safetensors file holding which parameter entries may be trained.
 
-Layout (format ``cpl-mask``, version ``1.0``; version ``2.0`` adds the retain set, below):
+Layout (format ``cpl-mask``, version ``1.0``; version ``3.0`` is the retain set's, below):
 
 * one ``uint8`` tensor per model parameter, named like the parameter, of ``ceil(n / 8)`` bytes for
   a parameter of ``n`` entries. The parameter is flattened in row-major (C) order and its bits are
   packed **little-endian within each byte** (:mod:`cpl_masks.masks.bits`): bit ``k`` (value ``1 << k``) of
-  byte ``b`` is entry ``8 * b + k``; unused high bits of the last byte are 0. Bit 1 = collaborative
-  (may be trained), 0 = conflicting (frozen). This is ``numpy.packbits(bits, bitorder="little")``.
+  byte ``b`` is entry ``8 * b + k``; unused high bits of the last byte are 0 (a file setting one is
+  refused). Bit 1 = collaborative (may be trained), 0 = conflicting (frozen). This is
+  ``numpy.packbits(bits, bitorder="little")``.
 * optionally, the scores ``s = g_M ⊙ g_I`` as ``bfloat16`` tensors of the parameter's shape under
   ``scores/<parameter name>`` (saved with ``--save-scores``, so a mask can be re-cut later). They
   must be finite; an entry the injection gradient does not touch is ``+0``, a touched one scoring
@@ -18,13 +19,24 @@ Layout (format ``cpl-mask``, version ``1.0``; version ``2.0`` adds the retain se
   maps each parameter name to its shape (in model order), ``scores`` says whether scores are stored
   and ``metadata`` is the provenance (model ref and fingerprint, data hashes, scoring, rule, seed,
   package versions, creation time, counts, parents of a combined mask, ``recut_of`` of a re-cut).
+  The JSON is strict: a NaN or an infinity anywhere in it is refused, and never written.
 
 The content id is the sha256, over the parameter names in sorted order, of
 ``"<name>|<shape as comma-separated ints>\\n"`` followed by that parameter's packed bytes (and,
-in a retain set, its negative plane's). It names the mask, is independent of the order tensors
-were added in, and is checked on load.
+in a retain set, its negative plane's). A retain set's id then covers, after ``"retain\\n"``, the
+canonical JSON (sorted keys, no spaces, ASCII) of an object holding, under the dotted names of
+:data:`RETAIN_ID_FIELDS`, every metadata field that changes what the set does (null where absent):
+``scoring`` (the scorer its questions are scored with), ``model.fingerprint`` and
+``model.fingerprint_bf16`` (the weights it is applied to without ``--allow-other-weights``),
+``retain.objective``, ``retain.confidence``, ``retain.uncertain`` (how each refresh measures the
+signs and what an uncertain one does) and ``retain.questions`` (what every refresh measures them
+on). The rest is provenance (names, paths, times, versions, the loss's description, lineage) or
+follows from those and is checked against them (``data.mastered`` against the questions,
+``counts`` against the planes). The id names the mask, is independent of the order tensors were
+added in, and is checked on load, so an edited copy never shares an id, nor a registry name, with
+the original. A freeze mask's id covers its bits alone: its metadata changes nothing it does.
 
-**Retain sets** (``"kind": "retain"`` in the header; version ``2.0``, which readers of 1.x refuse)
+**Retain sets** (``"kind": "retain"`` in the header; version ``3.0``, which readers of 1.x and 2.x refuse)
 hold sign(g_M), the mean gradient over a set of questions the model must keep (of the answer loss,
 or of the cross-entropy over the choices: ``retain.objective``), at the weights it was profiled on:
 what the per-step rule (``--method dynamic``) steers by. Per parameter,
@@ -33,6 +45,11 @@ g_M < 0 (both 0: g_M = 0). No scores. The metadata's ``retain.questions`` holds 
 themselves (canonical records, hashed as ``data.mastered.sha256``), so a pulled retain set can be
 refreshed. A retain set is never a freeze mask: the commands that train through a mask refuse it,
 and the reverse.
+
+Retain sets of version ``2.0`` (written before their id covered the metadata above, so an edited
+copy could share the original's id and registry name) are refused, with a message to profile them
+again; their questions are in them, so ``cpl-masks profile --kind retain`` on those questions at the
+same weights gives the same signs under a 3.0 id. Freeze masks keep version 1.0 and their ids.
 """
 
 from __future__ import annotations
@@ -40,6 +57,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -50,7 +68,7 @@ import numpy as np
 import torch
 
 from cpl_masks.errors import CplError
-from cpl_masks.masks.bits import count_set_bits, pack_bits, packed_size, unpack_bits
+from cpl_masks.masks.bits import count_set_bits, pack_bits, unpack_bits
 from cpl_masks.masks.reading import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -59,6 +77,8 @@ from cpl_masks.masks.reading import (
     PLAIN_MASK_VERSION,
     SCORES_HASH_KEY,
     SCORES_PREFIX,
+    check_counts,
+    check_planes,
     read_header,
     read_tensors,
 )
@@ -82,19 +102,52 @@ def check_finite_scores(scores: Mapping[str, torch.Tensor], where: str) -> None:
             raise CplError(f"{where}: the stored scores of {name} are not all finite (the file is corrupted)")
 
 
+# The metadata fields that change what a retain set does, which its content id covers (module docstring).
+RETAIN_ID_FIELDS = (
+    ("scoring",),
+    ("model", "fingerprint"),
+    ("model", "fingerprint_bf16"),
+    ("retain", "objective"),
+    ("retain", "confidence"),
+    ("retain", "uncertain"),
+    ("retain", "questions"),
+)
+
+
 def content_id(
     packed: Mapping[str, torch.Tensor],
     shapes: Mapping[str, tuple[int, ...]],
     negative: Mapping[str, torch.Tensor] | None = None,
+    behaviour: bytes | None = None,
 ) -> str:
-    """The mask's content id: sha256 over sorted names, shapes and packed bits (see module docstring)."""
+    """The mask's content id: sha256 over sorted names, shapes and packed bits, then a retain set's
+    ``behaviour`` (:func:`retain_behaviour`); see the module docstring."""
     digest = hashlib.sha256()
     for name in sorted(shapes):
         digest.update(f"{name}|{','.join(str(size) for size in shapes[name])}\n".encode())
         digest.update(packed[name].numpy().tobytes())
         if negative is not None:
             digest.update(negative[name].numpy().tobytes())
+    if behaviour is not None:
+        digest.update(b"retain\n" + behaviour)
     return digest.hexdigest()
+
+
+def retain_behaviour(metadata: Mapping[str, Any]) -> bytes:
+    """The canonical JSON of a retain set's :data:`RETAIN_ID_FIELDS`, which its content id covers.
+
+    Sorted keys, no spaces, ASCII only, so the same values give the same bytes however the file
+    ordered or spaced them; a field that is absent (or under a value that is not an object) is null.
+    """
+    fields = {".".join(path): _field(metadata, path) for path in RETAIN_ID_FIELDS}
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _field(metadata: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = metadata
+    for key in path:
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return value
 
 
 @dataclass
@@ -122,9 +175,7 @@ class Mask:
         mask.metadata.pop(SCORES_HASH_KEY, None)
         if stored is not None:
             mask.metadata[SCORES_HASH_KEY] = scores_sha256(stored)
-        counts = dict(mask.metadata.get("counts", {}))
-        counts.update(entries=mask.entries, collaborative=mask.collaborative_count())
-        mask.metadata["counts"] = counts
+        mask.metadata["counts"] = {**mask.metadata.get("counts", {}), **mask.bit_counts()}
         return mask
 
     @classmethod
@@ -133,14 +184,9 @@ class Mask:
         shapes = {name: tuple(shape) for name, shape in signs.shapes.items()}
         positive = {name: plane.cpu() for name, plane in signs.positive.items()}
         negative = {name: plane.cpu() for name, plane in signs.negative.items()}
-        entries = sum(int(np.prod(shape, dtype=np.int64)) for shape in shapes.values())
-        counts = {
-            "entries": entries,
-            "positive": sum(count_set_bits(plane) for plane in positive.values()),
-            "negative": sum(count_set_bits(plane) for plane in negative.values()),
-            "frozen": sum(count_set_bits(positive[name] & negative[name]) for name in positive),  # uncertain, frozen
-        }
-        return cls(positive, shapes, {**metadata, "counts": counts}, negative=negative)
+        retain = cls(positive, shapes, dict(metadata), negative=negative)
+        retain.metadata["counts"] = retain.bit_counts()
+        return retain
 
     @property
     def kind(self) -> str:
@@ -171,8 +217,25 @@ class Mask:
 
     @functools.cached_property
     def id(self) -> str:
-        """The content id (hex sha256 of names, shapes and bits)."""
-        return content_id(self.packed, self.shapes, self.negative)
+        """The content id (hex sha256 of names, shapes and bits; a retain set's also of what it does).
+
+        A retain set's metadata is part of it: change it before the id is first read, never after.
+        """
+        behaviour = None if self.negative is None else retain_behaviour(self.metadata)
+        return content_id(self.packed, self.shapes, self.negative, behaviour)
+
+    def bit_counts(self) -> dict[str, int]:
+        """The whole-mask counts the bits determine, as ``counts`` records them: entries and collaborative
+        ones, or a retain set's entries and positive, negative and frozen (uncertain, both planes) ones."""
+        if self.negative is None:
+            return {"entries": self.entries, "collaborative": self.collaborative_count()}
+        negative = self.negative
+        return {
+            "entries": self.entries,
+            "positive": sum(count_set_bits(plane) for plane in self.packed.values()),
+            "negative": sum(count_set_bits(plane) for plane in negative.values()),
+            "frozen": sum(count_set_bits(self.packed[name] & negative[name]) for name in self.packed),
+        }
 
     @property
     def entries(self) -> int:
@@ -225,27 +288,31 @@ class Mask:
             tensors.update({SCORES_PREFIX + name: tensor.contiguous() for name, tensor in self.scores.items()})
         if self.negative is not None:
             tensors.update({NEGATIVE_PREFIX + name: plane for name, plane in self.negative.items()})
-        payload = save(tensors, metadata={HEADER_KEY: json.dumps(self.header(), ensure_ascii=False)})
+        payload = save(tensors, metadata={HEADER_KEY: self._header_json()})
         with atomic_write(path, "wb", replace=overwrite) as handle:
             handle.write(payload)
         return Path(path)
 
+    def _header_json(self) -> str:
+        """The header as strict JSON; a NaN or an infinity, which no reader accepts, is refused, not written."""
+        header = self.header()
+        try:
+            return json.dumps(header, ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            where = _non_finite(header["metadata"]) or "?"
+            raise CplError(
+                f"mask {self.id[:12]}: metadata '{where}' is not a finite number (NaN or infinite); not written"
+            ) from None
+
     @classmethod
     def load(cls, path: str | os.PathLike, *, scores: bool = True) -> Mask:
-        """Read and verify a mask file (format, version, tensors, content id), with its scores if asked."""
+        """Read and verify a mask file (format, version, tensors, content id, padding bits, the counts the bits
+        determine), with its scores if asked."""
         header = read_header(path)
         shapes = {name: tuple(shape) for name, shape in header["shapes"].items()}
         with_scores = bool(scores and header["scores"])
         retain = header["kind"] == "retain"
         tensors = read_tensors(Path(path), shapes, with_scores=with_scores, with_negative=retain)
-        planes = [""] + ([NEGATIVE_PREFIX] if retain else [])
-        for prefix in planes:
-            for name, shape in shapes.items():
-                expected, tensor = packed_size(int(np.prod(shape, dtype=np.int64))), tensors[prefix + name]
-                if tensor.dtype != torch.uint8 or tuple(tensor.shape) != (expected,):
-                    raise CplError(
-                        f"{path}: tensor {prefix}{name} is not {expected} packed bytes for shape {list(shape)}"
-                    )
         packed = {name: tensors[name] for name in shapes}
         negative = {name: tensors[NEGATIVE_PREFIX + name] for name in shapes} if retain else None
         stored = {name: tensors[SCORES_PREFIX + name] for name in shapes} if with_scores else None
@@ -255,6 +322,10 @@ class Mask:
                 f"{path}: content id mismatch (file says {header['id'][:12]}, bits give {mask.id[:12]}); "
                 "the file is corrupted or was edited"
             )
+        check_planes(path, packed, shapes)  # after the id: a flipped byte is reported as the corruption it is
+        if negative is not None:
+            check_planes(path, negative, shapes, NEGATIVE_PREFIX)
+        check_counts(path, header["metadata"].get("counts"), mask.bit_counts())
         if stored is not None:
             _check_scores(path, stored, header["metadata"].get(SCORES_HASH_KEY))
         return mask
@@ -320,6 +391,18 @@ def weights_metadata(model: torch.nn.Module) -> dict[str, str]:
 def dtype_name(model: torch.nn.Module) -> str:
     """The dtype of a model's first parameter, as a name (``float32``, ``bfloat16``)."""
     return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def _non_finite(value: Any, where: str = "") -> str | None:
+    """The dotted path of the first NaN or infinity in a JSON-like value, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def _without_scores_hash(metadata: dict[str, Any]) -> dict[str, Any]:

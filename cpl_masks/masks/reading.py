@@ -2,10 +2,13 @@
 
 Masks are shared (the Hub, a colleague's folder), so :func:`read_header` validates everything a
 file says before anything uses it: the safetensors layout (every tensor's dtype, shape and byte
-range, which must tile the data exactly), the ``cpl_mask`` JSON and the types of its fields and
-metadata, and that each parameter's packed bits (and scores) have the size its shape needs;
-:func:`read_tensors` then reads exactly those byte ranges. The format itself is described in
-:mod:`cpl_masks.masks.format`.
+range, which must tile the data exactly), the ``cpl_mask`` JSON (strict: no NaN or Infinity
+anywhere in it), the types of its fields and metadata and the ranges of its numbers
+(:mod:`cpl_masks.masks.metadata_checks`: counts within the entries they count, sums of their
+sign), and that each parameter's packed bits (and scores) have the size its shape needs.
+:func:`read_tensors` then reads exactly those byte ranges; once the content id is verified,
+:func:`check_planes` checks each packed plane's padding bits and :func:`check_counts` the recorded
+counts against the bits. The format itself is described in :mod:`cpl_masks.masks.format`.
 """
 
 from __future__ import annotations
@@ -22,18 +25,23 @@ from typing import Any
 import torch
 
 from cpl_masks.errors import CplError
+from cpl_masks.masks.bits import packed_size, padding_is_clear
+from cpl_masks.masks.metadata_checks import SCORES_HASH_KEY as SCORES_HASH_KEY  # re-exported: the format's name
+from cpl_masks.masks.metadata_checks import check_metadata
 
 FORMAT_NAME = "cpl-mask"
-# A retain set (``kind``) is written as 2.0, so a reader of 1.x refuses it rather than take it for a
-# freeze mask; a plain mask is still written as 1.0, readable by every release.
-FORMAT_VERSION = "2.0"
+# A retain set (``kind``) is written as 3.0: its content id covers its questions and sign measure
+# (format.py). Readers of 1.x refuse it rather than take it for a freeze mask, and readers of 2.x
+# refuse it by its version rather than call it corrupted; retain sets of 2.0, whose id covers the
+# sign planes alone, are refused here. A plain mask is still written as 1.0, readable by every release.
+FORMAT_VERSION = "3.0"
 PLAIN_MASK_VERSION = "1.0"
-READABLE_MAJORS = ("1", "2")
+READABLE_MAJORS = ("1", "2", "3")
+RETAIN_MAJOR = "3"  # the first major whose retain-set id covers what the set does
 HEADER_KEY = "cpl_mask"
 SCORES_PREFIX = "scores/"
 NEGATIVE_PREFIX = "negative/"  # a retain set's second plane: where g_M < 0
 KINDS = ("mask", "retain")
-SCORES_HASH_KEY = "scores_sha256"
 _MAX_HEADER_BYTES = 100_000_000
 _MAX_DIMS, _MAX_SIZE = 16, 2**40  # bounds of a shape in a mask file
 _CONTENT_ID = re.compile(r"^[0-9a-f]{64}$")
@@ -44,15 +52,16 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
 
     The one gate every mask file passes before anything uses it, since masks are shared and a file
     may come from anyone: the safetensors layout (every tensor's dtype, shape and byte range, which
-    must tile the data exactly), the ``cpl_mask`` JSON and the types of its fields and metadata,
-    and that each parameter's packed bits (and scores) are stored with the size its shape needs.
-    Anything else is a one-line :class:`CplError` naming the file and the field.
+    must tile the data exactly), the ``cpl_mask`` JSON (with no NaN or Infinity anywhere in it) and
+    the types and ranges of its fields and metadata, and that each parameter's packed bits (and
+    scores) are stored with the size its shape needs. Anything else is a one-line :class:`CplError`
+    naming the file and the field.
     """
     path = Path(path)
     raw = _raw_safetensors_header(path)
     header = _cpl_header(path, raw.pop("__metadata__", None))
     _check_header_types(path, header)
-    _check_metadata(path, header["metadata"], header["shapes"])
+    check_metadata(path, header["metadata"], header["shapes"])
     _check_tensor_layout(path, raw, header["shapes"], with_scores=header["scores"], kind=header["kind"])
     return header
 
@@ -87,10 +96,28 @@ def _readable_version(version: str) -> bool:
     return version.split(".")[0] in READABLE_MAJORS
 
 
+class _NonFinite(ValueError):
+    """A number JSON cannot hold: ``NaN``, ``Infinity``, or a literal too large for a float (``1e999``)."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(text)
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise _NonFinite(text)
+
+
 def _parse_json(path: Path, text: str | bytes, what: str) -> Any:
-    """``json.loads`` whose every failure (bad syntax or bytes, nesting too deep) is a one-line error."""
+    """``json.loads`` of strict JSON, whose every failure (bad syntax or bytes, nesting too deep, NaN or
+    Infinity, which Python's reader accepts and its writer prints back, not JSON) is a one-line error."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except _NonFinite as error:
+        raise CplError(f"{path}: {what} holds {_short(str(error))}, not a finite number") from None
     except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         reason = "nested too deeply" if isinstance(error, RecursionError) else "not valid JSON"
         raise CplError(f"{path}: {what} is {reason}") from error
@@ -116,6 +143,11 @@ def _check_header_types(path: Path, header: dict[str, Any]) -> None:
         raise CplError(f"{path}: mask header 'kind' is {_short(header['kind'])}, not one of {', '.join(KINDS)}")
     if header["kind"] == "retain" and header["scores"]:
         raise CplError(f"{path}: a retain set holds signs, not scores ('scores' must be false)")
+    if header["kind"] == "retain" and header["version"].split(".")[0] != RETAIN_MAJOR:
+        raise CplError(
+            f"{path}: a retain set of format {_short(header['version'])}, written before its content id covered "
+            "its questions and sign measure; profile it again (cpl-masks profile --kind retain)"
+        )
     shapes = header["shapes"]
     if not isinstance(shapes, dict):
         raise CplError(f"{path}: mask header 'shapes' is not an object of parameter name to shape")
@@ -136,99 +168,6 @@ def _is_shape(shape: Any) -> bool:
         and len(shape) <= _MAX_DIMS
         and all(type(size) is int and 0 <= size < _MAX_SIZE for size in shape)
     )
-
-
-# The metadata fields the tool reads back, and the JSON types they must have when present (None is
-# always allowed). Unknown fields, as a newer version may write, are kept and never read.
-_METADATA_TYPES: dict[str, type] = {
-    "model": dict,
-    "data": dict,
-    "parents": list,
-    "rule": dict,
-    "recut_of": str,
-    "task": str,
-    "scoring": str,
-    "loss": str,
-    "created": str,
-    "counts": dict,
-    "profile": dict,
-    "tensors": dict,
-    "versions": dict,
-    "retain": dict,
-    SCORES_HASH_KEY: str,
-}
-_MODEL_FIELDS = ("ref", "fingerprint", "fingerprint_bf16", "dtype")
-_DATA_TYPES: dict[str, type] = {"rows": int, "sha256": str, "path": str, "source": str}
-_REQUIRED_SUMS = ("touched", "touched_collaborative")  # every per-tensor statistic has these counts
-_DOT_SUMS = ("dot_positive", "dot_negative", "norm_m_sq", "norm_i_sq")  # the gradient sums: all or none
-
-
-def _check_metadata(path: Path, metadata: dict[str, Any], shapes: dict[str, Any]) -> None:
-    """Refuse metadata whose fields (model, data, parents, per-tensor statistics, ...) have the wrong types."""
-
-    def refuse(where: str, expected: str) -> CplError:
-        return CplError(f"{path}: mask metadata '{where}' is not {expected}")
-
-    for key, expected in _METADATA_TYPES.items():
-        if not _is_json_type(metadata.get(key), expected) or (
-            key == "model" and key in metadata and metadata[key] is None
-        ):
-            raise refuse(key, f"a JSON {_JSON_NAMES[expected]}")
-    model = metadata.get("model") or {}
-    for key in _MODEL_FIELDS:
-        if model.get(key) is not None and not isinstance(model[key], str):
-            raise refuse(f"model.{key}", "a string")
-    for key, entry in (metadata.get("data") or {}).items():
-        if not isinstance(entry, dict):
-            raise refuse(f"data.{key}", "an object")
-        for item, expected in _DATA_TYPES.items():
-            if not _is_json_type(entry.get(item), expected):
-                raise refuse(f"data.{key}.{item}", f"a JSON {_JSON_NAMES[expected]}")
-    if not all(isinstance(parent, str) for parent in metadata.get("parents") or []):
-        raise refuse("parents", "a list of mask ids")
-    rule = metadata.get("rule") or {}
-    for key in ("freeze_pattern", "train_pattern", "control", "like", "combine"):
-        if rule.get(key) is not None and not isinstance(rule[key], str):
-            raise refuse(f"rule.{key}", "a string")
-    _check_tensor_stats(path, metadata.get("tensors") or {}, shapes, refuse)
-
-
-def _check_tensor_stats(path: Path, tensors: dict[str, Any], shapes: dict[str, Any], refuse: Any) -> None:
-    """Per-tensor statistics: of parameters of the mask, non-negative counts, numeric sums, norms not negative.
-
-    Sums may be NaN or infinite (a profile whose gradients overflowed): the summary then shows NaN, and
-    the mask stays loadable.
-    """
-    for name, stats in tensors.items():
-        where = f"tensors.{name}"
-        if name not in shapes:
-            raise refuse(where, "the statistics of one of the mask's parameters")
-        if not isinstance(stats, dict):
-            raise refuse(where, "an object")
-        for key in _REQUIRED_SUMS:
-            if not _is_number(stats.get(key)) or not stats[key] >= 0:
-                raise refuse(f"{where}.{key}", "a non-negative count")
-        present = [key for key in _DOT_SUMS if stats.get(key) is not None]
-        for key in present:
-            value = stats[key]
-            if not _is_number(value):
-                raise refuse(f"{where}.{key}", "a number")
-            if key.startswith("norm") and value < 0:
-                raise refuse(f"{where}.{key}", "a non-negative number")
-        if "dot_positive" in present and len(present) != len(_DOT_SUMS):
-            raise refuse(where, f"complete ({', '.join(_DOT_SUMS)} go together)")
-
-
-_JSON_NAMES = {dict: "object", list: "list", str: "string", int: "integer"}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_json_type(value: Any, expected: type) -> bool:
-    """Whether ``value`` is None or of ``expected`` (a boolean is no integer here, unlike in Python)."""
-    return value is None or (isinstance(value, expected) and not isinstance(value, bool))
 
 
 def _check_tensor_layout(
@@ -339,7 +278,7 @@ def read_tensors(
 ) -> dict[str, torch.Tensor]:
     """Read the packed tensors (and the scores, or a retain set's negative plane, if asked).
 
-    A missing tensor is a one-line error.
+    A missing tensor is a one-line error; :func:`check_planes` then checks the planes.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -354,3 +293,38 @@ def read_tensors(
             return {name: handle.get_tensor(name) for name in wanted}
     except SafetensorError as error:
         raise CplError(f"{path}: unreadable safetensors file ({str(error).splitlines()[0][:160]})") from error
+
+
+def check_planes(
+    path: str | os.PathLike, planes: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], prefix: str = ""
+) -> None:
+    """Every packed plane (a mask's bits, either plane of a retain set, named ``prefix + name``): the
+    ``ceil(n / 8)`` uint8 bytes of its shape's ``n`` entries, whose padding bits are 0.
+
+    A set padding bit is no entry, yet a count of set bits would count it (a share over 100 %).
+    """
+    for name, shape in shapes.items():
+        plane, count = planes[name], math.prod(shape)
+        expected = packed_size(count)
+        if plane.dtype != torch.uint8 or tuple(plane.shape) != (expected,):
+            raise CplError(f"{path}: tensor {prefix}{name} is not {expected} packed bytes for shape {list(shape)}")
+        if not padding_is_clear(plane, count):
+            raise CplError(
+                f"{path}: tensor {prefix}{name} sets padding bits past its {count} entries "
+                "(the unused high bits of its last byte must be 0; the file is corrupted or was edited)"
+            )
+
+
+def check_counts(path: str | os.PathLike, recorded: Any, actual: Mapping[str, int]) -> None:
+    """Refuse recorded whole-mask counts (``counts``) that the bits contradict: they are shown as shares.
+
+    ``actual`` holds the counts the bits determine (a freeze mask's entries and collaborative ones, a
+    retain set's entries and positive, negative and frozen ones); a count not recorded is not checked.
+    """
+    for key, value in actual.items():
+        claimed = (recorded or {}).get(key)
+        if claimed is not None and claimed != value:
+            raise CplError(
+                f"{path}: mask metadata 'counts.{key}' is {_short(claimed)}, but the bits give {value} "
+                "(the file is corrupted or was edited)"
+            )

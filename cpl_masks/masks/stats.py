@@ -126,9 +126,18 @@ def _group(rows: Any) -> dict[str, Any]:
     }
     if sums["dot_positive"] is not None:
         group["dot"] = sums["dot_positive"] + sums["dot_negative"]
-        norms = math.sqrt(sums["norm_m_sq"] * sums["norm_i_sq"])
-        group["cosine"] = group["dot"] / norms if norms else None
+        group["cosine"] = _cosine(group["dot"], sums["norm_m_sq"], sums["norm_i_sq"])
     return group
+
+
+def _cosine(dot: float, norm_m_sq: float, norm_i_sq: float) -> float | None:
+    """cos(g_M, g_I) from the sums, within [-1, 1]; None when a gradient is zero.
+
+    The norms are multiplied after their roots (their product may overflow); the result is held to
+    [-1, 1], which float32 rounding (and squares underflowing where products do not) can pass by a hair.
+    """
+    norms = math.sqrt(norm_m_sq) * math.sqrt(norm_i_sq)
+    return max(-1.0, min(1.0, dot / norms)) if norms else None
 
 
 def _agreement(rows: Any) -> dict[str, Any]:

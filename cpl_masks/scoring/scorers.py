@@ -115,7 +115,23 @@ def make_scorer(scoring: str, tokenizer: Any, *, loglik_path: str = "shared") ->
         return LetterScorer(tokenizer)
     if scoring in ("loglik", "loglik-norm"):
         return LoglikScorer(tokenizer, normalize=scoring == "loglik-norm", path=loglik_path)
-    raise CplError(f"--scoring {scoring}: choose one of {', '.join(SCORINGS)}")
+    check_scoring_name(scoring)
+    raise AssertionError(scoring)  # every name check_scoring_name accepts has a scorer above
+
+
+def check_scoring_name(scoring: object, source: str = "--scoring") -> None:
+    """Refuse a scoring name that is none of :data:`SCORINGS`, saying where it came from.
+
+    ``source`` is the option that gave it (``--scoring``, the default) or, for a name read from a file (a
+    mask's metadata, ``split.json``), the file and the field, so a message never blames an option the user
+    did not give.
+    """
+    if scoring in SCORINGS:
+        return
+    if source == "--scoring":
+        raise CplError(f"--scoring {scoring}: choose one of {', '.join(SCORINGS)}")
+    shown = repr(scoring)[:60]
+    raise CplError(f"{source} is {shown}, none of {', '.join(SCORINGS)} (pass --scoring to choose one)")
 
 
 @torch.no_grad()
@@ -164,6 +180,7 @@ __all__ = [
     "Scorer",
     "Scores",
     "batches",
+    "check_scoring_name",
     "context_length",
     "make_scorer",
     "pad_left",

@@ -72,7 +72,7 @@ class SweepConfig:
         for name in self.methods:
             prefix = file_prefix(name)
             if prefix is not None:
-                check_file_method(name, prefix)
+                check_file_method(name, prefix, self.scoring, self.method_options)
             elif name not in METHODS and name not in mask_methods():
                 known = ", ".join(dict.fromkeys([*METHODS, *mask_methods()]))
                 raise CplError(
@@ -183,17 +183,31 @@ def file_prefix(method: str) -> str | None:
     return next((prefix for prefix in FILE_PREFIXES if method.startswith(prefix)), None)
 
 
-def check_file_method(method: str, prefix: str) -> None:
-    """Refuse a ``reuse:`` / ``retain:`` method whose file is missing or of the other kind, before anything loads."""
-    from cpl_masks.masks.format import read_header
+def check_file_method(method: str, prefix: str, scoring: str, options: dict[str, Any] | None = None) -> None:
+    """Refuse a ``reuse:`` / ``retain:`` method whose file a run of the sweep would refuse, before anything loads.
+
+    The file must be there, a valid mask file of the kind the prefix names, profiled with the sweep's
+    ``scoring``; a retain set's questions and recorded sign measure must be intact and agree with the sweep's
+    method ``options``. Each refusal names the method and the file.
+    """
+    from cpl_masks.data.split import resolve_scoring
+    from cpl_masks.masks.format import Mask
+    from cpl_masks.profiling.retain import retain_measure, retain_questions
 
     path, names = Path(method.removeprefix(prefix)), {"mask": "freeze mask", "retain": "retain set"}
     if not path.is_file():
         raise CplError(f"--methods {method}: no such {'retain set' if prefix == RETAIN_PREFIX else 'mask'} file")
-    kind = read_header(path)["kind"]
-    if kind != FILE_PREFIXES[prefix]:
-        other = next(name for name, wanted in FILE_PREFIXES.items() if wanted == kind)
-        raise CplError(f"--methods {method}: {path} is a {names[kind]}; name it as {other}{path}")
+    try:
+        mask = Mask.load(path, scores=False)
+        if mask.kind != FILE_PREFIXES[prefix]:
+            other = next(name for name, wanted in FILE_PREFIXES.items() if wanted == mask.kind)
+            raise CplError(f"{path} is a {names[mask.kind]}; name it as {other}{path}")
+        resolve_scoring(scoring, mask_scoring=mask.metadata.get("scoring"), force=None)
+        if mask.kind == "retain":
+            retain_questions(mask)
+            retain_measure(mask, applicable_options("dynamic", options or {}))
+    except CplError as error:
+        raise CplError(f"--methods {method}: {error}") from None
 
 
 def option_names(mode: str) -> set[str]:

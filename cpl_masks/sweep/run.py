@@ -36,6 +36,7 @@ from typing import Any
 from cpl_masks.data.split import HELDOUT, INJECT, MASTERED, SUMMARY
 from cpl_masks.errors import CplError
 from cpl_masks.masks.format import Mask
+from cpl_masks.models import model_locations
 from cpl_masks.profiling.controls import CONTROLS
 from cpl_masks.registry import Registry
 from cpl_masks.sweep.config import (
@@ -72,7 +73,7 @@ from cpl_masks.training.loop import TrainConfig, TrainingDiverged
 from cpl_masks.training.record import RUN, RunRecord
 from cpl_masks.training.request import RunRequest
 from cpl_masks.training.run import resume_run, start_run
-from cpl_masks.utils.files import LOCK_NAME, FolderBusy, folder_holder, lock_folder, write_json
+from cpl_masks.utils.files import FolderBusy, check_output_dir, folder_holder, folder_is_empty, lock_folder, write_json
 
 CONFIG_FILE, RESULT_FILE, PLOT_FILE, DIVERGED = "sweep_config.json", "sweep.json", "sweep.png", "diverged.json"
 
@@ -94,7 +95,7 @@ def run_sweep(
     config.check()
     registry = registry or Registry()
     registry.check()
-    out = Path(config.out)
+    out = check_sweep_folder(config)
     with _sweep_lock(out, report):
         _claim_folder(out, config)
         split_dir = make_split(config, out / "split", report, show_progress)
@@ -144,6 +145,19 @@ def _train_free_runs(
         if trained:
             durations.append(time.perf_counter() - started)
             summarize()
+
+
+SWEEP_FILES = (CONFIG_FILE, RESULT_FILE, PLOT_FILE, "split", "masks", "runs", "retain.txt")  # what a sweep writes
+
+
+def check_sweep_folder(config: SweepConfig) -> Path:
+    """Refuse, before its lock or anything else is written, a sweep folder in the registry's home, in a model's
+    folder (the sweep's own model: :func:`cpl_masks.models.model_locations`) or over one of its inputs.
+
+    Whether it is empty or a sweep with compatible arguments is :func:`_claim_folder`'s, under the lock.
+    """
+    inputs = [*model_locations(config.model), config.data, config.heldout_data, config.retain_text]
+    return check_output_dir(config.out, overwrite=True, inputs=inputs, writes=SWEEP_FILES)
 
 
 @contextlib.contextmanager
@@ -200,7 +214,7 @@ def _claim_folder(out: Path, config: SweepConfig) -> None:
         if any(recorded[key] != wanted[key] for key in _RUN_CHOICE):
             write_json(saved, wanted)
         return
-    if out.exists() and any(child.name != LOCK_NAME for child in out.iterdir()):
+    if out.exists() and not folder_is_empty(out):
         raise CplError(f"--out {out}: not empty and not a sweep folder; choose an empty or new folder")
     write_json(saved, wanted)
 

@@ -3,18 +3,19 @@ and the epoch-0 baseline they are measured against (:mod:`cpl_masks.evaluation.o
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from cpl_masks.data.questions import questions_sha256
 from cpl_masks.data.split import split_scores
-from cpl_masks.evaluation.outcomes import epoch_metrics, evaluate_sets, question_records, text_loss
+from cpl_masks.errors import CplError
+from cpl_masks.evaluation.outcomes import epoch_metrics, evaluate_sets, question_records, text_loss, text_windows
 from cpl_masks.masks.format import Mask
 from cpl_masks.profiling.freeze_mask import sign_agreement
 from cpl_masks.scoring.scorers import Scores
-from cpl_masks.training.loop import TrainingLoop
-from cpl_masks.training.request import RunData, RunRequest
+from cpl_masks.training.loop import TrainingDiverged, TrainingLoop
+from cpl_masks.training.request import RunData, RunRequest, read_track_text
 
 
 class RunEvaluation:
@@ -31,7 +32,14 @@ class RunEvaluation:
     ):
         self.request, self.trainer, self.tokenizer, self.data, self.mask = request, trainer, tokenizer, data, mask
         self.fingerprint = fingerprint
-        self.retain_text = Path(request.retain_text).read_text(encoding="utf-8") if request.retain_text else None
+        self.retain_text = read_track_text(request.retain_text) if request.retain_text else None
+        if self.retain_text is not None:  # refused now, before any training, rather than a NaN in metrics.jsonl
+            text_windows(tokenizer, self.retain_text, name=self.text_name)
+
+    @property
+    def text_name(self) -> str:
+        """The tracked text as messages name it: the option and the file."""
+        return f"--track-text {self.request.retain_text}"
 
     def scores(self, epoch: int) -> dict[str, Scores]:
         """Every set's scores after ``epoch``."""
@@ -46,12 +54,22 @@ class RunEvaluation:
                 show_progress=config.show_progress,
             )
 
-    def retain_loss(self) -> float | None:
-        """Loss on the retain text, if the run has one."""
+    def retain_loss(self, *, untouched: bool = False) -> float | None:
+        """Loss on the tracked text, if the run has one; never NaN or infinite.
+
+        Raises:
+            CplError: a loss that is not finite at the ``untouched`` weights (the model overflows in its dtype);
+            TrainingDiverged: one that is not finite after training (the run stops, its last checkpoint kept).
+        """
         if self.retain_text is None:
             return None
         with self.trainer.autocast():
-            return text_loss(self.trainer.model, self.tokenizer, self.retain_text)
+            loss = text_loss(self.trainer.model, self.tokenizer, self.retain_text, name=self.text_name)
+        if math.isfinite(loss):
+            return loss
+        if untouched:
+            raise CplError(f"{self.text_name}: the loss is {loss} at the untouched weights; try --dtype float32")
+        raise TrainingDiverged(f"{self.text_name}: the loss is {loss} (training diverged)")
 
     def drift(self, epoch: int) -> dict[str, Any] | None:
         """Agreement of the static mask with the sign rule at the current weights (``--track-drift``).
@@ -128,7 +146,7 @@ def epoch_zero(evaluation: RunEvaluation, fingerprint: str) -> Baseline:
     """Epoch 0 from the split's own scores when they fit these weights and files, else scored now."""
     trainer, request = evaluation.trainer, evaluation.request
     known = split_scores(request.inject, evaluation.data.sets(), fingerprint=fingerprint, scoring=trainer.scorer.name)
-    retain = evaluation.retain_loss()
+    retain = evaluation.retain_loss(untouched=True)
     if known is not None:
         return Baseline(scores=known, retain_loss=retain, source="split")
     return Baseline(scores=evaluation.scores(0), retain_loss=retain, source="scored")

@@ -22,20 +22,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from cpl_masks.errors import CplError
 from cpl_masks.evaluation.outcomes import QUESTIONS
 from cpl_masks.masks.format import Mask, read_header
 from cpl_masks.methods import Method
 from cpl_masks.registry import Registry
-from cpl_masks.training.loop import TrainingLoop
-from cpl_masks.training.record import RUN
+from cpl_masks.training.loop import TrainConfig, TrainingLoop
+from cpl_masks.training.record import RUN, field_problem, matches, state_problem
 from cpl_masks.training.request import RunRequest
 from cpl_masks.utils.distributed import Processes
 from cpl_masks.utils.files import (
@@ -43,6 +45,8 @@ from cpl_masks.utils.files import (
     atomic_write,
     check_output_dir,
     check_writable_folder,
+    default_file_mode,
+    describe_os_error,
     lock_folder,
     read_json,
     write_json,
@@ -109,13 +113,67 @@ def restartable(folder: str | Path) -> bool:
         return False
 
 
+# what config.json holds besides the request: its key -> (type, needed); an older file may lack the unneeded
+_SAVED = {
+    "request": (dict, True),
+    "mask_path": (str | None, True),
+    "mask_id": (str | None, False),
+    "sha256": (dict[str, str] | None, False),
+    "model_fingerprint": (str | None, False),
+    "resume_changes": (list[dict], False),
+}
+_HASHED = ("inject", "mastered", "heldout", "retain_text")  # the request fields config.json's sha256 may name
+
+
 def saved_config(out: Path) -> dict[str, Any]:
-    """The ``config.json`` of the stopped run in ``out``, refusing a folder that holds none or a finished run."""
-    if not (out / CONFIG).is_file():
+    """The ``config.json`` of the stopped run in ``out``, refusing a folder that holds none or a finished run,
+    and a file that is not what a run writes (in one line naming it and the value at fault)."""
+    path = out / CONFIG
+    if not path.is_file():
         raise CplError(f"--resume {out}: no {CONFIG} here (not a training run folder)")
     if (out / RUN).is_file():
         raise CplError(f"--resume {out}: this run already finished ({RUN} exists)")
-    return read_json(out / CONFIG)
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise CplError(f"{path}: not a run's {CONFIG} (not a JSON object)")
+    for key, (kind, needed) in _SAVED.items():
+        if key not in saved and needed:
+            raise CplError(f"{path}: not a run's {CONFIG} (no {key!r})")
+        if key in saved and not matches(saved[key], kind):
+            raise CplError(f"{path}: its {key!r} is not what a run saves there")
+    stray = sorted(set(saved.get("sha256") or {}) - set(_HASHED))
+    if stray:
+        raise CplError(f"{path}: its 'sha256' names {stray[0]!r}, which is no input of a run")
+    return saved
+
+
+def saved_request(out: Path, saved: dict[str, Any] | None = None) -> RunRequest:
+    """The request of the stopped run in ``out`` (``saved``: its :func:`saved_config`, when already read),
+    every field of the type a request has and every value one a run takes; a value that is not names
+    ``config.json``, since the user gave no option.
+    """
+    path = out / CONFIG
+    values = (saved if saved is not None else saved_config(out))["request"]
+    problem = field_problem(RunRequest, {**values, "config": {}}, unknown_ok=False) or field_problem(
+        TrainConfig, values.get("config"), unknown_ok=False
+    )
+    if problem is not None:
+        raise CplError(f"{path}: its saved request is damaged ({problem})")
+    request = RunRequest(**{**values, "config": TrainConfig(**values["config"])})
+    try:
+        request.check()
+    except CplError as error:
+        raise CplError(f"{path}: its saved request is refused: {error}") from None
+    return request
+
+
+def resumable(out: Path) -> bool:
+    """Whether ``cpl-masks train --resume out`` can go on: ``out`` holds a readable ``config.json``, no ``run.json``."""
+    try:
+        saved_request(out)
+    except (CplError, OSError):
+        return False
+    return True
 
 
 def save_checkpoint(processes: Processes, out: Path, trainer: TrainingLoop, state: dict[str, Any]) -> None:
@@ -143,42 +201,127 @@ def _optimizer_state(trainer: TrainingLoop) -> dict[str, Any] | None:
 
 
 def _write_checkpoint(folder: Path, payload: dict[str, Any], state: dict[str, Any]) -> None:
+    """Write ``trainer-<epoch>.pt``, then ``state.json`` naming it, then drop the older files.
+
+    A full disk at either write is one line (:func:`cpl_masks.utils.files.disk_error`) and leaves the previous
+    checkpoint in force: the new file is removed again when ``state.json`` could not name it.
+    """
     name = f"trainer-{state['epoch']}.pt"
+    previous = _state_file(folder)
     with atomic_write(folder / name, "wb") as handle:
-        torch.save(payload, handle)
-    write_json(folder / STATE, {**state, "file": name})
+        _torch_save(payload, handle)
+    try:
+        write_json(folder / STATE, {**state, "file": name})
+    except BaseException:
+        if previous != name:
+            remove_path(folder / name)
+        raise
     for old in folder.glob("trainer-*.pt"):
         if old.name != name:
             old.unlink()
 
 
+def _state_file(folder: Path) -> str | None:
+    """The file the checkpoint's ``state.json`` names now, or None (none, or unreadable)."""
+    try:
+        return json.loads((folder / STATE).read_text(encoding="utf-8")).get("file")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _torch_save(payload: dict[str, Any], handle: Any) -> None:
+    """``torch.save`` into ``handle``; a failed write (a full disk) comes out as the ``OSError`` it was.
+
+    torch wraps the writer's ``OSError`` into a ``RuntimeError`` of its zip writer (``inline_container.cc``),
+    which :func:`atomic_write` would not recognize as a disk error.
+    """
+    try:
+        torch.save(payload, handle)
+    except RuntimeError as error:
+        cause = _os_error_in(error)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``error`` (itself, its cause or its context), or None."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
 def read_checkpoint(out: Path) -> dict[str, Any] | None:
-    """The last checkpoint's state (its tensors under ``payload``), or None before an epoch ends."""
+    """The last checkpoint's state (its tensors under ``payload``, its file under ``path``), or None before an
+    epoch ends; a file that torch cannot read, or that holds other than a checkpoint, is refused naming it."""
     state = checkpoint_state(out)
     if state is not None:
-        state["payload"] = torch.load(out / CHECKPOINT / state["file"], map_location="cpu", weights_only=True)
+        path = out / CHECKPOINT / state["file"]
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated, not a zip, a pickle weights_only refuses: torch says it many ways
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+            raise CplError(f"{path}: not a readable checkpoint ({reason})") from None
+        problem = _payload_problem(payload)
+        if problem is not None:
+            raise CplError(f"{path}: not a checkpoint of this tool ({problem})")
+        state["payload"], state["path"] = payload, str(path)
     return state
 
 
+def _payload_problem(payload: Any) -> str | None:
+    """What keeps a loaded ``trainer-N.pt`` from being a checkpoint (weights, optimizer, RNG), or None."""
+    if not isinstance(payload, dict) or not {"weights", "optimizer", "rng"} <= set(payload):
+        return "not a dict of weights, optimizer and rng"
+    weights = payload["weights"]
+    if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
+        return "its weights are not a dict of tensors"
+    if payload["optimizer"] is not None and not isinstance(payload["optimizer"], dict):
+        return "its optimizer state is not a dict"
+    if not isinstance(payload["rng"], torch.Tensor) or payload["rng"].dtype != torch.uint8:
+        return "its rng state is not a byte tensor"
+    return None
+
+
 def checkpoint_state(out: Path) -> dict[str, Any] | None:
-    """The last checkpoint's ``state.json`` (its epoch, metrics and baseline; no tensors), or None."""
+    """The last checkpoint's ``state.json`` (its epoch, metrics and baseline; no tensors), or None.
+
+    Raises:
+        CplError: a ``state.json`` that is not what a checkpoint writes (naming it and the value at fault).
+    """
     state_file = out / CHECKPOINT / STATE
-    return json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else None
+    if not state_file.is_file():
+        return None
+    state = read_json(state_file)
+    problem = state_problem(state)
+    if problem is not None:
+        raise CplError(f"{state_file}: not a checkpoint's {STATE} ({problem})")
+    return state
 
 
 def restore_checkpoint(trainer: TrainingLoop, checkpoint: dict[str, Any]) -> None:
-    """Put a checkpoint's weights, optimizer state and RNG state back."""
-    payload = checkpoint["payload"]
+    """Put a checkpoint's weights, optimizer state and RNG state back; ones that do not fit the model name the file."""
+    payload, path = checkpoint["payload"], checkpoint.get("path", STATE)
+    names = {name for name, _ in trainer.model.named_parameters()}
+    if set(payload["weights"]) != names:
+        raise CplError(f"{path}: its weights are not this model's parameters")
     if payload["optimizer"] is None:
         raise CplError(
             "--resume: this run trained under --distributed fsdp2 with a stateful optimizer, whose sharded "
             "state was not checkpointed; start it again (or train with ddp or plain sgd)"
         )
-    trainer.load_weights(payload["weights"])
-    trainer.optimizer.load_state_dict(payload["optimizer"])
+    try:
+        trainer.load_weights(payload["weights"])
+        trainer.optimizer.load_state_dict(payload["optimizer"])
+        torch.set_rng_state(payload["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:  # shapes, groups, sizes
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        raise CplError(f"{path}: does not fit this run's model or optimizer ({reason})") from None
     for group in trainer.optimizer.param_groups:  # the saved state carries the old rate; a resume may change it
         group["lr"] = trainer.config.lr
-    torch.set_rng_state(payload["rng"])
 
 
 def save_model(
@@ -187,20 +330,40 @@ def save_model(
     """The method's result (weights, or an adapter) and the tokenizer into ``folder``, via a staging folder.
 
     ``weights``, when given, are the whole weights to save instead of the model's own parameters
-    (under FSDP2, where each rank holds only shards and rank 0 has gathered them).
+    (under FSDP2, where each rank holds only shards and rank 0 has gathered them). Every file gets the mode
+    the umask gives (``save_pretrained`` writes some through private temporary files); a failed write (a full
+    disk) is one line naming ``folder`` and leaves no staging folder behind.
     """
     staging = folder.with_name(f".{folder.name}-staging")
     remove_path(staging)
-    if weights is None:
-        method.save(model, staging)
-    else:
-        model.save_pretrained(staging, state_dict=weights)
-    tokenizer.save_pretrained(staging)
+    try:
+        if weights is None:
+            method.save(model, staging)
+        else:
+            model.save_pretrained(staging, state_dict=weights)
+        tokenizer.save_pretrained(staging)
+        follow_umask(staging)
+    except BaseException as error:
+        remove_path(staging)
+        cause = _os_error_in(error)
+        if cause is not None or isinstance(error, SafetensorError):
+            reason = describe_os_error(cause) if cause is not None else str(error).strip()[:160]
+            raise CplError(f"{folder}: cannot write the model ({reason}); nothing was replaced") from None
+        raise
     remove_path(folder)
     staging.rename(folder)
 
 
+def follow_umask(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a plain ``open`` gives (``0o666`` less the umask)."""
+    mode = default_file_mode()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def remove_path(path: Path) -> None:
+    """Remove a file or a folder tree, if there is one."""
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():

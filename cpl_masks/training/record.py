@@ -11,15 +11,41 @@ record as JSON of whatever version wrote it and reads that on its own terms.
 
 from __future__ import annotations
 
+import json
+import math
+import types
+import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from cpl_masks.errors import CplError
+from cpl_masks.scoring.base import Scores
 from cpl_masks.utils.files import read_json, write_json
 
 RUN = "run.json"
+FINAL_KEYS = (  # the last metrics row's figures run.json keeps as its final ones; every saved row holds them
+    "learned",
+    "forgotten",
+    "heldout_forgotten",
+    "totals",
+    "accuracy",
+    "delta_logprob",
+    "delta_margin",
+    "retain_loss_delta",
+    "mask_agreement",
+)
+# a checkpoint's state.json: its epoch, the trainer file, every evaluated epoch's metrics and records so far,
+# epoch 0's scores (the baseline) and the seconds spent
+STATE_FIELDS = {
+    "epoch": int,
+    "file": str,
+    "metrics": list[dict[str, Any]],
+    "records": list[dict[str, Any]],
+    "baseline": dict[str, Any],
+    "elapsed_s": float,
+}
 
 
 @dataclass(kw_only=True)
@@ -81,11 +107,9 @@ class RunRecord:
         Raises:
             CplError: ``payload`` is not an object or lacks a key every run record has had.
         """
-        if not isinstance(payload, Mapping):
-            raise CplError("not a run record (not a JSON object)")
-        missing = [item.name for item in fields(cls) if item.name not in payload and _required(item)]
-        if missing:
-            raise CplError(f"not a run record (no {', '.join(missing)})")
+        problem = field_problem(cls, payload)
+        if problem is not None:
+            raise CplError(f"not a run record ({problem})")
         return cls(**{item.name: payload[item.name] for item in fields(cls) if item.name in payload})
 
     @classmethod
@@ -117,3 +141,85 @@ class RunRecord:
 def _required(item: Field) -> bool:
     """Whether a field has no default: a key every ``run.json`` has held."""
     return item.default is MISSING and item.default_factory is MISSING
+
+
+def field_problem(cls: type, payload: Any, *, unknown_ok: bool = True) -> str | None:
+    """What keeps ``payload`` (JSON read from a file) from being dataclass ``cls``'s fields, or None when nothing.
+
+    Every field without a default must be there, and every field there must hold a value of its annotated type
+    (``str``, ``int``, ``float``, ``bool``, None, lists, dicts, unions, nested dataclasses); with ``unknown_ok``
+    False a key that is no field is refused too. One place for the files a run reads back (``run.json``,
+    ``config.json``, ``state.json``), so a damaged file is refused in one line rather than failing deep inside.
+    """
+    if not isinstance(payload, Mapping):
+        return f"not a JSON object but {_shown(payload)}"
+    hints = typing.get_type_hints(cls)
+    missing = [item.name for item in fields(cls) if item.name not in payload and _required(item)]
+    if missing:
+        return f"no {', '.join(missing)}"
+    for item in fields(cls):
+        if item.name in payload and not matches(payload[item.name], hints[item.name]):
+            return f"{item.name!r} is {_shown(payload[item.name])}, not {_type_name(hints[item.name])}"
+    unknown = sorted(str(key) for key in set(payload) - {item.name for item in fields(cls)})
+    return None if unknown_ok or not unknown else f"unknown field {unknown[0]!r}"
+
+
+def state_problem(state: Any) -> str | None:
+    """What keeps the JSON of a checkpoint's ``state.json`` from being what a run writes there, or None.
+
+    It is read back on resume (the rows and the baseline go on into ``run.json``), so each part is checked:
+    the fields' types, the file matching the epoch, every metrics row's epoch and final figures, the baseline's
+    scores per set (:class:`~cpl_masks.scoring.base.Scores`), retain loss and source.
+    """
+    if not isinstance(state, dict):
+        return f"not a JSON object but {_shown(state)}"
+    for key, kind in STATE_FIELDS.items():
+        if key not in state or not matches(state[key], kind):
+            return f"{key!r} is {_shown(state.get(key))}, not {_type_name(kind)}"
+    epoch, rows, baseline = state["epoch"], state["metrics"], state["baseline"]
+    if epoch < 1 or state["file"] != f"trainer-{epoch}.pt" or state["elapsed_s"] < 0:
+        return f"epoch {epoch}, file {_shown(state['file'])} and elapsed_s {state['elapsed_s']} do not fit"
+    if not rows or any(not matches(row.get("epoch"), int) or not set(FINAL_KEYS) <= set(row) for row in rows):
+        return "a metrics row lacks its epoch or a final figure"
+    if not matches(baseline.get("scores"), dict[str, Scores]) or any(
+        len({len(values) for values in entry.values()}) != 1 for entry in baseline["scores"].values()
+    ):
+        return "its baseline holds no scores per set, or scores of unequal lengths"
+    if not matches(baseline.get("retain_loss"), float | None) or not matches(baseline.get("source"), str):
+        return "its baseline's retain_loss or source is not what a run saves"
+    return None
+
+
+def matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, arg) for arg in args)
+    if hint is type(None) or hint is None:
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(matches(entry, args[0]) for entry in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(matches(k, args[0]) and matches(v, args[1]) for k, v in value.items())
+    if is_dataclass(hint):
+        return field_problem(hint, value, unknown_ok=False) is None
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint).replace("typing.", "")
+
+
+def _shown(value: Any) -> str:
+    """A JSON value in a message: one line, at most 40 characters."""
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    return text if len(text) <= 40 else f"{text[:37]}..."

@@ -120,8 +120,34 @@ def check_evaluation(eval_every: int, track_text: str | None) -> None:
     """Refuse evaluation options a run and a sweep share: ``--eval-every`` and ``--track-text``."""
     if not (isinstance(eval_every, int) and eval_every >= 1):
         raise CplError(f"--eval-every {eval_every}: must be a whole number of epochs, at least 1")
-    if track_text is not None and not Path(track_text).is_file():
-        raise CplError(f"--track-text {track_text}: no such file")
+    if track_text is not None:
+        read_track_text(track_text)
+
+
+def read_track_text(path: str) -> str:
+    """The tracked text (``--track-text``) as a run scores it: a readable UTF-8 file with some text in it.
+
+    Read whole before any model loads (and again by the run, from the same one place), so a file that is
+    missing, unreadable, not UTF-8 or blank is refused up front instead of failing or giving NaN later.
+    A UTF-8 byte-order mark is not part of the text.
+
+    Raises:
+        CplError: naming ``--track-text`` and the file, and what is wrong with it.
+    """
+    where = f"--track-text {path}"
+    if not Path(path).is_file():
+        raise CplError(f"{where}: no such file")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise CplError(f"{where}: cannot be read ({error.strerror or error})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise CplError(f"{where}: the file is not valid UTF-8 (byte {error.start + 1})") from None
+    if not text.strip():
+        raise CplError(f"{where}: the file is empty (its loss tracks forgetting, so it needs some text)")
+    return text
 
 
 def check_options_with(options: dict[str, Any], config: TrainConfig) -> None:

@@ -35,7 +35,7 @@ from cpl_masks.profiling.freeze_mask import peak_memory
 from cpl_masks.profiling.retain import retain_measure, retain_questions
 from cpl_masks.registry import Registry
 from cpl_masks.registry.names import run_task
-from cpl_masks.scoring.scorers import make_scorer
+from cpl_masks.scoring.scorers import check_scoring_name, make_scorer
 from cpl_masks.training.evaluation import Baseline, RunEvaluation, epoch_zero
 from cpl_masks.training.folder import (
     CHECKPOINT,
@@ -58,9 +58,10 @@ from cpl_masks.training.folder import (
     save_checkpoint,
     save_model,
     saved_config,
+    saved_request,
 )
 from cpl_masks.training.loop import TrainingDiverged, TrainingLoop, optimizer_state_bytes
-from cpl_masks.training.record import RUN, RunRecord
+from cpl_masks.training.record import FINAL_KEYS, RUN, RunRecord
 from cpl_masks.training.request import (
     RunData,
     RunRequest,
@@ -75,17 +76,6 @@ from cpl_masks.utils.distributed import Processes
 from cpl_masks.utils.files import check_writable_folder, write_json, write_jsonl
 from cpl_masks.utils.versions import package_versions
 
-FINAL_KEYS = (
-    "learned",
-    "forgotten",
-    "heldout_forgotten",
-    "totals",
-    "accuracy",
-    "delta_logprob",
-    "delta_margin",
-    "retain_loss_delta",
-    "mask_agreement",
-)
 OnEpoch = Callable[[list[dict[str, Any]]], None]
 
 
@@ -157,7 +147,7 @@ def resume_run(
     """
     out = Path(out_dir)
     saved = saved_config(out)
-    request = RunRequest.from_dict(saved["request"])
+    request = saved_request(out, saved)  # a damaged or refused saved value names config.json
     request.config.show_progress = show_progress
     state = checkpoint_state(out)
     change = change_config(request.config, state["epoch"] if state else 0, lr=lr, epochs=epochs)
@@ -218,8 +208,7 @@ def _open(
     retained = retain_questions(mask) if mask is not None and mask.kind == "retain" else None
     if retained is not None:
         retain_measure(mask, request.method_options)  # an option the file contradicts, refused before the model loads
-    mask_scoring = mask.metadata.get("scoring") if mask is not None else None
-    scoring = resolve_scoring(request.scoring, mask_scoring=mask_scoring, data_path=request.inject, force=request.force)
+    scoring = _scoring(request, mask, mask_path)
     loaded = processes.main_first(  # rank 0 fills the model cache, then the others read it
         lambda: load_model(request.model, dtype=request.dtype, device=request.device, threads=request.threads)
     )
@@ -243,6 +232,17 @@ def _open(
     trainer = TrainingLoop(loaded.model, scorer, method, config)
     evaluation = RunEvaluation(request, trainer, loaded.tokenizer, data, mask, found)
     return _Session(request, data, loaded, mask, mask_path, scoring, found, method, trainer, evaluation)
+
+
+def _scoring(request: RunRequest, mask: Mask | None, mask_path: str | None) -> str:
+    """The run's scoring (:func:`resolve_scoring`), a name not given as ``--scoring`` refused naming its file."""
+    mask_scoring = mask.metadata.get("scoring") if mask is not None else None
+    if request.scoring is None and mask_scoring is not None:
+        check_scoring_name(mask_scoring, f"{request.mask_file_option} {mask_path}: the scoring its metadata records")
+    scoring = resolve_scoring(request.scoring, mask_scoring=mask_scoring, data_path=request.inject, force=request.force)
+    if request.scoring is None and mask_scoring is None:
+        check_scoring_name(scoring, f"{Path(request.inject).parent / 'split.json'}: the scoring it records")
+    return scoring
 
 
 def _run(

@@ -3,8 +3,9 @@
 Every file the tool writes goes to a temporary file in the destination folder first and is
 renamed into place, so a crash or a bad input never leaves a half-written file behind; without
 ``--overwrite`` it is linked into place instead, which never replaces a file. Outputs are checked
-before any expensive work: never over an input, never in the registry's home. A folder a process
-writes can be locked (:func:`lock_folder`) so a second writer is refused.
+before any expensive work: never over an input, never in the registry's home, never in a model's
+folder. A folder a process writes can be locked (:func:`lock_folder`) so a second writer is refused;
+a lock file is never followed through a link nor rewritten unless it is one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -23,6 +26,10 @@ from typing import IO, Any
 from cpl_masks.errors import CplError
 
 LOCK_NAME = ".lock"  # the lock file lock_folder keeps in a folder a process is writing
+_LOCK_TEXT = re.compile(rb"\s*\d{0,20}\s*")  # what a lock file holds: its holder's pid, or nothing yet
+MODEL_CONFIGS = ("config.json", "adapter_config.json")  # with one of MODEL_FILES: a model's folder
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+MODEL_FILES += ("adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 @contextlib.contextmanager
@@ -168,33 +175,39 @@ def check_output_dir(
 ) -> Path:
     """Refuse an output folder that would destroy something, before any expensive work starts.
 
-    A file, or a non-empty folder unless ``overwrite`` is set; a folder in the registry's home
-    (:func:`check_outside_registry`); and, even with ``overwrite``, one that would write over an
-    input: with ``writes`` (the file names the command writes there) an input that is one of
-    those files, without it any input inside the folder or a folder that is, or lies in, an
-    input folder (a model folder given as ``--out``).
+    A file, or a non-empty folder unless ``overwrite`` is set (a lock file of ours alone leaves it
+    empty, :func:`folder_is_empty`); a folder in the registry's home (:func:`check_outside_registry`)
+    or in a model's folder (:func:`check_outside_model`); and, even with ``overwrite``, one that would
+    write over an input: one that is or lies in an input folder, and with ``writes`` (the file names
+    the command writes there) an input that is one of those files, without it any input inside the folder.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CplError(f"{option} {path}: exists and is not a folder")
     check_outside_registry(path, option)
-    for source in (Path(item) for item in inputs if item is not None):
-        if writes is not None:
-            clash = next((path / name for name in writes if _same_file(path / name, source)), None)
-            if clash is not None:
-                raise CplError(f"{option} {path}: would write {clash.name} over this command's input {source}")
-        elif source.exists() and (_inside(source, path) or (source.is_dir() and _inside(path, source))):
+    for source in _existing(inputs):
+        if writes is None and (_inside(source, path) or (source.is_dir() and _inside(path, source))):
             raise CplError(f"{option} {path}: holds or is this command's input {source}; write to another folder")
-    if path.is_dir() and any(child.name != LOCK_NAME for child in path.iterdir()) and not overwrite:
+        _refuse_input_folder(path, source, option)
+        clash = next((path / name for name in writes or () if _same_file(path / name, source)), None)
+        if clash is not None:
+            raise CplError(f"{option} {path}: would write {clash.name} over this command's input {source}")
+    check_outside_model(path, option)
+    if path.is_dir() and not overwrite and not folder_is_empty(path):
         raise CplError(f"{option} {path}: folder is not empty; pass --overwrite to write into it")
     return path
 
 
+def folder_is_empty(path: str | os.PathLike) -> bool:
+    """Whether a folder holds nothing but, at most, a lock file of ours (a stale one included); a ``.lock``
+    that is a link, a folder, a hard-linked file or other data is something else (:func:`lock_folder` refuses it)."""
+    return all(child.name == LOCK_NAME and _is_lock_file(child) for child in Path(path).iterdir())
+
+
 def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool, option: str = "--out") -> Path:
     """Create an output folder after :func:`check_output_dir` accepts it."""
-    path = check_output_dir(path, overwrite=overwrite, option=option)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    check_output_dir(path, overwrite=overwrite, option=option).mkdir(parents=True, exist_ok=True)
+    return Path(path)
 
 
 def _same_file(first: Path, second: Path) -> bool:
@@ -204,6 +217,44 @@ def _same_file(first: Path, second: Path) -> bool:
 def _inside(path: Path, folder: Path) -> bool:
     """Whether ``path`` is ``folder`` or lies in it, links resolved."""
     return path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents
+
+
+def _existing(inputs: Iterable[str | os.PathLike | None]) -> Iterator[Path]:
+    """The inputs that are on this disk (a hub id or ``builtin:demo`` is not)."""
+    return (Path(item) for item in inputs if item is not None and Path(item).exists())
+
+
+def _refuse_input_folder(path: Path, source: Path, option: str) -> None:
+    """Refuse an output that is or lies in an input folder (a model or dataset folder): nothing writes there."""
+    if source.is_dir() and _inside(path, source):
+        folder = "the model folder" if is_model_folder(source) else "this command's input folder"
+        raise CplError(f"{option} {path}: lies in {folder} {source}; nothing writes there (write elsewhere)")
+
+
+def is_model_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a model: a config and weights or a tokenizer, what ``from_pretrained`` reads."""
+    folder = Path(folder)
+    config = any((folder / name).is_file() for name in MODEL_CONFIGS)
+    return config and any((folder / name).exists() for name in MODEL_FILES)
+
+
+def model_folder_of(path: str | os.PathLike) -> Path | None:
+    """The model folder ``path`` is or lies in (as given, then with links resolved), else None."""
+    given = Path(path).absolute()
+    for folder in (given, *given.parents, *(resolved := given.resolve(), *resolved.parents)):
+        if folder.is_dir() and is_model_folder(folder):
+            return folder
+    return None
+
+
+def check_outside_model(path: str | os.PathLike, option: str = "--out") -> None:
+    """Refuse an output that is or lies in any model's folder (:func:`is_model_folder`), even with ``--overwrite``.
+
+    The model a command names is also among its inputs (``models.model_locations``): a GGUF file, its cache.
+    """
+    folder = model_folder_of(path)
+    if folder is not None:
+        raise CplError(f"{option} {path}: lies in the model folder {folder}; nothing writes there (write elsewhere)")
 
 
 def check_outside_registry(path: str | os.PathLike, option: str = "--out") -> None:
@@ -235,17 +286,19 @@ def check_output_file(
     """Refuse an output file that would destroy something, before any expensive work starts.
 
     An existing file needs ``overwrite``; a command's own input (a mask, a question file) is refused
-    even then, and so is a file in the registry's home; a folder that cannot be created or written
-    is refused too. Plots are output files like any other. Write the file with
-    ``atomic_write(path, replace=overwrite)``, so one created after this check is not replaced.
+    even then, and so is a file in an input folder, the registry's home or a model's folder, or in a
+    folder that cannot be created or written. Plots are output files like any other. Write the file
+    with ``atomic_write(path, replace=overwrite)``, so one created after this check is not replaced.
     """
     path = Path(path)
     if path.is_dir():
         raise CplError(f"{option} {path}: is a folder; give a file name")
     check_outside_registry(path, option)
-    for source in inputs:
-        if source is not None and _same_file(path, Path(source)):
+    for source in _existing(inputs):
+        if _same_file(path, source):
             raise CplError(f"{option} {path}: is this command's input {source}; write to another file")
+        _refuse_input_folder(path, source, option)
+    check_outside_model(path, option)
     if path.exists() and not overwrite:
         raise CplError(f"{option} {path}: file exists; pass --overwrite to replace it")
     check_writable_folder(path.absolute().parent, what=f"{option} {path}")
@@ -272,18 +325,83 @@ def folder_in_use(path: str | os.PathLike) -> bool:
 
 
 def folder_holder(path: str | os.PathLike) -> str | None:
-    """The pid of the live process holding the folder's lock (:func:`lock_folder`) right now, or None."""
-    lock_path = Path(path) / LOCK_NAME
-    if not lock_path.is_file():
-        return None
-    fd = os.open(lock_path, os.O_RDONLY)
+    """The pid of the live process holding the folder's lock (:func:`lock_folder`) right now, or None.
+
+    The probe never follows a link nor waits on a fifo: a ``.lock`` that is not a lock file is held
+    by no one (:func:`lock_folder` then refuses it).
+    """
+    with _lock_file(Path(path) / LOCK_NAME) as fd:
+        if fd is None:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _owner(fd)
+    return None  # closing the file released the probe's lock
+
+
+_NO_FOLLOW = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never through a link, never waiting on a fifo
+
+
+@contextlib.contextmanager
+def _lock_file(path: Path) -> Iterator[int | None]:
+    """``path`` itself (never what a link names) open for reading, or None: absent, or not a lock file."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _owner(fd)
+        fd = os.open(path, os.O_RDONLY | _NO_FOLLOW)
+    except OSError:
+        yield None
+        return
+    try:
+        yield fd if _holds_a_lock(fd) else None
     finally:
-        os.close(fd)  # releases the probe's lock, if it got it
-    return None
+        os.close(fd)
+
+
+def _holds_a_lock(fd: int) -> bool:
+    """Whether the open file is a lock file: a regular file with no other name, holding at most a pid."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_size > 64:
+        return False
+    return _LOCK_TEXT.fullmatch(os.pread(fd, 65, 0)) is not None
+
+
+def _is_lock_file(path: Path) -> bool:
+    """Whether ``path`` itself (not what a link names) is a lock file (:func:`_holds_a_lock`)."""
+    with _lock_file(path) as fd:
+        return fd is not None
+
+
+def _open_lock(path: Path) -> int:
+    """Open a folder's lock file for writing: created here, or one that is a lock file; never through a link.
+
+    Raises:
+        CplError: ``path`` is a link, a folder, a fifo, a file with another name (a hard link) or a
+            file holding something other than a pid; it is left as it is.
+    """
+    flags = os.O_RDWR | _NO_FOLLOW
+    for _ in range(3):  # a stale lock removed between the two opens is created on the next try
+        try:
+            return os.open(path, flags | os.O_CREAT | os.O_EXCL, default_file_mode())
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            continue
+        except OSError as error:  # a link (ELOOP), a folder (EISDIR), ...
+            raise _not_a_lock(path) from error
+        if _holds_a_lock(fd):
+            return fd
+        os.close(fd)
+        break
+    raise _not_a_lock(path)
+
+
+def _not_a_lock(path: Path) -> CplError:
+    return CplError(
+        f"{path}: not a lock file (a link, a folder, a fifo, a hard-linked file or other data); nothing was written "
+        f"through it: remove it if no cpl-masks process is using {path.parent}"
+    )
 
 
 def _owner(fd: int) -> str:
@@ -303,15 +421,16 @@ def lock_folder(
 
     An OS file lock (``flock`` on ``<folder>/.lock``, which holds the owner's pid) dies with its
     process, so a killed run never leaves a stale lock behind. Creates the folder if needed. With
-    ``wait``, a held lock is waited for instead, after ``wait`` is told the holder's pid.
+    ``wait``, a held lock is waited for instead, after ``wait`` is told the holder's pid. The lock
+    file is opened without following a link and rewritten only when it is one (:func:`_open_lock`).
 
     Raises:
         FolderBusy: another live process holds the lock (its pid is named), unless waiting.
+        CplError: the folder's ``.lock`` is not a lock file.
     """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    lock_path = folder / LOCK_NAME
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, default_file_mode())
+    fd = _open_lock(folder / LOCK_NAME)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
