@@ -19,6 +19,7 @@ from cpl_masks.models import load_model, model_fingerprint
 from cpl_masks.profiling.freeze_mask import profile
 from cpl_masks.registry import Registry
 from cpl_masks.scoring.scorers import LetterScorer, make_scorer
+from cpl_masks.training.frozen import pack_frozen
 from cpl_masks.training.loop import MaskedAdamW, TrainConfig, TrainingDiverged, TrainingLoop, optimizer_state_bytes
 from cpl_masks.training.record import RunRecord
 from cpl_masks.training.request import RunRequest
@@ -83,7 +84,15 @@ def test_masked_adamw_keeps_state_only_for_collaborative_entries(tiny_model_dir)
     assert trainer.trainable_entries == mask.collaborative_count()
 
 
-def test_masked_adamw_without_mask_is_adamw():
+@pytest.fixture(params=[None, 7, 1], ids=["whole", "chunks-of-7", "row-by-row"])
+def chunk_entries(request, monkeypatch):
+    """The step's chunk size: as shipped, or small enough that a tensor takes several chunks."""
+    if request.param is not None:
+        monkeypatch.setattr("cpl_masks.masks.bits.CHUNK_ENTRIES", request.param)
+    return request.param
+
+
+def test_masked_adamw_without_mask_is_adamw(chunk_entries):
     torch.manual_seed(0)
     ours, reference = torch.nn.Parameter(torch.randn(5, 4)), None
     reference = torch.nn.Parameter(ours.detach().clone())
@@ -97,14 +106,14 @@ def test_masked_adamw_without_mask_is_adamw():
     torch.testing.assert_close(ours.detach(), reference.detach(), rtol=1e-6, atol=1e-7)
 
 
-def test_masked_adamw_matches_adamw_on_the_collaborative_entries():
+def test_masked_adamw_matches_adamw_on_the_collaborative_entries(chunk_entries):
     torch.manual_seed(0)
     ours = torch.nn.Parameter(torch.randn(6, 5))
     frozen = torch.rand(6, 5) < 0.4  # bool, True = frozen entry
     before = ours.detach().clone()
     reference = torch.nn.Parameter(before[~frozen].clone())  # (n_collaborative,) trained by plain AdamW
     settings = {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}
-    masked = MaskedAdamW([ours], [frozen], **settings)
+    masked = MaskedAdamW([ours], [pack_frozen(frozen)], **settings)
     plain = torch.optim.AdamW([reference], **settings)
     for _ in range(5):
         grad = torch.randn(6, 5)
@@ -406,7 +415,7 @@ def test_a_reprofiled_mask_is_the_profile_at_the_weights_it_was_made_at(tiny_mod
     assert at_epoch_two.metadata["parents"] == [first.id] and at_epoch_two.id != first.id
     assert all(torch.equal(at_epoch_two.collaborative(n), expected.collaborative(n)) for n in expected.names)
     latest = method.made_masks()[-1]
-    assert all(torch.equal(method.frozen[n], ~latest.collaborative(n)) for n in latest.names)
+    assert all(torch.equal(method.frozen[n], pack_frozen(~latest.collaborative(n))) for n in latest.names)
 
 
 def test_reprofiling_is_refused_for_a_control_mask_and_with_adamw(tiny_model_dir, run_files, tmp_path):

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cpl_masks.masks.bits import pack_bits, unpack_bits
+from cpl_masks.masks import bits
+from cpl_masks.masks.bits import pack_bits, packed_size, unpack_bits
 
 
 @dataclass
@@ -82,8 +83,13 @@ class PackedSigns:
                 self.drop_disagreeing_in(name, parameter.grad)  # one tensor at a time
 
     def drop_disagreeing_in(self, name: str, gradient: torch.Tensor) -> None:
-        """Zero, in place, the entries of one tensor's gradient whose sign disagrees with these."""
-        gradient.masked_fill_(self.disagreeing(name, gradient), 0)
+        """Zero, in place, the entries of one tensor's gradient whose sign disagrees with these, a chunk of
+        :data:`~cpl_masks.masks.bits.CHUNK_ENTRIES` entries at a time (no temporary outgrows a chunk)."""
+        flat, chunk = gradient.view(-1), packed_size(bits.CHUNK_ENTRIES) * 8  # whole bytes of the planes
+        for start in range(0, flat.numel(), chunk):
+            part = flat[start : start + chunk]
+            planes = slice(start // 8, start // 8 + packed_size(part.numel()))
+            part.masked_fill_(_disagreeing(part, self.positive[name][planes], self.negative[name][planes]), 0)
 
     def add(self, name: str, gradient: torch.Tensor) -> None:
         """Record the signs of one tensor of ``g_M``."""
@@ -96,9 +102,7 @@ class PackedSigns:
 
     def disagreeing(self, name: str, gradient: torch.Tensor) -> torch.Tensor:
         """Bool (``gradient``'s shape): the entries where ``gradient ⊙ g_M < 0``."""
-        positive, negative = _planes(gradient)
-        disagree = (positive & self.negative[name]) | (negative & self.positive[name])
-        return unpack_bits(disagree, gradient.shape)
+        return _disagreeing(gradient, self.positive[name], self.negative[name])
 
     def sign(self, name: str) -> torch.Tensor:
         """sign(g_M) of one tensor as int8 (-1, 0, +1; a frozen uncertain entry reads 0), unpacked (for tests
@@ -127,3 +131,9 @@ class PackedSigns:
 
 def _planes(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pack_bits(tensor > 0), pack_bits(tensor < 0)
+
+
+def _disagreeing(tensor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Bool (``tensor``'s shape): where ``tensor`` has the sign opposite to the packed planes given."""
+    mine_positive, mine_negative = _planes(tensor)
+    return unpack_bits((mine_positive & negative) | (mine_negative & positive), tensor.shape)

@@ -147,7 +147,8 @@ class Method:
         """Edit the gradients, in place, between backward and the optimizer step."""
 
     def frozen_entries(self) -> dict[str, torch.Tensor]:
-        """Bool masks (True = frozen) of partly frozen trainable tensors; the optimizer leaves those entries."""
+        """Packed frozen entries (:mod:`cpl_masks.training.frozen`) of partly frozen trainable tensors; the
+        optimizer leaves those entries."""
         return {}
 
     def save(self, model: torch.nn.Module, folder: Path) -> None:

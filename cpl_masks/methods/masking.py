@@ -2,11 +2,12 @@
 
 * :class:`FullFineTuning` (``full``): the baseline, every entry trains.
 * :class:`StaticMask` (``mask``, the main path): only collaborative entries change. Tensors with no
-  collaborative entry stop requiring gradients; the others keep a bool mask of their frozen
-  entries (never a float copy) and their gradients are zeroed there in place. Control masks
+  collaborative entry stop requiring gradients, so no gradient is ever allocated for them; the others
+  keep their frozen entries packed, a bit each (:mod:`cpl_masks.training.frozen`), and their gradients
+  are zeroed there in place, a chunk of rows at a time. Control masks
   (random, gradient-magnitude) take this same path. With ``reprofile_every`` K the mask follows the
   weights: it is profiled again (its own rule, M and I) at each epoch's start after the first and
-  every K steps, every tensor keeping a bool mask that each new profile overwrites in place.
+  every K steps, every tensor keeping packed frozen entries that each new profile overwrites in place.
 * :class:`DynamicCPL` (``dynamic``, the paper's loop): ``g_M`` is recomputed over the mastered set at
   the start of every epoch (and every K steps with ``refresh_every``) and held as its signs, two bits
   per entry (:class:`~cpl_masks.masks.signs.PackedSigns`); each step's gradient ``g`` keeps only the
@@ -29,6 +30,8 @@ from cpl_masks.methods.reference import mastered_signs
 from cpl_masks.profiling.freeze_mask import reprofile
 from cpl_masks.profiling.retain import CONFIDENCE_HELP, UNCERTAIN_HELP, SignMeasure, refreshed_retain, retain_measure
 from cpl_masks.profiling.selection import Cut
+from cpl_masks.training.frozen import as_rows, frozen_rows, pack_frozen, row_chunks
+from cpl_masks.utils import sharding
 
 
 @dataclass
@@ -76,11 +79,11 @@ class StaticMask(Method):
             Cut.from_metadata(self.mask.metadata.get("rule"), f"--reprofile-every: mask {self.mask.id[:12]}")
             if not context.inject or not context.mastered:
                 raise CplError("--reprofile-every needs the injection set and a non-empty mastered set (--mastered)")
-        self.frozen: dict[str, torch.Tensor] = {}  # name -> bool (param shape), True = frozen entry
+        self.frozen: dict[str, torch.Tensor] = {}  # name -> packed rows (uint8), a set bit = a frozen entry
         self.profiles: list[Mask] = []  # the masks profiled during training, in order
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Stop gradients of wholly frozen tensors and keep a bool mask for partly frozen ones.
+        """Stop gradients of wholly frozen tensors and keep the packed frozen entries of partly frozen ones.
 
         A mask profiled again may open any tensor, so then every tensor trains through a bool mask.
         """
@@ -90,17 +93,19 @@ class StaticMask(Method):
             collaborative = self.mask.collaborative(name).to(parameter.device)  # bool, param shape
             parameter.requires_grad_(every_tensor or bool(collaborative.any()))
             if parameter.requires_grad and (every_tensor or not collaborative.all()):
-                self.frozen[name] = collaborative.logical_not_()
+                self.frozen[name] = pack_frozen(collaborative.logical_not_())
         return model
 
     def mask_gradients(self, model: torch.nn.Module) -> None:
-        """Zero the gradient of every frozen entry, in place."""
+        """Zero the gradient of every frozen entry, in place, a chunk of rows at a time."""
         for name, parameter in model.named_parameters():
             if name in self.frozen and parameter.grad is not None:
-                parameter.grad.masked_fill_(self.frozen[name], 0)
+                grads, packed = as_rows(sharding.local(parameter.grad)), sharding.local(self.frozen[name])
+                for start, stop in row_chunks(grads):
+                    grads[start:stop].masked_fill_(frozen_rows(packed, grads.shape[1], start, stop), 0)
 
     def frozen_entries(self) -> dict[str, torch.Tensor]:
-        """Bool masks (True = frozen) of the partly frozen trainable tensors."""
+        """Packed frozen entries (:mod:`cpl_masks.training.frozen`) of the partly frozen trainable tensors."""
         return self.frozen
 
     def before_step(self, model: torch.nn.Module, epoch: int, step_in_epoch: int) -> None:
@@ -114,7 +119,7 @@ class StaticMask(Method):
             self.mask, model, context.scorer, context.mastered, context.inject, batch_size=context.batch_size, at=at
         )
         for name, frozen in self.frozen.items():  # in place: the optimizer holds these tensors
-            frozen.copy_(mask.collaborative(name).logical_not_())
+            frozen.copy_(pack_frozen(mask.collaborative(name).logical_not_()))
         self.profiles.append(mask)
 
     def describe(self) -> dict[str, Any]:

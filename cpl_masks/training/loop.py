@@ -32,6 +32,7 @@ from cpl_masks.data.questions import Question
 from cpl_masks.errors import CplError
 from cpl_masks.methods import METHODS, Method
 from cpl_masks.scoring.scorers import Scorer, batches
+from cpl_masks.training.frozen import as_rows, frozen_count, frozen_rows, row_chunks
 from cpl_masks.utils import distributed, sharding
 from cpl_masks.utils.progress import progress_bar
 
@@ -84,10 +85,12 @@ class MaskedAdamW(torch.optim.Optimizer):
     """AdamW that keeps moments only for the entries a mask lets change, and changes nothing else.
 
     For a partly frozen tensor the two moments are compact 1-D tensors over its collaborative
-    entries (selected with the bool mask); frozen entries get no update at all, weight decay
-    included. Tensors given without a mask train entirely, as in plain AdamW. Under FSDP2 the
-    parameter, its gradient and its mask are DTensor shards and the update runs on each rank's
-    local shard, so each rank keeps moments only for its own collaborative entries.
+    entries, in row-major order; frozen entries (packed bits, :mod:`cpl_masks.training.frozen`) get no
+    update at all, weight decay included. Tensors given without a mask train entirely, as in plain
+    AdamW. A step visits each tensor a chunk of rows at a time, so its temporaries (the chunk's kept
+    entries, their gradients and the update's denominator) never outgrow a chunk, whatever the tensor.
+    Under FSDP2 the parameter, its gradient and its packed rows are DTensor shards and the update runs
+    on each rank's local rows, so each rank keeps moments only for its own collaborative entries.
     """
 
     def __init__(
@@ -101,7 +104,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__(list(params), {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-        self.frozen = list(frozen)  # aligned with the single parameter group, True = frozen entry
+        self.frozen = list(frozen)  # aligned with the single parameter group: packed rows, bit set = frozen
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -110,29 +113,66 @@ class MaskedAdamW(torch.optim.Optimizer):
         for parameter, frozen in zip(group["params"], self.frozen, strict=True):
             if parameter.grad is None:
                 continue
-            weights, grads = sharding.local(parameter), sharding.local(parameter.grad)  # (local shape)
-            keep = None if frozen is None else sharding.local(frozen).logical_not()  # bool, local shape
-            grad = grads if keep is None else grads.masked_select(keep)  # (n_keep,)
-            values = weights if keep is None else weights.masked_select(keep)  # (n_keep,) copy
-            self._update(values, grad, self.state[parameter], group)
-            if keep is not None:
-                weights.masked_scatter_(keep, values)
+            weights = as_rows(sharding.local(parameter))  # (rows, cols) view of the local shard
+            grads = as_rows(sharding.local(parameter.grad))
+            packed = None if frozen is None else sharding.local(frozen)  # (rows, bytes) uint8
+            state = self._state(parameter, weights, packed)
+            state["step"] += 1
+            offset = 0
+            for start, stop in row_chunks(weights):
+                offset += self._update_rows(weights[start:stop], grads[start:stop], packed, start, stop, offset, state)
+
+    def _state(self, parameter: torch.Tensor, weights: torch.Tensor, packed: torch.Tensor | None) -> dict:
+        """The parameter's moments (flat, over its kept entries), made at its first step."""
+        state = self.state[parameter]
+        if not state:
+            kept = weights.numel() - (0 if packed is None else frozen_count(packed))
+            state["step"] = 0
+            state["exp_avg"] = weights.new_zeros(kept)
+            state["exp_avg_sq"] = weights.new_zeros(kept)
+        return state
+
+    def _update_rows(
+        self,
+        weights: torch.Tensor,
+        grads: torch.Tensor,
+        packed: torch.Tensor | None,
+        start: int,
+        stop: int,
+        offset: int,
+        state: dict,
+    ) -> int:
+        """Update one chunk of rows in place; returns how many kept entries (moments) it used."""
+        if packed is None:
+            values, grad, keep = weights.view(-1), grads.reshape(-1), None  # the rows themselves
+        else:
+            keep = frozen_rows(packed, weights.shape[1], start, stop).logical_not_()  # (n, cols) bool
+            values, grad = weights.masked_select(keep), grads.masked_select(keep)  # (kept,) copies
+        moments = slice(offset, offset + values.numel())
+        # flat views: a checkpoint from before moments were flat holds them in the parameter's shape
+        exp_avg, exp_avg_sq = state["exp_avg"].view(-1)[moments], state["exp_avg_sq"].view(-1)[moments]
+        self._update(values, grad, exp_avg, exp_avg_sq, state["step"], self.param_groups[0])
+        if keep is not None:
+            weights.masked_scatter_(keep, values)
+        return values.numel()
 
     @staticmethod
-    def _update(values: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+    def _update(
+        values: torch.Tensor,
+        grad: torch.Tensor,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        step: int,
+        group: dict,
+    ) -> None:
         """Decoupled-decay Adam update of ``values`` in place (``torch.optim.AdamW``'s arithmetic)."""
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(grad)
-            state["exp_avg_sq"] = torch.zeros_like(grad)
-        state["step"] += 1
         beta1, beta2 = group["betas"]
-        lr, step = group["lr"], state["step"]
+        lr = group["lr"]
         values.mul_(1 - lr * group["weight_decay"])
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
-        values.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+        values.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
 
 
 def build_optimizer(
@@ -186,7 +226,7 @@ class TrainingLoop:
         if not named:
             raise CplError("nothing to train: the mask freezes every parameter entry")
         frozen = method.frozen_entries()
-        self._trainable = sum(p.numel() - (int(frozen[n].sum()) if n in frozen else 0) for n, p in named)
+        self._trainable = sum(p.numel() - (frozen_count(frozen[n]) if n in frozen else 0) for n, p in named)
         self.wrapping = sharding.wrapping_for(config.distributed)
         shardable = [name for name, spec in METHODS.items() if spec.fsdp2]
         self.network = sharding.wrap_for_training(self.model, self.wrapping, method.name, shardable)

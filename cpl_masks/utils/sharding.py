@@ -113,10 +113,10 @@ def shard_like(full: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
 
 
 def shard_frozen_masks(model: torch.nn.Module, frozen: dict[str, torch.Tensor]) -> None:
-    """Replace, in place, each full bool freeze mask by its DTensor shard matching the parameter.
+    """Replace, in place, each tensor's packed frozen rows by its DTensor shard matching the parameter.
 
-    The method that owns ``frozen`` then zeroes gradients with ``grad.masked_fill_(mask, 0)`` as
-    before: both are DTensors with the same mesh and placements, so the fill is local to each shard.
+    Packed row by row, the frozen entries have the parameter's first dimension, so sharded on it alike
+    each rank holds the rows of its own shard, and zeroes and steps them locally.
     """
     for name, parameter in model.named_parameters():
         if name in frozen and is_dtensor(parameter) and not is_dtensor(frozen[name]):
