@@ -6,6 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cpl_masks import Mask, MethodContext, TrainConfig, make_method, make_scorer
+from cpl_masks.masks.signs import PackedSigns
 from cpl_masks.training.frozen import frozen_count, pack_frozen
 from cpl_masks.training.loop import MaskedAdamW, TrainingLoop
 from tests.conftest import make_questions
@@ -74,3 +75,21 @@ def test_a_wholly_frozen_tensor_never_gets_a_gradient(tiny_model_dir):
     assert wholly not in method.frozen_entries()  # nothing held for it either
     assert frozen_count(method.frozen_entries()[partly]) == int((~bits[partly]).sum())
     assert parameters[wholly] not in loop.optimizer.state
+
+
+def test_the_per_step_rule_packs_and_drops_a_chunk_at_a_time(monkeypatch):
+    torch.manual_seed(0)
+    g_m, step = torch.randn(40, 30), torch.randn(40, 30)  # 1,200 entries
+    whole = PackedSigns.take({"w": g_m.clone()})
+    monkeypatch.setattr("cpl_masks.masks.bits.CHUNK_ENTRIES", 100)  # rounded up to whole bytes: 104 entries
+    gradients = {"w": g_m.clone()}
+    with NewStorages() as packing:
+        chunked = PackedSigns.take(gradients)
+    assert all(
+        torch.equal(getattr(chunked, plane)["w"], getattr(whole, plane)["w"]) for plane in ("positive", "negative")
+    )
+    dropped = step.clone()
+    with NewStorages() as dropping:
+        chunked.drop_disagreeing_in("w", dropped)
+    assert torch.equal(dropped, torch.where(step * g_m < 0, 0.0, step))
+    assert max(packing.sizes + dropping.sizes) <= 104 * 4 < step.numel()  # bytes: never a whole tensor's bool

@@ -85,15 +85,19 @@ class PackedSigns:
     def drop_disagreeing_in(self, name: str, gradient: torch.Tensor) -> None:
         """Zero, in place, the entries of one tensor's gradient whose sign disagrees with these, a chunk of
         :data:`~cpl_masks.masks.bits.CHUNK_ENTRIES` entries at a time (no temporary outgrows a chunk)."""
-        flat, chunk = gradient.view(-1), packed_size(bits.CHUNK_ENTRIES) * 8  # whole bytes of the planes
+        flat, chunk = gradient.view(-1), _chunk_entries()
         for start in range(0, flat.numel(), chunk):
             part = flat[start : start + chunk]
             planes = slice(start // 8, start // 8 + packed_size(part.numel()))
             part.masked_fill_(_disagreeing(part, self.positive[name][planes], self.negative[name][planes]), 0)
 
     def add(self, name: str, gradient: torch.Tensor) -> None:
-        """Record the signs of one tensor of ``g_M``."""
-        self._put(name, gradient > 0, gradient < 0)
+        """Record the signs of one tensor of ``g_M``, packed a chunk at a time (no temporary outgrows a chunk)."""
+        flat, chunk = gradient.reshape(-1), _chunk_entries()
+        planes = [_planes(flat[start : start + chunk]) for start in range(0, flat.numel(), chunk)] or [_planes(flat)]
+        self.positive[name] = torch.cat([positive for positive, _ in planes])
+        self.negative[name] = torch.cat([negative for _, negative in planes])
+        self.shapes[name] = gradient.shape
 
     def _put(self, name: str, positive: torch.Tensor, negative: torch.Tensor) -> None:
         """Record one tensor's two planes from bool tensors of its shape."""
@@ -137,3 +141,8 @@ def _disagreeing(tensor: torch.Tensor, positive: torch.Tensor, negative: torch.T
     """Bool (``tensor``'s shape): where ``tensor`` has the sign opposite to the packed planes given."""
     mine_positive, mine_negative = _planes(tensor)
     return unpack_bits((mine_positive & negative) | (mine_negative & positive), tensor.shape)
+
+
+def _chunk_entries() -> int:
+    """Entries a chunk of the per-step rule takes: ``CHUNK_ENTRIES`` rounded up to whole bytes of the planes."""
+    return packed_size(bits.CHUNK_ENTRIES) * 8
