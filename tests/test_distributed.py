@@ -299,6 +299,8 @@ def test_bfloat16_weights_train_as_float32_masters_and_save_back(tiny_model_dir)
     trainer = TrainingLoop(loaded.model, scorer, StaticMask(MethodContext(scorer, [], mask)), config)
     trainer.train_epoch(STEP, 1)
     masters = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    wholly_frozen = "model.layers.0.self_attn.q_proj.weight"  # no step moves it: no master copy
+    assert masters.pop(wholly_frozen).dtype == torch.bfloat16
     assert all(value.dtype == torch.float32 for value in masters.values())
     assert trainer.final_weights() is None
     for name, parameter in trainer.model.named_parameters():
