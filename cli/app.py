@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cpl_masks.cli import hub, masks, profile, split, sweep
+from cpl_masks.cli import fits, hub, masks, profile, split, sweep
 from cpl_masks.cli import registry as registry_commands
 from cpl_masks.cli import train as train_commands
 from cpl_masks.cli.common import new_app
@@ -31,6 +31,7 @@ def build_app() -> typer.Typer:
     app.command()(with_method_options(train_commands.train))
     app.command()(train_commands.compare)
     app.command()(with_method_options(sweep.sweep))
+    app.command()(fits.fits)
     return app
 
 

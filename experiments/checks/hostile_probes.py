@@ -223,34 +223,11 @@ def card_escaped(s: Scratch) -> str | None:
 def profile_into_model(s: Scratch) -> str | None:
     weights = s.model / "model.safetensors"
     before = weights.read_bytes()
+    questions = ["--mastered", s.mastered, "--inject", s.inject]
     problems = [
+        refused(s.cli("profile", *questions, "--model", s.model, "--out", weights, "--overwrite")),
         refused(
-            s.cli(
-                "profile",
-                "--mastered",
-                s.mastered,
-                "--inject",
-                s.inject,
-                "--model",
-                s.model,
-                "--out",
-                weights,
-                "--overwrite",
-            )
-        ),
-        refused(
-            s.cli(
-                "profile",
-                "--kind",
-                "retain",
-                "--mastered",
-                s.mastered,
-                "--model",
-                s.model,
-                "--out",
-                weights,
-                "--overwrite",
-            )
+            s.cli("profile", "--kind", "retain", *questions[:2], "--model", s.model, "--out", weights, "--overwrite")
         ),
         refused(
             s.cli(
@@ -259,8 +236,7 @@ def profile_into_model(s: Scratch) -> str | None:
                 "gradient-magnitude",
                 "--like",
                 s.mask,
-                "--inject",
-                s.inject,
+                *questions[2:],
                 "--model",
                 s.model,
                 "-o",

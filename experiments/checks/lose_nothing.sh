@@ -27,7 +27,7 @@ $CPL registry add $E/mask.safetensors --name demo-copy
 step "registry list at 60 columns, piped"
 COLUMNS=60 $CPL registry list | cat
 step "train with the mask, 1 epoch, then resume from another cwd with --epochs 2 --lr 5e-4"
-$CPL train --mask $E/mask.safetensors --data $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --epochs 1 --lr 1e-3 --out $E/run 2>&1 | tail -3
+$CPL train --mask $E/mask.safetensors --inject $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --epochs 1 --lr 1e-3 --out $E/run 2>&1 | tail -3
 rm $E/run/run.json  # pretend it stopped after epoch 1 (its checkpoint is there)
 (cd $E/elsewhere && $CPL train --resume ../run --epochs 2 --lr 5e-4 2>&1 | tail -3)
 "$PWD/.venv/bin/python" -c "import json; r=json.load(open('$E/run/run.json')); print('resume_changes', r['resume_changes'], 'task', r['task'])"
@@ -42,7 +42,7 @@ step "a zero-byte database is an error, gc deletes nothing"
 mv $CPL_MASKS_HOME/registry.sqlite3 $E/db.bak; rm -f $CPL_MASKS_HOME/registry.sqlite3-*; : > $CPL_MASKS_HOME/registry.sqlite3
 $CPL registry gc; ls $CPL_MASKS_HOME/masks/*/ | wc -l
 step "train with an unreadable registry: refused before the model loads"
-time $CPL train --mask $E/recut.safetensors --data $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --epochs 1 --out $E/run2
+time $CPL train --mask $E/recut.safetensors --inject $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --epochs 1 --out $E/run2
 ls $E/run2 2>&1
 step "bfloat16 model with its float32 mask"
 "$PWD/.venv/bin/python" - <<PY
@@ -81,8 +81,8 @@ $CPL compare $E/run $E/run --plot $E/notes.json; cat $E/notes.json
 step "18: files get the umask's mode (0644 under umask 022), not 0600"
 (umask 022; $CPL threshold $E/mask.safetensors --keep-fraction 0.4 -o $E/mode.safetensors > /dev/null; stat -c '%a %n' $E/mode.safetensors)
 step "18: a second train into a live run folder: refused naming the live pid"
-$CPL train --mask $E/mask.safetensors --data $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --epochs 1 --out $E/race > /dev/null 2>&1 &
-sleep 15; $CPL train --mask $E/mask.safetensors --data $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --epochs 1 --out $E/race --overwrite; wait
+$CPL train --mask $E/mask.safetensors --inject $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --epochs 1 --out $E/race > /dev/null 2>&1 &
+sleep 15; $CPL train --mask $E/mask.safetensors --inject $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --epochs 1 --out $E/race --overwrite; wait
 step "18: registry rm of the mask a running train uses by name: refused while it runs; SIGTERM says how to resume"
 $CPL train --mask smollm2-135m-instruct/demo --data $E/split/inject.jsonl --mastered $E/split/mastered.jsonl --epochs 2 --out $E/held > $E/held.log 2>&1 &
 TRAIN=$!; sleep 40; $CPL registry rm smollm2-135m-instruct/demo@v1 --force
