@@ -721,37 +721,10 @@ def set_up(folder: Path, hub: FakeHubServer) -> Scratch:
     s.mastered = write_rows(folder / "mastered.jsonl", [q.to_record() for q in make_questions(6, 32, "m")])
     s.mask = folder / "mask.safetensors"
     s.retain = folder / "retain.safetensors"
+    common = ["--model", s.model, "--name", "probe", "--scoring", "letter"]
     for command in (
-        [
-            "profile",
-            "--mastered",
-            s.mastered,
-            "--inject",
-            s.inject,
-            "--model",
-            s.model,
-            "--name",
-            "probe",
-            "--scoring",
-            "letter",
-            "--out",
-            s.mask,
-        ],
-        [
-            "profile",
-            "--kind",
-            "retain",
-            "--mastered",
-            s.mastered,
-            "--model",
-            s.model,
-            "--name",
-            "probe",
-            "--scoring",
-            "letter",
-            "--out",
-            s.retain,
-        ],
+        ["profile", "--mastered", s.mastered, "--inject", s.inject, *common, "--out", s.mask],
+        ["profile", "--kind", "retain", "--mastered", s.mastered, *common, "--out", s.retain],
     ):
         made = s.cli(*command)
         if made.returncode != 0:
