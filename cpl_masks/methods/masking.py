@@ -85,7 +85,7 @@ class StaticMask(Method):
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Stop gradients of wholly frozen tensors and keep the packed frozen entries of partly frozen ones.
 
-        A mask profiled again may open any tensor, so then every tensor trains through a bool mask.
+        A mask profiled again may open any tensor, so then every tensor keeps packed frozen entries.
         """
         self.frozen = {}
         every_tensor = self.reprofile_every is not None

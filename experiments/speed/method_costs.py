@@ -131,7 +131,6 @@ def measure(size: str, dtype_name: str, variant_name: str, steps: int, words: in
     """One variant in this process: build, train ``steps`` steps, and report the window's peak and time."""
     from transformers import AutoTokenizer
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     variant = VARIANTS[variant_name]
     tokenizer = AutoTokenizer.from_pretrained(pretrained_folder("smollm2-135m-instruct"))
     model = build_model(size, getattr(torch, dtype_name), len(tokenizer))
