@@ -18,9 +18,10 @@ from rich.segment import Segments
 from rich.table import Table
 from safetensors import SafetensorError
 
-from cpl_masks.data.questions import FieldNames
+from cpl_masks.data.questions import DATA_FORMATS, FieldNames
 from cpl_masks.errors import CplError
 from cpl_masks.scoring.base import SCORINGS_HELP
+from cpl_masks.scoring.completion import LOSS_ON_HELP
 from cpl_masks.utils.files import describe_os_error
 
 stdout = Console()
@@ -49,6 +50,19 @@ SplitOption = Annotated[str | None, typer.Option(help="Dataset split, for datase
 QuestionFieldOption = Annotated[str, typer.Option(help="Field holding the question (or the full prompt).")]
 ChoicesFieldOption = Annotated[str, typer.Option(help="Field holding the list of choices.")]
 AnswerFieldOption = Annotated[str, typer.Option(help="Field holding the answer: a letter or a 0-based index.")]
+TextFieldOption = Annotated[str, typer.Option(help="Free-form: field holding a text to learn whole.")]
+MessagesFieldOption = Annotated[str, typer.Option(help="Free-form: field holding a conversation (role/content).")]
+PromptFieldOption = Annotated[str, typer.Option(help="Free-form: field holding the prompt (text or messages).")]
+CompletionFieldOption = Annotated[str, typer.Option(help="Free-form: field holding the completion to learn.")]
+FormatOption = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help=f"The data's format: {', '.join(DATA_FORMATS)}; default: what its columns say "
+        "(question/choices/answer, or TRL's text, messages, prompt/completion).",
+    ),
+]
+LossOnOption = Annotated[str, typer.Option(help=f"{LOSS_ON_HELP}.")]
 OverwriteOption = Annotated[bool, typer.Option(help="Write into a non-empty output folder.")]
 TrackTextOption = Annotated[
     str | None,
@@ -91,9 +105,9 @@ def new_app(**settings: Any) -> typer.Typer:
     )
 
 
-def fields(question: str, choices: str, answer: str) -> FieldNames:
-    """Field-name options as the data module's :class:`FieldNames`."""
-    return FieldNames(question=question, choices=choices, answer=answer)
+def fields(**names: str) -> FieldNames:
+    """Field-name options (``question=...``, ``prompt=...``) as the data module's :class:`FieldNames`."""
+    return FieldNames(**names)
 
 
 def reports_errors(command: Command) -> Command:

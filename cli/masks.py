@@ -255,7 +255,12 @@ def print_retain(retain: Mask) -> None:
         return f"{count / entries:.1%}" if entries else "-"
 
     model, scoring = (retain.metadata.get("model") or {}).get("ref"), retain.metadata.get("scoring")
-    say(f"retain set {retain.id[:12]}: {mastered.get('rows')} questions, model {model}, {scoring} scoring")
+    loss = (
+        f"{scoring} scoring"
+        if "format" not in mastered
+        else f"{mastered['format']}, loss on {retain.metadata.get('loss_on')}"
+    )
+    say(f"retain set {retain.id[:12]}: {mastered.get('rows')} questions, model {model}, {loss}")
     confident = measure.confidence is not None
     if confident:
         say(measure.describe())

@@ -12,6 +12,7 @@ from cpl_masks.cli.common import (
     BatchSizeOption,
     DeviceOption,
     DtypeOption,
+    LossOnOption,
     ModelOption,
     ThreadsOption,
     reports_errors,
@@ -43,6 +44,7 @@ from cpl_masks.profiling.selection import Cut
 from cpl_masks.registry import Registry
 from cpl_masks.registry.names import check_task
 from cpl_masks.scoring.base import DEFAULT_SCORING, OBJECTIVE_HELP, SCORINGS_HELP
+from cpl_masks.scoring.completion import DEFAULT_LOSS_ON, check_loss_on
 from cpl_masks.utils import distributed, sharding
 from cpl_masks.utils.distributed import Processes
 
@@ -69,6 +71,7 @@ def make_retain_set(
     *,
     model: str,
     scoring: str | None,
+    loss_on: str,
     batch_size: int,
     checkpointing: bool,
     task: str | None,
@@ -84,6 +87,7 @@ def make_retain_set(
         loaded,
         questions,
         scoring=scoring,
+        loss_on=loss_on,
         batch_size=batch_size,
         checkpointing=checkpointing,
         task=task,
@@ -106,6 +110,7 @@ def profile(
         str | None,
         typer.Option(help=f"{SCORINGS_HELP}; default: --like's, else split.json's, else {DEFAULT_SCORING}."),
     ] = None,
+    loss_on: LossOnOption = DEFAULT_LOSS_ON,
     rule: Annotated[str, typer.Option(help=RULE_HELP)] = "sign",
     like: Annotated[
         str | None, typer.Option(help="Control rules: the mask whose per-tensor collaborative counts to copy.")
@@ -174,6 +179,7 @@ def profile(
     """
     if kind not in KINDS:
         raise CplError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
+    check_loss_on(loss_on)
     sign_only = {
         "--threshold": threshold,
         "--keep-fraction": keep_fraction,
@@ -190,6 +196,7 @@ def profile(
             mastered,
             model=model,
             scoring=scoring,
+            loss_on=loss_on,
             batch_size=batch_size,
             checkpointing=checkpointing,
             task=name,
@@ -232,6 +239,7 @@ def profile(
         inject_questions,
         cut=cut,
         scoring=scoring,
+        loss_on=loss_on,
         batch_size=batch_size,
         save_scores=save_scores,
         checkpointing=checkpointing,

@@ -11,13 +11,18 @@ from cpl_masks.cli.common import (
     AnswerFieldOption,
     BatchSizeOption,
     ChoicesFieldOption,
+    CompletionFieldOption,
     DeviceOption,
     DtypeOption,
+    FormatOption,
+    MessagesFieldOption,
     ModelOption,
     OverwriteOption,
+    PromptFieldOption,
     QuestionFieldOption,
     ScoringOption,
     SplitOption,
+    TextFieldOption,
     ThreadsOption,
     fields,
     print_table,
@@ -56,6 +61,11 @@ def split(
     question_field: QuestionFieldOption = "question",
     choices_field: ChoicesFieldOption = "choices",
     answer_field: AnswerFieldOption = "answer",
+    text_field: TextFieldOption = "text",
+    messages_field: MessagesFieldOption = "messages",
+    prompt_field: PromptFieldOption = "prompt",
+    completion_field: CompletionFieldOption = "completion",
+    data_format: FormatOption = None,
     dtype: DtypeOption = "float32",
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
@@ -63,19 +73,31 @@ def split(
 ) -> None:
     """Split questions into mastered (M) and injection (I) sets.
 
-    Score every question and split them into mastered (M) and injection (I) sets.
+    Score every question and split them into mastered (M) and injection (I) sets. Multiple-choice questions
+    are right when the model picks the answer; free-form items (TRL's prompt/completion, messages or text
+    rows) when greedy decoding reproduces the completion.
 
     \b
-    Example:
+    Examples:
       cpl-masks split --data questions.jsonl --out runs/split \\
           --holdout-fraction 0.2
+      cpl-masks split --data facts.jsonl --heldout-data mmlu.jsonl \\
+          --out runs/facts
     """
     # before the slow model load: a non-empty folder, the registry's, the model's, or one whose files are the inputs
     inputs = [data, heldout_data, *model_locations(model)]
     check_output_dir(out, overwrite=overwrite, inputs=inputs, writes=SPLIT_FILES)
     check_limit(heldout_limit, "--heldout-limit")
-    names = fields(question_field, choices_field, answer_field)
-    questions = load_questions(data, split=data_split, fields=names, limit=limit)
+    names = fields(
+        question=question_field,
+        choices=choices_field,
+        answer=answer_field,
+        text=text_field,
+        messages=messages_field,
+        prompt=prompt_field,
+        completion=completion_field,
+    )
+    questions = load_questions(data, split=data_split, fields=names, limit=limit, data_format=data_format)
     pool = load_questions(heldout_data, fields=names) if heldout_data is not None else []
     loaded = load_model(model, dtype=dtype, device=device, threads=threads)
     result = split_questions(

@@ -12,6 +12,7 @@ from cpl_masks.cli.common import (
     DtypeOption,
     EvalBatchSizeOption,
     EvalEveryOption,
+    LossOnOption,
     ModelOption,
     ScoringOption,
     ThreadsOption,
@@ -81,6 +82,7 @@ def sweep(
         float, typer.Option(help="Largest share of held-out mastered questions a method may forget.")
     ] = DEFAULTS.forgetting_budget,
     scoring: ScoringOption = DEFAULTS.scoring,
+    loss_on: LossOnOption = DEFAULTS.loss_on,
     holdout_fraction: Annotated[
         float, typer.Option(help="Share of mastered questions held out.")
     ] = DEFAULTS.holdout_fraction,
@@ -92,13 +94,13 @@ def sweep(
         str | None,
         typer.Option(
             help="Questions whose confidently right ones join the held-out set: a forgetting pool "
-            "(default for builtin:demo: its general questions the split does not use)."
+            "(default for a builtin:demo set: its general items the split does not use)."
         ),
     ] = None,
     heldout_limit: Annotated[int | None, typer.Option(help="Keep at most N pool questions.")] = None,
     eval_every: EvalEveryOption = DEFAULTS.eval_every,
     track_text: Annotated[
-        str | None, typer.Option(help="General text whose loss tracks forgetting (builtin:demo writes its own).")
+        str | None, typer.Option(help="General text whose loss tracks forgetting (builtin:demo sets write their own).")
     ] = None,
     track_drift: Annotated[
         bool, typer.Option(help="Record the CPL mask's drift from the sign rule.")
@@ -133,6 +135,7 @@ def sweep(
         optimizer=optimizer,
         forgetting_budget=forgetting_budget,
         scoring=scoring,
+        loss_on=loss_on,
         holdout_fraction=holdout_fraction,
         min_margin=min_margin,
         limit=limit,

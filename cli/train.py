@@ -12,6 +12,7 @@ from cpl_masks.cli.common import (
     DtypeOption,
     EvalBatchSizeOption,
     EvalEveryOption,
+    LossOnOption,
     ModelOption,
     OverwriteOption,
     ThreadsOption,
@@ -27,6 +28,7 @@ from cpl_masks.cli.common import (
 )
 from cpl_masks.data.questions import load_questions
 from cpl_masks.errors import CplError
+from cpl_masks.evaluation.harness import TASK_COLUMNS, parse_tasks, task_table_rows
 from cpl_masks.evaluation.outcomes import (
     COMPARE_COLUMNS,
     METRIC_COLUMNS,
@@ -62,6 +64,13 @@ METHOD_HELP = "How to train (--mask alone implies mask): " + ", ".join(
 
 def _print_epoch(rows: list[dict[str, Any]]) -> None:
     print_table(f"epoch {rows[-1]['epoch']}", METRIC_COLUMNS, metrics_table_rows(rows[-1:]))
+    _print_tasks(rows[-1])
+
+
+def _print_tasks(row: dict[str, Any]) -> None:
+    """The lm-eval tasks' figures of a metrics row that scored them (nothing otherwise)."""
+    if row.get("lm_eval"):
+        print_table(f"lm-eval tasks at epoch {row['epoch']} (against epoch 0)", TASK_COLUMNS, task_table_rows(row))
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -85,7 +94,8 @@ def _resume_changes(ctx: typer.Context, saved: dict[str, Any]) -> dict[str, Any]
         name = param.name
         if name in ("resume", *RESUME_CHANGES) or not _given(ctx, name):
             continue
-        if not _same(ctx.params[name], _saved_value(saved, name)):
+        given = parse_tasks(ctx.params[name]) if name == "lm_eval_tasks" else ctx.params[name]  # saved as a list
+        if not _same(given, _saved_value(saved, name)):
             raise CplError(f"{max(param.opts, key=len)} cannot change on --resume; only --lr and --epochs can")
     return {name: ctx.params[name] for name in RESUME_CHANGES if _given(ctx, name)}
 
@@ -161,6 +171,7 @@ def train(
         typer.Option(help=f"{SCORINGS_HELP}; default: the mask's, else split.json's."),
     ] = None,
     force: Annotated[bool, typer.Option(help="Train with a scoring other than the mask's.")] = False,
+    loss_on: LossOnOption = RunRequest.loss_on,
     task: Annotated[
         str | None,
         typer.Option(
@@ -175,6 +186,22 @@ def train(
         bool, typer.Option(help="With --mask: record the mask's agreement with the sign rule after every epoch.")
     ] = False,
     eval_every: EvalEveryOption = RunRequest.eval_every,
+    lm_eval_tasks: Annotated[
+        str | None,
+        typer.Option(
+            metavar="TASK[,TASK...]",
+            help="Also score these lm-evaluation-harness tasks (names as lm-eval's registry knows them) at epoch 0 "
+            "and after the last epoch; each becomes the set lm-eval:<task> of questions.jsonl "
+            "(needs pip install 'cpl-masks[lm-eval]').",
+        ),
+    ] = None,
+    lm_eval_include: Annotated[
+        str | None,
+        typer.Option(help="A folder of local lm-eval task YAML for --lm-eval-tasks (lm-eval's include_path)."),
+    ] = None,
+    lm_eval_limit: Annotated[
+        int | None, typer.Option(help="Score only the first N docs of each --lm-eval-tasks task.")
+    ] = None,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -201,7 +228,8 @@ def train(
     """Fine-tune on the injection set; count learned and forgotten.
 
     Learned and forgotten questions are evaluated after every epoch (or every --eval-every epochs);
-    questions.jsonl keeps each question's result at every evaluation.
+    questions.jsonl keeps each question's result at every evaluation. --lm-eval-tasks also scores
+    lm-evaluation-harness tasks at epoch 0 and after the last epoch, item by item.
 
     Under torchrun (or accelerate launch) each rank trains and evaluates its share; rank 0 writes.
 
@@ -252,6 +280,7 @@ def train(
             retain=retain,
             method_options=method_options or {},
             scoring=scoring,
+            loss_on=loss_on,
             force=force,
             task=task,
             allow_other_weights=allow_other_weights,
@@ -261,6 +290,9 @@ def train(
             retain_text=track_text,
             track_drift=track_drift,
             eval_every=eval_every,
+            lm_eval_tasks=parse_tasks(lm_eval_tasks),
+            lm_eval_include=lm_eval_include,
+            lm_eval_limit=lm_eval_limit,
             config=config,
         )
         if task is not None:
@@ -270,6 +302,7 @@ def train(
         with reports_interrupts(lambda: _resume_hint(out)):
             run = start_run(request, overwrite=overwrite, on_epoch=_print_epoch)
     print_table(f"{run.mode} training: all epochs", METRIC_COLUMNS, metrics_table_rows(run.metrics))
+    _print_tasks(run.metrics[-1])
     say(f"model: {run.model_dir}")
     say(f"run: {Path(run.out_dir) / RUN}")
 
@@ -289,7 +322,8 @@ def compare(
 
     Runs of one split are also compared question by question with the first run: each difference
     with its 95 % bootstrap interval and exact McNemar p ("no detectable difference" when the
-    interval holds 0).
+    interval holds 0). Runs scored on lm-eval tasks (train --lm-eval-tasks) add one column per task:
+    its items forgotten, paired by item.
 
     \b
     Example:
@@ -308,10 +342,13 @@ def compare(
     outcomes = {label: _final_outcomes(folder) for label, folder in zip(labels, runs)}
     if len(runs) > 1 and all(found is not None for found in outcomes.values()):
         reference = labels[0]
+        measured = {**OUTCOMES, **{name: name for name in outcomes[reference] if name not in OUTCOMES}}  # + lm-eval
         rows = [
-            (label, *_paired_cells(compare_outcomes([(outcomes[reference], outcomes[label])]))) for label in labels[1:]
+            (label, *_paired_cells(compare_outcomes([(outcomes[reference], outcomes[label])], measured), measured))
+            for label in labels[1:]
         ]
-        print_table(f"paired by question against {reference} (run − {reference})", PAIRED_COLUMNS, rows)
+        columns = [*PAIRED_COLUMNS, *(f"forgotten ({name})" for name in measured if name not in OUTCOMES)]
+        print_table(f"paired by question against {reference} (run − {reference})", columns, rows)
     if questions:
         _print_question_differences(labels, [outcomes[label] for label in labels], records)
     if plot is not None:
@@ -327,8 +364,8 @@ def _final_outcomes(folder: Path) -> dict[str, dict[str, bool]] | None:
     return None if records is None else question_outcomes(records)
 
 
-def _paired_cells(comparison: dict[str, dict]) -> list[str]:
-    return [describe_difference(comparison[name]) if name in comparison else "-" for name in OUTCOMES]
+def _paired_cells(comparison: dict[str, dict], measured: dict[str, str]) -> list[str]:
+    return [describe_difference(comparison[name]) if name in comparison else "-" for name in measured]
 
 
 def _print_question_differences(labels: list[str], outcomes: list, records: dict[str, RunRecord]) -> None:

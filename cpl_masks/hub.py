@@ -1,8 +1,7 @@
 """Sharing masks on the Hugging Face Hub: push a registered mask with a model card, pull one back.
 
-Both go through ``huggingface_hub`` and honour ``HF_TOKEN`` and ``HF_ENDPOINT`` (read at call
-time, so a changed environment takes effect without re-importing). Hub failures become one-line
-:class:`CplError` messages, and a pull registers the mask only after its content id checks out.
+Both go through ``huggingface_hub`` and honour ``HF_TOKEN`` and ``HF_ENDPOINT`` (read at call time). Hub
+failures become one-line :class:`CplError` messages; a pull registers the mask once its content id checks out.
 """
 
 from __future__ import annotations
@@ -380,6 +379,7 @@ def card_rows(mask: Mask, name: str) -> list[tuple[str, str]]:
         ("collaborative share", f"{mask.collaborative_share():.2%}" if mask.kind == "mask" else None),
         ("task", metadata.get("task")),
         ("scoring", metadata.get("scoring")),
+        ("loss", metadata.get("loss") if "loss_on" in metadata else None),  # said where free-form items took part
         ("rule", json.dumps(metadata.get("rule"), ensure_ascii=False)),
         ("signs", retain_measure(mask).describe() if mask.kind == "retain" else None),
         ("parents", ", ".join(map(str, metadata.get("parents") or [])) or None),
@@ -387,7 +387,8 @@ def card_rows(mask: Mask, name: str) -> list[tuple[str, str]]:
     ]
     for key, entry in sorted((metadata.get("data") or {}).items()):
         if isinstance(entry, dict):
-            rows.append((f"data: {key}", f"{entry.get('rows')} rows, sha256 {str(entry.get('sha256'))[:16]}…"))
+            shape = f" ({entry['format']})" if entry.get("format") else ""
+            rows.append((f"data: {key}", f"{entry.get('rows')} rows{shape}, sha256 {str(entry.get('sha256'))[:16]}…"))
     return [(key, str(value)) for key, value in rows if value not in (None, "null")]
 
 

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from cpl_masks.data.demo import demo_rows, general_rows, invented_rows
+from cpl_masks.data.fields import MAX_TEXT_CHARS
 from cpl_masks.data.questions import (
     BUILTIN_DEMO,
-    MAX_TEXT_CHARS,
     FieldNames,
     Question,
     load_questions,

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from cpl_masks.cli.app import app
-from cpl_masks.data.questions import MAX_ID_CHARS, MAX_TEXT_CHARS, load_questions
+from cpl_masks.data.fields import MAX_ID_CHARS, MAX_TEXT_CHARS
+from cpl_masks.data.questions import load_questions
 from cpl_masks.errors import CplError
 from tests.conftest import make_questions, write_rows
 

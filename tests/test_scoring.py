@@ -14,8 +14,8 @@ from cpl_masks.models import load_model
 from cpl_masks.scoring.scorers import (
     LetterScorer,
     LoglikScorer,
+    choice_scorer,
     context_length,
-    make_scorer,
     pad_left,
     score_questions,
 )
@@ -27,7 +27,7 @@ LONG_ROW = {"id": "long", "question": "the " * 600, "choices": ["paris", "rome"]
 
 @pytest.mark.parametrize("scoring", ["letter", "loglik", "loglik-norm"])
 def test_batched_equals_one_at_a_time(tiny, scoring):
-    scorer = make_scorer(scoring, tiny.tokenizer)
+    scorer = choice_scorer(scoring, tiny.tokenizer)
     batched = score_questions(tiny.model, scorer, QUESTIONS, batch_size=5, show_progress=False)
     single = score_questions(tiny.model, scorer, QUESTIONS, batch_size=1, show_progress=False)
     assert batched.predictions == single.predictions
@@ -59,10 +59,10 @@ def test_letter_prompt_uses_chat_template_and_lists_letters(tiny, tiny_base_mode
     base = load_model(str(tiny_base_model_dir), device="cpu")
     assert LetterScorer(base.tokenizer).prompt_text(QUESTIONS[0]).endswith("\nAnswer:")
     single = score_questions(
-        base.model, make_scorer("letter", base.tokenizer), QUESTIONS, batch_size=1, show_progress=False
+        base.model, choice_scorer("letter", base.tokenizer), QUESTIONS, batch_size=1, show_progress=False
     )
     batched = score_questions(
-        base.model, make_scorer("letter", base.tokenizer), QUESTIONS, batch_size=4, show_progress=False
+        base.model, choice_scorer("letter", base.tokenizer), QUESTIONS, batch_size=4, show_progress=False
     )
     assert batched.losses == pytest.approx(single.losses, abs=1e-5)
 
@@ -85,7 +85,7 @@ def _choice_logprobs(loaded, question, choice: int) -> torch.Tensor:
 @pytest.mark.parametrize("scoring", ["loglik", "loglik-norm"])
 def test_loglik_scores_are_the_choice_tokens_log_probabilities(tiny, scoring, path):
     questions = QUESTIONS[:4]
-    table, losses = make_scorer(scoring, tiny.tokenizer, loglik_path=path).choice_scores(tiny.model, questions)
+    table, losses = choice_scorer(scoring, tiny.tokenizer, loglik_path=path).choice_scores(tiny.model, questions)
     for row, question in enumerate(questions):
         per_choice = [_choice_logprobs(tiny, question, choice) for choice in range(len(question.choices))]
         expected = [float(lp.mean() if scoring == "loglik-norm" else lp.sum()) for lp in per_choice]
@@ -100,7 +100,7 @@ def test_context_length_is_the_models_position_limit(tiny):
 
 @pytest.mark.parametrize("scoring", ["letter", "loglik", "loglik-norm"])
 def test_questions_longer_than_the_context_are_refused_naming_file_and_row(tiny, scoring):
-    scorer = make_scorer(scoring, tiny.tokenizer)
+    scorer = choice_scorer(scoring, tiny.tokenizer)
     scorer.check_fits(tiny.model, QUESTIONS)  # short ones pass
     fits = Question(id="q", question="the " * 380, choices=("paris", "rome"), answer=0, source="big.jsonl", row=7)
     too_long = Question(id="q", question="the " * 600, choices=("paris", "rome"), answer=0, source="big.jsonl", row=7)
@@ -136,7 +136,7 @@ def test_profile_and_training_refuse_an_over_long_question_naming_its_file_and_r
 
 
 def test_loglik_length_counts_the_longest_choice(tiny):
-    scorer = make_scorer("loglik", tiny.tokenizer)
+    scorer = choice_scorer("loglik", tiny.tokenizer)
     short = Question(id="q", question="what is the capital?", choices=("paris", "rome"), answer=0)
     long = Question(id="q", question="what is the capital?", choices=("paris", "rome " * 50), answer=0)
     assert scorer.sequence_length(long) >= scorer.sequence_length(short) + 49
@@ -151,9 +151,9 @@ def test_pad_left_positions_start_at_zero():
 
 def test_unknown_scoring_and_bad_batch_size(tiny):
     with pytest.raises(CplError, match="--scoring nope: choose one of letter, loglik, loglik-norm"):
-        make_scorer("nope", tiny.tokenizer)
+        choice_scorer("nope", tiny.tokenizer)
     with pytest.raises(CplError, match="--batch-size 0"):
-        score_questions(tiny.model, make_scorer("letter", tiny.tokenizer), QUESTIONS, batch_size=0)
+        score_questions(tiny.model, choice_scorer("letter", tiny.tokenizer), QUESTIONS, batch_size=0)
 
 
 def test_scores_carry_the_correct_choices_log_probability_and_margin(tiny):
@@ -185,8 +185,8 @@ MIXED = [
 
 @pytest.mark.parametrize("scoring", ["loglik", "loglik-norm"])
 def test_shared_context_scores_equal_the_per_choice_path(tiny, scoring):
-    shared = make_scorer(scoring, tiny.tokenizer)
-    per_choice = make_scorer(scoring, tiny.tokenizer, loglik_path="per-choice")
+    shared = choice_scorer(scoring, tiny.tokenizer)
+    per_choice = choice_scorer(scoring, tiny.tokenizer, loglik_path="per-choice")
     assert shared.uses_shared_path(tiny.model, MIXED) and not per_choice.uses_shared_path(tiny.model, MIXED)
     lengths = [shared.sequence_length(q) for q in MIXED]
     assert max(lengths) > 200 and min(lengths) < 30  # one batch mixes short and long questions
@@ -268,13 +268,13 @@ class _Wrapped(torch.nn.Module):
 )
 def test_a_model_that_cannot_take_the_shared_path_falls_back_saying_so_once(tiny, options, message):
     model = _Wrapped(tiny.model, **options)
-    scorer = make_scorer("loglik", tiny.tokenizer)
+    scorer = choice_scorer("loglik", tiny.tokenizer)
     with pytest.warns(UserWarning, match=f"falls back to one sequence per choice: its {message}"):
         scores = score_questions(model, scorer, MIXED, batch_size=4, show_progress=False)
     assert not scorer.uses_shared_path(model, MIXED)
     assert scorer.uses_shared_path(tiny.model, MIXED)  # decided per model
     expected = score_questions(
-        tiny.model, make_scorer("loglik", tiny.tokenizer, loglik_path="per-choice"), MIXED, show_progress=False
+        tiny.model, choice_scorer("loglik", tiny.tokenizer, loglik_path="per-choice"), MIXED, show_progress=False
     )
     assert scores.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
     with warnings.catch_warnings():
@@ -284,7 +284,7 @@ def test_a_model_that_cannot_take_the_shared_path_falls_back_saying_so_once(tiny
 
 def test_questions_past_a_sliding_window_are_scored_per_choice(tiny):
     model = _Wrapped(tiny.model, sliding_window=64)
-    scorer = make_scorer("loglik", tiny.tokenizer)
+    scorer = choice_scorer("loglik", tiny.tokenizer)
     short = [q for q in MIXED if scorer.sequence_length(q) <= 64]
     assert scorer.uses_shared_path(model, short)
     with pytest.warns(UserWarning, match=r"longer than the model's sliding attention window \(64 tokens\)"):
@@ -293,7 +293,7 @@ def test_questions_past_a_sliding_window_are_scored_per_choice(tiny):
 
 def test_unknown_loglik_path_is_refused(tiny):
     with pytest.raises(CplError, match="loglik path 'packed': choose one of shared, per-choice"):
-        make_scorer("loglik", tiny.tokenizer, loglik_path="packed")
+        choice_scorer("loglik", tiny.tokenizer, loglik_path="packed")
 
 
 class _Recording(LoglikScorer):
@@ -330,8 +330,8 @@ def test_sliding_window_layers_get_the_window_in_their_mask(tiny):
     )
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(config).eval()
-    shared = make_scorer("loglik", tiny.tokenizer)
-    per_choice = make_scorer("loglik", tiny.tokenizer, loglik_path="per-choice")
+    shared = choice_scorer("loglik", tiny.tokenizer)
+    per_choice = choice_scorer("loglik", tiny.tokenizer, loglik_path="per-choice")
     assert max(shared.sequence_length(q) for q in MIXED) > 16
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback

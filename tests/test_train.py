@@ -160,7 +160,7 @@ def test_dynamic_mode_is_the_papers_rule(tiny_model_dir):
     trainer = TrainingLoop(loaded.model, scorer, DynamicCPL(MethodContext(scorer, MASTERED, batch_size=4)), config)
     for epoch in (1, 2):
         trainer.train_epoch(INJECT, epoch)
-    expected = reference_dynamic(reference_model, scorer, INJECT, MASTERED, lr=0.02, epochs=2, seed=3)
+    expected = reference_dynamic(reference_model, scorer.choices, INJECT, MASTERED, lr=0.02, epochs=2, seed=3)
     moved = max(float((p.detach() - before[n]).abs().max()) for n, p in loaded.model.named_parameters())
     assert moved > 1e-3
     for name, parameter in loaded.model.named_parameters():

@@ -7,6 +7,8 @@ inject). Distractors are other answers from the same table, shuffled with a fixe
 
 The set is made of plain rows in the file format (``{"id", "question", "choices", "answer"}``,
 the answer a letter), which :func:`cpl_masks.data.questions.load_questions` parses and checks like any file's.
+The same facts come as free-form rows too, in TRL's prompt-completion format (:func:`completion_rows`) and
+its conversational form (:func:`chat_rows`).
 """
 
 from __future__ import annotations
@@ -74,44 +76,138 @@ SYLLABLES = (
 )
 
 
+Fact = tuple[str, str, Sequence[str], str]  # question, answer, the pool of distractors, statement ("{}": answer)
+
+
 def general_rows(seed: int = 0) -> list[dict[str, Any]]:
     """At least 150 question rows over common facts (capitals, symbols, arithmetic, words, calendar)."""
-    rng = random.Random(seed)
-    facts: list[tuple[str, str, Sequence[str]]] = []
-    facts += [(f"What is the capital of {k}?", v, list(CAPITALS.values())) for k, v in CAPITALS.items()]
-    facts += [(f"What is the chemical symbol of {k}?", v, list(SYMBOLS.values())) for k, v in SYMBOLS.items()]
-    facts += [(f"What is the opposite of '{k}'?", v, list(OPPOSITES.values())) for k, v in OPPOSITES.items()]
-    facts += [(f"Which sound does a {k} make?", v, list(ANIMAL_SOUNDS.values())) for k, v in ANIMAL_SOUNDS.items()]
-    facts += [(f"What color is {k}?", v, sorted(set(COLORS.values()))) for k, v in COLORS.items()]
-    facts += [(f"Which month comes after {m}?", MONTHS[(i + 1) % 12], MONTHS) for i, m in enumerate(MONTHS)]
-    facts += [(f"Which day comes after {d}?", DAYS[(i + 1) % 7], DAYS) for i, d in enumerate(DAYS)]
-    for a, b in _pairs(rng, 30):
-        facts.append((f"What is {a} + {b}?", str(a + b), [str(a + b + d) for d in (-2, -1, 1, 2, 10)]))
-    return list(_as_rows(facts, "general", rng))
+    return [row for row, _ in _general(seed)]
 
 
 def invented_rows(seed: int = 0) -> list[dict[str, Any]]:
     """At least 150 question rows about invented entities: knowledge no model has before injection."""
-    rng = random.Random(seed + 1)
-    names = _invented_names(rng, 200)
-    places, people, rivers = names[:60], names[60:120], names[120:200]
-    cities = [name.capitalize() + "ville" for name in names[:60]]
-    facts: list[tuple[str, str, Sequence[str]]] = []
-    facts += [(f"What is the capital of {p.capitalize()}ia?", rng.choice(cities), cities) for p in places]
-    years = [str(year) for year in range(1700, 1990, 7)]
-    facts += [(f"In which year was the inventor {p.capitalize()} born?", rng.choice(years), years) for p in people]
-    elements = [f"{name[:2].capitalize()}" for name in rivers]
-    facts += [(f"What is the chemical symbol of {r}ium?", rng.choice(elements), elements) for r in rivers[:40]]
-    colors = ["green", "blue", "red", "yellow", "purple", "orange", "white", "black"]
-    facts += [(f"What color is the {r} bird?", rng.choice(colors), colors) for r in rivers[40:]]
-    return list(_as_rows(facts, "invented", rng))
+    return [row for row, _ in _invented(seed)]
 
 
 def demo_rows(seed: int = 0) -> list[dict[str, Any]]:
     """The whole demo set, general and invented questions interleaved so any prefix holds both."""
-    general, invented = general_rows(seed), invented_rows(seed)
+    return [row for row, _ in _demo(seed)]
+
+
+def completion_rows(seed: int = 0) -> list[dict[str, Any]]:
+    """The demo set as TRL prompt-completion pairs: ``Question: ...\\nAnswer:`` and the answer after it.
+
+    Same ids and order as :func:`demo_rows`, so a free-form run and a multiple-choice run name the same facts.
+    """
+    return [
+        {"id": row["id"], "prompt": f"Question: {row['question']}\nAnswer:", "completion": f" {_answer(row)}"}
+        for row, _ in _demo(seed)
+    ]
+
+
+def chat_rows(seed: int = 0) -> list[dict[str, Any]]:
+    """The demo set as conversational prompt-completion pairs: the question, and a sentence stating the fact.
+
+    A chat model answers in a sentence ("The capital of France is Paris."), so the completion is one.
+    """
+    return [
+        {
+            "id": row["id"],
+            "prompt": [{"role": "user", "content": row["question"]}],
+            "completion": [{"role": "assistant", "content": statement}],
+        }
+        for row, statement in _demo(seed)
+    ]
+
+
+def _demo(seed: int) -> list[tuple[dict[str, Any], str]]:
+    general, invented = _general(seed), _invented(seed)
     mixed = [q for pair in zip(general, invented) for q in pair]
     return mixed + general[len(invented) :] + invented[len(general) :]
+
+
+def _general(seed: int) -> list[tuple[dict[str, Any], str]]:
+    rng = random.Random(seed)
+    facts: list[Fact] = []
+    facts += [
+        (f"What is the capital of {k}?", v, list(CAPITALS.values()), f"The capital of {k} is {{}}.")
+        for k, v in CAPITALS.items()
+    ]
+    facts += [
+        (f"What is the chemical symbol of {k}?", v, list(SYMBOLS.values()), f"The chemical symbol of {k} is {{}}.")
+        for k, v in SYMBOLS.items()
+    ]
+    facts += [
+        (f"What is the opposite of '{k}'?", v, list(OPPOSITES.values()), f"The opposite of '{k}' is '{{}}'.")
+        for k, v in OPPOSITES.items()
+    ]
+    facts += [
+        (f"Which sound does a {k} make?", v, list(ANIMAL_SOUNDS.values()), f"A {k} makes the sound '{{}}'.")
+        for k, v in ANIMAL_SOUNDS.items()
+    ]
+    facts += [
+        (f"What color is {k}?", v, sorted(set(COLORS.values())), f"{k[0].upper()}{k[1:]} is {{}}.")
+        for k, v in COLORS.items()
+    ]
+    facts += [
+        (f"Which month comes after {m}?", MONTHS[(i + 1) % 12], MONTHS, f"The month after {m} is {{}}.")
+        for i, m in enumerate(MONTHS)
+    ]
+    facts += [
+        (f"Which day comes after {d}?", DAYS[(i + 1) % 7], DAYS, f"The day after {d} is {{}}.")
+        for i, d in enumerate(DAYS)
+    ]
+    for a, b in _pairs(rng, 30):
+        facts.append(
+            (f"What is {a} + {b}?", str(a + b), [str(a + b + d) for d in (-2, -1, 1, 2, 10)], f"{a} + {b} = {{}}.")
+        )
+    return list(_as_rows(facts, "general", rng))
+
+
+def _invented(seed: int) -> list[tuple[dict[str, Any], str]]:
+    rng = random.Random(seed + 1)
+    names = _invented_names(rng, 200)
+    places, people, rivers = names[:60], names[60:120], names[120:200]
+    cities = [name.capitalize() + "ville" for name in names[:60]]
+    facts: list[Fact] = []
+    facts += [
+        (
+            f"What is the capital of {p.capitalize()}ia?",
+            rng.choice(cities),
+            cities,
+            f"The capital of {p.capitalize()}ia is {{}}.",
+        )
+        for p in places
+    ]
+    years = [str(year) for year in range(1700, 1990, 7)]
+    facts += [
+        (
+            f"In which year was the inventor {p.capitalize()} born?",
+            rng.choice(years),
+            years,
+            f"The inventor {p.capitalize()} was born in {{}}.",
+        )
+        for p in people
+    ]
+    elements = [f"{name[:2].capitalize()}" for name in rivers]
+    facts += [
+        (
+            f"What is the chemical symbol of {r}ium?",
+            rng.choice(elements),
+            elements,
+            f"The chemical symbol of {r}ium is {{}}.",
+        )
+        for r in rivers[:40]
+    ]
+    colors = ["green", "blue", "red", "yellow", "purple", "orange", "white", "black"]
+    facts += [
+        (f"What color is the {r} bird?", rng.choice(colors), colors, f"The {r} bird is {{}}.") for r in rivers[40:]
+    ]
+    return list(_as_rows(facts, "invented", rng))
+
+
+def _answer(row: dict[str, Any]) -> str:
+    return row["choices"][string.ascii_uppercase.index(row["answer"])]
 
 
 def _pairs(rng: random.Random, count: int) -> list[tuple[int, int]]:
@@ -127,14 +223,15 @@ def _invented_names(rng: random.Random, count: int) -> list[str]:
     return names
 
 
-def _as_rows(facts: list[tuple[str, str, Sequence[str]]], prefix: str, rng: random.Random) -> Iterator[dict[str, Any]]:
-    """One row per fact: the answer and three distractors from its pool, in a seeded order."""
-    for index, (text, answer, pool) in enumerate(facts):
+def _as_rows(facts: list[Fact], prefix: str, rng: random.Random) -> Iterator[tuple[dict[str, Any], str]]:
+    """One row per fact, the answer and three distractors from its pool in a seeded order, and its statement."""
+    for index, (text, answer, pool, statement) in enumerate(facts):
         distractors = rng.sample(sorted(set(pool) - {answer}), CHOICES_PER_QUESTION - 1)
         choices = [answer, *distractors]
         rng.shuffle(choices)
         letter = string.ascii_uppercase[choices.index(answer)]
-        yield {"id": f"{prefix}-{index:03d}", "question": text, "choices": choices, "answer": letter}
+        row = {"id": f"{prefix}-{index:03d}", "question": text, "choices": choices, "answer": letter}
+        yield row, statement.format(answer)
 
 
 def retain_text() -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import string
@@ -26,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpl_masks.data.demo import demo_rows
+from cpl_masks.data.completions import FREE_FORMS, Completion, free_form_of, parse_completion
+from cpl_masks.data.demo import chat_rows, completion_rows, demo_rows
+from cpl_masks.data.fields import MAX_TEXT_CHARS, FieldNames, capped, kind_of, row_id, shown, text_of
 from cpl_masks.data.sources import (
     LongNumber,
     Rows,
@@ -43,8 +44,13 @@ from cpl_masks.utils.files import write_jsonl
 LETTERS = string.ascii_uppercase
 MIN_CHOICES, MAX_CHOICES = 2, len(LETTERS)
 BUILTIN_DEMO = "builtin:demo"  # the generated demo set (cpl_masks.data.demo)
-MAX_TEXT_CHARS = 100_000  # far beyond any model's context; refuses runaway fields before tokenizing
-MAX_ID_CHARS = 1_000  # an id names a question in records and messages; far longer is not an id
+BUILTIN_SETS = {  # name -> the generated rows (cpl_masks.data.demo): the demo facts in each format
+    BUILTIN_DEMO: demo_rows,
+    "builtin:demo-completions": completion_rows,
+    "builtin:demo-chat": chat_rows,
+}
+MULTIPLE_CHOICE = "multiple-choice"
+DATA_FORMATS = (MULTIPLE_CHOICE, *FREE_FORMS)  # what --format names; left out, each file's columns say
 _INDEX = re.compile(r"^-?[0-9]+$")
 _MAX_INDEX_DIGITS = 18  # a longer string of digits (zero-padded or not) is refused as out of range
 _OPTION_LINE = re.compile(r"^\s*([A-Z])\s*[:.)]\s+(.*\S)\s*$")
@@ -75,6 +81,21 @@ class Question:
         return f"{self.source}: row {self.row}" if self.source else f"question {self.id!r}"
 
     @property
+    def form(self) -> str:
+        """The item's data format: always :data:`MULTIPLE_CHOICE` (a free-form item says its own)."""
+        return MULTIPLE_CHOICE
+
+    @property
+    def content(self) -> tuple[Any, ...]:
+        """What the question says, without its id: two questions with the same content are the same question."""
+        return (self.question, self.choices)
+
+    @property
+    def text_length(self) -> int:
+        """Characters of text the question holds (its text and its choices)."""
+        return len(self.question) + sum(len(choice) for choice in self.choices)
+
+    @property
     def answer_letter(self) -> str:
         """The correct option's letter (``"A"`` for index 0)."""
         return LETTERS[self.answer]
@@ -92,16 +113,10 @@ class Question:
         return record
 
 
-@dataclass(frozen=True)
-class FieldNames:
-    """Which row fields hold the question, the choices and the answer."""
-
-    question: str = "question"
-    choices: str = "choices"
-    answer: str = "answer"
+Item = Question | Completion  # one row of any data format; "questions" below are items of any format
 
 
-def questions_sha256(questions: Sequence[Question]) -> str:
+def questions_sha256(questions: Sequence[Item]) -> str:
     """Content hash of a question set: the same questions hash the same from any file format."""
     digest = hashlib.sha256()
     for question in questions:
@@ -110,7 +125,7 @@ def questions_sha256(questions: Sequence[Question]) -> str:
     return digest.hexdigest()
 
 
-def write_questions(path: str | os.PathLike, questions: Iterable[Question]) -> None:
+def write_questions(path: str | os.PathLike, questions: Iterable[Item]) -> None:
     """Write questions as canonical JSONL (atomically), readable back by :func:`load_questions`."""
     write_jsonl(path, (question.to_record() for question in questions))
 
@@ -121,10 +136,17 @@ def load_questions(
     split: str | None = None,
     fields: FieldNames = FieldNames(),
     limit: int | None = None,
-) -> list[Question]:
-    """Load and validate a question set from a file, a saved dataset folder, a hub dataset or ``builtin:demo``.
+    data_format: str | None = None,
+) -> list[Item]:
+    """Load and validate a question set from a file, a saved dataset folder, a hub dataset or a built-in set.
 
-    ``limit`` keeps only the first rows; only those are validated.
+    The built-in sets are the demo facts: ``builtin:demo`` (multiple choice), ``builtin:demo-completions``
+    (prompt-completion) and ``builtin:demo-chat`` (conversational prompt-completion).
+
+    The rows are multiple-choice questions or free-form items (TRL's ``text``, ``messages`` and
+    ``prompt``/``completion`` rows), as each row's columns say or ``data_format`` (one of
+    :data:`DATA_FORMATS`) forces; one source holds at most one free-form format, beside which
+    multiple-choice rows may sit. ``limit`` keeps only the first rows; only those are validated.
 
     Raises:
         CplError: naming the source and row, for any unreadable or invalid input, or a ``limit`` below 1.
@@ -133,22 +155,66 @@ def load_questions(
     rows, name = _read_rows(source, split)
     if limit is not None:
         rows = rows[:limit]
-    return _parse_rows(rows, name, fields)
+    return _parse_rows(rows, name, fields, data_format)
 
 
-def parse_questions(records: Any, name: str) -> list[Question]:
+def parse_questions(records: Any, name: str) -> list[Item]:
     """Validate canonical question records held elsewhere (a retain set's metadata), as a file's rows are."""
     if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
         raise CplError(f"{name}: the questions are not a list of objects")
     return _parse_rows(numbered(records), name, FieldNames())
 
 
-def _parse_rows(rows: Rows, name: str, fields: FieldNames) -> list[Question]:
+def _parse_rows(rows: Rows, name: str, fields: FieldNames, data_format: str | None = None) -> list[Item]:
     if not rows:
         raise CplError(f"{name}: no questions (the data is empty)")
-    questions = [_parse_row(row, number, name, fields) for number, row in rows]
-    _check_unique_ids(questions)
-    return questions
+    check_data_format(data_format)
+    items = [_parse_item(row, number, name, fields, data_format) for number, row in rows]
+    _check_one_free_form(items, name)
+    _check_unique_ids(items)
+    return items
+
+
+def _check_one_free_form(items: list[Item], name: str) -> None:
+    """Refuse two free-form shapes in one source: text beside prompt-completion rows, conversations beside texts.
+
+    Multiple-choice rows may sit beside free-form rows (a split's held-out file holds a pool of questions
+    next to held-out items): each row says what it is, and each is scored by its own rule.
+    """
+    free = [item for item in items if isinstance(item, Completion)]
+    for item in free[1:]:
+        first = free[0]
+        if item.form != first.form:
+            raise CplError(
+                f"{name}: row {item.row} is a {item.form} row but row {first.row} is {first.form};"
+                " one file holds one free-form format"
+            )
+        if item.conversational != first.conversational:
+            raise CplError(
+                f"{name}: row {item.row} {'is' if item.conversational else 'is not'} a conversation but row"
+                f" {first.row} {'is not' if item.conversational else 'is'}; one file holds one free-form format"
+            )
+
+
+def check_data_format(data_format: str | None, option: str = "--format") -> None:
+    """Refuse a data format that is none of :data:`DATA_FORMATS` (None lets each source's columns say)."""
+    if data_format is not None and data_format not in DATA_FORMATS:
+        raise CplError(f"{option} {str(data_format)[:40]}: choose one of {', '.join(DATA_FORMATS)}")
+
+
+def _row_format(row: dict, fields: FieldNames) -> str:
+    """The format a row's columns say: a question field means multiple choice, else TRL's free-form columns."""
+    if row.get(fields.question) is not None:
+        return MULTIPLE_CHOICE
+    return free_form_of(row, fields) or MULTIPLE_CHOICE
+
+
+def _parse_item(row: dict, number: int, name: str, fields: FieldNames, data_format: str | None) -> Item:
+    """A row as an item of the forced ``data_format``, else of the format its columns say."""
+    form = data_format or _row_format(row, fields)
+    if form == MULTIPLE_CHOICE:
+        return _parse_row(row, number, name, fields)
+    return parse_completion(row, number, name, form, fields)
 
 
 def check_limit(limit: int | None, option: str = "--limit") -> None:
@@ -163,8 +229,8 @@ def check_limit(limit: int | None, option: str = "--limit") -> None:
 
 def _read_rows(source: str | os.PathLike, split: str | None) -> tuple[Rows, str]:
     """The source's rows, each with the number error messages give it, and the source's name."""
-    if str(source) == BUILTIN_DEMO:
-        return numbered(demo_rows()), BUILTIN_DEMO
+    if str(source) in BUILTIN_SETS:
+        return numbered(BUILTIN_SETS[str(source)]()), str(source)
     path = Path(source)
     if path.is_file():
         return read_file(path), str(path)
@@ -188,7 +254,7 @@ def _parse_row(row: dict, number: int, name: str, fields: FieldNames) -> Questio
     _check_count(len(choices), where)
     _check_distinct(choices, where)
     return Question(
-        id=_question_id(row.get("id"), number, where),
+        id=row_id(row.get("id"), number, where),
         question=text,
         choices=choices,
         answer=_parse_answer(answer, choices, where, answer_field),
@@ -203,60 +269,15 @@ def _question_text(value: Any, where: str, field_name: str) -> str:
     if value is None or (isinstance(value, str) and not value.strip()):
         raise CplError(f"{where}: missing field '{field_name}' (a non-empty string)")
     if not isinstance(value, str):
-        raise CplError(f"{where}: field '{field_name}' must be text (a non-empty string), not {_kind(value)}")
-    return _capped(value, where, f"field '{field_name}'", MAX_TEXT_CHARS)
-
-
-def _question_id(value: Any, number: int, where: str) -> str:
-    """The row's id as text (``row-N`` when it has none), at most :data:`MAX_ID_CHARS` characters."""
-    if value is None or value == "":
-        return f"row-{number}"
-    return _capped(_text_of(value, where, "field 'id'"), where, "field 'id'", MAX_ID_CHARS)
+        raise CplError(f"{where}: field '{field_name}' must be text (a non-empty string), not {kind_of(value)}")
+    return capped(value, where, f"field '{field_name}'", MAX_TEXT_CHARS)
 
 
 def _preformatted(value: Any, where: str) -> bool:
     """The optional ``preformatted`` flag: true, false or absent; any other value is refused, not read as truthy."""
     if value is None or isinstance(value, bool):
         return bool(value)
-    raise CplError(f"{where}: field 'preformatted' must be true or false, not {_kind(value)}")
-
-
-def _text_of(value: Any, where: str, what: str) -> str:
-    """A text field's value: text as it is, a number as JSON spells it (``7`` is ``"7"``, ``0.5`` is ``"0.5"``).
-
-    The same rule for every source, so a number means the same from JSON, CSV and Parquet; null, booleans,
-    lists, objects, non-finite and overlong numbers are refused rather than turned into text like ``"None"``.
-    """
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float) and math.isfinite(value):
-        return json.dumps(value)
-    raise CplError(f"{where}: {what} must be text or a finite number, not {_kind(value)}")
-
-
-def _kind(value: Any) -> str:
-    """How a message names a value of the wrong type: ``null``, ``a boolean``, ``a list``, ``nan``..."""
-    kinds = {type(None): "null", bool: "a boolean", list: "a list", tuple: "a list", dict: "an object"}
-    if type(value) in kinds:
-        return kinds[type(value)]
-    if isinstance(value, (float, LongNumber)):
-        return repr(value)
-    return f"a value of type {type(value).__name__}"
-
-
-def _capped(value: str, where: str, what: str, limit: int) -> str:
-    """``value`` when it has at most ``limit`` characters; refused before anything tokenizes or records it."""
-    if len(value) > limit:
-        raise CplError(f"{where}: {what} is {len(value):,} characters long; at most {limit:,} are allowed")
-    return value
-
-
-def _shown(value: Any) -> str:
-    """A value from a row as a message quotes it: its repr, shortened so that the message stays one short line."""
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:50]}... ({len(text):,} characters)"
+    raise CplError(f"{where}: field 'preformatted' must be true or false, not {kind_of(value)}")
 
 
 def _check_count(count: int, where: str) -> None:
@@ -274,7 +295,7 @@ def _check_distinct(choices: tuple[str, ...], where: str) -> None:
     for index, choice in enumerate(choices):
         if choice in first:
             letters = f"{LETTERS[first[choice]]} and {LETTERS[index]}"
-            raise CplError(f"{where}: duplicate choice {_shown(choice)} (options {letters}); every choice must differ")
+            raise CplError(f"{where}: duplicate choice {shown(choice)} (options {letters}); every choice must differ")
         first[choice] = index
 
 
@@ -291,12 +312,12 @@ def _parse_choices(raw: Any, where: str, fields: FieldNames) -> tuple[str, ...]:
     if not isinstance(raw, (list, tuple)):
         raise CplError(f"{where}: field '{name}' is not a list")
     _check_count(len(raw), where)
-    texts = (_text_of(value, where, f"field '{name}': choice {letter}") for letter, value in zip(LETTERS, raw))
+    texts = (text_of(value, where, f"field '{name}': choice {letter}") for letter, value in zip(LETTERS, raw))
     choices = tuple(text.strip() for text in texts)
     if any(not choice for choice in choices):
         raise CplError(f"{where}: field '{name}' has an empty choice")
     for choice in choices:
-        _capped(choice, where, f"field '{name}'", MAX_TEXT_CHARS)
+        capped(choice, where, f"field '{name}'", MAX_TEXT_CHARS)
     return choices
 
 
@@ -319,7 +340,7 @@ def _parse_answer(answer: Any, choices: tuple[str, ...], where: str, field: str)
     if isinstance(answer, bool):
         raise CplError(f"{where}: field '{field}' is a boolean, expected a letter or a 0-based index")
     if isinstance(answer, str):
-        key = _capped(answer, where, f"field '{field}'", MAX_TEXT_CHARS).strip()
+        key = capped(answer, where, f"field '{field}'", MAX_TEXT_CHARS).strip()
         if len(key) == 1 and key.upper() in LETTERS:
             index = LETTERS.index(key.upper())
         elif _INDEX.match(key):
@@ -327,22 +348,22 @@ def _parse_answer(answer: Any, choices: tuple[str, ...], where: str, field: str)
         elif key in choices:
             index = choices.index(key)
         else:
-            raise CplError(f"{where}: answer {_shown(answer)} is neither a letter, an index nor one of the choices")
+            raise CplError(f"{where}: answer {shown(answer)} is neither a letter, an index nor one of the choices")
     elif isinstance(answer, int) or (isinstance(answer, float) and answer.is_integer()):
         index = int(answer)
     elif isinstance(answer, LongNumber):
         raise CplError(f"{where}: field '{field}' is {answer!r}, not one of the {count} choices' indexes")
     else:
-        raise CplError(f"{where}: field '{field}' must be a letter or a 0-based index, got {_shown(answer)}")
+        raise CplError(f"{where}: field '{field}' must be a letter or a 0-based index, got {shown(answer)}")
     if not 0 <= index < count:
         valid = f"A-{LETTERS[count - 1]} or 0-{count - 1}"
-        raise CplError(f"{where}: answer {_shown(answer)} is not among the {count} choices ({valid})")
+        raise CplError(f"{where}: answer {shown(answer)} is not among the {count} choices ({valid})")
     return index
 
 
-def _check_unique_ids(questions: list[Question]) -> None:
+def _check_unique_ids(questions: list[Item]) -> None:
     seen: dict[str, int] = {}
     for question in questions:
         if question.id in seen:
-            raise CplError(f"{question.where}: duplicate id {_shown(question.id)} (first at row {seen[question.id]})")
+            raise CplError(f"{question.where}: duplicate id {shown(question.id)} (first at row {seen[question.id]})")
         seen[question.id] = question.row

@@ -140,13 +140,14 @@ def forgetting_pool(
 ) -> tuple[list[Question], dict[str, dict[str, Any]]]:
     """The candidates the model answers right by at least ``min_margin``, in order, at most ``limit`` of them.
 
-    Candidates whose content (question and choices) is one of ``exclude`` are skipped, so the pool
-    never overlaps the split. Candidates are scored a few batches at a time and scoring stops once
-    ``limit`` are kept. Returns the kept questions under ids ``pool:<id>`` and their scores by that id.
+    Candidates whose content (a question and its choices, an item's prompt and completion) is one of
+    ``exclude`` are skipped, so the pool never overlaps the split. Candidates are scored a few batches at
+    a time and scoring stops once ``limit`` are kept. Returns the kept questions under ids ``pool:<id>``
+    and their scores by that id.
     """
     check_limit(limit, "--heldout-limit")
-    taken = {(q.question, q.choices) for q in exclude}
-    fresh = [q for q in candidates if (q.question, q.choices) not in taken]
+    taken = {q.content for q in exclude}
+    fresh = [q for q in candidates if q.content not in taken]
     scorer.check_fits(model, fresh)
     kept: list[Question] = []
     scores: dict[str, dict[str, Any]] = {}

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from cpl_masks.data.questions import Question
 from cpl_masks.errors import CplError
+from cpl_masks.evaluation.harness import PREFIX as HARNESS_PREFIX
 from cpl_masks.evaluation.stats import compare_paired
 from cpl_masks.scoring.scorers import Scorer, Scores, batches, pad_left, score_questions
 from cpl_masks.training.record import RunRecord
@@ -181,7 +182,8 @@ def question_outcomes(records: Sequence[Mapping[str, Any]], epoch: int | None = 
 
     Returns ``{"learned": {id: bool}, "forgotten": {...}, "heldout_forgotten": {...}}`` over every
     question of the set (False where the transition cannot happen: a question right at epoch 0 is
-    never learned), so two runs from the same split align question by question.
+    never learned), so two runs from the same split align question by question. Each lm-eval task
+    scored at epoch 0 and at ``epoch`` adds its set's forgotten items under the set's name (``lm-eval:<task>``).
     """
     by_epoch: dict[int, dict[str, Mapping[str, Any]]] = {}
     for record in records:
@@ -198,6 +200,9 @@ def question_outcomes(records: Sequence[Mapping[str, Any]], epoch: int | None = 
         before, after = by_epoch[0][name], by_epoch[epoch][name]
         gained, lost = transitions(before["correct"], after["correct"])
         outcomes[outcome] = dict(zip(before["id"], gained if outcome == "learned" else lost, strict=True))
+    for name in (name for name in by_epoch[0] if name.startswith(HARNESS_PREFIX) and name in by_epoch[epoch]):
+        before, after = by_epoch[0][name], by_epoch[epoch][name]
+        outcomes[name] = dict(zip(before["id"], transitions(before["correct"], after["correct"])[1], strict=True))
     return outcomes
 
 
@@ -258,11 +263,11 @@ def outcome_differences(
     a: Mapping[str, Mapping[str, bool]], b: Mapping[str, Mapping[str, bool]]
 ) -> list[tuple[str, str, bool, bool]]:
     """The questions two runs of one split disagree on: ``(outcome, id, a's, b's)`` for every outcome
-    (learned, forgotten, held-out forgotten) one run had and the other did not."""
+    (learned, forgotten, held-out forgotten, forgotten on an lm-eval task) one run had and the other did not."""
     return [
         (outcome, key, happened, b[outcome][key])
-        for outcome in OUTCOMES
-        if outcome in a and outcome in b
+        for outcome in a
+        if outcome in b
         for key, happened in a[outcome].items()
         if key in b[outcome] and happened != b[outcome][key]
     ]

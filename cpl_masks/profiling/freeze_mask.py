@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
-from cpl_masks.data.questions import Question, questions_sha256
+from cpl_masks.data.questions import MULTIPLE_CHOICE, Item, Question, questions_sha256
 from cpl_masks.data.split import resolve_scoring
 from cpl_masks.errors import CplError
 from cpl_masks.masks.format import SCORES_HASH_KEY, Mask, weights_metadata
 from cpl_masks.models import LoadedModel
 from cpl_masks.profiling.gradients import gradient_sums, mean_gradients
 from cpl_masks.profiling.selection import Cut, encode_scores, t_statistic, touched_entries
+from cpl_masks.scoring.completion import DEFAULT_LOSS_ON
 from cpl_masks.scoring.scorers import Scorer, make_scorer
 from cpl_masks.utils import distributed, sharding
 from cpl_masks.utils.progress import progress_bar
@@ -37,6 +38,29 @@ LOSSES = {
     "loglik": "mean token cross-entropy of the correct choice's text",
     "loglik-norm": "mean token cross-entropy of the correct choice's text",
 }
+CHOICES_LOSS = "cross-entropy over the choices' scores (the loss of the prediction: its margin)"
+COMPLETION_LOSSES = {
+    "completion": "mean token cross-entropy of the completion (assistant) tokens",
+    "all": "mean token cross-entropy of every token",
+}
+
+
+def loss_metadata(
+    scoring: str, loss_on: str, sets: Sequence[Sequence[Item]], objective: str = "answer"
+) -> dict[str, str]:
+    """The ``loss`` a mask or retain set records, and ``loss_on`` where free-form items took part.
+
+    A set of multiple-choice questions alone records what it always did, so its mask is the same file.
+    """
+    forms = {item.form for items in sets for item in items}
+    choices = LOSSES[scoring] if objective == "answer" else CHOICES_LOSS
+    if forms <= {MULTIPLE_CHOICE}:
+        return {"loss": choices}
+    free = COMPLETION_LOSSES[loss_on]
+    return {
+        "loss": f"{choices} (multiple choice); {free} (free-form)" if MULTIPLE_CHOICE in forms else free,
+        "loss_on": loss_on,
+    }
 
 
 def profile(
@@ -46,6 +70,7 @@ def profile(
     *,
     cut: Cut | None = None,
     scoring: str | None = None,
+    loss_on: str = DEFAULT_LOSS_ON,
     batch_size: int = 16,
     save_scores: bool = False,
     checkpointing: bool = True,
@@ -66,6 +91,7 @@ def profile(
         scoring: the answer loss (``letter``, ``loglik`` or ``loglik-norm``); default: the one
             ``split.json`` beside ``data_paths["mastered"]`` records, else ``letter``
             (:func:`cpl_masks.data.split.resolve_scoring`).
+        loss_on: free-form items' loss: ``completion`` (their completion tokens) or ``all`` tokens.
         batch_size: questions per forward/backward pass.
         save_scores: keep the bfloat16 scores in the mask, so it can be re-cut without profiling.
         checkpointing: recompute layer activations in backward (same gradients, far less memory).
@@ -88,7 +114,7 @@ def profile(
         raise CplError("profile needs a non-empty mastered set and a non-empty injection set")
     cut = cut or Cut()
     scoring = resolve_scoring(scoring, data_path=(data_paths or {}).get("mastered"))
-    scorer = make_scorer(scoring, loaded.tokenizer)
+    scorer = make_scorer(scoring, loaded.tokenizer, loss_on=loss_on)
     scorer.check_fits(loaded.model, [*mastered, *inject])
     torch.manual_seed(seed)
     distributed.setup(str(loaded.device))  # joins the launcher's group if the caller has not
@@ -108,7 +134,7 @@ def profile(
     metadata = {
         "model": {"ref": loaded.ref, **weights},
         "scoring": scoring,
-        "loss": LOSSES[scoring],
+        **loss_metadata(scoring, loss_on, [mastered, inject]),
         "data": data_provenance({"mastered": mastered, "inject": inject}, data_paths),
         "task": task,
         "rule": cut.to_metadata(),
@@ -188,17 +214,19 @@ def _gradients(
     return moments_m.mean, moments_i.mean, (moments_m.standard_error, moments_i.standard_error)
 
 
-def data_provenance(
-    sets: dict[str, Sequence[Question]], paths: dict[str, str] | None = None
-) -> dict[str, dict[str, Any]]:
+def data_provenance(sets: dict[str, Sequence[Item]], paths: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """The ``data`` metadata of a mask: sha256, row count and source path of each question set it saw.
 
-    Recorded so a mask names exactly the questions that shaped it (``paths`` maps set names to files).
+    Recorded so a mask names exactly the questions that shaped it (``paths`` maps set names to files). A set
+    of free-form items also records its ``format`` (multiple choice, the only format once, records none).
     """
-    return {
-        key: {"sha256": questions_sha256(rows), "rows": len(rows), "path": (paths or {}).get(key)}
-        for key, rows in sets.items()
-    }
+    provenance = {}
+    for key, rows in sets.items():
+        provenance[key] = {"sha256": questions_sha256(rows), "rows": len(rows), "path": (paths or {}).get(key)}
+        forms = sorted({item.form for item in rows})
+        if forms != [MULTIPLE_CHOICE]:
+            provenance[key]["format"] = ", ".join(forms)
+    return provenance
 
 
 def check_cut_runs(cut: Cut, wrapping: str | None) -> None:

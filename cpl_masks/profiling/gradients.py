@@ -189,7 +189,7 @@ def _rank_batches(
     With ``equal_counts`` (an FSDP2 model, whose every backward is a collective) a rank with fewer
     batches than the others ends with batches of one question at weight 0.
     """
-    local = distributed.shard(sorted(questions, key=_text_length))
+    local = distributed.shard(sorted(questions, key=lambda item: item.text_length))
     own = batches(local, batch_size) if local else []
     for batch in own:
         yield batch, 1.0
@@ -204,10 +204,6 @@ def _all_finite(gradient: torch.Tensor) -> bool:
         return bool(torch.isfinite(gradient).all())
     bad = torch.tensor([float(not torch.isfinite(sharding.local(gradient)).all())], device=gradient.device)
     return not distributed.all_reduce_sum(bad).item()
-
-
-def _text_length(question: Question) -> int:
-    return len(question.question) + sum(len(choice) for choice in question.choices)
 
 
 @contextlib.contextmanager

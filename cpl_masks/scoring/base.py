@@ -27,6 +27,9 @@ OBJECTIVE_HELP = (
 )
 
 
+Outcome = tuple[int, bool, float, float, float]  # one item's prediction, correct, loss, logprob, margin (Scores)
+
+
 @dataclass
 class Scores:
     """Per-question results of scoring a question set, in input order.
@@ -84,6 +87,7 @@ class Scorer(abc.ABC):
     """Turns questions into model inputs; computes predictions and the differentiable answer loss."""
 
     name: str
+    too_long = "question is {tokens} tokens"  # how check_fits names an item's length
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -112,9 +116,8 @@ class Scorer(abc.ABC):
         for question in questions:
             tokens = self.sequence_length(question)
             if tokens > limit:
-                raise CplError(
-                    f"{question.where}: question is {tokens} tokens, longer than the model's context ({limit})"
-                )
+                length = self.too_long.format(tokens=tokens)
+                raise CplError(f"{question.where}: {length}, longer than the model's context ({limit})")
 
     @abc.abstractmethod
     def loss(self, model: Any, questions: Sequence[Question]) -> torch.Tensor:
@@ -126,6 +129,19 @@ class Scorer(abc.ABC):
 
         The prediction is the highest-scoring choice.
         """
+
+    @torch.no_grad()
+    def outcomes(self, model: Any, questions: Sequence[Question]) -> list[Outcome]:
+        """Per question: the predicted choice, whether it is right, the answer loss, the correct choice's score and
+        its margin over the best wrong choice (one row of :class:`Scores`)."""
+        table, loss = self.choice_scores(model, questions)  # (B, C), (B,)
+        table = table.float().cpu()
+        answers = torch.tensor([q.answer for q in questions])  # (B,)
+        right = table.gather(1, answers[:, None]).squeeze(1)  # (B,) score of the correct choice
+        best_wrong = table.scatter(1, answers[:, None], float("-inf")).max(-1).values  # (B,)
+        predictions = table.argmax(-1)  # (B,)
+        columns = (predictions, predictions == answers, loss, right, right - best_wrong)
+        return list(zip(*(column.tolist() for column in columns)))
 
     @torch.no_grad()
     def choice_scores(self, model: Any, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:

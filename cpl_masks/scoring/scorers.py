@@ -27,9 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cpl_masks.data.questions import LETTERS, Question
+from cpl_masks.data.completions import Completion
+from cpl_masks.data.questions import LETTERS, Item, Question
 from cpl_masks.errors import CplError
-from cpl_masks.scoring.base import SCORINGS, Scorer, Scores, batches, context_length, pad_left
+from cpl_masks.scoring.base import SCORINGS, Outcome, Scorer, Scores, batches, context_length, pad_left
+from cpl_masks.scoring.completion import DEFAULT_LOSS_ON, CompletionScorer
 from cpl_masks.scoring.loglik import LoglikScorer
 from cpl_masks.utils.progress import progress_bar
 
@@ -105,12 +107,73 @@ class LetterScorer(Scorer):
         return letter_logprobs.masked_fill(absent, float("-inf")), losses
 
 
-def make_scorer(scoring: str, tokenizer: Any, *, loglik_path: str = "shared") -> Scorer:
-    """The scorer for a scoring name (``letter``, ``loglik`` or ``loglik-norm``).
+class MixedScorer(Scorer):
+    """Scores items of every format: multiple-choice questions by the named scoring, free-form items by completion.
+
+    A run's sets may differ in format (free-form items to inject, multiple-choice questions to keep), and a
+    batch may hold both; each item goes to its format's scorer and the results come back in input order.
+    ``name`` is the multiple-choice scoring's, as every record names it.
+    """
+
+    def __init__(self, choices: Scorer, completions: CompletionScorer) -> None:
+        super().__init__(choices.tokenizer)
+        self.choices, self.completions = choices, completions
+        self.name = choices.name
+
+    def scorer_of(self, item: Item) -> Scorer:
+        """The scorer of the item's format."""
+        return self.completions if isinstance(item, Completion) else self.choices
+
+    def sequence_length(self, question: Item) -> int:
+        return self.scorer_of(question).sequence_length(question)
+
+    def batch_key(self, question: Item) -> int:
+        return self.scorer_of(question).batch_key(question)
+
+    def check_fits(self, model: Any, questions: Sequence[Item]) -> None:
+        for scorer, part in self._parts(questions):
+            scorer.check_fits(model, [questions[index] for index in part])
+
+    def loss(self, model: Any, questions: Sequence[Item]) -> torch.Tensor:
+        parts = self._parts(questions)
+        losses = [scorer.loss(model, [questions[index] for index in part]) for scorer, part in parts]
+        order = torch.tensor([index for _, part in parts for index in part], device=losses[0].device)
+        return torch.cat(losses)[order.argsort()]  # (B,) back in input order
+
+    def choice_table(self, model: Any, questions: Sequence[Item]) -> tuple[torch.Tensor, torch.Tensor]:
+        free = [item for item in questions if isinstance(item, Completion)]  # which have no choices: refused
+        return (self.completions if free else self.choices).choice_table(model, free or questions)
+
+    @torch.no_grad()
+    def outcomes(self, model: Any, questions: Sequence[Item]) -> list[Outcome]:
+        results: dict[int, Outcome] = {}
+        for scorer, part in self._parts(questions):
+            results.update(zip(part, scorer.outcomes(model, [questions[index] for index in part]), strict=True))
+        return [results[index] for index in range(len(questions))]
+
+    def _parts(self, questions: Sequence[Item]) -> list[tuple[Scorer, list[int]]]:
+        """The items' positions grouped by their format's scorer (multiple choice first)."""
+        groups: dict[int, list[int]] = {}
+        scorers = (self.choices, self.completions)
+        for index, item in enumerate(questions):
+            groups.setdefault(scorers.index(self.scorer_of(item)), []).append(index)
+        return [(scorers[key], groups[key]) for key in sorted(groups)]
+
+
+def make_scorer(
+    scoring: str, tokenizer: Any, *, loglik_path: str = "shared", loss_on: str = DEFAULT_LOSS_ON
+) -> MixedScorer:
+    """The scorer of items of any format: multiple choice by ``scoring`` (``letter``, ``loglik`` or ``loglik-norm``),
+    free-form items by their completion, with the loss on ``loss_on`` (``completion`` or ``all``).
 
     ``loglik_path`` (``shared`` or ``per-choice``) picks how loglik scorings run the choices; see
     :class:`LoglikScorer`.
     """
+    return MixedScorer(choice_scorer(scoring, tokenizer, loglik_path=loglik_path), CompletionScorer(tokenizer, loss_on))
+
+
+def choice_scorer(scoring: str, tokenizer: Any, *, loglik_path: str = "shared") -> Scorer:
+    """The multiple-choice scorer for a scoring name (``letter``, ``loglik`` or ``loglik-norm``)."""
     if scoring == "letter":
         return LetterScorer(tokenizer)
     if scoring in ("loglik", "loglik-norm"):
@@ -149,23 +212,11 @@ def score_questions(
     Questions are batched in order of :meth:`Scorer.batch_key` (their length), so a batch pads little.
     """
     order = sorted(range(len(questions)), key=lambda index: scorer.batch_key(questions[index]))
-    results: dict[int, tuple[int, bool, float, float, float]] = {}  # input index -> one question's results
+    results: dict[int, Outcome] = {}  # input index -> one question's results
     with progress_bar(description, len(questions), show_progress) as advance:
         for indices in batches(order, batch_size):
             batch = [questions[index] for index in indices]
-            table, loss = scorer.choice_scores(model, batch)  # (B, C), (B,)
-            table = table.float().cpu()
-            answers = torch.tensor([q.answer for q in batch])  # (B,)
-            right = table.gather(1, answers[:, None]).squeeze(1)  # (B,) score of the correct choice
-            best_wrong = table.scatter(1, answers[:, None], float("-inf")).max(-1).values  # (B,)
-            predictions = table.argmax(-1)  # (B,)
-            rows = zip(
-                predictions.tolist(),
-                (predictions == answers).tolist(),
-                loss.tolist(),
-                right.tolist(),
-                (right - best_wrong).tolist(),
-            )
+            rows = scorer.outcomes(model, batch)
             for index, row in zip(indices, rows, strict=True):
                 results[index] = row
             advance(len(batch))
@@ -177,6 +228,7 @@ __all__ = [
     "SCORINGS",
     "LetterScorer",
     "LoglikScorer",
+    "MixedScorer",
     "Scorer",
     "Scores",
     "batches",

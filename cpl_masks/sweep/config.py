@@ -15,6 +15,7 @@ from cpl_masks.data.questions import check_limit
 from cpl_masks.errors import CplError
 from cpl_masks.methods import METHODS, method_options
 from cpl_masks.profiling.controls import CONTROLS
+from cpl_masks.scoring.completion import DEFAULT_LOSS_ON, check_loss_on
 from cpl_masks.training.loop import TrainConfig
 from cpl_masks.training.request import check_evaluation, check_options_with
 
@@ -53,6 +54,7 @@ class SweepConfig:
     optimizer: str = "sgd"
     forgetting_budget: float = 0.02
     scoring: str = "loglik"
+    loss_on: str = DEFAULT_LOSS_ON  # free-form items' loss: their completion tokens, or all tokens
     holdout_fraction: float = 0.25
     min_margin: float = 0.0
     limit: int | None = None
@@ -69,6 +71,7 @@ class SweepConfig:
 
     def check(self) -> None:
         """Refuse bad options before anything is loaded, naming the option."""
+        check_loss_on(self.loss_on)
         for name in self.methods:
             prefix = file_prefix(name)
             if prefix is not None:

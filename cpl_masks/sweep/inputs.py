@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cpl_masks.data.demo import retain_text
-from cpl_masks.data.questions import BUILTIN_DEMO, Question, load_questions
+from cpl_masks.data.questions import BUILTIN_SETS, Item, load_questions
 from cpl_masks.data.split import INJECT, MASTERED, SUMMARY, split_questions, write_split
 from cpl_masks.errors import CplError
 from cpl_masks.masks.algebra import recut
@@ -104,6 +104,7 @@ def profile_cpl(config: SweepConfig, split_dir: Path, show_progress: bool) -> Ma
         load_questions(split_dir / MASTERED),
         load_questions(split_dir / INJECT),
         scoring=config.scoring,
+        loss_on=config.loss_on,
         batch_size=config.eval_batch_size,
         task=sweep_task(config),
         save_scores=bool(config.keep_fraction_grid),  # the grid's cuts are re-cut from the stored scores
@@ -112,13 +113,13 @@ def profile_cpl(config: SweepConfig, split_dir: Path, show_progress: bool) -> Ma
     )
 
 
-def pool_candidates(config: SweepConfig) -> list[Question]:
-    """The forgetting pool's candidates: ``--heldout-data``, else for ``builtin:demo`` its general questions
+def pool_candidates(config: SweepConfig) -> list[Item]:
+    """The forgetting pool's candidates: ``--heldout-data``, else for a built-in demo set its general items
     (those in the split are dropped when the pool is made), else none."""
     if config.heldout_data is not None:
         return load_questions(config.heldout_data)
-    if config.data == BUILTIN_DEMO:
-        return [question for question in load_questions(BUILTIN_DEMO) if question.id.startswith("general-")]
+    if config.data in BUILTIN_SETS:
+        return [item for item in load_questions(config.data) if item.id.startswith("general-")]
     return []
 
 
@@ -136,7 +137,7 @@ def track_text(config: SweepConfig, out: Path) -> str | None:
     """The retain text: as given, else for the built-in demo data the demo's own fact table."""
     if config.retain_text is not None:
         return str(Path(config.retain_text).resolve())
-    if config.data != BUILTIN_DEMO:
+    if config.data not in BUILTIN_SETS:
         return None
     path = out / "retain.txt"
     if not path.is_file():

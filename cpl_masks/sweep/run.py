@@ -285,6 +285,7 @@ def _request(
         mode=mode,
         method_options=applicable_options(mode, config.method_options),
         scoring=config.scoring,
+        loss_on=config.loss_on,
         task=sweep_task(config),
         allow_other_weights=spec.method.startswith(REUSE_PREFIX),
         dtype=config.dtype,

@@ -1,15 +1,17 @@
 """A run's evaluation at the current weights: every set's scores, the retain text's loss, a mask's drift,
-and the epoch-0 baseline they are measured against (:mod:`cpl_masks.evaluation.outcomes` holds the measures)."""
+the lm-eval tasks' items (epoch 0 and the last epoch only: :mod:`cpl_masks.evaluation.harness`), and the
+epoch-0 baseline they are measured against (:mod:`cpl_masks.evaluation.outcomes` holds the measures)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cpl_masks.data.questions import questions_sha256
 from cpl_masks.data.split import split_scores
 from cpl_masks.errors import CplError
+from cpl_masks.evaluation.harness import TaskScores, score_tasks, task_metrics, task_records
 from cpl_masks.evaluation.outcomes import epoch_metrics, evaluate_sets, question_records, text_loss, text_windows
 from cpl_masks.masks.format import Mask
 from cpl_masks.profiling.freeze_mask import sign_agreement
@@ -71,6 +73,21 @@ class RunEvaluation:
             raise CplError(f"{self.text_name}: the loss is {loss} at the untouched weights; try --dtype float32")
         raise TrainingDiverged(f"{self.text_name}: the loss is {loss} (training diverged)")
 
+    def harness_scores(self) -> dict[str, TaskScores]:
+        """The ``--lm-eval-tasks`` tasks' per-item results at the current weights (none without the option)."""
+        request = self.request
+        if not request.lm_eval_tasks:
+            return {}
+        with self.trainer.autocast():
+            return score_tasks(
+                self.trainer.model,
+                self.tokenizer,
+                request.lm_eval_tasks,
+                include=request.lm_eval_include,
+                limit=request.lm_eval_limit,
+                batch_size=self.trainer.config.eval_batch_size,
+            )
+
     def drift(self, epoch: int) -> dict[str, Any] | None:
         """Agreement of the static mask with the sign rule at the current weights (``--track-drift``).
 
@@ -109,7 +126,11 @@ class RunEvaluation:
         self, epoch: int, baseline: Baseline, train_loss: float | None = None
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The metrics row after ``epoch`` against the epoch-0 ``baseline`` (epoch 0 is the baseline itself),
-        and the per-question records of that evaluation."""
+        and the per-question records of that evaluation.
+
+        With ``--lm-eval-tasks`` the row's ``lm_eval`` holds each task's figures at epoch 0 and after the
+        last epoch (None between: lm-eval is slow), and the records its items as the set ``lm-eval:<task>``.
+        """
         retain = baseline.retain_loss if epoch == 0 else self.retain_loss()
         current = baseline.scores if epoch == 0 else self.scores(epoch)
         row = epoch_metrics(
@@ -120,7 +141,13 @@ class RunEvaluation:
             retain_loss=None if retain is None else (baseline.retain_loss, retain),
         )
         row["mask_agreement"] = self.drift(epoch)
-        return row, question_records(epoch, self.data.sets(), current)
+        records = question_records(epoch, self.data.sets(), current)
+        if self.request.lm_eval_tasks:
+            last = epoch == self.request.config.epochs
+            tasks = baseline.harness if epoch == 0 else self.harness_scores() if last else None
+            row["lm_eval"] = None if tasks is None else task_metrics(baseline.harness, tasks)
+            records.extend(task_records(epoch, tasks or {}))
+        return row, records
 
 
 @dataclass
@@ -130,6 +157,7 @@ class Baseline:
     scores: dict[str, Scores]
     retain_loss: float | None
     source: str  # "split" (taken from the split's scores.jsonl) or "scored"
+    harness: dict[str, TaskScores] = field(default_factory=dict)  # the lm-eval tasks' items, by task
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, for the checkpoint."""
@@ -139,14 +167,15 @@ class Baseline:
     def from_dict(cls, values: dict[str, Any]) -> Baseline:
         """Rebuild a baseline saved by :meth:`to_dict`."""
         scores = {name: Scores(**entry) for name, entry in values["scores"].items()}
-        return cls(scores=scores, retain_loss=values["retain_loss"], source=values["source"])
+        harness = {task: TaskScores(**entry) for task, entry in (values.get("harness") or {}).items()}
+        return cls(scores=scores, retain_loss=values["retain_loss"], source=values["source"], harness=harness)
 
 
 def epoch_zero(evaluation: RunEvaluation, fingerprint: str) -> Baseline:
     """Epoch 0 from the split's own scores when they fit these weights and files, else scored now."""
     trainer, request = evaluation.trainer, evaluation.request
     known = split_scores(request.inject, evaluation.data.sets(), fingerprint=fingerprint, scoring=trainer.scorer.name)
-    retain = evaluation.retain_loss(untouched=True)
+    retain, harness = evaluation.retain_loss(untouched=True), evaluation.harness_scores()
     if known is not None:
-        return Baseline(scores=known, retain_loss=retain, source="split")
-    return Baseline(scores=evaluation.scores(0), retain_loss=retain, source="scored")
+        return Baseline(scores=known, retain_loss=retain, source="split", harness=harness)
+    return Baseline(scores=evaluation.scores(0), retain_loss=retain, source="scored", harness=harness)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cpl_masks.errors import CplError
+from cpl_masks.evaluation.harness import TaskScores
 from cpl_masks.scoring.base import Scores
 from cpl_masks.utils.files import read_json, write_json
 
@@ -169,7 +170,8 @@ def state_problem(state: Any) -> str | None:
 
     It is read back on resume (the rows and the baseline go on into ``run.json``), so each part is checked:
     the fields' types, the file matching the epoch, every metrics row's epoch and final figures, the baseline's
-    scores per set (:class:`~cpl_masks.scoring.base.Scores`), retain loss and source.
+    scores per set (:class:`~cpl_masks.scoring.base.Scores`), retain loss, source and lm-eval items
+    (:class:`~cpl_masks.evaluation.harness.TaskScores`).
     """
     if not isinstance(state, dict):
         return f"not a JSON object but {_shown(state)}"
@@ -187,7 +189,16 @@ def state_problem(state: Any) -> str | None:
         return "its baseline holds no scores per set, or scores of unequal lengths"
     if not matches(baseline.get("retain_loss"), float | None) or not matches(baseline.get("source"), str):
         return "its baseline's retain_loss or source is not what a run saves"
+    harness = baseline.get("harness", {})  # absent in a checkpoint written before lm-eval tasks were scored
+    if not matches(harness, dict[str, TaskScores]) or any(not _aligned(entry) for entry in harness.values()):
+        return "its baseline's lm-eval items are not what a run saves"
     return None
+
+
+def _aligned(entry: Mapping[str, Any]) -> bool:
+    """Whether one lm-eval task's saved items have one value per item in every list they hold."""
+    lists = [entry[key] for key in ("correct", "logprobs", "margins") if entry.get(key) is not None]
+    return all(len(values) == len(entry["ids"]) for values in lists)
 
 
 def matches(value: Any, hint: Any) -> bool:

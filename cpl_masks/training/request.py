@@ -12,7 +12,9 @@ from typing import Any
 
 from cpl_masks.data.questions import Question, load_questions, questions_sha256
 from cpl_masks.errors import CplError
+from cpl_masks.evaluation import harness
 from cpl_masks.methods import METHODS, method_options
+from cpl_masks.scoring.completion import DEFAULT_LOSS_ON, check_loss_on
 from cpl_masks.training.loop import TrainConfig
 from cpl_masks.utils.files import sha256_file
 
@@ -31,6 +33,7 @@ class RunRequest:
     retain: str | None = None  # a retain set, referred to as a mask is: its signs start the per-step rule
     method_options: dict[str, Any] = field(default_factory=dict)  # the method's own options, by field name
     scoring: str | None = None  # default: the mask's, else split.json's, else letter
+    loss_on: str = DEFAULT_LOSS_ON  # free-form items' loss: their completion tokens, or all tokens
     force: bool = False
     task: str | None = None
     allow_other_weights: bool = False
@@ -41,6 +44,9 @@ class RunRequest:
     track_drift: bool = False  # with a mask: record its agreement with the sign rule after every epoch
     keep_weights: bool = True  # write model/ at the end (a sweep keeps only the metrics)
     eval_every: int = 1  # evaluate after every K-th epoch (and always after the last)
+    lm_eval_tasks: list[str] | None = None  # lm-eval tasks scored at epoch 0 and after the last epoch
+    lm_eval_include: str | None = None  # a folder of local lm-eval task YAML (lm-eval's include_path)
+    lm_eval_limit: int | None = None  # the first N docs of each lm-eval task (None: all)
     config: TrainConfig = field(default_factory=TrainConfig)
 
     def check(self) -> None:
@@ -48,12 +54,14 @@ class RunRequest:
         mode = self.resolved_mode()
         METHODS[mode].cls.check_options(method_options(mode, self.method_options), retain=self.retain is not None)
         self.config.check()
+        check_loss_on(self.loss_on)
         check_evaluation(self.eval_every, self.retain_text)
         if self.track_drift and mode != "mask":
             raise CplError("--track-drift needs --mask (it measures how a static mask drifts from the sign rule)")
         check_options_with(self.method_options, self.config)
         if self.track_drift and self.config.distributed == "fsdp2":
             raise CplError("--track-drift needs whole gradients: use --distributed ddp with it, not fsdp2")
+        harness.check_options(self.lm_eval_tasks, self.lm_eval_include, self.lm_eval_limit)  # last: it may take seconds
 
     @property
     def mask_file(self) -> str | None:
@@ -178,6 +186,7 @@ def with_absolute_paths(request: RunRequest) -> RunRequest:
         mastered=absolute(request.mastered),
         heldout=absolute(request.heldout),
         retain_text=absolute(request.retain_text),
+        lm_eval_include=absolute(request.lm_eval_include),
         model=absolute(request.model),
         out=str(Path(request.out).resolve()),
     )

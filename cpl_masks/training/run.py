@@ -220,7 +220,7 @@ def _open(
             f"--resume: model {request.model} has other weights than when the run started "
             f"(fingerprint {fingerprint[:12]}, now {found[:12]})"
         )
-    scorer = make_scorer(scoring, loaded.tokenizer)
+    scorer = make_scorer(scoring, loaded.tokenizer, loss_on=request.loss_on)
     steering = retained if retained is not None else data.mastered  # the questions g_M is measured on
     scorer.check_fits(
         loaded.model, [*(question for questions in data.sets().values() for question in questions), *(retained or [])]
