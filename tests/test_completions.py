@@ -211,3 +211,24 @@ def test_a_conversation_needs_a_chat_template_and_a_prompt_must_fit_the_context(
         match=r"^long.jsonl: row 2: prompt and completion are \d+ tokens, longer than the model's context \(512\)",
     ):
         make_scorer("letter", tiny.tokenizer).check_fits(tiny.model, [long])
+
+
+@pytest.mark.parametrize("method", ["full", "mask", "dynamic", "random-signs", "lora", "replay", "agem", "ewc"])
+def test_every_method_trains_on_free_form_items_beside_multiple_choice_ones(tiny_model_dir, method):
+    from cpl_masks.methods import MethodContext, make_method
+    from cpl_masks.training.loop import TrainConfig, TrainingLoop
+    from tests.test_train import random_mask
+
+    loaded = load_model(str(tiny_model_dir), device="cpu", threads=1)
+    scorer = make_scorer("letter", loaded.tokenizer)
+    inject = [Completion(f"i{i}", "prompt-completion", (("user", f"name {i}"),), (("assistant", "vexmoor"),))
+              for i in range(4)]  # fmt: skip
+    mastered = [*make_questions(2, seed=7), Completion("t", "text", "", "the sun is red")]  # a mixed M
+    mask = random_mask(loaded.model) if method == "mask" else None
+    context = MethodContext(scorer=scorer, mastered=mastered, mask=mask, inject=inject, batch_size=2, seed=0)
+    config = TrainConfig(lr=0.01, batch_size=2, optimizer="adamw", show_progress=False)
+    trainer = TrainingLoop(loaded.model, scorer, make_method(method, context, None), config)
+    before = scorer.loss(trainer.model, inject).mean()
+    for epoch in (1, 2):
+        trainer.train_epoch(inject, epoch)
+    assert scorer.loss(trainer.model, inject).mean() < before  # the completions' loss fell

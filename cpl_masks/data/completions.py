@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from cpl_masks.data.fields import MAX_TEXT_CHARS, FieldNames, capped, kind_of, row_id, shown, text_of
+from cpl_masks.data.fields import MAX_TEXT_CHARS, FieldNames, Located, capped, kind_of, row_id, shown, text_of
 from cpl_masks.data.sources import loads
 from cpl_masks.errors import CplError
 
@@ -33,7 +33,7 @@ Body = str | tuple[Message, ...]  # a standard text or a conversation
 
 
 @dataclass(frozen=True)
-class Completion:
+class Completion(Located):
     """One free-form item: a completion to learn or keep, after an optional prompt.
 
     ``form`` is one of :data:`FREE_FORMS`. For ``text`` the completion is the whole text and the
@@ -48,11 +48,7 @@ class Completion:
     completion: Body
     source: str = field(default="", compare=False, repr=False)
     row: int = field(default=0, compare=False, repr=False)
-
-    @property
-    def where(self) -> str:
-        """Where the item came from, as error messages name it: ``FILE: row N`` (or its id when not loaded)."""
-        return f"{self.source}: row {self.row}" if self.source else f"item {self.id!r}"
+    noun: ClassVar[str] = "item"
 
     @property
     def conversational(self) -> bool:

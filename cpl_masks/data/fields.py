@@ -11,13 +11,30 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from cpl_masks.data.sources import LongNumber
 from cpl_masks.errors import CplError
 
 MAX_TEXT_CHARS = 100_000  # far beyond any model's context; refuses runaway fields before tokenizing
 MAX_ID_CHARS = 1_000  # an id names a question in records and messages; far longer is not an id
+
+
+class Located:
+    """An item read from a source (a question or a free-form item): where messages say it came from.
+
+    The dataclass that mixes this in has ``id``, ``source`` and ``row`` fields, and names its kind in ``noun``.
+    """
+
+    id: str
+    source: str
+    row: int
+    noun: ClassVar[str] = "question"
+
+    @property
+    def where(self) -> str:
+        """Where the item came from, as error messages name it: ``FILE: row N`` (or its id when not loaded)."""
+        return f"{self.source}: row {self.row}" if self.source else f"{self.noun} {self.id!r}"
 
 
 @dataclass(frozen=True)

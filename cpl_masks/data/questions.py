@@ -27,7 +27,7 @@ from typing import Any
 
 from cpl_masks.data.completions import FREE_FORMS, Completion, free_form_of, parse_completion
 from cpl_masks.data.demo import chat_rows, completion_rows, demo_rows
-from cpl_masks.data.fields import MAX_TEXT_CHARS, FieldNames, capped, kind_of, row_id, shown, text_of
+from cpl_masks.data.fields import MAX_TEXT_CHARS, FieldNames, Located, capped, kind_of, row_id, shown, text_of
 from cpl_masks.data.sources import (
     LongNumber,
     Rows,
@@ -57,7 +57,7 @@ _OPTION_LINE = re.compile(r"^\s*([A-Z])\s*[:.)]\s+(.*\S)\s*$")
 
 
 @dataclass(frozen=True)
-class Question:
+class Question(Located):
     """One multiple-choice question.
 
     ``question`` is the question text, or the whole prompt when ``preformatted`` is set (then
@@ -74,11 +74,6 @@ class Question:
     preformatted: bool = False
     source: str = field(default="", compare=False, repr=False)
     row: int = field(default=0, compare=False, repr=False)
-
-    @property
-    def where(self) -> str:
-        """Where the question came from, as error messages name it: ``FILE: row N`` (or its id when not loaded)."""
-        return f"{self.source}: row {self.row}" if self.source else f"question {self.id!r}"
 
     @property
     def form(self) -> str:

@@ -12,11 +12,13 @@ the optimizer see only the kept entries, in any loop (the same mechanism, and th
 running sum, so the step's final gradient agrees in sign with g_M wherever it is non-zero.
 
 The signs start as the retain set's own (profiled at these weights) and are recomputed over its
-questions, at the current weights, on the schedule of the training loop's per-step rule
+items (multiple-choice questions or free-form rows, scored as it records: its ``scoring`` and ``loss_on``),
+at the current weights, on the schedule of the training loop's per-step rule
 (:class:`~cpl_masks.methods.base.ScheduleOptions`: each epoch's start after the first, and every
 ``refresh_every`` optimizer steps within an epoch; 0: never), by a Trainer callback; a hand-written loop calls
 :meth:`SignRuleHandle.refresh` when it wants. A refresh runs in eval mode, with the rule's hooks
-paused, between optimizer steps (it takes over ``.grad`` for its own pass). Unlike a freeze mask
+paused, between optimizer steps (it takes over ``.grad`` for its own pass, and leaves the model's activation
+checkpointing as it found it: TRL's ``SFTConfig`` turns it on). Unlike a freeze mask
 the rule moves entries a step leaves at zero only through the optimizer's own state (momentum,
 weight decay), so the paper's setting is plain SGD. One process: under DDP every rank would refresh alone.
 """
@@ -34,6 +36,7 @@ from cpl_masks.masks.signs import PackedSigns
 from cpl_masks.methods.base import ScheduleOptions
 from cpl_masks.profiling.retain import measure_signs, retain_measure, retain_questions
 from cpl_masks.scoring.base import DEFAULT_SCORING
+from cpl_masks.scoring.completion import DEFAULT_LOSS_ON
 from cpl_masks.scoring.scorers import make_scorer
 
 
@@ -48,7 +51,8 @@ class SignRuleHandle:
     ) -> None:
         self.retain = retain
         self.model = model
-        self.scorer = make_scorer(retain.metadata.get("scoring") or DEFAULT_SCORING, tokenizer)
+        loss_on = retain.metadata.get("loss_on") or DEFAULT_LOSS_ON  # as its free-form items were measured
+        self.scorer = make_scorer(retain.metadata.get("scoring") or DEFAULT_SCORING, tokenizer, loss_on=loss_on)
         self.questions = retain_questions(retain)
         self.measure = retain_measure(retain)
         self.batch_size = batch_size
@@ -71,6 +75,7 @@ class SignRuleHandle:
         """Recompute sign(g_M) over the retain set's questions at the model's current weights, measured as
         the retain set records (its loss and confidence)."""
         training = self.model.training
+        checkpointing = _checkpointing_state(self.model)  # the pass turns it on, then off
         self._paused = True
         self.model.eval()
         try:
@@ -80,6 +85,7 @@ class SignRuleHandle:
         finally:
             self._paused = False
             self.model.train(training)
+            _restore_checkpointing(checkpointing)
         self.refreshes += 1
 
     def remove(self) -> None:
@@ -138,6 +144,29 @@ def apply_retain(
         trainer.add_callback(callback)
         handle._trainer = (trainer, callback)
     return handle
+
+
+_CHECKPOINTING = ("gradient_checkpointing", "_gradient_checkpointing_func")  # transformers' per-module attributes
+
+
+def _checkpointing_state(model: torch.nn.Module) -> list[tuple[torch.nn.Module, dict[str, Any]]]:
+    """Each module's activation-checkpointing flag and function, as a Trainer's ``gradient_checkpointing`` set them.
+
+    A refresh's pass enables checkpointing and disables it after, which would leave a Trainer that
+    checkpoints (TRL's ``SFTConfig`` does by default) training without it; restoring these keeps it on.
+    """
+    return [
+        (module, {key: getattr(module, key) for key in _CHECKPOINTING if hasattr(module, key)})
+        for module in model.modules()
+        if hasattr(module, _CHECKPOINTING[0])
+    ]
+
+
+def _restore_checkpointing(state: list[tuple[torch.nn.Module, dict[str, Any]]]) -> None:
+    """Put back what :func:`_checkpointing_state` read."""
+    for module, attributes in state:
+        for key, value in attributes.items():
+            setattr(module, key, value)
 
 
 def is_trainer(target: Any) -> bool:

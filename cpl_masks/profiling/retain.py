@@ -28,15 +28,15 @@ from cpl_masks.errors import CplError
 from cpl_masks.masks.format import Mask, weights_metadata
 from cpl_masks.masks.signs import PackedSigns
 from cpl_masks.models import LoadedModel
-from cpl_masks.profiling.freeze_mask import LOSSES, data_provenance, peak_memory, reset_peak_memory
+from cpl_masks.profiling.freeze_mask import data_provenance, loss_metadata, peak_memory, reset_peak_memory
 from cpl_masks.profiling.gradients import gradient_sums, mean_gradients
 from cpl_masks.scoring.base import check_objective
+from cpl_masks.scoring.completion import DEFAULT_LOSS_ON
 from cpl_masks.scoring.scorers import Scorer, make_scorer
 from cpl_masks.utils import distributed
 from cpl_masks.utils.progress import progress_bar
 from cpl_masks.utils.versions import stamp
 
-CHOICES_LOSS = "cross-entropy over the choices' scores (the loss of the prediction: its margin)"
 UNCERTAIN = ("pass", "freeze")  # what the rule does with an entry whose sign is not significant
 CONFIDENCE_HELP = (
     "count a sign of g_M only where |g_M| exceeds K standard errors (a backward pass per question of M; "
@@ -123,6 +123,7 @@ def profile_retain(
     questions: Sequence[Question],
     *,
     scoring: str | None = None,
+    loss_on: str = DEFAULT_LOSS_ON,
     batch_size: int = 16,
     checkpointing: bool = True,
     task: str | None = None,
@@ -137,6 +138,7 @@ def profile_retain(
         questions: the questions to protect, usually the mastered set of a split (any set the model
             answers right will do: they need not come from the task to be injected).
         scoring: the answer loss; default: the one ``split.json`` beside ``data_path`` records, else letter.
+        loss_on: free-form items' loss: ``completion`` (their completion tokens) or ``all`` tokens.
         batch_size: questions per forward/backward pass. A run refreshing with the same batch size
             (``train --eval-batch-size``) computes bit-identical signs at the same weights.
         checkpointing: recompute layer activations in backward (same gradients, less memory).
@@ -153,9 +155,10 @@ def profile_retain(
     """
     if not questions:
         raise CplError("profile --kind retain needs a non-empty question set (--mastered)")
+    parse_questions([question.to_record() for question in questions], "the retain set's questions")  # as read back
     measure = measure or SignMeasure()
     scoring = resolve_scoring(scoring, data_path=data_path)
-    scorer = make_scorer(scoring, loaded.tokenizer)
+    scorer = make_scorer(scoring, loaded.tokenizer, loss_on=loss_on)
     scorer.check_fits(loaded.model, questions)
     distributed.setup(str(loaded.device))
     reset_peak_memory(loaded.device)
@@ -173,7 +176,7 @@ def profile_retain(
     metadata: dict[str, Any] = {
         "model": {"ref": loaded.ref, **weights_metadata(loaded.model)},
         "scoring": scoring,
-        "loss": LOSSES[scoring] if measure.objective == "answer" else CHOICES_LOSS,
+        **loss_metadata(scoring, loss_on, [questions], measure.objective),
         "data": data_provenance({"mastered": questions}, {"mastered": data_path} if data_path else None),
         "task": task,
         **stamp(),
