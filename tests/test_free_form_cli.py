@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from cpl_masks.cli.app import app
 from cpl_masks.data.questions import load_questions
+from cpl_masks.hub import card_rows
 from cpl_masks.masks.format import Mask
 from tests.conftest import WORDS, make_questions, write_rows
 
@@ -57,6 +58,8 @@ def test_split_profile_train_and_compare_on_prompt_completion_pairs(tiny_model_d
     mask = Mask.load(tmp_path / "mask.safetensors")
     assert mask.metadata["loss_on"] == "completion" and "completion" in mask.metadata["loss"]
     assert mask.metadata["data"]["inject"]["format"] == "prompt-completion"
+    card = dict(card_rows(mask, "pairs@v1"))  # the Hub card says what the mask was profiled on
+    assert "(prompt-completion)" in card["data: inject"] and card["loss"] == mask.metadata["loss"]
     cli("profile", "--kind", "retain", "--mastered", mastered, "--out", tmp_path / "free.retain.safetensors",
         *common(tiny_model_dir))  # fmt: skip
     cli("profile", "--kind", "retain", "--objective", "choices", "--mastered", pool,

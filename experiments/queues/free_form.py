@@ -16,7 +16,7 @@ What it runs, for one model (every step skipped when its output is there, so a s
 
 Usage: .venv/bin/python experiments/queues/free_form.py OUT --model smollm2-135m-instruct --data builtin:demo-chat
        [--scoring letter] [--order adamw-s0,adamw-s1,sgd-s0,adamw-s2] [--optimizers adamw:3e-5:4,sgd:1e-3:1]
-       [--epochs 4] [--eval-every 2] [--inject 32] [--pool-limit 40] [--mcq-limit 40]
+       [--methods full,mask,...] [--epochs 4] [--eval-every 2] [--inject 32] [--pool-limit 40] [--mcq-limit 40]
        [--lm-eval-tasks arc_challenge_local --lm-eval-include experiments/lm_eval_tasks] [--threads 1]
 """
 
@@ -98,7 +98,8 @@ def train(options: argparse.Namespace, out: Path) -> None:
     for group in options.order.split(","):
         optimizer, seed = group.split("-s")
         lr, batch_size = rates[optimizer].split(":")
-        for method, extra in METHODS.items():
+        for method in options.methods.split(","):
+            extra = METHODS[method]
             run = out / "runs" / f"{method}-{optimizer}-s{seed}"
             if (run / "run.json").is_file():
                 continue
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--mcq-limit", type=int, default=40)
     parser.add_argument("--inject", type=int, default=32)
     parser.add_argument("--order", default="adamw-s0,adamw-s1,sgd-s0,adamw-s2")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--optimizers", default="adamw:3e-5:4,sgd:1e-3:1")  # optimizer:lr:batch size
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--eval-every", type=int, default=2)
