@@ -147,7 +147,7 @@ class CompletionScorer(Scorer):
         logits = model(**batch, logits_to_keep=keep, use_cache=False).logits  # (B, keep, V), rows end together
         rows, columns, targets = [], [], []
         for row, e in enumerate(encoded):
-            for position in getattr(e, use):  # token at `position` is predicted `keep - len + position - 1` in
+            for position in getattr(e, use):  # predicted by the kept logits one position before it
                 rows.append(row)
                 columns.append(keep - len(e.ids) + position - 1)
                 targets.append(e.ids[position])
