@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cpl_masks.errors import CplError
+from cpl_masks.evaluation.stats import count_transitions, mean_change
 from cpl_masks.utils import distributed
 
 PREFIX = "lm-eval:"  # a run's set name for an lm-eval task: lm-eval:<task>
@@ -275,15 +276,16 @@ def task_metrics(baseline: Mapping[str, TaskScores], current: Mapping[str, TaskS
         before = baseline.get(task)
         if before is None or before.ids != now.ids:
             raise CplError(f"lm-eval task {task!r}: its items are not the ones scored at epoch 0")
-        pairs = list(zip(before.correct, now.correct))
+        learned, forgotten = count_transitions(before.correct, now.correct)
+        right_before = sum(before.correct)
         figures[task] = {
             "docs": len(now.ids),
             "accuracy_before": before.accuracy,
             "accuracy": now.accuracy,
-            "right_before": sum(was for was, _ in pairs),
-            "forgotten": sum(was and not is_ for was, is_ in pairs),
-            "wrong_before": sum(not was for was, _ in pairs),
-            "learned": sum(is_ and not was for was, is_ in pairs),
+            "right_before": right_before,
+            "forgotten": forgotten,
+            "wrong_before": len(before.correct) - right_before,
+            "learned": learned,
             "delta_logprob": _mean_change(before.logprobs, now.logprobs),
             "delta_margin": _mean_change(before.margins, now.margins),
         }
@@ -307,9 +309,8 @@ def task_table_rows(row: Mapping[str, Any]) -> list[tuple[Any, ...]]:
 
 
 def _mean_change(before: Sequence[float] | None, after: Sequence[float] | None) -> float | None:
-    if before is None or after is None or not after:
-        return None
-    return sum(now - was for was, now in zip(before, after, strict=True)) / len(after)
+    """:func:`~cpl_masks.evaluation.stats.mean_change`, None where the task gives no such value (or no item)."""
+    return None if before is None or after is None or not after else mean_change(before, after)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from cpl_masks.data.questions import Question
 from cpl_masks.errors import CplError
 from cpl_masks.evaluation.harness import PREFIX as HARNESS_PREFIX
-from cpl_masks.evaluation.stats import compare_paired
+from cpl_masks.evaluation.stats import compare_paired, count_transitions, mean_change, transitions
 from cpl_masks.scoring.scorers import Scorer, Scores, batches, pad_left, score_questions
 from cpl_masks.training.record import RunRecord
 from cpl_masks.utils import distributed
@@ -102,18 +102,6 @@ def score_sharded(
     rows = list(zip(*astuple(local)))[: len(share)]  # one (prediction, correct, loss, logprob, margin) per question
     merged = distributed.gather_shards(rows, len(questions))
     return Scores(*(list(column) for column in zip(*merged))) if merged else Scores(*([] for _ in fields(Scores)))
-
-
-def transitions(before: Sequence[bool], after: Sequence[bool]) -> tuple[list[bool], list[bool]]:
-    """Per question, whether it went wrong → right (gained) and right → wrong (lost) between two evaluations."""
-    pairs = list(zip(before, after, strict=True))
-    return [bool(now and not was) for was, now in pairs], [bool(was and not now) for was, now in pairs]
-
-
-def count_transitions(before: Sequence[bool], after: Sequence[bool]) -> tuple[int, int]:
-    """How many questions went wrong → right and right → wrong between two evaluations."""
-    gained, lost = transitions(before, after)
-    return sum(gained), sum(lost)
 
 
 def epoch_metrics(
@@ -271,12 +259,6 @@ def outcome_differences(
         for key, happened in a[outcome].items()
         if key in b[outcome] and happened != b[outcome][key]
     ]
-
-
-def mean_change(before: Sequence[float], after: Sequence[float]) -> float:
-    """Mean of ``after - before`` over paired values (0 for empty sets)."""
-    changes = [now - was for was, now in zip(before, after, strict=True)]
-    return sum(changes) / len(changes) if changes else 0.0
 
 
 @torch.no_grad()

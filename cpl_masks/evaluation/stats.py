@@ -367,3 +367,21 @@ def _signed(value: int) -> str:
     if value > 0:
         return f"+{value}"
     return f"{_MINUS}{-value}" if value < 0 else "0"
+
+
+def transitions(before: Sequence[bool], after: Sequence[bool]) -> tuple[list[bool], list[bool]]:
+    """Per question, whether it went wrong → right (gained) and right → wrong (lost) between two evaluations."""
+    pairs = list(zip(before, after, strict=True))
+    return [bool(now and not was) for was, now in pairs], [bool(was and not now) for was, now in pairs]
+
+
+def count_transitions(before: Sequence[bool], after: Sequence[bool]) -> tuple[int, int]:
+    """How many questions went wrong → right and right → wrong between two evaluations."""
+    gained, lost = transitions(before, after)
+    return sum(gained), sum(lost)
+
+
+def mean_change(before: Sequence[float], after: Sequence[float]) -> float:
+    """Mean of ``after - before`` over paired values (0 for empty sets)."""
+    changes = [now - was for was, now in zip(before, after, strict=True)]
+    return sum(changes) / len(changes) if changes else 0.0

@@ -131,14 +131,14 @@ class MixedScorer(Scorer):
         return self.scorer_of(question).batch_key(question)
 
     def check_fits(self, model: Any, questions: Sequence[Item]) -> None:
-        for scorer, part in self._parts(questions):
-            scorer.check_fits(model, [questions[index] for index in part])
+        for scorer, _, items in self._parts(questions):
+            scorer.check_fits(model, items)
 
     def loss(self, model: Any, questions: Sequence[Item]) -> torch.Tensor:
         parts = self._parts(questions)
-        losses = [scorer.loss(model, [questions[index] for index in part]) for scorer, part in parts]
-        order = torch.tensor([index for _, part in parts for index in part], device=losses[0].device)
-        return torch.cat(losses)[order.argsort()]  # (B,) back in input order
+        losses = torch.cat([scorer.loss(model, items) for scorer, _, items in parts])
+        order = torch.tensor([index for _, indices, _ in parts for index in indices], device=losses.device)
+        return losses[order.argsort()]  # (B,) back in input order
 
     def choice_table(self, model: Any, questions: Sequence[Item]) -> tuple[torch.Tensor, torch.Tensor]:
         free = [item for item in questions if isinstance(item, Completion)]  # which have no choices: refused
@@ -147,17 +147,18 @@ class MixedScorer(Scorer):
     @torch.no_grad()
     def outcomes(self, model: Any, questions: Sequence[Item]) -> list[Outcome]:
         results: dict[int, Outcome] = {}
-        for scorer, part in self._parts(questions):
-            results.update(zip(part, scorer.outcomes(model, [questions[index] for index in part]), strict=True))
+        for scorer, indices, items in self._parts(questions):
+            results.update(zip(indices, scorer.outcomes(model, items), strict=True))
         return [results[index] for index in range(len(questions))]
 
-    def _parts(self, questions: Sequence[Item]) -> list[tuple[Scorer, list[int]]]:
-        """The items' positions grouped by their format's scorer (multiple choice first)."""
-        groups: dict[int, list[int]] = {}
-        scorers = (self.choices, self.completions)
-        for index, item in enumerate(questions):
-            groups.setdefault(scorers.index(self.scorer_of(item)), []).append(index)
-        return [(scorers[key], groups[key]) for key in sorted(groups)]
+    def _parts(self, questions: Sequence[Item]) -> list[tuple[Scorer, list[int], list[Item]]]:
+        """Each format's scorer with its items' positions and the items (multiple choice first; none if empty)."""
+        parts = []
+        for scorer in (self.choices, self.completions):
+            indices = [index for index, item in enumerate(questions) if self.scorer_of(item) is scorer]
+            if indices:
+                parts.append((scorer, indices, [questions[index] for index in indices]))
+        return parts
 
 
 def make_scorer(

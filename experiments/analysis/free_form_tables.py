@@ -35,6 +35,11 @@ LABELS = {
 HELD = {"reach": "", "mcq (MCQ retain's own)": "mcq-", "pool (CommonsenseQA)": "pool:"}  # column -> id prefix
 
 
+def group_of(key: str) -> str:
+    """The held-out column an item id belongs to: the first prefixed column it starts with, else the reach."""
+    return next((column for column, prefix in HELD.items() if prefix and key.startswith(prefix)), "reach")
+
+
 @functools.cache
 def records(folder: Path) -> list[dict]:
     return read_question_records(folder)
@@ -50,13 +55,8 @@ def outcomes(folder: Path, epoch: int | None = None) -> dict[str, dict[str, bool
     found = question_outcomes(records(folder), epoch)
     held = found.pop("heldout_forgotten")
     result = {"learned": found.pop("learned"), "forgotten (M)": found.pop("forgotten")}
-    for column, prefix in HELD.items():
-        others = [p for p in HELD.values() if p and p != prefix]
-        result[column] = {
-            key: lost
-            for key, lost in held.items()
-            if key.startswith(prefix) and not any(key.startswith(other) for other in others)
-        }
+    for column in HELD:
+        result[column] = {key: lost for key, lost in held.items() if group_of(key) == column}
     result.update(found)  # lm-eval:<task>
     return result
 
